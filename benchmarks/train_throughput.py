@@ -1,22 +1,35 @@
 """Training throughput, three rows per model in one process (same model, batch, optimizer,
 precision, device), images per second:
 
-(a) baseline, the authors' way: torchvision's CIFAR100 Dataset (PIL image per sample,
-    RandomCrop/RandomHorizontalFlip/ToTensor/Normalize), a DataLoader with 1 worker, a
-    validation forward pass every iteration, `.item()` host syncs every step, NCHW;
+(a) baseline, the authors' loop (generativeai-tue/vsgd, src/utils/trainer.py and
+    src/dataset/): a torchvision Dataset decoding a PIL image per sample and applying the
+    paper's PIL transforms to it (CIFAR-100: the `CIFAR100` pickles,
+    RandomCrop/RandomHorizontalFlip; Tiny ImageNet: `ImageFolder` over JPEG files,
+    RandomCrop/RandomHorizontalFlip/RandomAffine/ColorJitter; then ToTensor/Normalize), a
+    DataLoader with 1 worker, every step a NaN check and `clip_grad_norm_` (which the
+    authors call with max norm 1e6 when clipping is off) read back with `.item()`, a
+    validation forward pass on one batch every iteration (CIFAR-100: a held-out part of the
+    augmented training set; Tiny ImageNet: its val split), test evaluation at the paper's
+    ratio through a 1-worker DataLoader, NCHW;
 (b) compute ceiling: forward + backward + step on one batch already on the device, in the
     trainer's memory format, nothing else;
 (c) `vsgd.trainer.train` itself (on-device uint8 data and augmentation, MLflow logging to a
     SQLite store every `log_every` steps), with evaluation at the paper's ratio of test
-    images to training images (10,000 test images every 500 iterations of 256 = 7.8%) and
-    the final evaluation inside the timed window.
+    images to training images (CIFAR-100 VGG: 10,000 test images every 500 iterations of
+    256 = 7.8%; the batch sizes come from params.yaml's protocol) and the final evaluation
+    inside the timed window.
 
-All rows train on the same synthetic CIFAR-100-format images (`vsgd.data` synthetic source,
-written out as CIFAR-100 python pickles for (a)). Each row is timed for `--iters` iterations
-after `--warmup`; the rows take turns for `--rounds` rounds and the best round of each is
-reported, so that load from other processes on a shared machine biases no row in particular.
+All rows train on the same synthetic images in the dataset's format (`vsgd.data` synthetic
+source; for (a) written out as CIFAR-100 python pickles or as Tiny ImageNet-style JPEG
+files). Each row is timed for `--iters` iterations after `--warmup`; the rows take turns for
+`--rounds` rounds and the best round of each is reported, so that load from other processes on
+a shared machine biases no row in particular.
 
-    python benchmarks/train_throughput.py [--archs vgg16 convmixer_256_8] [--batch 64]
+    python benchmarks/train_throughput.py                 # the CPU targets: CIFAR-100 VGG16-bn
+                                                          # and ConvMixer, batch 64
+    python benchmarks/train_throughput.py --configs tinyimagenet:vgg19 --batch 32
+    python benchmarks/train_throughput.py --paper         # the paper's six configurations at
+                                                          # their batch sizes (for a GPU)
 """
 
 import argparse
@@ -31,16 +44,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vsgd.data import DATASETS, prepare  # noqa: E402
+from vsgd.data import augment  # noqa: E402
 from vsgd.models import build_model  # noqa: E402
-from vsgd.trainer import train  # noqa: E402
+from vsgd.trainer import TRAINING_DEFAULTS, train  # noqa: E402
 
-PAPER_EVAL_RATIO = 10_000 / (500 * 256)
 OPTIMIZER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
+
+
+def paper_configs() -> dict:
+    """{"dataset:arch": batch size} of the paper's six configurations (params.yaml)."""
+    protocol = yaml.safe_load((ROOT / "params.yaml").read_text())["protocol"]
+    return {f"{ds}:{arch}": p["batch_size"][key]
+            for ds, p in protocol.items() for key, arch in p["models"].items()}
+
+
+def eval_ratio(config: str) -> float:
+    """Test images per training image in the paper's protocol for `config`."""
+    dataset = config.split(":")[0]
+    return (DATASETS[dataset].counts["test"]
+            / (TRAINING_DEFAULTS["eval_every"] * paper_configs()[config]))
 
 
 def write_cifar_pickles(data_dir: Path, out: Path) -> Path:
@@ -56,57 +86,99 @@ def write_cifar_pickles(data_dir: Path, out: Path) -> Path:
     return out
 
 
-def make_optimizer(model):
-    args = {k: v for k, v in OPTIMIZER.items() if k != "name"}
-    return torch.optim.SGD(model.parameters(), **args)
+def write_image_folders(data_dir: Path, out: Path) -> Path:
+    """The prepared arrays as JPEG files, one folder per class (what the authors' Tiny
+    ImageNet loader reads with `ImageFolder`)."""
+    for split in ("train", "test"):
+        x = np.load(data_dir / f"{split}_x.npy")
+        y = np.load(data_dir / f"{split}_y.npy")
+        for i, (image, label) in enumerate(zip(x, y)):
+            folder = out / split / f"n{label:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.JPEG", quality=95)
+    return out
 
 
-def baseline(arch, data_dir, tmp, batch, warmup, iters, device) -> float:
-    """(a): the authors' pipeline."""
+def authors_datasets(dataset: str, data_dir: Path, tmp: Path):
+    """(train, validation, test) torchvision Datasets with the paper's per-image PIL
+    transforms; as the authors', CIFAR-100 validates on augmented training images and Tiny
+    ImageNet on its (unaugmented) val split, which is also its test set."""
     import torchvision
     import torchvision.transforms as T
 
-    class CIFAR100(torchvision.datasets.CIFAR100):
-        # Our synthetic pickles do not have the official md5s, nor a meta file.
-        def _check_integrity(self):
-            return True
+    info = DATASETS[dataset]
+    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    crop_flip = [T.RandomCrop(info.image_size, padding=augment.PAD), T.RandomHorizontalFlip()]
+    if dataset == "cifar100":
+        class CIFAR100(torchvision.datasets.CIFAR100):
+            # Our synthetic pickles do not have the official md5s, nor a meta file.
+            def _check_integrity(self):
+                return True
 
-        def _load_meta(self):
-            self.classes = [f"class{i}" for i in range(100)]
+            def _load_meta(self):
+                self.classes = [f"class{i}" for i in range(100)]
 
-    info = DATASETS["cifar100"]
-    norm = T.Normalize(info.mean, info.std)
-    root = write_cifar_pickles(data_dir, tmp / "torchvision")
-    train_set = CIFAR100(root, train=True, transform=T.Compose([
-        T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    val_set = CIFAR100(root, train=False, transform=T.Compose([T.ToTensor(), norm]))
-    loader = torch.utils.data.DataLoader(train_set, batch, shuffle=True, num_workers=1,
-                                         drop_last=True, persistent_workers=True)
-    val_loader = torch.utils.data.DataLoader(val_set, batch, shuffle=True, num_workers=1,
-                                             drop_last=True, persistent_workers=True)
+        root = write_cifar_pickles(data_dir, tmp / "torchvision")
+        train = CIFAR100(root, train=True, transform=T.Compose(crop_flip + norm))
+        return train, train, CIFAR100(root, train=False, transform=T.Compose(norm))
+    root = write_image_folders(data_dir, tmp / "imagefolder")
+    train_tf = crop_flip + [
+        T.RandomAffine(augment.DEGREES, translate=(augment.TRANSLATE,) * 2, scale=augment.SCALE),
+        T.ColorJitter(brightness=augment.JITTER, contrast=augment.JITTER,
+                      saturation=augment.JITTER)]
+    test = torchvision.datasets.ImageFolder(root / "test", T.Compose(norm))
+    return (torchvision.datasets.ImageFolder(root / "train", T.Compose(train_tf + norm)),
+            test, test)
+
+
+def build(dataset, arch, device, memory_format=torch.contiguous_format):
+    info = DATASETS[dataset]
     torch.manual_seed(0)
-    model = build_model(arch, 100, 32).to(device)
-    opt = make_optimizer(model)
+    model = build_model(arch, info.num_classes, info.image_size)
+    model = model.to(device, memory_format=memory_format)
+    args = {k: v for k, v in OPTIMIZER.items() if k != "name"}
+    return model, torch.optim.SGD(model.parameters(), **args)
+
+
+def baseline(datasets, config, batch, warmup, iters, device) -> float:
+    """(a): the authors' pipeline."""
+    dataset, arch = config.split(":")
+    train_set, val_set, test_set = datasets
+    loader_args = dict(batch_size=batch, num_workers=1, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True,
+                                         persistent_workers=True, **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=True, drop_last=True,
+                                             persistent_workers=True, **loader_args)
+    test_images = max(1, round(eval_ratio(config) * iters * batch))
+    test_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(test_set, range(min(test_images, len(test_set)))),
+        **loader_args)
+    model, opt = build(dataset, arch, device)
     batches, val_batches = _forever(loader), _forever(val_loader)
     stats = []  # what the authors' loop reads back every step
     for i in range(warmup + iters):
         if i == warmup:
             t0 = time.perf_counter()
         x, y = next(batches)
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         model.train()
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        stats.append((loss.item(), (logits.argmax(1) == y).float().mean().item()))
+        norm = float("nan")  # the update is skipped on a NaN loss, as theirs
+        if torch.isnan(loss).sum().item() == 0:
+            opt.zero_grad()
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6).item()
+            opt.step()
+        stats.append((loss.item(), (logits.argmax(1) == y).float().mean().item(), norm))
         model.eval()
         with torch.no_grad():
             vx, vy = next(val_batches)
-            vlogits = model(vx.to(device))
-            stats.append((F.cross_entropy(vlogits, vy.to(device)).item(),
-                          (vlogits.argmax(1) == vy.to(device)).float().mean().item()))
+            vx, vy = vx.to(device, non_blocking=True), vy.to(device, non_blocking=True)
+            vlogits = model(vx)
+            stats.append((F.cross_entropy(vlogits, vy).item(),
+                          (vlogits.argmax(1) == vy).float().mean().item()))
+    stats.append(_authors_test(model, test_loader, device))
     _sync(device)
     seconds = time.perf_counter() - t0
     batches.close()  # stops the loaders' worker processes
@@ -114,19 +186,30 @@ def baseline(arch, data_dir, tmp, batch, warmup, iters, device) -> float:
     return iters * batch / seconds
 
 
+@torch.no_grad()
+def _authors_test(model, loader, device) -> tuple[float, float]:
+    model.eval()
+    loss = correct = 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).float().sum()
+    return float(loss) / len(loader.dataset), float(correct) / len(loader.dataset)
+
+
 def _forever(loader):
     while True:
         yield from loader
 
 
-def ceiling(arch, batch, warmup, iters, device) -> float:
+def ceiling(dataset, arch, batch, warmup, iters, device) -> float:
     """(b): fwd + bwd + step on one batch on the device, channels_last as the trainer."""
-    torch.manual_seed(0)
-    model = build_model(arch, 100, 32).to(device, memory_format=torch.channels_last)
-    opt = make_optimizer(model)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(
+    info = DATASETS[dataset]
+    model, opt = build(dataset, arch, device, torch.channels_last)
+    x = torch.randn(batch, 3, info.image_size, info.image_size, device=device).contiguous(
         memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (batch,), device=device)
+    y = torch.randint(0, info.num_classes, (batch,), device=device)
     for i in range(warmup + iters):
         if i == warmup:
             _sync(device)
@@ -139,24 +222,31 @@ def ceiling(arch, batch, warmup, iters, device) -> float:
     return iters * batch / (time.perf_counter() - t0)
 
 
-def ours(arch, data_root, tmp, batch, warmup, iters, device, log_every, seed) -> float:
-    """(c): the trainer, timed from its first log point after warm-up to its last one
-    (which follows the final evaluation)."""
+def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) -> float:
+    """(c): the trainer, timed from its first log point after warm-up (`start`) to its last
+    one (which follows the final evaluation). It also evaluates at `start`, outside the
+    window, so that the evaluation's first-call costs (torch.compile of the eval graph on
+    CUDA) stay out of it, as they would in a long run."""
     from pipeline.grid import run_hash
+    dataset, arch = config.split(":")
     total = warmup + iters
-    test_images = round(PAPER_EVAL_RATIO * iters * batch)
+    start = -(-warmup // log_every) * log_every
+    evals = len(set(range(2 * start, total + 1, start)) | {total})  # inside the window
     spec = {
-        "name": f"bench-{arch}", "dataset": "cifar100", "arch": arch,
+        "name": f"bench-{dataset}-{arch}", "dataset": dataset, "arch": arch,
         "arch_key": arch.split("_")[0].rstrip("0123456789"),
-        "data": {"dir": str(data_root / "prepared" / "cifar100"), "checksum": None,
+        "data": {"dir": str(data_root / "prepared" / dataset), "checksum": None,
                  "source": "synthetic", "uri": None},
         "optimizer": OPTIMIZER, "batch_size": batch, "seed": seed,
         "schedule": {"iterations": total, "step_size": total, "gamma": 0.5},
-        "training": {"eval_every": total, "checkpoint_every": total, "log_every": log_every,
+        "training": {"eval_every": start, "checkpoint_every": total, "log_every": log_every,
                      "validation_size": 0, "precision": "fp32", "compile": "auto",
                      "channels_last": "auto", "device": str(device),
-                     "eval_batch_size": 1000, "test_limit": test_images, "beta1_every": 500},
-        "output_dir": str(tmp / "runs" / f"{arch}-{seed}"),
+                     "eval_batch_size": 1000, "beta1_every": 500,
+                     # 0 would mean the whole test set
+                     "test_limit": max(1, round(eval_ratio(config) * (total - start) * batch
+                                                / evals))},
+        "output_dir": str(tmp / "runs" / f"{dataset}-{arch}-{seed}"),
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "bench"},
     }
     spec["run_hash"] = run_hash(spec)
@@ -166,7 +256,6 @@ def ours(arch, data_root, tmp, batch, warmup, iters, device, log_every, seed) ->
         marks[step] = time.perf_counter()
 
     train(spec, progress=progress)
-    start = min(s for s in marks if s >= warmup)
     return (total - start) * batch / (marks[total] - marks[start])
 
 
@@ -175,44 +264,76 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--archs", nargs="+", default=["vgg16", "convmixer_256_8"])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=5)
+    known = paper_configs()
+    p.add_argument("--configs", nargs="+", default=None, metavar="DATASET:ARCH",
+                   help=f"default: {' '.join(CPU_TARGETS)}; one of {', '.join(known)}")
+    p.add_argument("--paper", action="store_true",
+                   help="all six paper configurations, each at the paper's batch size")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of every configuration (default 64, or the paper's "
+                        "with --paper)")
+    p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
+    if args.paper and args.configs:
+        p.error("--paper and --configs exclude each other")
+    args.configs = list(known) if args.paper else (args.configs or CPU_TARGETS)
+    unknown = [c for c in args.configs if c not in known]
+    if unknown:
+        p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(known)}")
+    first_log = -(-args.warmup // args.log_every) * args.log_every
+    if args.warmup < 1 or first_log >= args.warmup + args.iters:
+        p.error(f"row (c) is timed between the trainer's log points: no log point (every "
+                f"--log-every {args.log_every}) falls after --warmup {args.warmup} (>= 1) "
+                f"and before the end; raise --iters or lower --log-every")
+    args.batches = {c: args.batch or (known[c] if args.paper else 64) for c in args.configs}
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     rows = []
+    print(f"{args.device} ({torch.get_num_threads()} threads), fp32, SGD momentum; best of "
+          f"{args.rounds} rounds of {args.iters} timed iterations after {args.warmup}")
+    print(f"{'configuration':<30} {'batch':>5} {'(a) baseline':>13} {'(b) ceiling':>12} "
+          f"{'(c) ours':>9} {'c/b':>6} {'c/a':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n_train = (args.warmup + args.iters + 1) * args.batch
-        prepare("cifar100", "synthetic", tmp / "data",
-                synthetic_sizes={"train": max(n_train, 2048), "test": 2048})
-        data_dir = tmp / "data" / "prepared" / "cifar100"
-        print(f"{args.device} ({torch.get_num_threads()} threads), batch {args.batch}, "
-              f"fp32, SGD momentum; best of {args.rounds} rounds of {args.iters} timed "
-              f"iterations after {args.warmup}")
-        print(f"{'model':<16} {'(a) baseline':>13} {'(b) ceiling':>12} {'(c) ours':>9} "
-              f"{'c/b':>6} {'c/a':>6}")
-        for arch in args.archs:
+        data_root = tmp / "data"
+        for dataset in dict.fromkeys(c.split(":")[0] for c in args.configs):
+            n_train = (args.warmup + args.iters + 1) * max(
+                b for c, b in args.batches.items() if c.startswith(dataset + ":"))
+            prepare(dataset, "synthetic", data_root,
+                    synthetic_sizes={"train": max(n_train, 2048), "test": 2048})
+        authors = {}
+        for config in args.configs:
+            dataset, arch = config.split(":")
+            batch = args.batches[config]
+            if dataset not in authors:
+                authors[dataset] = authors_datasets(dataset, data_root / "prepared" / dataset,
+                                                    tmp / dataset)
             runs = {"a": [], "b": [], "c": []}
             for r in range(args.rounds):
-                runs["a"].append(baseline(arch, data_dir, tmp, args.batch, args.warmup,
+                runs["a"].append(baseline(authors[dataset], config, batch, args.warmup,
                                           args.iters, device))
-                runs["b"].append(ceiling(arch, args.batch, args.warmup, args.iters, device))
-                runs["c"].append(ours(arch, tmp / "data", tmp, args.batch, args.warmup,
-                                      args.iters, device, args.log_every, seed=r))
+                runs["b"].append(ceiling(dataset, arch, batch, args.warmup, args.iters, device))
+                runs["c"].append(ours(config, data_root, tmp, batch, args.warmup, args.iters,
+                                      device, args.log_every, seed=r))
             a, b, c = (max(runs[k]) for k in "abc")
-            rows.append({"arch": arch, "batch": args.batch, "device": args.device,
-                         "baseline": a, "ceiling": b, "ours": c, "rounds": runs})
-            print(f"{arch:<16} {a:>13.1f} {b:>12.1f} {c:>9.1f} {c / b:>6.2f} {c / a:>6.2f}",
-                  flush=True)
+            rows.append({"dataset": dataset, "arch": arch, "batch": batch,
+                         "device": args.device, "baseline": a, "ceiling": b, "ours": c,
+                         "rounds": runs})
+            print(f"{config:<30} {batch:>5} {a:>13.1f} {b:>12.1f} {c:>9.1f} {c / b:>6.2f} "
+                  f"{c / a:>6.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
