@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from . import storage
 from .k8s_config import (SCRATCH_VOLUME, SHM_VOLUME, load_template, settings, template_path,
                          train_container)
 
@@ -21,8 +22,6 @@ RUN_NAME_ANNOTATION = f"{LABEL_PREFIX}/run-name"
 RESULTS_ANNOTATION = f"{LABEL_PREFIX}/results"
 MANAGED_BY = "vsgd-pipeline"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-# The pod uploads its results (metrics.json, curve.csv, config.json) here.
-RESULTS_ENV = "VSGD_RESULTS_URI"
 
 
 def job_name(spec: dict) -> str:
@@ -42,7 +41,8 @@ def job_name(spec: dict) -> str:
 
 
 def results_uri(params: dict, spec: dict) -> str:
-    return f"{params['storage']['remote'].rstrip('/')}/results/{spec['run_hash']}/"
+    """Where the pod uploads its results (metrics.json, curve.csv, config.json)."""
+    return storage.results_uri(params["storage"]["remote"], spec["run_hash"])
 
 
 def run_labels(spec: dict) -> dict:
@@ -143,7 +143,8 @@ def _apply_container_settings(container, cfg, results):
     if cfg.get("credentials_secret"):
         env_from.append({"secretRef": {"name": cfg["credentials_secret"]}})
     _set_or_drop(container, "envFrom", env_from or None)
-    extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()}, RESULTS_ENV: results}
+    extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()},
+             storage.RESULTS_ENV: results}
     env = [e for e in container.get("env", []) if e["name"] not in extra]
     container["env"] = env + [{"name": k, "value": v} for k, v in extra.items()]
 

@@ -38,7 +38,8 @@ DVC_PREFIX = "dvc"                  # the DVC remote is <storage.remote>/dvc
 DVC_FILES = "files/md5"             # DVC 3's layout inside a remote
 RESULTS_PREFIX = "results"
 RESULT_FILES = ("config.json", "curve.csv", "metrics.json")  # metrics.json last: it marks done
-RESULTS_ENV = "VSGD_RESULTS_URI"    # set per pod by the Kubernetes executor (pipeline.k8s_jobs)
+RESULTS_ENV = "VSGD_RESULTS_URI"    # set per run by the executors (`run_env`, pipeline.k8s_jobs)
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
 SCRATCH_ENV = "VSGD_SCRATCH"
 # MLflow's client retries for result lookups: a few quick ones. Its default (7 retries,
 # backoff factor 2) waits minutes per run of the grid while a server is down. (Training runs
@@ -78,7 +79,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def endpoint_from_env() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 @functools.lru_cache(maxsize=8)
@@ -484,6 +485,20 @@ def stage_data(spec: dict, endpoint_url: str | None = None) -> str:
 
 def results_uri(remote: str, run_hash: str) -> str:
     return f"{remote.rstrip('/')}/{RESULTS_PREFIX}/{run_hash}"
+
+
+def run_env(params: dict, spec: dict) -> dict:
+    """What a run started on this machine needs in its environment to use the remote store
+    of params.yaml: where to publish its results and, for an S3-compatible service, the
+    endpoint (a run reads its checkpoint and data URIs from the spec, the endpoint from
+    here). Empty without `storage.remote`."""
+    remote = params["storage"]["remote"]
+    if not remote:
+        return {}
+    env = {RESULTS_ENV: results_uri(remote, spec["run_hash"])}
+    if params["storage"].get("endpoint_url"):
+        env[ENDPOINT_ENV] = params["storage"]["endpoint_url"]
+    return env
 
 
 def publish_result(output_dir, uri: str | None = None,

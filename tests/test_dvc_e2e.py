@@ -193,6 +193,7 @@ def test_interrupted_repro_keeps_finished_runs_and_completes(repo, first):
     finished = {name for name, p in sgd.items() if (p / "metrics.json").exists()}
     reported = set(re.findall(r"^\[([^\]]+)\] done$", text, flags=re.M))
     assert reported <= finished and 0 < len(finished) < 6, text[-3000:]
+    assert "] FAILED" not in text, text[-3000:]  # stopped runs are not reported as failed
     assert f"train: interrupted; {len(finished)} of 6 runs finished and kept" in text, \
         text[-3000:]
     checkpointed = {name for name in sgd.keys() - finished if (

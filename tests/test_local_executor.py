@@ -14,6 +14,8 @@ FAKE_TRAIN = textwrap.dedent("""
     spec = json.load(open(sys.argv[sys.argv.index("--spec") + 1]))
     behaviour = spec["fake"]
     print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+    print("remote", os.environ.get("VSGD_RESULTS_URI"), os.environ.get("AWS_ENDPOINT_URL_S3"),
+          flush=True)
     for i in range(behaviour.get("lines", 3)):
         print(f"step {i}", flush=True)
     time.sleep(behaviour.get("sleep", 0))
@@ -63,6 +65,15 @@ def test_failures_are_reported_with_log_tail_and_others_finish(tmp_path):
     assert "[bad] FAILED: exit code 3" in out.getvalue()
 
 
+def test_an_interrupted_run_is_reported_stopped_not_failed(tmp_path):
+    # 130: what pipeline.train exits with on Ctrl-C (the terminal's SIGINT reaches it).
+    ex, out = executor(tmp_path)
+    [outcome] = ex.run([make_spec(tmp_path, "cut", exit=130)])
+    assert not outcome.ok and outcome.error == "exit code 130"
+    assert "[cut] stopped: exit code 130" in out.getvalue()
+    assert "FAILED" not in out.getvalue()
+
+
 def test_runs_in_parallel_up_to_max_parallel(tmp_path):
     specs = [make_spec(tmp_path, f"run{i}", sleep=1.0, lines=1) for i in range(4)]
     ex, _ = executor(tmp_path, max_parallel=4)
@@ -95,3 +106,22 @@ def test_parallel_runs_split_the_cores_between_them(tmp_path, monkeypatch):
     ex, out = executor(tmp_path, max_parallel=2)
     assert ex.run([make_spec(tmp_path, "c")])[0].ok
     assert "[c] threads 5" in out.getvalue()
+
+
+def test_runs_get_the_remote_store_of_the_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://elsewhere:1")  # params.yaml wins
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    params = {"executor": {"kind": "local", "max_parallel": 1},
+              "storage": {"remote": "s3://bucket/grid/", "endpoint_url": "http://127.0.0.1:9"}}
+    ex = get_executor(params)
+    ex.command, ex.out = [sys.executable, str(script)], io.StringIO()
+    assert ex.run([make_spec(tmp_path, "r")])[0].ok
+    assert "[r] remote s3://bucket/grid/results/hash-r http://127.0.0.1:9" in ex.out.getvalue()
+    # Without a remote, nothing is added.
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    params["storage"] = {"remote": None, "endpoint_url": None}
+    ex = get_executor(params)
+    ex.command, ex.out = [sys.executable, str(script)], io.StringIO()
+    assert ex.run([make_spec(tmp_path, "s")])[0].ok
+    assert "[s] remote None None" in ex.out.getvalue()

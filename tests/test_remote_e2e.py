@@ -9,6 +9,7 @@ No credential value may appear anywhere the pipeline writes."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,70 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
     assert json.loads(read(fetched, "metrics.json")) == m
 
     _assert_no_secret(remote, client, tmp_path, logs)
+
+
+@pytest.mark.slow
+def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
+    """`python -m pipeline train` with `storage.remote` and `storage.endpoint_url` set in the
+    params only (the environment has credentials, no endpoint): the runs started by the local
+    executor stage their data from, checkpoint to and publish their results in the store; a
+    machine without the local results then finds the grid done there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    prefix = f"s3://{BUCKET}/stage"
+    sets = ["preset=ci", "datasets=[cifar100]", "archs=[convmixer]", "optimizers=[sgd, vsgd]",
+            f"storage.remote={prefix}", f"storage.endpoint_url={remote.s3.url}",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
+    env.update(services.MOTO_CREDENTIALS, PYTHONPATH=str(ROOT),
+               VSGD_SCRATCH=str(tmp_path / "scratch"))
+
+    def stage(*command):
+        args = [sys.executable, "-m", "pipeline", *command]
+        for s in sets:
+            args += ["--set", s]
+        proc = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    stage("prepare", "cifar100")
+    out = stage("train")
+    assert "2 runs in the grid, 0 done, 2 to run" in out, out
+
+    from pipeline.config import load_params
+    from pipeline.grid import expand
+    monkeypatch.chdir(work)
+    params = load_params("params.yaml", sets)
+    specs = expand(params)
+    assert len(specs) == 2
+    for k, v in services.MOTO_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    storage.s3_client.cache_clear()
+    bucket = storage.open_store(f"s3://{BUCKET}", remote.s3.url)
+    for spec in specs:
+        local = json.loads((work / spec["output_dir"] / "metrics.json").read_text())
+        published = json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/"
+                                                f"metrics.json"))
+        assert published == local
+        assert bucket.exists(f"stage/checkpoints/{spec['run_hash']}/LATEST.json")
+        # The run read its data from the store (pushed by the stage), not from ./data.
+        config = json.loads((work / spec["output_dir"] / "config.json").read_text())
+        staged = Path(config["data"]["dir"])
+        assert staged.parent == tmp_path / "scratch" and (staged / "manifest.json").is_file()
+        assert spec["data"]["uri"].endswith(f"/{staged.name[:2]}/{staged.name[2:]}.dir")
+    assert bucket.list_keys("stage/dvc/files/md5/")
+
+    # Another machine: same params, no local results, finds every run done in the store.
+    shutil.rmtree(work / "results")
+    out = stage("train")
+    assert "2 runs in the grid, 2 done, 0 to run" in out, out
+    for spec in specs:
+        assert json.loads((work / spec["output_dir"] / "metrics.json").read_text()) == (
+            json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/metrics.json")))
+    storage.s3_client.cache_clear()
 
 
 def _assert_no_secret(svc, client, tmp_path, logs):

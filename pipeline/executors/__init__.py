@@ -43,8 +43,10 @@ def write_spec(spec: dict) -> Path:
 def get_executor(params: dict) -> Executor:
     kind = params["executor"]["kind"]
     if kind == "local":
+        from ..storage import run_env
         from .local import LocalExecutor
-        return LocalExecutor(max_parallel=params["executor"]["max_parallel"])
+        return LocalExecutor(max_parallel=params["executor"]["max_parallel"],
+                             run_env=lambda spec: run_env(params, spec))
     if kind == "kubernetes":
         # Imported on use: the kubernetes client is only needed by this executor.
         from .kubernetes import KubernetesExecutor

@@ -4,6 +4,8 @@ Up to `max_parallel` at a time. Every output line of a run is echoed with its na
 and kept in `<output_dir>/train.log`; a failed run does not stop the others. Parallel runs
 share the CPU cores: each gets `cores // max_parallel` threads (OMP_NUM_THREADS, unless set),
 so that they do not oversubscribe the cores (which slows CPU training down severalfold).
+With a remote store in params.yaml, each run also gets `pipeline.storage.run_env`: where to
+publish its result (so that any machine finds it by run hash) and the S3 endpoint.
 """
 
 import collections
@@ -22,8 +24,10 @@ EXIT_MEANING = {78: "invalid configuration"}
 
 
 class LocalExecutor:
-    def __init__(self, max_parallel: int = 1, command=None, out=None):
+    def __init__(self, max_parallel: int = 1, command=None, out=None, run_env=None):
         self.max_parallel = max(1, int(max_parallel))
+        # spec -> extra environment variables of its process (they win over ours).
+        self.run_env = run_env or (lambda spec: {})
         # The single-run CLI; `--spec <file>` is appended. Tests substitute a stand-in.
         self.command = list(command or [sys.executable, "-m", "pipeline.train"])
         self.out = out or sys.stdout
@@ -58,7 +62,7 @@ class LocalExecutor:
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.run_env(spec)}
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
         log_path = spec_path(spec).parent / LOG_NAME
         with open(log_path, "a", encoding="utf-8") as log:
@@ -88,7 +92,10 @@ class LocalExecutor:
         else:
             error = f"exit code {code}" + (f" ({EXIT_MEANING[code]})" if code in EXIT_MEANING
                                            else "")
-        self._say(f"[{name}] FAILED: {error}")
+        # Stopped by us or by a Ctrl-C at the terminal (which reaches the runs directly, maybe
+        # before us): not a failure of the run; the stage says which runs finished anyway.
+        stopped = self._stopping.is_set() or code in (130, -signal.SIGINT)
+        self._say(f"[{name}] {'stopped' if stopped else 'FAILED'}: {error}")
         return RunOutcome(name, spec["run_hash"], ok=False, error=error,
                           log_tail="\n".join(tail))
 
