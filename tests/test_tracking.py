@@ -4,6 +4,8 @@ the tracking store that never stop training, and a run against a real `mlflow se
 
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,49 @@ def test_failed_posts_are_queued_and_retried(data_root, tmp_path, caplog):
     assert "MLflow unavailable" in caplog.text
     assert steps(client, t.run_id, "loss") == [1, 2, 3]
     assert "acc" not in client.get_run(t.run_id).data.metrics
+    assert client.get_run(t.run_id).info.status == "FINISHED"
+
+
+class Hanging:
+    """An MlflowClient whose metric posts hang until `release` is set (or 30 s pass)."""
+
+    def __init__(self, client):
+        self.client, self.release = client, threading.Event()
+        self.inside = 0  # metric posts in progress
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def log_batch(self, run_id, metrics=(), **kw):
+        if metrics:
+            self.inside += 1
+            self.release.wait(30)
+            self.inside -= 1
+        return self.client.log_batch(run_id, metrics=metrics, **kw)
+
+
+def test_a_hanging_server_does_not_hold_up_the_training_loop(data_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = run_spec(data_root, tmp_path, tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    hanging = Hanging(client)
+    t = Tracker(uri, "test", client=hanging)
+    t.start(spec)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.flush_in_background()
+    for _ in range(100):  # until the sender is stuck in its post
+        if hanging.inside:
+            break
+        time.sleep(0.05)
+    # The training thread goes on logging while the post hangs (a blocking flush would
+    # only get here after the 30 s, with the post no longer in progress).
+    for step in (2, 3):
+        t.log_metrics({"loss": 1.0 / step}, step)
+        t.flush_in_background()
+    assert hanging.inside == 1
+    hanging.release.set()
+    t.finish()
+    assert steps(client, t.run_id, "loss") == [1, 2, 3]
     assert client.get_run(t.run_id).info.status == "FINISHED"
 
 

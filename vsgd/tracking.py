@@ -4,10 +4,11 @@
   `run_hash` tag, else created. Params already in the run are not logged again (MLflow
   refuses to change one), and a metric step is only logged if it is beyond the last step the
   run holds for that key, so replaying iterations after a resume adds no duplicates.
-* Every call into MLflow is caught. Metrics go into a bounded queue that is flushed at each
-  log point; after a failure the next attempt waits an exponentially growing backoff (the
-  training loop never sleeps for the tracker), and `finish` keeps retrying for a while before
-  giving up. A run that cannot reach its server at start is created later, at a flush.
+* Every call into MLflow is caught. Metrics go into a bounded queue; at each log point the
+  trainer hands it to a background sender thread (`flush_in_background`), so a slow or
+  hanging server never holds up training. After a failure the next attempt waits an
+  exponentially growing backoff, and `finish` keeps retrying for a while before giving up.
+  A run that cannot reach its server at start is created later, at a flush.
 * Params are the flattened spec minus the `tracking` section and anything that looks like a
   credential; URLs lose their `user:password@` part.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -72,10 +74,13 @@ def git_commit() -> str:
 
 
 class Tracker:
-    """`start` -> `log_metrics`/`flush` at log points -> `log_artifacts` -> `finish`.
+    """`start` -> `log_metrics` + `flush_in_background` (or `flush`) at log points ->
+    `log_artifacts` -> `finish`.
 
     With `uri=None` every method does nothing, so the trainer has one code path.
     `client` replaces the MlflowClient (tests inject failures through it).
+    Thread-safety: `_lock` guards the queue and the last-step table, which the training
+    thread fills; `_io` serialises every call into MLflow (sender thread or caller).
     """
 
     def __init__(self, uri: str | None, experiment: str = DEFAULT_EXPERIMENT, *, client=None):
@@ -89,6 +94,9 @@ class Tracker:
         self._dropped = 0
         self._delay = BACKOFF[0]
         self._next_try = 0.0
+        self._lock, self._io = threading.Lock(), threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._sender: threading.Thread | None = None
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Tracker":
@@ -111,7 +119,8 @@ class Tracker:
         # minutes while a server is down; we retry ourselves, so keep its retries short.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        self._attempt(self._open_run)
+        with self._io:
+            self._attempt(self._open_run)
 
     def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
         """Queue the values (None skipped) for `step`; sent at the next `flush`."""
@@ -119,22 +128,35 @@ class Tracker:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if value is None or step <= self._last_step.get(key, -1):
-                continue
-            self._last_step[key] = step
-            if len(self._queue) >= MAX_QUEUE:
-                self._queue.popleft()
-                self._dropped += 1
-            self._queue.append(Metric(key, float(value), now, step))
+        with self._lock:
+            for key, value in metrics.items():
+                if value is None or step <= self._last_step.get(key, -1):
+                    continue
+                self._last_step[key] = step
+                if len(self._queue) >= MAX_QUEUE:
+                    self._queue.popleft()
+                    self._dropped += 1
+                self._queue.append(Metric(key, float(value), now, step))
 
     def flush(self) -> bool:
-        """Send what is queued, unless a recent failure says to wait; True when all sent."""
+        """Send what is queued now, unless a recent failure says to wait; True when all
+        sent. Blocks for as long as the server takes."""
         if not self.enabled:
             return True
-        if time.monotonic() < self._next_try:
-            return False
-        return self._attempt(self._send)
+        with self._io:
+            if time.monotonic() < self._next_try:
+                return False
+            return self._attempt(self._send)
+
+    def flush_in_background(self) -> None:
+        """Have the sender thread `flush`; returns at once."""
+        if not self.enabled:
+            return
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender",
+                                            daemon=True)
+            self._sender.start()
+        self._wake.set()
 
     def log_artifacts(self, paths) -> None:
         if not self.enabled:
@@ -144,9 +166,15 @@ class Tracker:
                 log.warning("MLflow: could not upload %s", path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush everything (retrying up to FINISH_TIMEOUT) and end the run with `status`."""
+        """Stop the sender, flush everything (retrying up to FINISH_TIMEOUT) and end the run
+        with `status`."""
         if not self.enabled:
             return
+        if self._sender is not None:
+            self._stop.set()
+            self._wake.set()
+            self._sender.join()  # at most one request's timeout
+            self._sender = None
         if self._dropped:
             log.warning("MLflow: %d metric values were dropped while the tracking server was "
                         "unreachable", self._dropped)
@@ -169,14 +197,26 @@ class Tracker:
         self._delay, self._next_try = BACKOFF[0], 0.0
         return ok
 
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.flush()
+
     def _retrying(self, fn, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not self._attempt(fn):
+        while not self._locked_attempt(fn):
             wait = self._next_try - time.monotonic()
             if time.monotonic() + wait > deadline:
                 return False
             time.sleep(max(wait, 0.0))
         return True
+
+    def _locked_attempt(self, fn) -> bool:
+        with self._io:
+            return self._attempt(fn)
 
     def _upload(self, path) -> bool:
         self._ensure_run()
@@ -218,10 +258,11 @@ class Tracker:
         # Resume: drop queued values of steps the run already holds, and never queue them.
         held = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
                 for key in run.data.metrics}
-        self._queue = collections.deque(m for m in self._queue
-                                        if m.step > held.get(m.key, -1))
-        for key, step in held.items():
-            self._last_step[key] = max(step, self._last_step.get(key, -1))
+        with self._lock:
+            self._queue = collections.deque(m for m in self._queue
+                                            if m.step > held.get(m.key, -1))
+            for key, step in held.items():
+                self._last_step[key] = max(step, self._last_step.get(key, -1))
         self._log_params_and_tags(run)
         self._opened = True
         log.info("MLflow run %s at %s", self.run_id, _redact(self.uri))
@@ -246,16 +287,22 @@ class Tracker:
                                    tags=tags if i == 0 else [])
 
     def _send(self) -> bool:
+        # Called with `_io` held: only the training thread changes the queue meanwhile, by
+        # appending or, when full, dropping the oldest values (counted in `_dropped`).
         if not self._queue:
             return True
         if not self._ensure_run():
             return False
-        while self._queue:
-            batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+        while True:
+            with self._lock:
+                batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                dropped = self._dropped
+            if not batch:
+                return True
             self._client.log_batch(self.run_id, metrics=batch)
-            for _ in batch:
-                self._queue.popleft()
-        return True
+            with self._lock:
+                for _ in range(len(batch) - (self._dropped - dropped)):
+                    self._queue.popleft()
 
 
 def _redact(text: str) -> str:

@@ -343,7 +343,7 @@ def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
                 b1 = beta1_summary(optimizer)
                 out["beta1_median"], out["beta1_mean"] = b1["median"], b1["mean"]
             tracker.log_metrics(out, step)
-            tracker.flush()
+            tracker.flush_in_background()
             if progress is not None:
                 progress(step, iterations, {"loss": out["train_loss"], "acc": out["train_acc"],
                                             **out})
