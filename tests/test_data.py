@@ -295,6 +295,19 @@ def test_failure_while_writing_keeps_previous_dataset(server, tmp_path, monkeypa
     assert load_prepared(tmp_path / "prepared" / "cifar100").manifest == before
 
 
+def test_a_killed_prepare_leaves_nothing_behind_after_the_next(tmp_path):
+    sizes = {"train": 5, "test": 5}
+    prepare("cifar100", "synthetic", tmp_path, synthetic_sizes=sizes)
+    # What a SIGKILL during writing or during the swap of directories leaves.
+    prepared = tmp_path / "prepared"
+    for name in (".cifar100.tmp-x1", ".cifar100.old-x2/cifar100"):
+        (prepared / name).mkdir(parents=True)
+        (prepared / name / "train_x.npy").write_bytes(b"partial")
+    (prepared / ".tinyimagenet.tmp-x3").mkdir()  # another dataset's: not ours to remove
+    prepare("cifar100", "synthetic", tmp_path, synthetic_sizes=sizes)  # intact: no work
+    assert leftovers(tmp_path) == [".tinyimagenet.tmp-x3", "cifar100"]
+
+
 def test_resume_partial_download(server, tmp_path):
     data, _, _ = cifar100_archive()
     server.files[CIFAR] = data

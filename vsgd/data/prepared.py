@@ -84,6 +84,7 @@ def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
     # later ones then find the outputs intact.
     with open(out.parent / f".{dataset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_leftovers(out)
         current = _intact_manifest(out)
         if current is not None and _same_data(current, source, archive, counts):
             log.info("%s is prepared and intact; nothing to do", out)
@@ -104,6 +105,15 @@ def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
             splits = synthetic.generate(info, counts)
         _check(info, splits)
         return _publish(out, info, source, archive, splits)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Work directories of a prepare that was killed (they are only ever made under the
+    lock we now hold, so none of them belongs to a live process)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            log.info("removing %s, left by an interrupted prepare", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _same_data(manifest: dict, source: str, archive: dict | None, counts: dict | None) -> bool:
