@@ -1,0 +1,47 @@
+"""The benchmarks still run end to end (their figures live in docs/performance.md; no speed is
+asserted here): tiny sizes, every code path of each row."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_throughput_rows_for_both_datasets(tmp_path):
+    out = tmp_path / "rows.json"
+    # CIFAR-100 (torchvision pickles) and Tiny ImageNet (ImageFolder of JPEGs) baselines.
+    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:convmixer_256_8",
+                      "tinyimagenet:convmixer_256_8", "--batch", "2", "--warmup", "1",
+                      "--iters", "2", "--rounds", "1", "--log-every", "1", "--device", "cpu",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["dataset"], r["arch"], r["batch"]) for r in rows] == [
+        ("cifar100", "convmixer_256_8", 2), ("tinyimagenet", "convmixer_256_8", 2)]
+    for row in rows:
+        for key, row_id in (("baseline", "a"), ("ceiling", "b"), ("ours", "c")):
+            assert row[key] > 0 and row["rounds"][row_id] == [row[key]]
+    assert "tinyimagenet:convmixer_256_8" in proc.stdout
+
+
+def test_train_throughput_rejects_bad_arguments():
+    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:vgg19")
+    assert proc.returncode == 2
+    assert "unknown configuration(s) cifar100:vgg19" in proc.stderr
+    assert "tinyimagenet:vgg19" in proc.stderr  # the allowed values are listed
+    proc = run_script("benchmarks/train_throughput.py", "--warmup", "1", "--iters", "2")
+    assert proc.returncode == 2 and "no log point" in proc.stderr
+
+
+def test_optimizer_step_runs():
+    proc = run_script("benchmarks/optimizer_step.py", "--sets", "convmixer_256_8",
+                      "--rounds", "1", "--steps", "1", "--no-fused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "VSGD" in proc.stdout and "Adam" in proc.stdout
