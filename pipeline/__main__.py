@@ -129,10 +129,11 @@ def _fetch_remote_result(params, spec) -> bool:
     its result is copied into `output_dir` instead of training again."""
     if not params["storage"]["remote"]:
         return False
-    from .storage import fetch_result, find_result
-    if find_result(params, spec) is None:
+    from .storage import fetch_result
+    try:
+        fetch_result(params, spec)  # looks the result up once, then copies it
+    except FileNotFoundError:  # no finished result anywhere
         return False
-    fetch_result(params, spec)
     return _done(spec)
 
 

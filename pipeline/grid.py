@@ -42,14 +42,14 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
     if lr is not None:
         args["lr"] = float(lr)
     data_dir = f"{params['data']['root']}/prepared/{dataset}"
+    checksum = data_checksum(data_dir)
     remote = (params["storage"]["remote"] or "").rstrip("/")
     spec = {
         "dataset": dataset,
         "arch_key": arch_key,
         "arch": run["model"],
-        "data": {"dir": data_dir, "checksum": data_checksum(data_dir),
-                 "source": params["data"]["source"],
-                 "uri": _dataset_uri(data_dir, remote, data_checksum(data_dir))},
+        "data": {"dir": data_dir, "checksum": checksum, "source": params["data"]["source"],
+                 "uri": _dataset_uri(data_dir, remote, checksum)},
         "optimizer": {"name": optimizer, **args},
         "schedule": {"iterations": int(run["schedule"]["iterations"]),
                      "step_size": int(run["schedule"]["step_size"]),

@@ -119,8 +119,15 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _missing(self, exc) -> bool:
-        return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    def _unless_missing(self, call, key: str):
+        """`call(Bucket=, Key=)` for `key`; None if the object does not exist."""
+        from botocore.exceptions import ClientError
+        try:
+            return call(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def put_file(self, key: str, path) -> str:
         digest = file_digest(path)
@@ -138,13 +145,9 @@ class S3Store:
 
     def head(self, key: str) -> dict | None:
         """`{"size", "sha256"}` of an object (sha256 None if not uploaded by us); None if absent."""
-        from botocore.exceptions import ClientError
-        try:
-            r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
+        r = self._unless_missing(self.client.head_object, key)
+        if r is None:
+            return None
         return {"size": r["ContentLength"], "sha256": r.get("Metadata", {}).get(SHA256_META)}
 
     def exists(self, key: str) -> bool:
@@ -170,13 +173,9 @@ class S3Store:
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, verified; None if it does not exist. One GET, so the
         metadata and the body belong to the same version of a replaced key."""
-        from botocore.exceptions import ClientError
-        try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
+        r = self._unless_missing(self.client.get_object, key)
+        if r is None:
+            return None
         data = r["Body"].read()
         _verify(f"{self.uri}/{key}", r.get("Metadata", {}).get(SHA256_META),
                 hashlib.sha256(data).hexdigest())
