@@ -33,6 +33,7 @@ a shared machine biases no row in particular.
 """
 
 import argparse
+import functools
 import json
 import logging
 import pickle
@@ -59,6 +60,7 @@ OPTIMIZER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
 
 
+@functools.cache
 def paper_configs() -> dict:
     """{"dataset:arch": batch size} of the paper's six configurations (params.yaml)."""
     protocol = yaml.safe_load((ROOT / "params.yaml").read_text())["protocol"]

@@ -1,13 +1,6 @@
 """Shared fixtures: small prepared synthetic datasets, run specs for them, an MLflow server."""
 
 import copy
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,47 +55,13 @@ def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", opti
     return spec
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served through it);
     yields its http:// URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from pipeline import services
+    service, proc = services.start_mlflow(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n"
-                                   + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield uri
+        yield service.url
     finally:
-        # The server runs its workers as children: stop the whole group it leads.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        services.stop(service, proc)

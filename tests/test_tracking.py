@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import vsgd.tracking as tracking
-from conftest import free_port, run_spec
+from conftest import run_spec
+from pipeline.services import free_port
 from vsgd.checkpoint import LocalCheckpointStore
 from vsgd.tracking import Tracker, flatten
 from vsgd.trainer import train
