@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# dvc runs each stage's `python -m pipeline ...` with the `python` found on PATH: the venv's
+# must come first, or the stages run under a Python without the project's dependencies.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup repro test bench clean-venv
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 repro: setup
-	$(BIN)/dvc repro
+	dvc repro
 
 test: setup
 	$(BIN)/python -m pytest
