@@ -8,6 +8,7 @@ missing breaks only itself; adding a command is one line in COMMANDS.
 import argparse
 import importlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -53,10 +54,17 @@ class Prepare:
         if args.dataset not in params["datasets"]:
             raise ConfigError([f"prepare: dataset {args.dataset!r} is not in datasets "
                                f"({', '.join(params['datasets'])})"])
-        from vsgd.data import prepare
+        from vsgd.data import DataError, prepare
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         data = params["data"]
-        manifest = prepare(args.dataset, data["source"], data["root"], mirror=data["mirror"],
-                           synthetic_sizes=data["synthetic_sizes"])
+        # Each source takes only its own settings (prepare refuses the other's).
+        options = ({"synthetic_sizes": data["synthetic_sizes"]} if data["source"] == "synthetic"
+                   else {"mirror": data["mirror"]})
+        try:
+            manifest = prepare(args.dataset, data["source"], data["root"], **options)
+        except DataError as exc:  # download, checksum, archive: the message says what to do
+            print(f"prepare {args.dataset}: {exc}", file=sys.stderr)
+            return 1
         print(f"{args.dataset}: {manifest['counts']} ({manifest['source']}), "
               f"checksum {manifest['checksum'][:12]}")
         return 0

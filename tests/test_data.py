@@ -7,6 +7,8 @@ import io
 import json
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -419,3 +421,20 @@ def test_cli(server, tmp_path, capsys):
     assert cli_main(["prepare", "--dataset", "cifar100", "--source", "official", "--root",
                      str(tmp_path), "--mirror", server.url]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_prepare_stage_on_the_default_params_downloads_and_verifies(server, tmp_path):
+    """`python -m pipeline prepare` (the DVC stage) on params.yaml as shipped: the official
+    source, whose `synthetic_sizes` setting must not reach it. A mirror serving a stand-in
+    archive gets it requested, and refused for its md5, with a message and no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    server.files[CIFAR] = cifar100_archive()[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "cifar100", "--params",
+         str(root / "params.yaml"), "--set", f"data.mirror={server.url}", "--set",
+         f"data.root={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert server.gets(CIFAR), proc.stderr
+    assert f"prepare cifar100: {server.url}/{CIFAR}: md5 " in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert leftovers(tmp_path) == []
