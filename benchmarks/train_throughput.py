@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 from vsgd.data import DATASETS, prepare  # noqa: E402
 from vsgd.data import augment  # noqa: E402
 from vsgd.models import build_model  # noqa: E402
-from vsgd.trainer import TRAINING_DEFAULTS, train  # noqa: E402
+from vsgd.spec import TRAINING_DEFAULTS  # noqa: E402
+from vsgd.trainer import train  # noqa: E402
 
 OPTIMIZER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
@@ -229,7 +230,7 @@ def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) 
     one (which follows the final evaluation). It also evaluates at `start`, outside the
     window, so that the evaluation's first-call costs (torch.compile of the eval graph on
     CUDA) stay out of it, as they would in a long run."""
-    from pipeline.grid import run_hash
+    from vsgd.spec import run_hash
     dataset, arch = config.split(":")
     total = warmup + iters
     start = -(-warmup // log_every) * log_every

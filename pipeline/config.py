@@ -1,64 +1,37 @@
 """Load `params.yaml`, apply a preset and `--set key=value` overrides, validate everything.
 
 Validation collects every problem before failing, each with its key path and what is allowed,
-so one run of `python -m pipeline validate` shows all there is to fix. Nothing here imports
-torch: validating must be instant and must not need the training stack.
+so one run of `python -m pipeline validate` shows all there is to fix. What a run may be
+(names, optimizer hyperparameters, training keys, their allowed values) is the library's
+`vsgd.spec`; this module checks what is about params.yaml itself (presets, protocol, grid,
+experiments, data, executor, tracking, storage) and calls `vsgd.spec`'s rules for the rest.
+Nothing here imports torch: validating must be instant and must not need the training stack.
 """
 
 import copy
-import difflib
 import re
 from pathlib import Path
 
 import yaml
 
-EX_CONFIG = 78  # sysexits.h EX_CONFIG; the Kubernetes podFailurePolicy fails fast on it
+from vsgd.data.registry import DATASETS as DATASET_INFO
+from vsgd.spec import (ARCHS, DATASETS, EX_CONFIG, MISSING, MODELS, OPTIMIZERS, SOURCES,
+                       TRAINING, Checker, ConfigError, check_optimizer, check_schedule,
+                       check_training, kind)
 
-# Kept in sync with vsgd.models.MODELS / vsgd.data.DATASETS by tests/test_config.py.
-DATASETS = ("cifar100", "tinyimagenet")
-MODELS = ("vgg16", "vgg19", "convmixer_256_8", "resnext18")
-ARCHS = ("vgg", "convmixer", "resnext")
-OFFICIAL_SIZES = {"cifar100": {"train": 50_000, "test": 10_000},
-                  "tinyimagenet": {"train": 100_000, "test": 10_000}}
-
-# Constructor arguments per optimizer; `lr_grid` is ours (never reaches the constructor).
-OPTIMIZERS = {
-    "sgd": ("lr", "momentum", "weight_decay"),
-    "adam": ("lr", "betas", "eps", "weight_decay"),
-    "adamw": ("lr", "betas", "eps", "weight_decay"),
-    "vsgd": ("lr", "ghattg", "ps", "tau1", "tau2", "weight_decay"),
-}
+__all__ = ["ARCHS", "DATASETS", "EX_CONFIG", "MODELS", "OPTIMIZERS", "ConfigError",
+           "load_params", "parse_overrides", "resolve_run", "validate"]
 
 TOP_LEVEL = ("preset", "presets", "datasets", "archs", "optimizers", "seeds", "protocol",
              "optimizer", "experiments", "training", "data", "executor", "tracking", "storage")
-TRAINING_INTS = ("eval_every", "checkpoint_every", "log_every", "beta1_every",
-                 "eval_batch_size")
-TRAINING = TRAINING_INTS + ("validation_size", "test_limit", "precision", "compile",
-                            "channels_last", "device")
-PRECISIONS = ("fp32", "bf16")
-AUTO_BOOL = ("auto", True, False)
-SOURCES = ("official", "synthetic")
 EXECUTORS = ("local", "kubernetes")
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class ConfigError(Exception):
-    """Invalid configuration; `problems` holds one line per problem."""
-
-    def __init__(self, problems):
-        self.problems = list(problems)
-        super().__init__(str(self))
-
-    def __str__(self):
-        n = len(self.problems)
-        head = f"invalid configuration ({n} problem{'s' if n != 1 else ''}):"
-        return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
 def load_params(path="params.yaml", overrides=()) -> dict:
     """Resolved and validated params: file <- preset <- overrides (later wins).
 
-    The returned dict has the selected preset merged in and no `presets` key.
+    The returned dict has the selected preset merged in and no `presets` key. Raises
+    `ConfigError` listing every problem.
     """
     raw = _read_yaml(Path(path))
     parsed = parse_overrides(overrides)
@@ -136,7 +109,9 @@ def resolve_run(params: dict, dataset: str, arch: str, optimizer: str) -> dict:
 
 def dataset_sizes(params: dict, dataset: str) -> dict:
     data = params["data"]
-    return data["synthetic_sizes"] if data["source"] == "synthetic" else OFFICIAL_SIZES[dataset]
+    if data["source"] == "synthetic":
+        return data["synthetic_sizes"]
+    return DATASET_INFO[dataset].counts
 
 
 def uses_lr_grid(params: dict) -> bool:
@@ -149,7 +124,7 @@ def uses_lr_grid(params: dict) -> bool:
 
 def validate(params: dict) -> list[str]:
     """Every problem of resolved params, in key order; empty when valid."""
-    c = _Checker()
+    c = Checker()
     p = c.mapping(params, "", required=TOP_LEVEL[2:], optional=("preset",))
     if p is None:
         return c.problems
@@ -157,8 +132,11 @@ def validate(params: dict) -> list[str]:
     c.names(p["archs"], "archs", ARCHS)
     c.names(p["optimizers"], "optimizers", OPTIMIZERS)
     if c.list_of(p["seeds"], "seeds"):
-        for i in range(len(p["seeds"])):
-            c.integer(p["seeds"], i, f"seeds[{i}]", minimum=0)
+        seeds = p["seeds"]
+        if all([c.integer(seeds, i, f"seeds[{i}]", minimum=0) for i in range(len(seeds))]) \
+                and len(set(seeds)) != len(seeds):
+            c.problem(f"seeds: duplicates in {seeds!r}; each seed is one run per cell, "
+                      "list it once")
     _check_protocol(c, p)
     _check_optimizers(c, p)
     _check_experiments(c, p)
@@ -187,17 +165,7 @@ def _check_protocol(c, p):
                           optional=ARCHS)
         for arch in batch or ():
             c.integer(batch, arch, f"{base}.batch_size.{arch}", minimum=1)
-        _check_schedule(c, entry["schedule"], f"{base}.schedule", partial=False)
-
-
-def _check_schedule(c, schedule, path, partial):
-    keys = ("iterations", "step_size", "gamma")
-    schedule = c.mapping(schedule, path, required=() if partial else keys, optional=keys)
-    if schedule is None:
-        return
-    for key in ("iterations", "step_size"):
-        c.integer(schedule, key, f"{path}.{key}", minimum=1)
-    c.number(schedule, "gamma", f"{path}.gamma", low=0.0, high=1.0, low_open=True)
+        check_schedule(c, entry["schedule"], f"{base}.schedule")
 
 
 def _check_optimizers(c, p):
@@ -208,29 +176,18 @@ def _check_optimizers(c, p):
 
 
 def _check_optimizer_args(c, name, args, path, partial):
-    keys = OPTIMIZERS[name]
-    args = c.mapping(args, path, required=() if partial else keys,
-                     optional=keys + ("lr_grid",))
-    if args is None:
+    """The optimizer's own arguments (the library's rules) plus params.yaml's `lr_grid`."""
+    check_optimizer(c, name, args, path, partial=partial, extra=("lr_grid",))
+    if not isinstance(args, dict):
         return
-    for key in ("lr", "eps", "ghattg", "ps"):
-        c.number(args, key, f"{path}.{key}", low=0.0, low_open=True)
-    c.number(args, "weight_decay", f"{path}.weight_decay", low=0.0)
-    c.number(args, "momentum", f"{path}.momentum", low=0.0, high=1.0, high_open=True)
-    for key in ("tau1", "tau2"):
-        c.number(args, key, f"{path}.{key}", low=0.5, high=1.0, low_open=True)
-    betas = args["betas"]
-    if betas is not MISSING and not (isinstance(betas, list) and len(betas) == 2):
-        c.problem(f"{path}.betas: expected a list of two numbers in [0, 1), got {betas!r}")
-    elif betas is not MISSING:
-        for i in range(2):
-            c.number(betas, i, f"{path}.betas[{i}]", low=0.0, high=1.0, high_open=True)
-    grid = args["lr_grid"]
+    grid = args.get("lr_grid", MISSING)
     if grid is not MISSING and c.list_of(grid, f"{path}.lr_grid", empty_ok=True):
         for i in range(len(grid)):
-            c.number(grid, i, f"{path}.lr_grid[{i}]", low=0.0, low_open=True)
-        if len(set(map(str, grid))) != len(grid):
-            c.problem(f"{path}.lr_grid: values must be unique, got {grid!r}")
+            c.number(grid, i, f"{path}.lr_grid[{i}]", OPTIMIZERS[name]["lr"])
+        numbers = [float(v) for v in grid if isinstance(v, (int, float))]
+        if len(numbers) == len(grid) and len(set(numbers)) != len(grid):
+            c.problem(f"{path}.lr_grid: values must be unique (1 and 1.0 are one run), "
+                      f"got {grid!r}")
 
 
 def _check_experiments(c, p):
@@ -254,7 +211,7 @@ def _check_experiments(c, p):
         if "batch_size" in exp:
             c.integer(exp, "batch_size", f"{path}.batch_size", minimum=1)
         if "schedule" in exp:
-            _check_schedule(c, exp["schedule"], f"{path}.schedule", partial=True)
+            check_schedule(c, exp["schedule"], f"{path}.schedule", partial=True)
         if "optimizer" in exp:
             target = match["optimizer"] if match is not None else MISSING
             if target in OPTIMIZERS:
@@ -268,20 +225,7 @@ def _check_experiments(c, p):
 
 
 def _check_training(c, p):
-    t = c.mapping(p["training"], "training", required=TRAINING)
-    if t is None:
-        return
-    for key in TRAINING_INTS:
-        c.integer(t, key, f"training.{key}", minimum=1)
-    for key in ("validation_size", "test_limit"):
-        c.integer(t, key, f"training.{key}", minimum=0)
-    c.choice(t["precision"], "training.precision", PRECISIONS)
-    for key in ("compile", "channels_last"):
-        c.choice(t[key], f"training.{key}", AUTO_BOOL)
-    device = t["device"]
-    if device is not MISSING and not (isinstance(device, str) and DEVICE_RE.match(device)):
-        c.problem(f"training.device: {device!r} is not a device; allowed: auto, cpu, cuda, "
-                  "cuda:N, mps")
+    check_training(c, p["training"], "training")
 
 
 def _check_data(c, p):
@@ -376,147 +320,6 @@ def _valid_names(names, allowed):
     return tuple(n for n in names if isinstance(n, str) and n in allowed)
 
 
-def _kind(value):
-    return "null" if value is None else type(value).__name__
-
-
-class _Missing:
-    """A required key that is absent (already reported): checks on it pass silently."""
-
-    def __repr__(self):
-        return "<missing>"
-
-
-MISSING = _Missing()
-
-
-class _View:
-    """A mapping under validation: absent keys read as MISSING, writes (coerced numbers)
-    go to the underlying dict."""
-
-    def __init__(self, data: dict):
-        self.data = data
-
-    def __getitem__(self, key):
-        return self.data.get(key, MISSING)
-
-    def __setitem__(self, key, value):
-        self.data[key] = value
-
-    def __contains__(self, key):
-        return key in self.data
-
-    def __iter__(self):
-        return iter(list(self.data))
-
-
-class _Checker:
-    """Accumulates problems; each check returns whether the value passed."""
-
-    def __init__(self):
-        self.problems = []
-
-    def problem(self, text):
-        self.problems.append(text)
-        return False
-
-    def mapping(self, value, path, required=(), optional=()):
-        """A view of `value` if it is a mapping (unknown and missing keys reported)."""
-        if value is MISSING:
-            return None
-        if isinstance(value, _View):
-            value = value.data
-        if not isinstance(value, dict):
-            self.problem(f"{path or 'params.yaml'}: expected a mapping, got {_kind(value)}")
-            return None
-        allowed = list(dict.fromkeys(list(required) + list(optional)))
-        for key in value:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.problem(f"{_join(path, key)}: unknown key{hint}; allowed: "
-                             f"{', '.join(allowed)}")
-        for key in required:
-            if key not in value:
-                self.problem(f"{_join(path, key)}: missing")
-        return _View(value)
-
-    def names(self, value, path, allowed):
-        if not self.list_of(value, path):
-            return False
-        ok = True
-        for i, name in enumerate(value):
-            ok &= self.choice(name, f"{path}[{i}]", allowed)
-        if len(set(map(str, value))) != len(value):
-            ok = self.problem(f"{path}: duplicates in {value!r}")
-        return ok
-
-    def list_of(self, value, path, empty_ok=False):
-        if value is MISSING:
-            return False
-        if not isinstance(value, list):
-            return self.problem(f"{path}: expected a list, got {_kind(value)}")
-        if not value and not empty_ok:
-            return self.problem(f"{path}: must not be empty")
-        return True
-
-    def choice(self, value, path, allowed):
-        if value is MISSING:
-            return False
-        if any(value is a or (type(value) is type(a) and value == a) for a in allowed):
-            return True
-        shown = ", ".join(_show(a) for a in allowed)
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return self.problem(f"{path}: {_show(value)} is not allowed{hint}; allowed: {shown}")
-
-    def string(self, value, path):
-        if value is MISSING or (isinstance(value, str) and value):
-            return value is not MISSING
-        return self.problem(f"{path}: expected a non-empty string, got {value!r}")
-
-    def integer(self, parent, key, path, minimum=None):
-        value = parent[key]
-        if value is MISSING:
-            return False
-        if isinstance(value, float) and value.is_integer():
-            value = parent[key] = int(value)  # 3.0e4 from YAML is meant as 30000
-        if isinstance(value, bool) or not isinstance(value, int):
-            return self.problem(f"{path}: expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            return self.problem(f"{path}: {value} must be >= {minimum}")
-        return True
-
-    def number(self, parent, key, path, low=None, high=None, low_open=False, high_open=False):
-        value = parent[key]
-        if value is MISSING:
-            return False
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-8 (no dot) as a string; accept the number it spells.
-            try:
-                value = parent[key] = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return self.problem(f"{path}: expected a number, got {value!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            interval = (("(" if low_open else "[") + (f"{low:g}" if low is not None else "-inf")
-                        + ", " + (f"{high:g}" if high is not None else "inf")
-                        + (")" if high_open or high is None else "]"))
-            return self.problem(f"{path}: {value!r} is outside {interval}")
-        return True
-
-
-def _show(value):
-    return "true" if value is True else "false" if value is False else str(value)
-
-
-def _join(path, key):
-    return f"{path}.{key}" if path else str(key)
-
-
 def _merge(base: dict, overlay: dict) -> dict:
     """Deep merge: mappings merge key by key, anything else in `overlay` replaces."""
     out = dict(base)
@@ -556,5 +359,14 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {_kind(data)}"])
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {kind(data)}"])
     return data
+
+
+def add_params_arguments(parser) -> None:
+    """`--params` and `--set`, as every command that reads params.yaml takes them."""
+    parser.add_argument("--params", default="params.yaml", metavar="FILE",
+                        help="the params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this call, e.g. optimizer.vsgd.lr=0.05 or "
+                             "'seeds=[0,1,2]' (YAML value; repeatable)")

@@ -1,23 +1,23 @@
 """params -> the run grid: one resolved spec per (dataset, arch, optimizer, lr, seed).
 
 A spec is everything one training run needs (docs/ARCHITECTURE.md, "Resolved run spec");
-its `run_hash` identifies the result, so the train stage can skip runs already done.
+its `run_hash` (`vsgd.spec.run_hash`: what changes the result, nothing else) identifies the
+result. A run writes it to `results/store/<run_hash>/`, where it stays whatever the grid
+becomes; `results/runs/<name>/` shows the current grid's runs (`pipeline.results`).
 """
 
 import functools
-import hashlib
-import importlib.util
 import json
-import os
 from pathlib import Path
 
-from .config import OPTIMIZERS, resolve_run
+from vsgd.spec import OPTIMIZERS, ConfigError, run_hash
+from vsgd.tracking import tracking_uri
 
-RESULTS_DIR = "results/runs"
+from .config import resolve_run
+
+RESULTS_DIR = "results/runs"     # the current grid, one directory per run name
+STORE_DIR = "results/store"      # every finished result, by run hash
 CHECKPOINT_DIR = "checkpoints"
-# Not part of a run's identity: where things go, not what is computed.
-UNHASHED = ("name", "run_hash", "output_dir", "checkpoint", "tracking")
-UNHASHED_DATA = ("dir", "uri")
 
 
 def expand(params: dict) -> list[dict]:
@@ -30,7 +30,20 @@ def expand(params: dict) -> list[dict]:
                 for lr in grid or [None]:
                     for seed in params["seeds"]:
                         specs.append(build_spec(params, dataset, arch, optimizer, seed, lr))
+    _refuse_duplicates(specs)
     return specs
+
+
+def _refuse_duplicates(specs: list[dict]) -> None:
+    """Two grid points with one identity would be one run reported twice."""
+    first, problems = {}, []
+    for spec in specs:
+        other = first.setdefault(spec["run_hash"], spec)
+        if other is not spec:
+            problems.append(f"grid: {other['name']} and {spec['name']} are the same run "
+                            "(identical settings); list each seed and lr once")
+    if problems:
+        raise ConfigError(problems)
 
 
 def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: int,
@@ -57,14 +70,14 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
         "batch_size": int(run["batch_size"]),
         "seed": int(seed),
         "training": dict(params["training"]),
-        "tracking": {"uri": os.environ.get("MLFLOW_TRACKING_URI") or params["tracking"]["uri"],
+        "tracking": {"uri": tracking_uri(params["tracking"]["uri"]),
                      "experiment": params["tracking"]["experiment"]},
     }
     spec["run_hash"] = run_hash(spec)
     lr_part = f"-lr{args['lr']:g}" if run["optimizer"]["lr_grid"] else ""
     spec["name"] = (f"{dataset}-{run['model']}-{optimizer}{lr_part}-s{seed}-"
                     f"{spec['run_hash'][:8]}")
-    spec["output_dir"] = f"{RESULTS_DIR}/{spec['name']}"
+    spec["output_dir"] = f"{STORE_DIR}/{spec['run_hash']}"
     spec["checkpoint"] = (f"{remote}/checkpoints/{spec['run_hash']}" if remote
                           else f"{CHECKPOINT_DIR}/{spec['run_hash']}")
     return dict(sorted(spec.items(), key=lambda kv: _ORDER.index(kv[0])))
@@ -83,33 +96,6 @@ def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None
 
 _ORDER = ("name", "run_hash", "dataset", "arch_key", "arch", "data", "optimizer", "schedule",
           "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking")
-
-
-def run_hash(spec: dict) -> str:
-    """sha256 (16 hex) of what determines the result: the spec minus its locations, plus
-    the code version of `vsgd/`."""
-    identity = {k: v for k, v in spec.items() if k not in UNHASHED}
-    identity["data"] = {k: v for k, v in spec["data"].items() if k not in UNHASHED_DATA}
-    identity["code_version"] = code_version()
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-@functools.lru_cache(maxsize=None)
-def code_version() -> str:
-    """sha256 over `vsgd/**/*.py`, sorted by path; the path is hashed with the contents so a
-    rename is a new version. Found without importing `vsgd` (which imports torch)."""
-    root = Path(importlib.util.find_spec("vsgd").origin).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def data_checksum(data_dir: str) -> str | None:

@@ -30,6 +30,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsgd.files import file_digest, json_sha256
+from vsgd.tracking import tracking_uri
+
 log = logging.getLogger(__name__)
 
 SHA256_META = "sha256"              # object metadata key (x-amz-meta-sha256)
@@ -51,21 +54,6 @@ MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
 
 class IntegrityError(Exception):
     """Downloaded bytes differ from the hash they were stored under."""
-
-
-# -- hashing ---------------------------------------------------------------------------------
-
-def file_digest(path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def canonical_json(obj) -> str:
-    """The form whose sha256 is a prepared dataset's checksum (vsgd.data, ARCHITECTURE.md)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 # -- object stores ---------------------------------------------------------------------------
@@ -461,7 +449,7 @@ def _check_manifest(directory: Path, checksum: str | None, *, rehash: bool) -> N
     """A staged dataset is the one the spec was built for (and intact, with `rehash`)."""
     manifest = json.loads((directory / "manifest.json").read_text())
     files = manifest["files"]
-    if hashlib.sha256(canonical_json(files).encode()).hexdigest() != manifest["checksum"]:
+    if json_sha256(files) != manifest["checksum"]:
         raise IntegrityError(f"{directory}/manifest.json: checksum does not match its files")
     if checksum is not None and manifest["checksum"] != checksum:
         raise IntegrityError(f"{directory}: dataset checksum {manifest['checksum']} is not "
@@ -538,7 +526,9 @@ def find_result(params: dict, spec: dict) -> Result | None:
 
 
 def _tracking_uri(params: dict) -> str | None:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params["tracking"]["uri"]
+    uri = tracking_uri(params["tracking"]["uri"])
+    if uri is None:
+        return None
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None  # nothing tracked yet; opening it would create an empty database
     return uri

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-EX_CONFIG = 78
+from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, ConfigError
 
 
 def open_checkpoint_store(uri: str | None):
@@ -29,68 +29,62 @@ def open_checkpoint_store(uri: str | None):
         from pipeline.storage import open_checkpoint_store as open_remote
         return open_remote(uri)
     if "://" in uri:
-        raise ValueError(f"checkpoint {uri}: only local directories and s3:// are supported")
+        raise ConfigError([f"checkpoint: {uri!r}; allowed: a local directory or "
+                           "s3://bucket/prefix"])
     from vsgd.checkpoint import LocalCheckpointStore
     return LocalCheckpointStore(uri)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--spec", help="resolved run spec file (JSON)")
-    src.add_argument("--spec-json", help="resolved run spec as a JSON string")
+    src.add_argument("--spec", metavar="FILE", help="resolved run spec file (JSON)")
+    src.add_argument("--spec-json", metavar="JSON", help="resolved run spec as a JSON string")
     src.add_argument("--dataset", help="build the spec from params.yaml (with --arch, "
                      "--optimizer)")
-    p.add_argument("--arch", help="architecture key from params.yaml: vgg, convmixer, resnext")
-    p.add_argument("--optimizer", help="sgd, adam, adamw or vsgd")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", help=f"architecture key of params.yaml: {', '.join(ARCHS)}")
+    p.add_argument("--optimizer", help=f"optimizer key of params.yaml: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
-    p.add_argument("--params", default="params.yaml")
-    args = p.parse_args(argv)
-    if args.dataset and not (args.arch and args.optimizer):
-        p.error("--dataset needs --arch and --optimizer")
-    if not args.dataset and (args.arch or args.optimizer or args.overrides):
-        p.error("--arch/--optimizer/--set build a spec from params.yaml: use them with "
-                "--dataset, not with --spec/--spec-json")
+    p.add_argument("--params", default="params.yaml", metavar="FILE",
+                   help="the params file (default: params.yaml)")
+    try:
+        args = p.parse_args(argv)
+        if args.dataset and not (args.arch and args.optimizer):
+            p.error("--dataset needs --arch and --optimizer")
+        if not args.dataset and (args.arch or args.optimizer or args.overrides):
+            p.error("--arch/--optimizer/--set build a spec from params.yaml: use them with "
+                    "--dataset, not with --spec/--spec-json")
+    except SystemExit as exc:  # bad flags are a configuration error: not worth a retry
+        raise SystemExit(EX_CONFIG if exc.code else 0) from None
     return args
 
 
 def load_spec(args) -> dict:
-    """The run spec; raises ConfigProblem for anything the user has to fix."""
+    """The run spec; raises ConfigError for anything the user has to fix."""
     if args.spec or args.spec_json:
         try:
             text = open(args.spec).read() if args.spec else args.spec_json
             return json.loads(text)
         except OSError as exc:
-            raise ConfigProblem([f"--spec: cannot read {args.spec}: {exc.strerror}"]) from exc
+            raise ConfigError([f"--spec: cannot read {args.spec}: {exc.strerror}"]) from exc
         except json.JSONDecodeError as exc:
-            raise ConfigProblem([f"spec is not valid JSON: {exc}"]) from exc
+            raise ConfigError([f"spec is not valid JSON: {exc}"]) from exc
     # Imported here: the --spec forms must work without the params.yaml tooling.
-    from pipeline.config import ConfigError, load_params
+    from pipeline.config import load_params
     from pipeline.grid import build_spec
-    try:
-        params = load_params(args.params, args.overrides)
-    except ConfigError as exc:
-        raise ConfigProblem(exc.problems) from exc
-    except FileNotFoundError as exc:
-        raise ConfigProblem([f"--params: {args.params} not found"]) from exc
+    params = load_params(args.params, args.overrides)
     problems = []
     for flag, value, allowed in (("--dataset", args.dataset, params["protocol"]),
-                                 ("--arch", args.arch, ("vgg", "convmixer", "resnext")),
+                                 ("--arch", args.arch, ARCHS),
                                  ("--optimizer", args.optimizer, params["optimizer"])):
         if value not in allowed:
-            problems.append(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
+            problems.append(f"{flag}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
     if problems:
-        raise ConfigProblem(problems)
+        raise ConfigError(problems)
     return build_spec(params, args.dataset, args.arch, args.optimizer, args.seed)
-
-
-class ConfigProblem(Exception):
-    def __init__(self, problems):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class Progress:
@@ -152,17 +146,16 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from pipeline import redact, storage
     redact.install()  # no credential value in this run's log
-    from vsgd.trainer import SpecError, check_spec, train
+    from vsgd.spec import check_spec
+    from vsgd.trainer import train
     try:
         spec = load_spec(args)
         problems = check_spec(spec)
         if problems:
-            raise ConfigProblem(problems)
+            raise ConfigError(problems)
         store = open_checkpoint_store(spec.get("checkpoint"))
-    except (ConfigProblem, ValueError) as exc:
-        problems = getattr(exc, "problems", [str(exc)])
-        print("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems),
-              file=sys.stderr)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return EX_CONFIG
     signal.signal(signal.SIGTERM, _terminate)
     progress = Progress(spec["name"], sys.stderr.isatty())
@@ -170,10 +163,9 @@ def main(argv=None) -> int:
         # A remote dataset (spec data.uri) is staged into local scratch once, verified.
         spec["data"]["dir"] = storage.stage_data(spec)
         metrics = train(spec, checkpoint_store=store, progress=progress)
-    except SpecError as exc:
+    except ConfigError as exc:
         progress.close()
-        print("invalid configuration:\n" + "\n".join(f"  - {p}" for p in exc.problems),
-              file=sys.stderr)
+        print(exc, file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         progress.close()

@@ -26,7 +26,7 @@ def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", opti
     Tracking is off unless `tracking_uri` is given; `training` overrides training keys."""
     import json
 
-    from pipeline.grid import run_hash
+    from vsgd.spec import run_hash
     data_dir = Path(data_root) / "prepared" / dataset
     manifest = json.loads((data_dir / "manifest.json").read_text())
     spec = {

@@ -42,13 +42,6 @@ def test_defaults_are_the_papers_protocol():
     assert p["data"]["source"] == "official"
 
 
-def test_names_match_the_vsgd_package():
-    from vsgd.data import DATASETS as DATA
-    from vsgd.models import MODELS as VSGD_MODELS
-    assert set(MODELS) == set(VSGD_MODELS)
-    assert set(DATASETS) == set(DATA)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "ci"])
 def test_presets_resolve_and_keep_the_full_grid(preset):
     p = load_params(PARAMS, [f"preset={preset}"])

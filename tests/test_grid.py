@@ -39,7 +39,7 @@ def test_spec_follows_the_contract(params, tmp_path):
                           "output_dir", "checkpoint", "tracking"]
     assert spec["arch"] == "vgg16"
     assert spec["optimizer"] == {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8,
-                                 "tau1": 0.81, "tau2": 0.9, "weight_decay": 0.0}
+                                 "tau1": 0.81, "tau2": 0.9, "weight_decay": 0.0, "eps": 1e-8}
     assert spec["data"] == {"dir": f"{tmp_path}/prepared/cifar100", "checksum": "sum-cifar100",
                             "source": "synthetic", "uri": None}
     assert spec["schedule"] == {"iterations": 3, "step_size": 2, "gamma": 0.5}
@@ -49,7 +49,7 @@ def test_spec_follows_the_contract(params, tmp_path):
                                      "test_limit", "beta1_every"}
     assert len(spec["run_hash"]) == 16
     assert spec["name"] == f"cifar100-vgg16-vsgd-s0-{spec['run_hash'][:8]}"
-    assert spec["output_dir"] == f"results/runs/{spec['name']}"
+    assert spec["output_dir"] == f"results/store/{spec['run_hash']}"
     assert spec["checkpoint"] == f"checkpoints/{spec['run_hash']}"
     assert spec["tracking"] == {"uri": "sqlite:///mlflow.db", "experiment": "vsgd-repro"}
     adam = grid.build_spec(params, "tinyimagenet", "vgg", "adam", seed=1)
@@ -89,20 +89,57 @@ def test_hash_changes_with_what_determines_the_result(params, override):
 
 
 def test_hash_depends_on_data_checksum_and_code_version(params, monkeypatch):
+    from vsgd import spec as vsgd_spec
     before = grid.build_spec(params, "cifar100", "vgg", "adam", seed=0)
     manifest = Path(params["data"]["root"]) / "prepared" / "cifar100" / "manifest.json"
     manifest.write_text(json.dumps({"checksum": "another"}))
     assert grid.build_spec(params, "cifar100", "vgg", "adam", seed=0)["run_hash"] != \
         before["run_hash"]
     manifest.write_text(json.dumps({"checksum": "sum-cifar100"}))
-    monkeypatch.setattr(grid, "code_version", lambda: "0" * 64)
+    monkeypatch.setattr(vsgd_spec, "code_version", lambda: "0" * 64)
     assert grid.build_spec(params, "cifar100", "vgg", "adam", seed=0)["run_hash"] != \
         before["run_hash"]
 
 
-def test_code_version_covers_vsgd_sources():
-    version = grid.code_version()
-    assert len(version) == 64 and version == grid.code_version()
+@pytest.mark.parametrize("override", ["training.log_every=7", "training.checkpoint_every=9",
+                                      "training.beta1_every=3"])
+def test_bookkeeping_keys_do_not_change_the_run(params, override):
+    """Logging and checkpoint frequencies change no result: editing them retrains nothing."""
+    before = grid.build_spec(params, "cifar100", "vgg", "vsgd", seed=0)
+    changed = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
+                                   override])
+    after = grid.build_spec(changed, "cifar100", "vgg", "vsgd", seed=0)
+    assert after["training"] != before["training"]  # the run uses the new value ...
+    assert after["run_hash"] == before["run_hash"]  # ... and is the same run
+
+
+def test_vsgd_eps_is_a_param_and_part_of_the_identity(params):
+    before = grid.build_spec(params, "cifar100", "vgg", "vsgd", seed=0)
+    changed = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
+                                   "optimizer.vsgd.eps=1e-6"])
+    after = grid.build_spec(changed, "cifar100", "vgg", "vsgd", seed=0)
+    assert after["optimizer"]["eps"] == 1e-6 and before["optimizer"]["eps"] == 1e-8
+    assert after["run_hash"] != before["run_hash"]
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["seeds=[0, 0]"], "seeds: duplicates in [0, 0]"),
+    (["optimizer.sgd.lr_grid=[1, 1.0]", "training.validation_size=16"],
+     "optimizer.sgd.lr_grid: values must be unique"),
+])
+def test_two_grid_points_with_one_identity_are_refused(params, overrides, problem):
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError) as info:
+        load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}", *overrides])
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def test_expand_refuses_duplicate_identities(params):
+    """Whatever makes two grid points one run (here: validation bypassed), expand refuses."""
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError) as info:
+        grid.expand(dict(params, seeds=[0, 0]))
+    assert "are the same run" in str(info.value)
 
 
 def test_lr_change_of_one_optimizer_changes_only_its_runs(params):

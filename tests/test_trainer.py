@@ -15,7 +15,8 @@ import torch
 
 from conftest import ROOT, run_spec
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
-from vsgd.trainer import CURVE_COLUMNS, SpecError, check_spec, train
+from vsgd.spec import ConfigError, check_spec
+from vsgd.trainer import CURVE_COLUMNS, train
 
 METRICS_KEYS = {"name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "lr", "seed",
                 "iterations", "test_acc", "test_loss", "train_loss", "train_acc", "val_acc",
@@ -214,7 +215,7 @@ def test_check_spec_lists_every_problem(data_root, tmp_path):
     for part in ("dataset", "batch_size", "optimizer", "training.precision",
                  "training.bogus"):
         assert any(p.startswith(part) for p in problems), (part, problems)
-    with pytest.raises(SpecError):
+    with pytest.raises(ConfigError):
         train(spec)
 
 
@@ -232,6 +233,6 @@ def test_cli_builds_the_spec_from_params(data_root, tmp_path):
              cwd=tmp_path)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0, out
-    [metrics] = [json.loads(m.read_text()) for m in tmp_path.glob("results/runs/*/metrics.json")]
+    [metrics] = [json.loads(m.read_text()) for m in tmp_path.glob("results/store/*/metrics.json")]
     assert metrics["arch"] == "convmixer_256_8" and metrics["optimizer"] == "sgd"
     assert (tmp_path / "checkpoints" / metrics["run_hash"] / "checkpoint.pt").exists()

@@ -8,28 +8,14 @@ keeps one file in a directory; `pipeline.storage.S3CheckpointStore` keeps one ob
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .files import atomic_write
+
 FILENAME = "checkpoint.pt"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one:
-    a temp file beside it, fsynced, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CheckpointStore(Protocol):

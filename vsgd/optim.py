@@ -46,6 +46,9 @@ __all__ = ["VSGD", "vsgd", "beta1_summary"]
 # Parameters with this dtype keep their state (and do their arithmetic) in float32.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# The tensors of a parameter's state (besides the int ``step``).
+_STATE_TENSORS = ("mu", "bg", "bhg")
+
 # Bytes per array in one block of the CPU multi-tensor path (256K float32 elements). A block
 # has 9 such arrays (5 inputs + 4 scratch), ~9 MiB, which stays in L2/L3 across its ~20 ops,
 # while each op is long enough that per-op dispatch stays small. 0.5-2 MiB measured within ~15%
@@ -88,6 +91,7 @@ class VSGD(Optimizer):
     Mixed precision: float16/bfloat16 parameters keep their state in float32 and the update is
     computed in float32; only the final parameter value is rounded to the parameter's dtype.
     All other dtypes compute in their own precision (float64 stays float64 throughout).
+    ``load_state_dict`` keeps it so: the state comes back with exactly the saved bits.
     """
 
     def __init__(
@@ -128,6 +132,28 @@ class VSGD(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("maximize", False)
 
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, except that the state tensors get the state dtype.
+
+        torch casts every floating-point state tensor but ``step`` to its parameter's dtype,
+        which would store float16/bfloat16 parameters' float32 state rounded to 16 bits and
+        change every update after a resume. Overriding ``_process_value_according_to_param_policy``
+        does not help: ``load_state_dict`` calls it as ``Optimizer._process_...``. So the state
+        tensors cross torch's loader wrapped in ``_Uncast`` (it passes non-tensors through as
+        they are) and are then placed as torch places them, on the parameter's device, but in
+        ``_state_dtype``.
+        The hooks are added per call so that they run after all user pre-hooks and before all
+        user post-hooks: those see plain tensors, as with any optimizer.
+        """
+        pre = self.register_load_state_dict_pre_hook(_wrap_state)
+        post = self.register_load_state_dict_post_hook(_unwrap_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
     def _init_group(self, group, params, grads, mus, bgs, bhgs, steps) -> None:
         for p in group["params"]:
             if p.grad is None:
@@ -140,7 +166,7 @@ class VSGD(Optimizer):
             if len(state) == 0:
                 dtype = _state_dtype(p.dtype)
                 state["step"] = 0
-                for name in ("mu", "bg", "bhg"):
+                for name in _STATE_TENSORS:
                     state[name] = torch.zeros_like(p, dtype=dtype,
                                                    memory_format=torch.preserve_format)
             state["step"] += 1
@@ -185,6 +211,44 @@ class VSGD(Optimizer):
                 if state:
                     out.append(state["bhg"] / (state["bg"] + state["bhg"]))
         return out
+
+
+class _Uncast:
+    """A saved state tensor on its way through ``Optimizer.load_state_dict``, uncast."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
+def _wrap_state(optimizer: VSGD, state_dict: dict[str, Any]) -> dict[str, Any]:
+    # New dicts throughout: the caller's state_dict is left as it was.
+    state = {}
+    for key, st in state_dict["state"].items():
+        if isinstance(st, dict):
+            st = {k: _Uncast(v) if k in _STATE_TENSORS and isinstance(v, Tensor) else v
+                  for k, v in st.items()}
+        state[key] = st
+    return {**state_dict, "state": state}
+
+
+def _unwrap_state(optimizer: VSGD) -> None:
+    for param, st in optimizer.state.items():
+        if not isinstance(st, dict):
+            continue
+        for k, v in st.items():
+            if not isinstance(v, _Uncast):
+                continue
+            if not isinstance(param, Tensor):
+                # State of an id missing from param_groups: torch keeps it as saved.
+                st[k] = v.tensor
+            elif param.is_floating_point():
+                # One cast at most, from the saved dtype straight to the state dtype (a no-op
+                # for float32 state of a low-precision parameter).
+                st[k] = v.tensor.to(device=param.device, dtype=_state_dtype(param.dtype))
+            else:
+                st[k] = v.tensor.to(device=param.device)
 
 
 @torch.no_grad()

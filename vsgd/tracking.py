@@ -14,6 +14,7 @@
 """
 
 import collections
+import importlib.util
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "vsgd-repro"
 MAX_QUEUE = 100_000        # buffered metric values while the server is unreachable
 BATCH = 1000               # MLflow's limit of metrics per log_batch
@@ -36,13 +36,12 @@ SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|
 URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
-def tracking_uri(spec_tracking: dict | None) -> str | None:
-    """`MLFLOW_TRACKING_URI` over the spec's `tracking.uri`; None when the spec turns
-    tracking off (`tracking: {uri: null}`)."""
-    if spec_tracking is not None and "uri" in spec_tracking and not spec_tracking["uri"]:
-        return None
-    return os.environ.get("MLFLOW_TRACKING_URI") or (spec_tracking or {}).get("uri") \
-        or DEFAULT_URI
+def tracking_uri(configured: str | None) -> str | None:
+    """The MLflow tracking URI to use: `MLFLOW_TRACKING_URI` over the configured one
+    (params.yaml's `tracking.uri`, a spec's `tracking.uri`); None when neither is set.
+    The one place that rule lives: the trainer, the pipeline stages and the result lookup
+    all call it."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or None
 
 
 def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
@@ -100,9 +99,14 @@ class Tracker:
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Tracker":
-        tracking = spec.get("tracking")
-        return cls(tracking_uri(tracking),
-                   (tracking or {}).get("experiment") or DEFAULT_EXPERIMENT)
+        """Tracking as the spec asks: `tracking.uri` (the environment's
+        `MLFLOW_TRACKING_URI` over it), off when the spec says `uri: null`. A spec without a
+        `tracking` section tracks only where the environment names a server: nothing is
+        written to ./mlflow.db unless asked."""
+        tracking = spec.get("tracking") or {}
+        off = "uri" in tracking and not tracking["uri"]
+        return cls(None if off else tracking_uri(tracking.get("uri")),
+                   tracking.get("experiment") or DEFAULT_EXPERIMENT)
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +117,14 @@ class Tracker:
     def start(self, spec: dict, run_id: str | None = None) -> None:
         """Open (or find again) the run of `spec`; `run_id` comes from a checkpoint."""
         if not self.enabled:
+            log.info("MLflow tracking is off (no tracking URI in the spec or "
+                     "MLFLOW_TRACKING_URI)")
+            return
+        if importlib.util.find_spec("mlflow") is None:
+            # The library does not depend on MLflow: without it, train untracked.
+            log.info("MLflow tracking is off: mlflow is not installed "
+                     "(pip install 'vsgd-repro[pipeline]' to track to %s)", _redact(self.uri))
+            self.uri = None
             return
         self._spec, self.run_id = spec, run_id
         # MLflow's own HTTP retries (7 with backoff factor 2) would stall training for

@@ -6,7 +6,8 @@ import logging
 import sys
 
 from .errors import DataError
-from .prepared import SOURCES, prepare
+from ..spec import SOURCES
+from .prepared import prepare
 from .registry import DATASETS
 
 

@@ -7,7 +7,6 @@ written, so readers see either no dataset or a complete one. A re-run whose outp
 """
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -23,10 +22,11 @@ from .download import fetch
 from .errors import DataError
 from .formats import Splits, read_archive
 from .registry import DatasetInfo, get_dataset
+from ..files import file_digest, json_sha256
+from ..spec import SOURCES
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("official", "synthetic")
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
@@ -36,18 +36,6 @@ class Prepared(NamedTuple):
     test_x: np.ndarray
     test_y: np.ndarray
     manifest: dict
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
@@ -157,7 +145,7 @@ def _publish(out: Path, info: DatasetInfo, source: str, archive: dict | None,
         for name in ARRAYS:
             path = tmp / f"{name}.npy"
             np.save(path, getattr(s, name))
-            files[path.name] = sha256_file(path)
+            files[path.name] = file_digest(path)
         manifest = {
             "dataset": info.name,
             "source": source,
@@ -166,7 +154,7 @@ def _publish(out: Path, info: DatasetInfo, source: str, archive: dict | None,
             "image_shape": [info.image_size, info.image_size, 3],
             "files": files,
             "archive": archive,
-            "checksum": hashlib.sha256(canonical_json(files).encode()).hexdigest(),
+            "checksum": json_sha256(files),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for path in tmp.iterdir():
@@ -195,7 +183,7 @@ def _intact_manifest(out: Path) -> dict | None:
         if set(files) != {f"{a}.npy" for a in ARRAYS}:
             return None
         for name, digest in files.items():
-            if sha256_file(out / name) != digest:
+            if file_digest(out / name) != digest:
                 log.warning("%s does not match its manifest", out / name)
                 return None
         return manifest

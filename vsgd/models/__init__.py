@@ -6,7 +6,7 @@ from .convmixer import convmixer
 from .resnext import ResNeXt
 from .vgg import NUM_POOLS, VGG
 
-MODELS = ("vgg16", "vgg19", "convmixer_256_8", "resnext18")
+from ..spec import MODELS
 
 
 def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:

@@ -1,0 +1,214 @@
+"""What a run computes: its setup from a spec, one training step, and evaluation.
+
+This module is part of the code version (`vsgd.spec.RESULT_MODULES`): a change here is a new
+identity for every run. `vsgd.trainer` sequences these pieces (restore, log points,
+checkpoints, outputs) without touching the numbers.
+
+The whole dataset lives on the device as uint8; every batch is gathered by index, augmented
+and normalised there. The epoch permutations are derived from (seed, epoch) rather than drawn
+from a stream, so a resumed run needs only its position to continue exactly.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Augmenter, DATASETS
+from .models import build_model
+from .optim import VSGD
+from .spec import ConfigError
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "vsgd": VSGD}
+# The validation split is the same for every run of a dataset (all seeds and lrs), so an lr
+# chosen on it is chosen on one fixed held-out set.
+VALIDATION_SEED = 20240409
+
+
+@dataclass
+class Run:
+    """Everything a run computes with, built once by `build`."""
+    device: torch.device
+    model: torch.nn.Module
+    forward: torch.nn.Module          # the model, compiled where that pays
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    augmenter: Augmenter
+    aug_gen: torch.Generator
+    autocast: object                  # () -> context manager
+    train_x: torch.Tensor             # uint8 NHWC on the device
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    val_x: torch.Tensor | None
+    val_y: torch.Tensor | None
+    batch_size: int
+    seed: int
+    iterations: int
+    eval_batch_size: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.train_x) // self.batch_size  # the last partial batch is dropped
+
+
+@dataclass
+class State:
+    """Where a run is; with the modules' state dicts and RNG states, what a checkpoint holds.
+
+    `sums`: running loss*n and correct predictions, row 0 since the last log point (which a
+    checkpoint always is), row 1 since the last evaluation. `seconds`: the loop's wall time so
+    far. `perm`: the current epoch's order (derived from `epoch`, never saved).
+    """
+    sums: torch.Tensor
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    seconds: float = 0.0
+    curve: list = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    perm: torch.Tensor | None = None
+
+
+def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
+    args = {k: v for k, v in opt.items() if k != "name"}
+    if "betas" in args:
+        args["betas"] = tuple(args["betas"])
+    return OPTIMIZERS[opt["name"]](params, **args)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"training.device: {name!r} but CUDA is not available here"])
+    return device
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of `epoch`: a function of (seed, epoch) alone, so resuming needs
+    only the epoch number, and CPU and GPU runs see the same order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, size: int):
+    """(train_x, train_y, val_x, val_y): `size` random images held out, the rest kept in
+    their original order."""
+    if size == 0:
+        return x, y, None, None
+    if size >= len(x):
+        raise ConfigError([f"training.validation_size: {size} leaves no training images "
+                           f"(the training split has {len(x)})"])
+    held = np.zeros(len(x), dtype=bool)
+    held[np.random.default_rng(VALIDATION_SEED).permutation(len(x))[:size]] = True
+    return x[~held], y[~held], x[held], y[held]
+
+
+def build(spec: dict, training: dict, data) -> Run:
+    """The modules and on-device data of `spec`'s run; `data` is its `Prepared` dataset and
+    `training` its training keys with defaults filled in."""
+    device = resolve_device(training["device"])
+    channels_last = training["channels_last"] is True or (
+        training["channels_last"] == "auto" and device.type in ("cpu", "cuda"))  # faster
+    # Compiling costs ~50 s on CPU for a few % at best: only where it pays (CUDA).
+    compile_model = training["compile"] is True or (training["compile"] == "auto"
+                                                    and device.type == "cuda")
+    bs, seed = spec["batch_size"], spec["seed"]
+
+    train_x, train_y, val_x, val_y = split_validation(data.train_x, data.train_y,
+                                                      training["validation_size"])
+    test_x, test_y = data.test_x, data.test_y
+    if training["test_limit"]:
+        test_x, test_y = test_x[:training["test_limit"]], test_y[:training["test_limit"]]
+    if bs > len(train_x):
+        raise ConfigError([f"batch_size: {bs} exceeds the {len(train_x)} training images"])
+
+    def on_device(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    info = DATASETS[spec["dataset"]]
+    torch.manual_seed(seed)
+    model = build_model(spec["arch"], info.num_classes, info.image_size)
+    model = model.to(device, memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
+    optimizer = make_optimizer(model.parameters(), spec["optimizer"])
+    amp_dtype = torch.bfloat16 if training["precision"] == "bf16" else None
+    return Run(
+        device=device, model=model,
+        forward=torch.compile(model) if compile_model else model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, spec["schedule"]["step_size"],
+                                                  spec["schedule"]["gamma"]),
+        augmenter=Augmenter(spec["dataset"], device, channels_last=channels_last),
+        aug_gen=torch.Generator(device).manual_seed(seed),
+        autocast=lambda: torch.autocast(device.type, dtype=amp_dtype,
+                                        enabled=amp_dtype is not None),
+        train_x=on_device(train_x), train_y=on_device(train_y),
+        test_x=on_device(test_x), test_y=on_device(test_y),
+        val_x=on_device(val_x), val_y=on_device(val_y),
+        batch_size=bs, seed=seed, iterations=spec["schedule"]["iterations"],
+        eval_batch_size=training["eval_batch_size"])
+
+
+def new_state(run: Run) -> State:
+    # float64 sums keep the running means exact over thousands of steps; MPS has no float64.
+    dtype = torch.float32 if run.device.type == "mps" else torch.float64
+    return State(sums=torch.zeros(2, 2, device=run.device, dtype=dtype))
+
+
+def train_step(run: Run, state: State) -> float:
+    """One iteration: the next batch of the epoch order, forward, backward, update, StepLR,
+    and the running sums. Returns the lr the step used. Never waits for the device."""
+    if state.perm is None:  # a new or resumed run
+        state.perm = epoch_permutation(len(run.train_x), run.seed, state.epoch).to(run.device)
+    if state.batch == run.batches_per_epoch:
+        state.epoch, state.batch = state.epoch + 1, 0
+        state.perm = epoch_permutation(len(run.train_x), run.seed, state.epoch).to(run.device)
+    bs = run.batch_size
+    idx = state.perm[state.batch * bs:(state.batch + 1) * bs]
+    x, y = run.augmenter.train(run.train_x[idx], run.aug_gen), run.train_y[idx]
+    with run.autocast():
+        logits = run.forward(x)
+        loss = F.cross_entropy(logits, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    state.sums += torch.stack([loss.detach() * bs,
+                               (logits.argmax(1) == y).sum()]).to(state.sums.dtype)
+    state.step, state.batch = state.step + 1, state.batch + 1
+    return lr
+
+
+@torch.no_grad()
+def evaluate(model, x, y, augmenter, batch_size, autocast) -> tuple[float, float]:
+    """(mean loss, accuracy) over uint8 images `x` already on the device."""
+    model.eval()
+    sums = torch.zeros(2, device=y.device, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        yb = y[i:i + batch_size]
+        with autocast():
+            logits = model(augmenter.test(x[i:i + batch_size]))
+        sums += torch.stack([F.cross_entropy(logits.float(), yb, reduction="sum"),
+                             (logits.argmax(1) == yb).sum()]).double()
+    model.train()
+    loss, correct = sums.tolist()
+    return loss / len(x), correct / len(x)
+
+
+def measure(run: Run) -> dict:
+    """Test (and validation, where there is a split) loss and accuracy of the current model."""
+    out = {}
+    out["test_loss"], out["test_acc"] = evaluate(run.forward, run.test_x, run.test_y,
+                                                 run.augmenter, run.eval_batch_size,
+                                                 run.autocast)
+    out["val_loss"], out["val_acc"] = (None, None) if run.val_x is None else evaluate(
+        run.forward, run.val_x, run.val_y, run.augmenter, run.eval_batch_size, run.autocast)
+    return out
