@@ -5,19 +5,27 @@ whether VSGD beats the others), Table 2 (seconds per iteration), the test-accura
 per-cell curves for `dvc plots`, a summary for `dvc metrics`, and every MLflow run in a CSV.
 Where an optimizer has an lr grid, each cell uses the lr with the best mean *validation*
 accuracy; the test set never chooses anything.
+
+The MLflow export comes last and never costs the rest: with the tracking store unreachable
+the tables and figure are written all the same, one warning line on stderr says what failed,
+`summary.json` records `"mlflow_export": {"complete": false, ...}` and `mlflow_runs.csv` holds
+the runs fetched until then (possibly none); the stage still exits 0.
 """
 
 import csv
 import json
 import math
-import os
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
+from vsgd.tracking import mlflow_http_settings, tracking_uri
+
 from .config import load_params
+from .redact import redact
 
 RESULTS = Path("results")
 REFERENCES = Path(__file__).with_name("reference_results.yaml")
@@ -33,13 +41,22 @@ NUM_CLASSES = {"cifar100": 100, "tinyimagenet": 200}  # chance level in the figu
 STYLES = {"sgd": ("tab:green", "-", "o"), "adam": ("tab:orange", "-", "s"),
           "adamw": ("tab:purple", "--", "^"), "vsgd": ("tab:blue", "-", "D")}
 DASH = "–"
+REDO = ("re-run `python -m pipeline aggregate` (or `dvc repro --force aggregate`) once the "
+        "tracking server is reachable")
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--results", default=str(RESULTS), help="results directory")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow export")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. datasets=[cifar100] (repeatable)")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="results directory: runs are read from <results>/runs, tables, "
+                             "figures, curves, summary.json and mlflow_runs.csv are written "
+                             f"there (default: {RESULTS})")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="skip the MLflow export (summary.json records it as skipped; "
+                             "mlflow_runs.csv is left as it is)")
 
 
 def run(args) -> int:
@@ -53,12 +70,19 @@ def run(args) -> int:
     write_lr_selection(cells, root / "tables")
     write_curves(cells, root / "curves")
     write_figure(cells, params, refs, root / "figures")
-    summary = write_summary(cells, params, refs, root / "summary.json")
+    summary = build_summary(cells, params, refs)
     print(f"aggregate: {len(runs)} runs, {sum(1 for c in cells.values() if c['n'])} cells; "
           f"VSGD best in {summary['claim']['holds']} of {summary['claim']['rows']} rows")
-    if not args.no_mlflow:
-        n = export_mlflow(params, root / "mlflow_runs.csv")
-        print(f"aggregate: {n} MLflow runs exported to {root / 'mlflow_runs.csv'}")
+    if args.no_mlflow:
+        summary["mlflow_export"] = {"complete": False, "skipped": True, "reason": "--no-mlflow"}
+        write_json(root / "summary.json", summary)
+        return 0
+    # Written before the export too, so that an export that never ends (killed, interrupted)
+    # leaves a summary that says so rather than none.
+    summary["mlflow_export"] = {"complete": False, "cause": "the export did not finish"}
+    write_json(root / "summary.json", summary)
+    summary["mlflow_export"] = export_status(params, root / "mlflow_runs.csv")
+    write_json(root / "summary.json", summary)
     return 0
 
 
@@ -403,8 +427,9 @@ def write_figure(cells, params, refs, out: Path):
 # summary metrics and MLflow export
 
 
-def write_summary(cells, params, refs, path: Path) -> dict:
-    """`dvc metrics show` / `dvc exp show`: mean test accuracy per cell and the claim."""
+def build_summary(cells, params, refs) -> dict:
+    """`dvc metrics show` / `dvc exp show`: mean test accuracy per cell and the claim (`run`
+    adds the state of the MLflow export)."""
     table = {}
     verdicts = []
     for ds, arch in rows_of(params):
@@ -419,41 +444,92 @@ def write_summary(cells, params, refs, path: Path) -> dict:
         verdicts.append(verdict)
         row["vsgd_best"] = verdict
         table.setdefault(ds, {})[arch] = row
-    summary = {"test_acc": table,
-               "claim": {"holds": sum(v is True for v in verdicts),
-                         "rows": sum(v is not None for v in verdicts)}}
+    return {"test_acc": table,
+            "claim": {"holds": sum(v is True for v in verdicts),
+                      "rows": sum(v is not None for v in verdicts)}}
+
+
+def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def export_mlflow(params, path: Path) -> int:
-    """Every run of the tracking experiment (params, tags, latest metrics) into one CSV."""
+def export_status(params, path: Path) -> dict:
+    """Run `export_mlflow` and say how it went, for summary.json: `{"complete": true,
+    "runs": N}`, or, when the tracking store cannot be reached or fails, `{"complete":
+    false, "uri", "cause", "runs"}` (the runs fetched before it failed, which the CSV holds)
+    after one warning line on stderr. Anything else (a bug) is raised. (Not "error": `dvc
+    metrics show` takes a key of that name for a failure to read the file.)"""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    uri = tracking_uri(params["tracking"]["uri"])
+    if uri is None:
+        return {"complete": False, "skipped": True, "reason": "no tracking URI"}
+    fetched: list[dict] = []
+    try:
+        with mlflow_http_settings():
+            n = export_mlflow(params, path, fetched)
+    except (MlflowException, RequestsConnectionError, Timeout, Urllib3Error, OSError) as exc:
+        shown, cause = redact(uri), _cause(exc)
+        print(f"aggregate: warning: MLflow export incomplete: tracking store {shown} failed "
+              f"({cause}); {path} holds only the {len(fetched)} runs fetched before that; "
+              f"the tables and figure are complete; {REDO}", file=sys.stderr, flush=True)
+        return {"complete": False, "uri": shown, "cause": cause, "runs": len(fetched)}
+    print(f"aggregate: {n} MLflow runs exported to {path}")
+    return {"complete": True, "runs": n}
+
+
+def export_mlflow(params, path: Path, fetched: list | None = None) -> int:
+    """Every run of the tracking experiment (params, tags, latest metrics) into one CSV.
+
+    What MLflow raises is raised; the CSV is written anyway, with the runs fetched until then
+    (also appended to `fetched`, when given)."""
     from mlflow.tracking import MlflowClient
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params["tracking"]["uri"]
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
-    rows, token = [], None
-    while experiment is not None:
-        page = client.search_runs([experiment.experiment_id], max_results=1000,
-                                  page_token=token, order_by=["attributes.start_time ASC"])
-        for r in page:
-            row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
-                   "status": r.info.status, "start_time": r.info.start_time,
-                   "end_time": r.info.end_time}
-            row.update({f"tags.{k}": v for k, v in r.data.tags.items()
-                        if not k.startswith("mlflow.")})
-            row.update({f"params.{k}": v for k, v in r.data.params.items()})
-            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
-    fields = list(dict.fromkeys(["run_id", "run_name", "status", "start_time", "end_time"] +
-                                sorted({k for row in rows for k in row})))
-    _write_csv(path, rows, fields=fields)
+    rows = [] if fetched is None else fetched
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri(params["tracking"]["uri"]))
+        experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+        token = None
+        while experiment is not None:
+            page = client.search_runs([experiment.experiment_id], max_results=1000,
+                                      page_token=token, order_by=["attributes.start_time ASC"])
+            for r in page:
+                row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
+                       "status": r.info.status, "start_time": r.info.start_time,
+                       "end_time": r.info.end_time}
+                row.update({f"tags.{k}": v for k, v in r.data.tags.items()
+                            if not k.startswith("mlflow.")})
+                row.update({f"params.{k}": v for k, v in r.data.params.items()})
+                row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+                rows.append(row)
+            token = page.token
+            if not token:
+                break
+    finally:
+        fields = list(dict.fromkeys(["run_id", "run_name", "status", "start_time",
+                                     "end_time"] + sorted({k for row in rows for k in row})))
+        _write_csv(path, rows, fields=fields)
     return len(rows)
+
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error of `exc`'s chain on one line, masked and cut short: "Connection
+    refused" rather than MLflow's wrapper text with the whole request."""
+    root, seen = exc, {id(exc)}
+    while True:
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        root = inner
+    text = " ".join(str(root).split()) or " ".join(str(exc).split())
+    text = redact(f"{type(root).__name__}: {text}")
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import yaml
 
 from vsgd.data.registry import DATASETS as DATASET_INFO
 from vsgd.spec import (ARCHS, DATASETS, EX_CONFIG, MISSING, MODELS, OPTIMIZERS, SOURCES,
-                       TRAINING, Checker, ConfigError, check_optimizer, check_schedule,
-                       check_training, kind)
+                       Checker, ConfigError, check_optimizer, check_schedule, check_training,
+                       kind)
 
 __all__ = ["ARCHS", "DATASETS", "EX_CONFIG", "MODELS", "OPTIMIZERS", "ConfigError",
            "load_params", "parse_overrides", "resolve_run", "validate"]

@@ -148,11 +148,17 @@ def client_env(s3: Service, mlflow: Service) -> dict:
 # -- the command -----------------------------------------------------------------------------
 
 def add_arguments(parser):
-    parser.add_argument("action", choices=("up", "down", "status"))
-    parser.add_argument("--dir", default=".services", help="state, logs, MLflow database")
-    parser.add_argument("--s3-port", type=int, default=0, help="default: a free port")
-    parser.add_argument("--mlflow-port", type=int, default=0, help="default: a free port")
-    parser.add_argument("--bucket", default="vsgd")
+    parser.add_argument("action", choices=("up", "down", "status"),
+                        help="up: start both and print the environment to use them; down: "
+                             "stop them; status: say whether they answer")
+    parser.add_argument("--dir", default=".services",
+                        help="state, logs and the MLflow database (default: .services)")
+    parser.add_argument("--s3-port", type=int, default=0,
+                        help="port of the S3 server (default: a free port)")
+    parser.add_argument("--mlflow-port", type=int, default=0,
+                        help="port of the MLflow server (default: a free port)")
+    parser.add_argument("--bucket", default="vsgd",
+                        help="bucket created in the S3 server (default: vsgd)")
 
 
 def run(args) -> int:

@@ -17,7 +17,6 @@ AWS_ENDPOINT_URL / the profile. Every object we upload carries its sha256 as met
 after every download; a mismatch deletes the download and raises `IntegrityError`.
 """
 
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsgd.files import file_digest, json_sha256
-from vsgd.tracking import tracking_uri
+from vsgd.tracking import mlflow_http_settings, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +43,6 @@ RESULT_FILES = ("config.json", "curve.csv", "metrics.json")  # metrics.json last
 RESULTS_ENV = "VSGD_RESULTS_URI"    # set per run by the executors (`run_env`, pipeline.k8s_jobs)
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
 SCRATCH_ENV = "VSGD_SCRATCH"
-# MLflow's client retries for result lookups: a few quick ones. Its default (7 retries,
-# backoff factor 2) waits minutes per run of the grid while a server is down. (Training runs
-# get theirs from vsgd.tracking, which queues and retries itself.)
-MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class IntegrityError(Exception):
@@ -590,15 +583,3 @@ def fetch_result(params: dict, spec: dict, output_dir=None) -> Path:
             if (Path(tmp) / name).is_file():
                 os.replace(Path(tmp) / name, dest / name)
     return dest
-
-
-@contextlib.contextmanager
-def mlflow_http_settings():
-    """MLFLOW_HTTP_ENV for the calls inside (the user's own settings win)."""
-    added = {k: v for k, v in MLFLOW_HTTP_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)

@@ -22,7 +22,7 @@ from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, ConfigError
 
 def open_checkpoint_store(uri: str | None):
     """The checkpoint store of a spec's `checkpoint`: a local directory, `s3://bucket/prefix`
-    (`pipeline.storage.S3CheckpointStore`, issue 5), or None for no checkpoints."""
+    (`pipeline.storage.S3CheckpointStore`), or None for no checkpoints."""
     if not uri:
         return None
     if uri.startswith("s3://"):

@@ -127,3 +127,116 @@ def test_mlflow_export(tmp_path, monkeypatch):
     assert {r["run_name"] for r in rows} == {"run0", "run1", "run2"}
     assert {r["metrics.test_acc"] for r in rows} == {"0.5", "0.6", "0.7"}
     assert rows[0]["params.lr"] == "0.1" and rows[0]["tags.optimizer"] == "vsgd"
+
+
+# ---------------------------------------------------------------------------------------------
+# the MLflow export: never costs the tables, says when it is incomplete, leaks no credential
+
+
+def aggregate_cli(results, tmp_path, uri, **env):
+    """`python -m pipeline aggregate` in a subprocess with MLFLOW_TRACKING_URI=`uri`.
+
+    MLflow's own HTTP limits are removed from the environment (unless given in `env`): the
+    stage must bound its requests itself. The subprocess timeout (well above the few seconds
+    the stage takes, well below MLflow's default ~4 minutes of retries) ends a hang."""
+    import os
+    import subprocess
+    import sys
+    child_env = {k: v for k, v in os.environ.items()
+                 if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    child_env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "aggregate", "--params", str(PARAMS),
+         "--set", "datasets=[cifar100]", "--results", str(results)],
+        cwd=tmp_path, env=child_env, capture_output=True, text=True, timeout=60)
+
+
+def assert_tables_and_figure(results):
+    for name in ("table1.md", "table1.tex", "table1.csv", "table2.md", "table2.csv",
+                 "lr_selection.csv"):
+        assert (results / "tables" / name).is_file(), name
+    for ext in ("png", "svg"):
+        assert (results / "figures" / f"test_acc.{ext}").stat().st_size > 10_000
+    assert (results / "curves" / "cifar100_vgg_vsgd.csv").is_file()
+
+
+@pytest.mark.timeout(90)
+def test_aggregate_writes_tables_when_mlflow_is_unreachable(results, tmp_path):
+    from pipeline.services import free_port
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = aggregate_cli(results, tmp_path, uri)
+    assert out.returncode == 0, out.stderr
+    assert_tables_and_figure(results)
+    assert "Traceback" not in out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "incomplete" in line]
+    assert len(warnings) == 1, out.stderr
+    assert uri in warnings[0] and "warning" in warnings[0]
+    assert "python -m pipeline aggregate" in warnings[0] and "dvc repro" in warnings[0]
+    assert "Connection refused" in warnings[0]  # the cause, in one line
+    assert [line for line in out.stderr.splitlines() if line.strip()] == warnings
+    summary = json.loads((results / "summary.json").read_text())
+    export = summary["mlflow_export"]
+    assert export["complete"] is False and export["uri"] == uri and export["runs"] == 0
+    assert "Connection refused" in export["cause"]
+    assert summary["claim"] == {"holds": 2, "rows": 2}  # the rest of the summary is there
+    # Written with what was fetched: here nothing, so the header only.
+    assert (results / "mlflow_runs.csv").read_text().splitlines() == [
+        "run_id,run_name,status,start_time,end_time"]
+
+
+@pytest.mark.timeout(90)
+def test_credential_in_tracking_uri_is_not_shown(results, tmp_path):
+    from pipeline.services import free_port
+    port = free_port()
+    # One attempt only, whatever the code bounds: this test is about what is printed.
+    out = aggregate_cli(results, tmp_path, f"http://user:secret@127.0.0.1:{port}",
+                        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    summary_text = (results / "summary.json").read_text()
+    for text in (out.stdout, out.stderr, summary_text):
+        assert "secret" not in text
+    assert out.returncode == 0, out.stderr
+    assert f"http://***@127.0.0.1:{port}" in out.stderr
+    assert json.loads(summary_text)["mlflow_export"]["uri"] == f"http://***@127.0.0.1:{port}"
+
+
+def test_summary_marks_mlflow_export_complete_with_run_count(results, tmp_path, monkeypatch,
+                                                             capsys):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.__main__ import main
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("vsgd-repro")
+    for i in range(2):
+        run = client.create_run(exp, run_name=f"run{i}")
+        client.set_terminated(run.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]:
+        monkeypatch.delenv(key)
+    assert main(["aggregate", "--params", str(PARAMS), "--set", "datasets=[cifar100]",
+                 "--results", str(results)]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["mlflow_export"] == {"complete": True, "runs": 2}
+    assert len(list(csv.DictReader((results / "mlflow_runs.csv").open()))) == 2
+    assert "2 MLflow runs exported" in capsys.readouterr().out
+    # The HTTP limits were set for the export only.
+    assert not any(key.startswith("MLFLOW_HTTP_REQUEST_") for key in os.environ)
+
+
+def test_no_mlflow_records_the_export_as_skipped(results):
+    run_aggregate(results)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["mlflow_export"]["complete"] is False
+    assert summary["mlflow_export"]["skipped"] is True
+    assert not (results / "mlflow_runs.csv").exists()
+
+
+def test_every_aggregate_argument_has_help():
+    parser = argparse.ArgumentParser()
+    aggregate.add_arguments(parser)
+    options = {a.option_strings[0]: a.help for a in parser._actions
+               if a.option_strings and a.dest != "help"}
+    assert set(options) == {"--params", "--set", "--results", "--no-mlflow"}
+    assert all(options.values()), options

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (ARCHS, DATASETS, EX_CONFIG, MODELS, OPTIMIZERS, ConfigError,
+from pipeline.config import (ARCHS, DATASETS, EX_CONFIG, OPTIMIZERS, ConfigError,
                              load_params, resolve_run)
 
 ROOT = Path(__file__).resolve().parents[1]

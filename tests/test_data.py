@@ -421,6 +421,10 @@ def test_cli(server, tmp_path, capsys):
     assert cli_main(["prepare", "--dataset", "cifar100", "--source", "official", "--root",
                      str(tmp_path), "--mirror", server.url]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+    # Flags that do not go together are a configuration error: 78, the cause, no traceback.
+    assert cli_main(["prepare", "--dataset", "cifar100", "--source", "official", "--root",
+                     str(tmp_path), "--train-size", "5"]) == 78
+    assert "--train-size and --test-size go together" in capsys.readouterr().err
 
 
 def test_prepare_stage_on_the_default_params_downloads_and_verifies(server, tmp_path):
@@ -438,3 +442,18 @@ def test_prepare_stage_on_the_default_params_downloads_and_verifies(server, tmp_
     assert f"prepare cifar100: {server.url}/{CIFAR}: md5 " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert leftovers(tmp_path) == []
+
+
+def test_failed_download_says_how_to_proceed_without_the_network(server, tmp_path):
+    """Offline (here: the mirror has no archive), the stage fails in one message that names
+    the ways forward: a mirror, a hand-placed archive, the synthetic preset."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "cifar100", "--params",
+         str(root / "params.yaml"), "--set", f"data.mirror={server.url}", "--set",
+         f"data.root={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "prepare cifar100: GET " in proc.stderr and "HTTP 404" in proc.stderr
+    for way in ("data.mirror", f"{tmp_path}/downloads/", "dvc exp run -S preset=tiny"):
+        assert way in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -3,7 +3,9 @@
 
 1. the first `dvc repro` prepares, trains all 24 runs and writes tables and figure;
 2. a second `dvc repro` trains nothing;
-3. changing one optimizer's lr retrains exactly that optimizer's runs;
+3. changing one optimizer's lr retrains exactly that optimizer's runs; changing it back
+   trains nothing (the earlier results are reused from the store), and editing a bookkeeping
+   key (`training.log_every`) trains nothing;
 4. a broken params.yaml fails with every problem listed, no traceback, nothing started;
 5. Ctrl-C in the middle of training keeps the finished runs; the next `dvc repro` trains the
    rest only.
@@ -85,7 +87,8 @@ def first(repo):
 
 def test_first_repro_trains_the_whole_grid(repo, first):
     out = first.stdout
-    assert f"train: {GRID} runs in the grid, 0 done, {GRID} to run" in out, out[-3000:]
+    assert f"train: {GRID} runs in the grid, 0 done, 0 reused, {GRID} to run" in out, \
+        out[-3000:]
     assert len(started(out)) == GRID
     runs = sorted(p.parent.name for p in (repo / "results" / "runs").glob("*/metrics.json"))
     assert len(runs) == GRID
@@ -123,11 +126,36 @@ def test_second_repro_trains_nothing(repo, first):
 def test_lr_change_retrains_only_that_optimizer(repo, first):
     set_param(repo, r"^  adam: \{lr: 0\.001", "  adam: {lr: 0.002")
     out = sh(repo, "dvc", "repro").stdout
-    assert f"train: {GRID} runs in the grid, {GRID - 6} done, 6 to run, 6 stale removed" in out
+    assert f"train: {GRID} runs in the grid, {GRID - 6} done, 0 reused, 6 to run; 6 left " \
+           "the grid (results kept in results/store" in out, out[-3000:]
     retrained = started(out)
     assert len(retrained) == 6 and all("-adam-" in name for name in retrained), retrained
     runs = list((repo / "results" / "runs").iterdir())
     assert len(runs) == GRID
+    assert len(list((repo / "results" / "store").glob("*/metrics.json"))) == GRID + 6
+
+
+def test_lr_changed_back_trains_nothing(repo, first):
+    """The grid comes back to results it had: they are reused from the store, not retrained,
+    and the view shows exactly the grid again."""
+    set_param(repo, r"^  adam: \{lr: 0\.002", "  adam: {lr: 0.001")
+    out = sh(repo, "dvc", "repro").stdout
+    assert started(out) == [], out[-3000:]
+    assert f"train: {GRID} runs in the grid, {GRID - 6} done, 6 reused, 0 to run; 6 left " \
+           "the grid" in out, out[-3000:]
+    shown = {p.parent.name for p in (repo / "results/runs").glob("*/metrics.json")}
+    grid = set(re.findall(r"^  (\S+)$", sh(repo, sys.executable, "-m", "pipeline",
+                                             "validate").stdout, flags=re.M))
+    assert shown == grid and len(grid) == GRID
+
+
+def test_editing_a_bookkeeping_key_trains_nothing(repo, first):
+    set_param(repo, r"^    training: \{eval_every: 2, checkpoint_every: 2, log_every: 1,",
+              "    training: {eval_every: 2, checkpoint_every: 2, log_every: 2,")
+    out = sh(repo, "dvc", "repro").stdout
+    assert started(out) == [], out[-3000:]
+    assert f"train: {GRID} runs in the grid, {GRID} done, 0 reused, 0 to run" in out, \
+        out[-3000:]
 
 
 def test_bad_params_fail_with_every_problem_listed(repo, first):
@@ -188,21 +216,27 @@ def test_interrupted_repro_keeps_finished_runs_and_completes(repo, first):
     assert proc.returncode != 0, text[-3000:]
     # What is on disk decides: a run can be stopped by the Ctrl-C while exiting, after its
     # result was written (then the executor reports it killed, yet it is done).
-    sgd = {p.name: p for p in (repo / "results/runs").iterdir() if "-sgd-" in p.name}
+    specs = {spec["name"]: (path.parent, spec) for path in
+             (repo / "results/store").glob("*/spec.json")
+             for spec in [json.loads(path.read_text())]}
+    sgd = {name: entry for name, entry in specs.items()
+           if "-sgd-" in name and entry[1]["optimizer"]["lr"] == 0.05}
     assert len(sgd) == 6
-    finished = {name for name, p in sgd.items() if (p / "metrics.json").exists()}
+    finished = {name for name, (d, _) in sgd.items() if (d / "metrics.json").exists()}
     reported = set(re.findall(r"^\[([^\]]+)\] done$", text, flags=re.M))
     assert reported <= finished and 0 < len(finished) < 6, text[-3000:]
     assert "] FAILED" not in text, text[-3000:]  # stopped runs are not reported as failed
     assert f"train: interrupted; {len(finished)} of 6 runs finished and kept" in text, \
         text[-3000:]
-    checkpointed = {name for name in sgd.keys() - finished if (
-        repo / json.loads((sgd[name] / "spec.json").read_text())["checkpoint"]
-        / "checkpoint.pt").exists()}
+    shown = {p.name for p in (repo / "results/runs").iterdir() if "-sgd-" in p.name}
+    assert shown == finished  # the view shows what finished, nothing half-done
+    checkpointed = {name for name in sgd.keys() - finished
+                    if (repo / sgd[name][1]["checkpoint"] / "checkpoint.pt").exists()}
     assert checkpointed, text[-3000:]  # the run caught midway
 
     again = sh(repo, "dvc", "repro").stdout
-    assert f"{GRID - 6 + len(finished)} done, {6 - len(finished)} to run" in again, again[-3000:]
+    assert f"{GRID - 6 + len(finished)} done, 0 reused, {6 - len(finished)} to run" in again, \
+        again[-3000:]
     assert set(started(again)) == sgd.keys() - finished, again[-3000:]
     for name in checkpointed:
         assert re.search(rf"^\[{name}\] .*resuming {name} from its checkpoint at step "

@@ -21,7 +21,8 @@ SHAPES = [(7,), (3, 3, 5, 5), (33, 17), (BIG,), (1,)]
 
 
 class Reference:
-    """The update of issue 2 written out once, per parameter, with no shortcuts."""
+    """The VSGD update (the authors' Algorithm 1) written out once, per parameter, with no
+    shortcuts."""
 
     def __init__(self, lr=0.1, ghattg=30.0, ps=1e-8, tau1=0.81, tau2=0.9, weight_decay=0.0,
                  eps=1e-8):

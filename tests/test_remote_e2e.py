@@ -221,7 +221,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
 
     stage("prepare", "cifar100")
     out = stage("train")
-    assert "2 runs in the grid, 0 done, 2 to run" in out, out
+    assert "2 runs in the grid, 0 done, 0 reused, 2 to run" in out, out
 
     from pipeline.config import load_params
     from pipeline.grid import expand
@@ -249,7 +249,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
     # Another machine: same params, no local results, finds every run done in the store.
     shutil.rmtree(work / "results")
     out = stage("train")
-    assert "2 runs in the grid, 2 done, 0 to run" in out, out
+    assert "2 runs in the grid, 0 done, 2 reused, 0 to run" in out, out
     for spec in specs:
         assert json.loads((work / spec["output_dir"] / "metrics.json").read_text()) == (
             json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/metrics.json")))

@@ -14,6 +14,7 @@
 """
 
 import collections
+import contextlib
 import importlib.util
 import json
 import logging
@@ -34,6 +35,26 @@ FINISH_TIMEOUT = 120.0     # how long `finish` keeps retrying
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|api_key",
                         re.I)
 URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+# MLflow's client retries for the pipeline's own calls (result lookups, the export): a few
+# quick ones. Its default (7 retries, backoff factor 2) waits minutes per call while a server
+# is down. (Training runs set theirs in `Tracker.start`: they queue and retry themselves.)
+MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def mlflow_http_settings():
+    """MLFLOW_HTTP_ENV for the calls inside (the user's own settings win)."""
+    added = {k: v for k, v in MLFLOW_HTTP_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def tracking_uri(configured: str | None) -> str | None:

@@ -5,7 +5,6 @@ the expected one, so a file at `dest` is always a complete, verified archive. An
 transfer keeps its `.part` and the next attempt (or the next run) asks for the remaining bytes.
 """
 
-import hashlib
 import http.client
 import logging
 import os
@@ -14,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..files import file_digest
 from .errors import ChecksumError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -22,20 +22,12 @@ CHUNK = 1 << 20
 PROGRESS_EVERY = 32 << 20  # bytes between progress log lines
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(url: str, dest: Path, md5: str, *, retries: int = 5, backoff_s: float = 2.0,
           timeout_s: float = 60.0) -> Path:
     """Make `dest` a verified copy of `url`; returns `dest`. Does nothing if it already is."""
     dest = Path(dest)
     if dest.exists():
-        if md5sum(dest) == md5:
+        if file_digest(dest, "md5") == md5:
             return dest
         log.warning("%s exists but its md5 is wrong; downloading it again", dest)
         dest.unlink()
@@ -57,7 +49,7 @@ def fetch(url: str, dest: Path, md5: str, *, retries: int = 5, backoff_s: float 
             log.warning("download attempt %d/%d of %s failed (%s); retrying in %.1fs",
                         attempt, retries, url, exc, delay)
             time.sleep(delay)
-    actual = md5sum(part)
+    actual = file_digest(part, "md5")
     if actual != md5:
         part.unlink()  # a wrong file must not be resumed; the next run starts afresh
         raise ChecksumError(f"{url}: md5 {actual} != expected {md5}; the download is corrupt "
