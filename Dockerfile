@@ -24,10 +24,12 @@ RUN groupadd --gid 10001 vsgd \
 
 WORKDIR /app
 
-# Dependencies first (changes rarely): the project's requirements, resolved to the pinned
-# versions of requirements.lock. torch/torchvision==x also accept the base's x+cu130 builds.
+# Dependencies first (changes rarely): the project's requirements and its `pipeline` extra
+# (the trainer's MLflow, S3, Kubernetes and data stack), resolved to the pinned versions of
+# requirements.lock. torch==x also accepts the base's x+cu130 build. The extra's own
+# self-references (vsgd-repro[...]) are left out: the project itself is installed below.
 COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['pipeline'] if not r.startswith(p['name'])))" > /tmp/requirements.txt \
  && python -m pip install -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
@@ -35,8 +37,22 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY vsgd ./vsgd
 COPY pipeline ./pipeline
+# Build-time check, from / so that only the installed package is seen (not /app's sources):
+# the trainer imports, a Job renders from the packaged template through the executor's code
+# path (k8s_config.template_path -> load_template -> k8s_jobs.render_job), and the published
+# reference numbers load.
 RUN python -m pip install --no-deps . \
- && python -c "import vsgd, pipeline.train"
+ && cd / && python -c "\
+import vsgd, pipeline.train, pipeline.executors.kubernetes; \
+from pipeline import aggregate, k8s_config, k8s_jobs; \
+assert not k8s_jobs.__file__.startswith('/app/'), k8s_jobs.__file__; \
+params = {'storage': {'remote': 's3://vsgd/check'}}; \
+spec = {'name': 'check', 'run_hash': '0123456789abcdef', 'dataset': 'cifar100', \
+        'arch': 'vgg16', 'optimizer': {'name': 'vsgd'}, 'seed': 0}; \
+job = k8s_jobs.render_job(spec, params, k8s_config.load_template(k8s_config.template_path(params))); \
+assert job['kind'] == 'Job' and k8s_config.train_container(job)['args'][0] == '--spec-json', job; \
+assert aggregate.load_references(); \
+print('installed package renders Jobs:', k8s_config.template_path(params))"
 
 USER 10001:10001
 WORKDIR /scratch

@@ -1,9 +1,10 @@
 """params.yaml's `executor.kubernetes` section: its keys, their defaults, their validation.
 
 Every key is optional. Job settings left out keep the value of the Job template
-(`k8s/base/job-template.yaml`), so the template is the one place defaults live; the keys
-below only say what may be overridden. `pipeline.config.validate` calls `validate(params)`.
-Light on purpose (no kubernetes client import): validation must stay instant.
+(`pipeline/templates/job-template.yaml`), so the template is the one place defaults live;
+the keys below only say what may be overridden. `pipeline.config.validate` calls
+`validate(params)`. Light on purpose (no kubernetes client import): validation must stay
+instant.
 """
 
 import re
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "k8s" / "base" / "job-template.yaml"
+# Package data next to this module: an installed package (the image) has it too.
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "job-template.yaml"
 TRAIN_CONTAINER = "train"   # the template's container that runs the trainer
 SHM_VOLUME = "dshm"
 SCRATCH_VOLUME = "scratch"
@@ -20,7 +22,7 @@ SCRATCH_VOLUME = "scratch"
 # How the executor behaves (not part of the Job): key -> default.
 BEHAVIOUR = {
     "context": None,              # kubeconfig context; null = current (or in-cluster config)
-    "template": None,             # Job template path; null = k8s/base/job-template.yaml
+    "template": None,             # Job template path; null = DEFAULT_TEMPLATE
     "log_tail_lines": 30,         # pod log lines shown when a run fails
     "progress_interval": 60,      # seconds between progress lines per run
 }

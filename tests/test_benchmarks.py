@@ -9,9 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+def run_script(script, *args, cwd):
+    """Run a benchmark from `cwd` (a temp dir: what the trainer's MLflow writes next to its
+    working directory stays out of the checkout)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_train_throughput_rows_for_both_datasets(tmp_path):
@@ -20,7 +22,7 @@ def test_train_throughput_rows_for_both_datasets(tmp_path):
     proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:convmixer_256_8",
                       "tinyimagenet:convmixer_256_8", "--batch", "2", "--warmup", "1",
                       "--iters", "2", "--rounds", "1", "--log-every", "1", "--device", "cpu",
-                      "--json", str(out))
+                      "--json", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["dataset"], r["arch"], r["batch"]) for r in rows] == [
@@ -31,17 +33,19 @@ def test_train_throughput_rows_for_both_datasets(tmp_path):
     assert "tinyimagenet:convmixer_256_8" in proc.stdout
 
 
-def test_train_throughput_rejects_bad_arguments():
-    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:vgg19")
+def test_train_throughput_rejects_bad_arguments(tmp_path):
+    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:vgg19",
+                      cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown configuration(s) cifar100:vgg19" in proc.stderr
     assert "tinyimagenet:vgg19" in proc.stderr  # the allowed values are listed
-    proc = run_script("benchmarks/train_throughput.py", "--warmup", "1", "--iters", "2")
+    proc = run_script("benchmarks/train_throughput.py", "--warmup", "1", "--iters", "2",
+                      cwd=tmp_path)
     assert proc.returncode == 2 and "no log point" in proc.stderr
 
 
-def test_optimizer_step_runs():
+def test_optimizer_step_runs(tmp_path):
     proc = run_script("benchmarks/optimizer_step.py", "--sets", "convmixer_256_8",
-                      "--rounds", "1", "--steps", "1", "--no-fused")
+                      "--rounds", "1", "--steps", "1", "--no-fused", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "VSGD" in proc.stdout and "Adam" in proc.stdout

@@ -138,9 +138,17 @@ def test_cloud_overlay_never_ships_credentials():
 
 
 def test_job_template_is_not_a_kustomize_resource():
-    """Applying the base must not start a run without a spec."""
-    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    assert "job-template.yaml" not in base["resources"]
+    """Applying the base must not start a run without a spec: the Job template is package
+    data of `pipeline`, and no manifest under k8s/ that kustomize applies is a training Job."""
+    assert k8s_config.DEFAULT_TEMPLATE == ROOT / "pipeline" / "templates" / "job-template.yaml"
+    assert k8s_config.load_template(k8s_config.DEFAULT_TEMPLATE)["kind"] == "Job"
+    assert not list(K8S.rglob("job-template.yaml"))
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text()).get("resources", []):
+            path = kustomization.parent / resource
+            for doc in (yaml.safe_load_all(path.read_text()) if path.is_file() else []):
+                assert not (doc and doc.get("kind") == "Job"
+                            and "pipeline.train" in json.dumps(doc)), path
 
 
 # -- rendered Jobs ---------------------------------------------------------------------------

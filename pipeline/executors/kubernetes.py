@@ -1,7 +1,7 @@
 """Render the Kubernetes Job of every run of the grid to YAML files (`kubectl apply -f` one).
 
 The files are exactly what the kubernetes executor submits (`executor.kind: kubernetes`):
-one `batch/v1` Job per run, from k8s/base/job-template.yaml and params.yaml's
+one `batch/v1` Job per run, from pipeline/templates/job-template.yaml and params.yaml's
 `executor.kubernetes` settings (docs/kubernetes.md).
 
 The executor (`KubernetesExecutor`) submits every pending run at once, at most

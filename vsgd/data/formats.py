@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from .errors import ArchiveError
 
@@ -80,8 +79,19 @@ def read_cifar100(path: Path) -> Splits:
     return Splits(*split["train"], *split["test"], list(meta["fine_label_names"]))
 
 
+def _pil_image():
+    """PIL.Image, imported on first use: only Tiny ImageNet's JPEGs need it, and the library
+    alone (`pip install vsgd-repro`) does not install Pillow."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("converting Tiny ImageNet's JPEG images needs Pillow: "
+                          "pip install 'vsgd-repro[pipeline]'") from exc
+    return Image
+
+
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
+    with _pil_image().open(io.BytesIO(data)) as img:
         img = img.convert("RGB")  # a few Tiny ImageNet images are greyscale
         if img.size != (size, size):
             raise ArchiveError(f"image of size {img.size}, expected {size}x{size}")
@@ -89,6 +99,7 @@ def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
 
 
 def read_tinyimagenet(path: Path, size: int = 64) -> Splits:
+    _pil_image()  # before reading the archive: fail at once without Pillow
     root = "tiny-imagenet-200/"
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
