@@ -35,12 +35,21 @@ class Validate:
 
     @staticmethod
     def run(args):
-        from .grid import expand
+        from .config import tuned_cells
+        from .grid import expand, tuning_specs
+        from .tune import load_selection
         params = load_params(args.params, args.set)
-        specs = expand(params)
-        print(f"params OK (preset: {params.get('preset') or 'none'}): {len(specs)} runs")
-        for spec in specs:
+        tuning = tuning_specs(params)
+        selection = load_selection(params)
+        unknown = [cell for cell in tuned_cells(params) if cell not in selection]
+        specs = expand(params, {**selection, **{cell: {} for cell in unknown}})
+        print(f"params OK (preset: {params.get('preset') or 'none'}): {len(tuning)} tuning "
+              f"runs, {len(specs)} runs in the grid")
+        for spec in tuning + specs:
             print(f"  {spec['name']}")
+        if unknown:
+            print(f"({len(unknown)} tuned cells are listed with their pinned values until "
+                  "the tune stage has chosen theirs)")
         return 0
 
 
@@ -91,95 +100,15 @@ class Train:
 
     @classmethod
     def run(cls, args):
-        from . import results
-        from .executors import get_executor, write_spec
+        from .execute import check_prepared, run_stage
         from .grid import expand
+        from .tune import load_selection
         params = load_params(args.params, args.set)
-        specs = expand(params)
-        unprepared = sorted({s["dataset"] for s in specs if s["data"]["checksum"] is None})
-        if unprepared:
-            raise ConfigError([f"train: no prepared data for {', '.join(unprepared)}; run "
-                               "`dvc repro` (its prepare stage) or `python -m pipeline "
-                               f"prepare {unprepared[0]}` first"])
-        shown = {s["name"] for s in specs if results.is_shown(s)}
-        pending = [s for s in specs if not (results.is_done(s)
-                                            or _fetch_remote_result(params, s))]
-        done = sum(s["name"] in shown for s in specs)
-        reused = len(specs) - len(pending) - done
-        hidden = results.show(specs).hidden
-        print(f"train: {len(specs)} runs in the grid, {done} done, {reused} reused, "
-              f"{len(pending)} to run" + (f"; {len(hidden)} left the grid (results kept "
-                                          "in results/store, `python -m pipeline gc` "
-                                          "removes them)" if hidden else ""))
-        for spec in pending:
-            write_spec(spec)
-        _push_datasets(params, pending)
-        if pending:
-            _init_tracking(params)
-        try:
-            outcomes = get_executor(params).run(pending)
-        except (KeyboardInterrupt, SystemExit):
-            # Say what is kept: results in the store count as done, whatever the run's exit.
-            kept = sum(results.is_done(s) for s in pending)
-            results.show(specs)
-            print(f"train: interrupted; {kept} of {len(pending)} runs finished and kept, "
-                  f"{len(pending) - kept} to run; run again to continue (interrupted runs "
-                  f"resume from their last checkpoint)", file=sys.stderr, flush=True)
-            raise
-        results.show(specs)
+        check_prepared(params, "train")
+        specs = expand(params, load_selection(params))
+        report = run_stage(params, specs, "train", view=True)
         _write_summary(Path(cls.SUMMARY), specs)
-        # A run killed while exiting, after its result was written, is done (its
-        # metrics.json is what counts, here and at the next `dvc repro`).
-        by_name = {s["name"]: s for s in pending}
-        failed = [o for o in outcomes if not o.ok and not results.is_done(by_name[o.name])]
-        for o in failed:
-            print(f"\nFAILED {o.name}: {o.error}\n--- last lines of its log ---\n"
-                  f"{o.log_tail}\n---", file=sys.stderr)
-        if failed:
-            print(f"train: {len(failed)} of {len(pending)} runs failed: "
-                  f"{', '.join(o.name for o in failed)}; finished runs are kept, run again "
-                  f"to retry the rest", file=sys.stderr)
-            return 1
-        return 0
-
-
-def _fetch_remote_result(params, spec) -> bool:
-    """With a remote store, a run finished on any machine (a pod, another laptop) is done:
-    its result is copied into the local store instead of training again."""
-    if not params["storage"]["remote"]:
-        return False
-    from . import results
-    from .storage import fetch_result
-    try:
-        fetch_result(params, spec)  # looks the result up once, then copies it
-    except FileNotFoundError:  # no finished result anywhere
-        return False
-    return results.is_done(spec)
-
-
-def _push_datasets(params, specs) -> None:
-    """Runs that share no disk with us stage their data from the DVC remote: upload what
-    is missing there (as `dvc push` would) before any run starts."""
-    remote = params["storage"]["remote"]
-    if not remote:
-        return
-    from .storage import push_dataset
-    for data_dir in sorted({s["data"]["dir"] for s in specs}):
-        push_dataset(data_dir, remote, params["storage"]["endpoint_url"])
-
-
-def _init_tracking(params):
-    """Create the SQLite tracking store and experiment once, before parallel runs would all
-    race to run its schema migrations."""
-    from vsgd.tracking import tracking_uri
-    uri = tracking_uri(params["tracking"]["uri"])
-    if uri is None or not uri.startswith("sqlite:"):
-        return
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=uri)
-    name = params["tracking"]["experiment"]
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name)
+        return 1 if report.failed else 0
 
 
 def _write_summary(path: Path, specs):
@@ -201,7 +130,10 @@ def _write_summary(path: Path, specs):
 COMMANDS = {
     "validate": (Validate, "check params.yaml and list the runs of its grid"),
     "prepare": (Prepare, "download, verify and convert a dataset (DVC prepare stage)"),
+    "tune": ("pipeline.tune", "choose hyperparameters on validation accuracy (DVC tune stage)"),
     "train": (Train, "train every run of the grid without a result (DVC train stage)"),
+    "timing": ("pipeline.timing", "time every configuration's training step in one process "
+                                  "(DVC timing stage)"),
     "aggregate": ("pipeline.aggregate", "tables, figures and MLflow export (DVC aggregate "
                                         "stage)"),
     "gc": ("pipeline.results", "remove results and checkpoints no run of the grid uses"),

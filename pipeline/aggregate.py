@@ -1,10 +1,14 @@
 """Regenerate the paper's results from the finished runs in `results/runs/`.
 
 Table 1 (final test accuracy, mean +- std over seeds, next to the published numbers, and
-whether VSGD beats the others), Table 2 (seconds per iteration), the test-accuracy figure,
-per-cell curves for `dvc plots`, a summary for `dvc metrics`, and every MLflow run in a CSV.
-Where an optimizer has an lr grid, each cell uses the lr with the best mean *validation*
-accuracy; the test set never chooses anything.
+whether VSGD beats the others, beyond one std or within it), Table 2 (seconds per
+iteration: the timing stage's ratios to SGD first, then seconds, then the runs' own),
+the test-accuracy figure, VSGD's adaptive-momentum figure (from the runs' beta1.csv), the
+hyperparameter-sensitivity figure (validation accuracy of every tuning point, from the tune
+stage's results/tuning/tuning.csv), per-cell curves for `dvc plots`, a summary for `dvc
+metrics`, and every MLflow run in a CSV. The hyperparameters of each cell were chosen by the
+tune stage on validation accuracy, or pinned; the test set never chooses anything. A
+diverged run is counted, marked, and left out of its cell's mean.
 
 The MLflow export comes last and never costs the rest: with the tracking store unreachable
 the tables and figure are written all the same, one warning line on stderr says what failed,
@@ -26,6 +30,7 @@ from vsgd.tracking import mlflow_http_settings, tracking_uri
 
 from .config import load_params
 from .redact import redact
+from .timing import load as load_timing
 
 RESULTS = Path("results")
 REFERENCES = Path(__file__).with_name("reference_results.yaml")
@@ -41,6 +46,8 @@ NUM_CLASSES = {"cifar100": 100, "tinyimagenet": 200}  # chance level in the figu
 STYLES = {"sgd": ("tab:green", "-", "o"), "adam": ("tab:orange", "-", "s"),
           "adamw": ("tab:purple", "--", "^"), "vsgd": ("tab:blue", "-", "D")}
 DASH = "–"
+BETA1_STATS = ("mean", "q10", "q25", "median", "q75", "q90")  # beta1.csv, besides `step`
+ADAM_BETA1 = 0.9  # Adam's fixed momentum: PyTorch's default, what the paper compares with
 REDO = ("re-run `python -m pipeline aggregate` (or `dvc repro --force aggregate`) once the "
         "tracking server is reachable")
 
@@ -66,10 +73,11 @@ def run(args) -> int:
     cells = build_cells(runs, params)
     refs = load_references()
     write_table1(cells, params, refs, root / "tables")
-    write_table2(cells, params, root / "tables")
-    write_lr_selection(cells, root / "tables")
+    write_table2(cells, params, root / "tables", load_timing(root / "timing"))
+    write_sensitivity(params, root / "tuning" / "tuning.csv", root / "figures")
     write_curves(cells, root / "curves")
     write_figure(cells, params, refs, root / "figures")
+    write_beta1(cells, params, root / "beta1", root / "figures")
     summary = build_summary(cells, params, refs)
     print(f"aggregate: {len(runs)} runs, {sum(1 for c in cells.values() if c['n'])} cells; "
           f"VSGD best in {summary['claim']['holds']} of {summary['claim']['rows']} rows")
@@ -98,6 +106,7 @@ def load_runs(runs_dir: Path, params: dict) -> list[dict]:
         if (m["dataset"] in params["datasets"] and m["arch_key"] in params["archs"]
                 and m["optimizer"] in params["optimizers"]):
             m["curve"] = read_curve(metrics_path.parent / "curve.csv")
+            m["beta1"] = read_curve(metrics_path.parent / "beta1.csv")  # VSGD runs: [] if none
             runs.append(m)
     return runs
 
@@ -122,35 +131,28 @@ def load_references(path: Path = REFERENCES) -> dict:
 
 
 def build_cells(runs: list[dict], params: dict) -> dict:
-    """(dataset, arch_key, optimizer) -> the runs reported for it and their statistics.
+    """(dataset, arch_key, optimizer) -> its runs (the grid's seeds) and their statistics.
 
-    With several lrs in a cell (an lr grid), only the lr with the best mean validation
-    accuracy is reported; `lr_table` keeps every lr's numbers.
+    Diverged runs are counted (`diverged`) and kept out of the mean and std: a run that
+    stopped at a non-finite loss has no final accuracy to average.
     """
-    grouped = defaultdict(lambda: defaultdict(list))
+    from .config import tuned_cells
+    grouped = defaultdict(list)
     for r in runs:
-        grouped[(r["dataset"], r["arch_key"], r["optimizer"])][r["lr"]].append(r)
+        grouped[(r["dataset"], r["arch_key"], r["optimizer"])].append(r)
+    tuned = set(tuned_cells(params))
     cells = {}
     for ds in params["datasets"]:
         for arch in params["archs"]:
             for opt in params["optimizers"]:
-                by_lr = grouped.get((ds, arch, opt), {})
-                lr_table = [{"lr": lr, "n": len(rs),
-                             "val_acc": _mean([r["val_acc"] for r in rs]),
-                             "test_acc": _mean([r["test_acc"] for r in rs])}
-                            for lr, rs in sorted(by_lr.items())]
-                chosen = None
-                if len(by_lr) == 1:
-                    chosen = next(iter(by_lr))
-                elif by_lr:
-                    scored = [row for row in lr_table if row["val_acc"] is not None]
-                    if scored:
-                        chosen = max(scored, key=lambda row: row["val_acc"])["lr"]
-                selected = by_lr.get(chosen, [])
+                cell_runs = grouped.get((ds, arch, opt), [])
+                selected = [r for r in cell_runs if not r.get("diverged")]
                 accs = [r["test_acc"] for r in selected]
                 cells[(ds, arch, opt)] = {
-                    "runs": selected, "n": len(selected), "lr": chosen,
-                    "lr_table": lr_table if len(by_lr) > 1 else [],
+                    "runs": selected, "n": len(selected),
+                    "diverged": len(cell_runs) - len(selected),
+                    "lr": cell_runs[0]["lr"] if cell_runs else None,
+                    "tuned": (ds, arch, opt) in tuned,
                     "model": params["protocol"][ds]["models"][arch],
                     "mean": _mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else None,
                     "seconds_per_iter": _mean([r["seconds_per_iter"] for r in selected]),
@@ -187,16 +189,49 @@ def claim(cells, ds, arch, params) -> bool | None:
     return all(cells[(ds, arch, "vsgd")]["mean"] > m for m in rivals)
 
 
+def claim_strength(cells, ds, arch, params) -> str:
+    """The paper's ordering in this row, told against the seed-to-seed spread: "beyond 1
+    std" when VSGD's mean exceeds every rival's by more than the larger of the two stds,
+    "within 1 std" when it is above but not by that much, "n=1" when a cell has one run
+    (no std to tell noise from a difference)."""
+    verdict = claim(cells, ds, arch, params)
+    if verdict is not True:
+        return _yes_no(verdict)
+    vsgd = cells[(ds, arch, "vsgd")]
+    rivals = [cells[(ds, arch, o)] for o in RIVALS if o in params["optimizers"]]
+    if any(c["std"] is None for c in [vsgd, *rivals]):
+        return "holds (n=1: no std)"
+    beyond = all(vsgd["mean"] - r["mean"] > max(vsgd["std"], r["std"]) for r in rivals)
+    return "holds beyond 1 std" if beyond else "holds within 1 std"
+
+
 def cell_text(cell, bold, fmt):
+    diverged = f", {cell['diverged']} diverged" if cell["diverged"] else ""
     if cell["mean"] is None:
-        return DASH
+        return f"diverged ({cell['diverged']})" if cell["diverged"] else DASH
     std = f" ± {cell['std']:.3f}" if cell["std"] is not None else ""
     if fmt == "tex":
         std = std.replace("±", r"$\pm$")
         value = f"{cell['mean']:.3f}{std}"
-        return (rf"\textbf{{{value}}}" if bold else value) + f" ({cell['n']})"
+        return (rf"\textbf{{{value}}}" if bold else value) + f" ({cell['n']}{diverged})"
     value = f"{cell['mean']:.3f}{std}"
-    return (f"**{value}**" if bold else value) + f" (n={cell['n']})"
+    return (f"**{value}**" if bold else value) + f" (n={cell['n']}{diverged})"
+
+
+def choice_caption(cells, params) -> str:
+    """How the hyperparameters and numerics of the reported runs were chosen."""
+    tuned = sorted({LABELS[o] for (_, _, o), c in cells.items() if c["tuned"]})
+    pinned = sorted({LABELS[o] for (_, _, o), c in cells.items() if not c["tuned"]})
+    parts = []
+    if tuned:
+        t = params["tune"]
+        parts.append(f"Hyperparameters of {', '.join(tuned)} tuned on validation accuracy "
+                     f"({t['validation_size']} held-out training images, {t['budget']:g} of "
+                     "the iterations; every point: `results/tuning/tuning.md`).")
+    if pinned:
+        parts.append(f"{', '.join(pinned)}: values pinned in params.yaml, not tuned.")
+    parts.append(f"Precision: {params['training']['precision']}.")
+    return " ".join(parts)
 
 
 def write_table1(cells, params, refs, out: Path):
@@ -204,10 +239,9 @@ def write_table1(cells, params, refs, out: Path):
     opts = params["optimizers"]
     head = ["dataset", "architecture"] + [LABELS[o] for o in opts]
     md = ["# Table 1: final test accuracy", "",
-          "Mean ± sample std over seeds (n = number of seeds); best mean per row in bold (all "
-          "of them on a tie). "
-          "Where an lr grid ran, the lr with the best validation accuracy is reported "
-          "(`lr_selection.csv`).", "",
+          "Mean ± sample std over seeds (n = number of finished seeds; diverged runs are "
+          "counted apart and not averaged); best mean per row in bold (all of them on a "
+          f"tie). {choice_caption(cells, params)}", "",
           _md_row(head), _md_row(["---"] * len(head))]
     tex = [r"\begin{tabular}{ll" + "c" * len(opts) + "}", r"\toprule",
            " & ".join(["Dataset", "Architecture"] + [LABELS[o] for o in opts]) + r" \\",
@@ -239,19 +273,21 @@ def write_table1(cells, params, refs, out: Path):
                                f"{ref['value']:.3f} ± {ref['precision']}" if ref else DASH,
                                f"{delta:+.3f}" if delta is not None else DASH]))
             csv_rows.append({"dataset": ds, "arch": arch, "model": c["model"], "optimizer": o,
-                             "lr": c["lr"], "n": c["n"], "test_acc_mean": c["mean"],
+                             "lr": c["lr"], "tuned": c["tuned"], "n": c["n"],
+                             "diverged": c["diverged"], "test_acc_mean": c["mean"],
                              "test_acc_std": c["std"],
                              "best_in_row": o in best_in_row(cells, ds, arch, params),
                              "paper": ref["value"] if ref else None,
                              "paper_precision": ref["precision"] if ref else None,
                              "delta": delta})
     md += ["", "## The paper's claim: VSGD above Adam, AdamW and SGD", "",
-           "Per row: does VSGD's mean beat every other optimizer's? The paper column compares "
-           "the published values that exist (AdamW and SGD).", "",
+           "Per row: does VSGD's mean beat every other optimizer's, and by more than the "
+           "seed-to-seed spread (the larger of the two stds)? The paper column compares the "
+           "published values that exist (AdamW and SGD).", "",
            _md_row(["dataset", "architecture", "ours", "paper"]), _md_row(["---"] * 4)]
     for ds, arch in rows_of(params):
         model = LABELS[cells[(ds, arch, opts[0])]["model"]]
-        md.append(_md_row([LABELS[ds], model, _yes_no(claim(cells, ds, arch, params)),
+        md.append(_md_row([LABELS[ds], model, claim_strength(cells, ds, arch, params),
                            _yes_no(_paper_claim(refs, ds, arch))]))
     (out / "table1.md").write_text("\n".join(md) + "\n")
     (out / "table1.tex").write_text("\n".join(tex) + "\n")
@@ -279,49 +315,170 @@ def _sources(refs):
 # Table 2, lr selection
 
 
-def write_table2(cells, params, out: Path):
+def write_table2(cells, params, out: Path, timing: dict | None = None):
+    """Table 2, as the paper measures it and fair to every optimizer.
+
+    First what the timing stage measured (`timing`: its timing.json; every configuration of
+    the grid in one process on one device, interleaved): (a) each optimizer's seconds per
+    step as a multiple of SGD's on the same dataset and architecture, then (b) the seconds
+    per step themselves, with the device. Then (c) the grid's runs' own time per training
+    step (`seconds_per_iter`), each on whatever device it ran on, which compares across
+    optimizers only as far as those devices and their load were alike. Without a timing
+    measurement, (a) and (b) say so and (c) is all there is.
+    """
+    out.mkdir(parents=True, exist_ok=True)
     opts = params["optimizers"]
-    head = ["dataset", "architecture", "batch"] + [LABELS[o] for o in opts] + ["device"]
-    md = ["# Table 2: seconds per training iteration", "",
-          "Mean wall-clock seconds per iteration over the reported runs (images/s in "
-          f"parentheses). The paper measured on a {PAPER_DEVICE}.", "",
-          _md_row(head), _md_row(["---"] * len(head))]
-    tex = [r"\begin{tabular}{lll" + "c" * len(opts) + "l}", r"\toprule",
-           " & ".join(["Dataset", "Architecture", "Batch"] + [LABELS[o] for o in opts] +
-                      ["Device"]) + r" \\", r"\midrule"]
-    rows = []
+    precision = params["training"]["precision"]
+    rows_a, rows_b, rows_c, csv_rows = [], [], [], []
+    measured = {(r["dataset"], r["arch"], r["optimizer"]): r
+                for r in (timing or {}).get("rows", [])}
     for ds, arch in rows_of(params):
         row_cells = [cells[(ds, arch, o)] for o in opts]
+        timed = [measured.get((ds, arch, o)) for o in opts]
         model = LABELS[row_cells[0]["model"]]
-        batch = params["protocol"][ds]["batch_size"][arch]
-        devices = ", ".join(sorted({d for c in row_cells for d in c["devices"]})) or DASH
-        texts = [DASH if c["seconds_per_iter"] is None else
-                 f"{c['seconds_per_iter']:.4f} ({c['images_per_sec']:.0f})" for c in row_cells]
-        md.append(_md_row([LABELS[ds], model, str(batch)] + texts + [devices]))
-        tex.append(" & ".join([LABELS[ds], _tex_escape(model), str(batch)] + texts +
-                              [_tex_escape(devices)]) + r" \\")
-        for o, c in zip(opts, row_cells):
-            rows.append({"dataset": ds, "arch": arch, "model": c["model"], "optimizer": o,
-                         "batch_size": batch, "n": c["n"],
-                         "seconds_per_iter": c["seconds_per_iter"],
-                         "images_per_sec": c["images_per_sec"],
-                         "device": ";".join(c["devices"])})
-    tex += [r"\bottomrule", r"\end{tabular}"]
+        batch = str(params["protocol"][ds]["batch_size"][arch])
+        timed_batch = "/".join(sorted({str(t["batch_size"]) for t in timed if t},
+                                      key=int)) or batch
+        rows_a.append([LABELS[ds], model, timed_batch] +
+                      [DASH if t is None or t["ratio_to_sgd"] is None else
+                       f"{t['ratio_to_sgd']:.2f}" for t in timed])
+        rows_b.append([LABELS[ds], model, timed_batch] +
+                      [DASH if t is None else
+                       f"{t['seconds_per_step']:.4f} ({t['images_per_sec']:.0f})"
+                       for t in timed] +
+                      [", ".join(sorted({t["device_name"] for t in timed if t})) or DASH])
+        rows_c.append([LABELS[ds], model, batch] +
+                      [DASH if c["seconds_per_iter"] is None else
+                       f"{c['seconds_per_iter']:.4f} ({c['images_per_sec']:.0f})"
+                       for c in row_cells] +
+                      [", ".join(sorted({d for c in row_cells for d in c["devices"]})) or DASH])
+        for o, c, t in zip(opts, row_cells, timed):
+            csv_rows.append({
+                "dataset": ds, "arch": arch, "model": c["model"], "optimizer": o,
+                "batch_size": int(batch),
+                "ratio_to_sgd": t["ratio_to_sgd"] if t else None,
+                "timing_seconds_per_step": t["seconds_per_step"] if t else None,
+                "timing_batch_size": t["batch_size"] if t else None,
+                "timing_device": f"{t['device_name']} ({t['device']})" if t else None,
+                "n": c["n"], "seconds_per_iter": c["seconds_per_iter"],
+                "images_per_sec": c["images_per_sec"], "device": ";".join(c["devices"]),
+                "precision": precision})
+    head = ["dataset", "architecture", "batch"] + [LABELS[o] for o in opts]
+    head_tex = ["Dataset", "Architecture", "Batch"] + [LABELS[o] for o in opts]
+    md = ["# Table 2: seconds per training iteration", "",
+          "The training step alone (batch, forward, backward, optimizer step), precision "
+          f"{precision} (`training.precision` of the runs). The paper measured on a "
+          f"{PAPER_DEVICE}. Absolute times depend on the device, so the ratios to SGD, "
+          "measured side by side on one device, come first.", ""]
+    tex = [f"% Table 2: seconds per training iteration; precision {precision}; the paper "
+           f"measured on a {PAPER_DEVICE}."]
+    if timing:
+        where = f"{timing['device_name']} ({timing['device']})"
+        own = timing.get("precision")
+        md += ["## (a) Relative to SGD (timing stage)", "",
+               "Seconds per step divided by SGD's on the same dataset and architecture. "
+               f"Measured by the timing stage (`results/timing/timing.csv`) on {where}, "
+               "every configuration in one process, interleaved: "
+               f"{timing['rounds']} round(s) of {timing['steps']} timed steps after "
+               f"{timing['warmup']} warm-up steps each, the median over rounds; torch "
+               f"{timing['torch_version']}, precision {own}"
+               + (f" (the runs: {precision})" if own and own != precision else "") + ".", "",
+               *_md_table(head, rows_a), "",
+               "## (b) Seconds per step (timing stage)", "",
+               f"Median seconds per step (images/s in parentheses) on {where}.", "",
+               *_md_table(head + ["device"], rows_b), ""]
+        tex += [f"% (a) relative to SGD, timing stage on {where}",
+                *_tex_table(head_tex, rows_a),
+                f"% (b) seconds per step (images/s), timing stage on {where}",
+                *_tex_table(head_tex + ["Device"], rows_b)]
+    else:
+        md += ["## (a) Relative to SGD (timing stage)", "",
+               "No timing measurement: `results/timing/timing.json` was not found. "
+               "`python -m pipeline timing` (or `dvc repro timing`) measures every "
+               "configuration in one process on one device; until then there are only the "
+               "runs' own times below, which may come from different devices.", ""]
+        tex += ["% (a), (b): no timing measurement (results/timing/timing.json not found)"]
+    md += ["## (c) Seconds per iteration of the grid's runs", "",
+           "Each cell: the mean over its reported runs of the run's own time per training "
+           "step (`seconds_per_iter` in its metrics.json: the step alone, without evaluation, "
+           "logging and checkpoints; images/s in parentheses), on the device each run used. "
+           "Runs on different devices, or sharing one, compare poorly with each other.", "",
+           *_md_table(head + ["device"], rows_c)]
+    tex += ["% (c) seconds per iteration (images/s) of the grid's runs, each on its device",
+            *_tex_table(head_tex + ["Device"], rows_c)]
     (out / "table2.md").write_text("\n".join(md) + "\n")
     (out / "table2.tex").write_text("\n".join(tex) + "\n")
-    _write_csv(out / "table2.csv", rows)
+    _write_csv(out / "table2.csv", csv_rows)
 
 
-def write_lr_selection(cells, out: Path):
-    """Every lr of every lr-grid cell with its validation and test accuracy (the choice is
-    made on validation only); header only when no grid ran."""
-    rows = [{"dataset": ds, "arch": arch, "optimizer": opt, "lr": row["lr"], "n": row["n"],
-             "val_acc_mean": row["val_acc"], "test_acc_mean": row["test_acc"],
-             "chosen": row["lr"] == cell["lr"]}
-            for (ds, arch, opt), cell in cells.items() for row in cell["lr_table"]]
-    _write_csv(out / "lr_selection.csv", rows, fields=["dataset", "arch", "optimizer", "lr", "n",
-                                                       "val_acc_mean", "test_acc_mean",
-                                                       "chosen"])
+def _md_table(head, rows) -> list[str]:
+    return [_md_row(head), _md_row(["---"] * len(head))] + [_md_row(r) for r in rows]
+
+
+def _tex_table(head, rows) -> list[str]:
+    """A booktabs tabular: the text columns left-aligned, the optimizers' centred."""
+    align = "".join("l" if h in ("Dataset", "Architecture", "Batch", "Device") else "c"
+                    for h in head)
+    return ([rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(head) + r" \\",
+             r"\midrule"] + [" & ".join(_tex_escape(c) for c in r) + r" \\" for r in rows]
+            + [r"\bottomrule", r"\end{tabular}"])
+
+
+def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
+    """Validation accuracy against each tuned hyperparameter's value, one line per cell
+    (the best over the grid's other keys at each value), from the tune stage's table;
+    diverged points as crosses at the bottom. PNG and SVG; a note when nothing was tuned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(tuning_csv.open())) if tuning_csv.exists() else []
+    from .tune import CELL_COLUMNS, POINT_COLUMNS
+    keys = [k for k in (rows[0] if rows else {}) if k not in CELL_COLUMNS + POINT_COLUMNS]
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4),
+                             squeeze=False)
+    if not keys:
+        axes[0][0].text(0.5, 0.5, "no hyperparameter was tuned\n(every grid empty, or "
+                        "tune.enabled false)", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for ax, key in zip(axes[0], keys):
+        lines: dict = defaultdict(dict)
+        crosses = []
+        for r in rows:
+            if r[key] == "":
+                continue
+            cell = (r["dataset"], r["arch"], r["optimizer"])
+            x = _number(r[key].strip("[]").split(",")[0])
+            if r["diverged"] == "True" or r["val_acc"] == "":
+                crosses.append(x)
+                continue
+            acc = float(r["val_acc"])
+            lines[cell][x] = max(acc, lines[cell].get(x, -1.0))
+        for (ds, arch, opt), points in sorted(lines.items()):
+            xs = sorted(points)
+            color, style, marker = STYLES.get(opt, ("tab:gray", "-", "o"))
+            ax.plot(xs, [points[x] for x in xs], color=color, linestyle=style, marker=marker,
+                    label=f"{LABELS.get(ds, ds)} {arch} {LABELS.get(opt, opt)}")
+        if crosses:
+            ax.scatter(crosses, [0] * len(crosses), marker="x", color="black",
+                       label="diverged", zorder=3)
+        values = [x for p in lines.values() for x in p] + crosses
+        if values and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation accuracy (final iterate)")
+        ax.set_title(f"sensitivity to {key}")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize="small")
+    fig.suptitle("Tuning: validation accuracy per grid point (results/tuning/tuning.csv)")
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"sensitivity.{ext}", bbox_inches="tight", dpi=120)
+    plt.close(fig)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,11 +571,96 @@ def write_figure(cells, params, refs, out: Path):
                    [labels[k] for k in handles] + ["chance"], loc="lower center",
                    ncol=len(handles) + 1, fontsize=9, frameon=False)
     fig.suptitle("Test accuracy vs iteration (line: mean over seeds; band: min–max; "
-                 "x: published value)", fontsize=10)
+                 "x: published value)\n" + choice_caption(cells, params), fontsize=9,
+                 wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     for ext in ("png", "svg"):
         # Fixed metadata keeps the files byte-stable across identical runs.
         fig.savefig(out / f"test_acc.{ext}", dpi=150,
+                    metadata={"Date": None} if ext == "svg" else {"Software": None})
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# VSGD's adaptive momentum
+
+
+def beta1_curve(runs: list[dict]) -> list[dict]:
+    """Per step: each beta1.csv column (the distribution of beta1 over parameter elements)
+    averaged over the runs (seeds) that have that step, and `n`, how many do."""
+    by_step = defaultdict(list)
+    for r in runs:
+        for row in r.get("beta1") or []:
+            if row.get("step") is not None:
+                by_step[int(row["step"])].append(row)
+    return [{"step": s, **{k: _mean([row.get(k) for row in by_step[s]]) for k in BETA1_STATS},
+             "n": len(by_step[s])} for s in sorted(by_step)]
+
+
+def write_beta1(cells, params, curves: Path, figures: Path) -> None:
+    """The adaptive-momentum figure (`beta1.{png,svg}`) and its per-cell CSVs for `dvc plots`
+    (`<curves>/<dataset>_<arch>.csv`: step, the beta1.csv columns averaged over seeds, n).
+
+    One panel per dataset x architecture: VSGD's beta1 over iterations, the median over
+    parameter elements as a line with the 25-75% and 10-90% quantile bands, averaged over
+    the cell's reported runs (seeds); Adam's fixed beta1 as a dashed line; y from 0 to 1. A
+    panel without data says why; the figure is written whatever there is."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    for old in curves.glob("*.csv"):
+        old.unlink()
+    datasets, archs = params["datasets"], params["archs"]
+    fig, axes = plt.subplots(len(datasets), len(archs), squeeze=False,
+                             figsize=(4.2 * len(archs), 3.4 * len(datasets) + 0.6))
+    color = STYLES["vsgd"][0]
+    for i, ds in enumerate(datasets):
+        for j, arch in enumerate(archs):
+            ax = axes[i][j]
+            cell = cells.get((ds, arch, "vsgd"))
+            curve = beta1_curve(cell["runs"]) if cell else []
+            if curve:
+                _write_csv(curves / f"{ds}_{arch}.csv", curve,
+                           fields=["step", *BETA1_STATS, "n"])
+            points = [r for r in curve if all(r[k] is not None for k in BETA1_STATS)]
+            model = LABELS[params["protocol"][ds]["models"][arch]]
+            seeds = f" (n={cell['n']})" if cell and cell["n"] else ""
+            ax.set_title(f"{LABELS[ds]}: {model}{seeds}", fontsize=10)
+            if points:
+                steps = [r["step"] for r in points]
+                ax.fill_between(steps, [r["q10"] for r in points], [r["q90"] for r in points],
+                                color=color, alpha=0.15, lw=0, label="10–90% of parameters")
+                ax.fill_between(steps, [r["q25"] for r in points], [r["q75"] for r in points],
+                                color=color, alpha=0.35, lw=0, label="25–75% of parameters")
+                ax.plot(steps, [r["median"] for r in points], color=color, lw=1.6,
+                        marker="D" if len(points) <= 12 else None, ms=4, label="VSGD median")
+                ax.set_xlim(0, max(cell["iterations"] or 0, steps[-1]) * 1.03 or None)
+            else:
+                why = ("VSGD is not in the grid" if cell is None else
+                       "no finished VSGD run" if not cell["runs"] else
+                       "no beta1 values in the VSGD runs\n(no beta1.csv, or only NaN)")
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes,
+                        color="gray", fontsize=9)
+            ax.axhline(ADAM_BETA1, color=STYLES["adam"][0], ls="--", lw=1.2,
+                       label=f"Adam β1 = {ADAM_BETA1} (fixed)")
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("β1")
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
+               fontsize=9, frameon=False)
+    fig.suptitle("VSGD's adaptive momentum β1 over parameter elements (line: median; bands: "
+                 "quantiles; mean over seeds) and Adam's fixed β1", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    for ext in ("png", "svg"):
+        fig.savefig(figures / f"beta1.{ext}", dpi=150,
                     metadata={"Date": None} if ext == "svg" else {"Software": None})
     plt.close(fig)
 
@@ -443,6 +685,7 @@ def build_summary(cells, params, refs) -> dict:
         verdict = claim(cells, ds, arch, params)
         verdicts.append(verdict)
         row["vsgd_best"] = verdict
+        row["vsgd_best_strength"] = claim_strength(cells, ds, arch, params)
         table.setdefault(ds, {})[arch] = row
     return {"test_acc": table,
             "claim": {"holds": sum(v is True for v in verdicts),

@@ -4,7 +4,8 @@ Validation collects every problem before failing, each with its key path and wha
 so one run of `python -m pipeline validate` shows all there is to fix. What a run may be
 (names, optimizer hyperparameters, training keys, their allowed values) is the library's
 `vsgd.spec`; this module checks what is about params.yaml itself (presets, protocol, grid,
-experiments, data, executor, tracking, storage) and calls `vsgd.spec`'s rules for the rest.
+experiments, timing, data, executor, tracking, storage) and calls `vsgd.spec`'s rules for
+the rest.
 Nothing here imports torch: validating must be instant and must not need the training stack.
 """
 
@@ -15,15 +16,18 @@ from pathlib import Path
 import yaml
 
 from vsgd.data.registry import DATASETS as DATASET_INFO
-from vsgd.spec import (ARCHS, DATASETS, EX_CONFIG, MISSING, MODELS, OPTIMIZERS, SOURCES,
-                       Checker, ConfigError, check_optimizer, check_schedule, check_training,
-                       kind)
+from vsgd.spec import (ARCHS, DATASETS, DEVICE_RE, EX_CONFIG, MISSING, MODELS, OPTIMIZERS,
+                       SOURCES, TRAINING, Checker, ConfigError, Range, check_optimizer,
+                       check_schedule, check_training, kind)
 
 __all__ = ["ARCHS", "DATASETS", "EX_CONFIG", "MODELS", "OPTIMIZERS", "ConfigError",
            "load_params", "parse_overrides", "resolve_run", "validate"]
 
 TOP_LEVEL = ("preset", "presets", "datasets", "archs", "optimizers", "seeds", "protocol",
-             "optimizer", "experiments", "training", "data", "executor", "tracking", "storage")
+             "optimizer", "experiments", "tune", "training", "timing", "data", "executor",
+             "tracking", "storage")
+TUNE = ("enabled", "budget", "validation_size", "seed")
+TIMING = ("steps", "warmup", "rounds", "device")
 EXECUTORS = ("local", "kubernetes")
 
 
@@ -89,14 +93,14 @@ def resolve_run(params: dict, dataset: str, arch: str, optimizer: str) -> dict:
     """Settings of one grid cell: protocol and optimizer defaults, then matching experiments.
 
     Returns `{model, batch_size, schedule, optimizer}` where `optimizer` holds the
-    constructor arguments plus `lr_grid`.
+    constructor arguments plus `grid` (hyperparameter -> values to tune over; {} pins).
     """
     protocol = params["protocol"][dataset]
     run = {
         "model": protocol["models"][arch],
         "batch_size": protocol["batch_size"][arch],
         "schedule": dict(protocol["schedule"]),
-        "optimizer": {"lr_grid": [], **params["optimizer"][optimizer]},
+        "optimizer": {"grid": {}, **params["optimizer"][optimizer]},
     }
     cell = {"dataset": dataset, "arch": arch, "optimizer": optimizer}
     for exp in params.get("experiments") or []:
@@ -114,8 +118,12 @@ def dataset_sizes(params: dict, dataset: str) -> dict:
     return DATASET_INFO[dataset].counts
 
 
-def uses_lr_grid(params: dict) -> bool:
-    return any(resolve_run(params, *cell)["optimizer"]["lr_grid"] for cell in _cells(params))
+def tuned_cells(params: dict) -> list[tuple[str, str, str]]:
+    """The (dataset, arch, optimizer) cells whose hyperparameters the tune stage chooses:
+    those with a non-empty `grid`, unless `tune.enabled` is false (then all are pinned)."""
+    if not params["tune"]["enabled"]:
+        return []
+    return [cell for cell in _cells(params) if resolve_run(params, *cell)["optimizer"]["grid"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +148,9 @@ def validate(params: dict) -> list[str]:
     _check_protocol(c, p)
     _check_optimizers(c, p)
     _check_experiments(c, p)
+    _check_tune(c, p)
     _check_training(c, p)
+    _check_timing(c, p)
     _check_data(c, p)
     _check_small_sections(c, p)
     _check_cross(c, params)
@@ -176,18 +186,32 @@ def _check_optimizers(c, p):
 
 
 def _check_optimizer_args(c, name, args, path, partial):
-    """The optimizer's own arguments (the library's rules) plus params.yaml's `lr_grid`."""
-    check_optimizer(c, name, args, path, partial=partial, extra=("lr_grid",))
-    if not isinstance(args, dict):
+    """The optimizer's own arguments (the library's rules) plus params.yaml's `grid`: for
+    any of those arguments, the values the tune stage tries, each checked by the same rule
+    as the argument itself."""
+    check_optimizer(c, name, args, path, partial=partial, extra=("grid",))
+    if not isinstance(args, dict) or args.get("grid") is None:
+        if isinstance(args, dict) and "grid" in args:
+            args["grid"] = {}
         return
-    grid = args.get("lr_grid", MISSING)
-    if grid is not MISSING and c.list_of(grid, f"{path}.lr_grid", empty_ok=True):
-        for i in range(len(grid)):
-            c.number(grid, i, f"{path}.lr_grid[{i}]", OPTIMIZERS[name]["lr"])
-        numbers = [float(v) for v in grid if isinstance(v, (int, float))]
-        if len(numbers) == len(grid) and len(set(numbers)) != len(grid):
-            c.problem(f"{path}.lr_grid: values must be unique (1 and 1.0 are one run), "
-                      f"got {grid!r}")
+    grid = c.mapping(args["grid"], f"{path}.grid", optional=tuple(OPTIMIZERS[name]))
+    for key in grid or ():
+        values = grid[key]
+        if key not in OPTIMIZERS[name] or not c.list_of(values, f"{path}.grid.{key}"):
+            continue
+        # Each value goes through the argument's own rule, at the argument's key path.
+        for i, value in enumerate(values):
+            probe, sub = {key: value}, Checker()
+            check_optimizer(sub, name, probe, f"{path}.grid.{key}[{i}]", partial=True)
+            c.problems += [p.replace(f"{path}.grid.{key}[{i}].{key}",
+                                     f"{path}.grid.{key}[{i}]") for p in sub.problems]
+            values[i] = probe[key]
+        spelled = [repr(tuple(v)) if isinstance(v, list) else repr(float(v))
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)
+                   for v in values]
+        if len(set(spelled)) != len(spelled):
+            c.problem(f"{path}.grid.{key}: values must be unique (1 and 1.0 are one run), "
+                      f"got {values!r}")
 
 
 def _check_experiments(c, p):
@@ -218,14 +242,53 @@ def _check_experiments(c, p):
                 _check_optimizer_args(c, target, exp["optimizer"], f"{path}.optimizer",
                                       partial=True)
             elif c.mapping(exp["optimizer"], f"{path}.optimizer",
-                           optional=("lr", "weight_decay", "lr_grid")) is not None:
+                           optional=("lr", "weight_decay", "grid")) is not None:
                 # Without match.optimizer only the arguments every optimizer has apply.
                 _check_optimizer_args(c, "sgd", exp["optimizer"], f"{path}.optimizer",
                                       partial=True)
 
 
+# Training keys that the pipeline sets, not params.yaml: only the tune stage's runs skip the
+# test set (pipeline.grid.build_spec).
+PIPELINE_TRAINING = ("eval_test",)
+
+
 def _check_training(c, p):
-    check_training(c, p["training"], "training")
+    t = p["training"]
+    check_training(c, t, "training", partial=True)
+    if isinstance(t, dict):
+        for key in TRAINING:
+            if key not in PIPELINE_TRAINING and key not in t:
+                c.problem(f"training.{key}: missing")
+        for key in PIPELINE_TRAINING:
+            if key in t:
+                c.problem(f"training.{key}: set by the pipeline (the tune stage's runs never "
+                          "evaluate the test set, the grid's always do); remove it")
+
+
+def _check_timing(c, p):
+    """The timing stage: `steps` timed steps after `warmup` untimed ones, `rounds` times,
+    on one device (the values `training.device` allows)."""
+    t = c.mapping(p["timing"], "timing", required=TIMING)
+    if t is None:
+        return
+    c.integer(t, "steps", "timing.steps", minimum=1)
+    c.integer(t, "warmup", "timing.warmup", minimum=0)
+    c.integer(t, "rounds", "timing.rounds", minimum=1)
+    device = t["device"]
+    if device is not MISSING and not (isinstance(device, str) and DEVICE_RE.match(device)):
+        c.problem(f"timing.device: {device!r} is not a device; allowed: auto, cpu, cuda, "
+                  "cuda:N, mps")
+
+
+def _check_tune(c, p):
+    t = c.mapping(p["tune"], "tune", required=TUNE)
+    if t is None:
+        return
+    c.choice(t["enabled"], "tune.enabled", (True, False))
+    c.number(t, "budget", "tune.budget", Range(0.0, 1.0, low_open=True))
+    c.integer(t, "validation_size", "tune.validation_size", minimum=1)
+    c.integer(t, "seed", "tune.seed", minimum=0)
 
 
 def _check_data(c, p):
@@ -283,20 +346,27 @@ def _check_cross(c, params):
     broken = (KeyError, TypeError, ValueError, AttributeError)
     try:
         validation = int(params["training"]["validation_size"])
-        if uses_lr_grid(params) and validation <= 0:
-            c.problem("training.validation_size: must be > 0 when an optimizer has an "
-                      "lr_grid (the lr is chosen on validation accuracy, never on test)")
+        tuned = set(tuned_cells(params))
+        held_out = int(params["tune"]["validation_size"])
     except broken:
         return
     too_big = {}  # (dataset, arch, batch, train images) -> optimizers it applies to
     for ds, arch, opt in _cells(params):
+        # The tuning runs hold out tune.validation_size images, the final runs
+        # training.validation_size: each split must leave enough to train on.
         try:
-            train = dataset_sizes(params, ds)["train"] - validation
+            splits = [("training.validation_size", validation)]
+            if (ds, arch, opt) in tuned:
+                splits.append(("tune.validation_size", held_out))
             batch = resolve_run(params, ds, arch, opt)["batch_size"]
-            if train < 1:
-                c.problem(f"training.validation_size: {validation} leaves no training "
-                          f"images of {ds}")
-                return
+            for key, size in splits:
+                train = dataset_sizes(params, ds)["train"] - size
+                if train < 1:
+                    c.problem(f"{key}: {size} leaves no training images of {ds}")
+                    return
+            # Reported once, for the smallest training split the cell's runs use.
+            key, size = max(splits, key=lambda split: split[1])
+            train = dataset_sizes(params, ds)["train"] - size
             if batch > train:
                 too_big.setdefault((ds, arch, batch, train), []).append(opt)
         except broken:

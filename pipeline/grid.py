@@ -1,4 +1,5 @@
-"""params -> the run grid: one resolved spec per (dataset, arch, optimizer, lr, seed).
+"""params -> the runs: the tune stage's grid points and the final grid, one resolved spec
+per run.
 
 A spec is everything one training run needs (docs/ARCHITECTURE.md, "Resolved run spec");
 its `run_hash` (`vsgd.spec.run_hash`: what changes the result, nothing else) identifies the
@@ -7,31 +8,65 @@ becomes; `results/runs/<name>/` shows the current grid's runs (`pipeline.results
 """
 
 import functools
+import itertools
 import json
 from pathlib import Path
 
 from vsgd.spec import OPTIMIZERS, ConfigError, run_hash
 from vsgd.tracking import tracking_uri
 
-from .config import resolve_run
+from .config import resolve_run, tuned_cells
 
 RESULTS_DIR = "results/runs"     # the current grid, one directory per run name
 STORE_DIR = "results/store"      # every finished result, by run hash
 CHECKPOINT_DIR = "checkpoints"
 
 
-def expand(params: dict) -> list[dict]:
-    """Every run of the grid, lr grids included, in dataset/arch/optimizer/lr/seed order."""
+def expand(params: dict, selection: dict | None = None) -> list[dict]:
+    """The final runs: every dataset x arch x optimizer x seed, in that order.
+
+    A tuned cell (`pipeline.config.tuned_cells`) trains the values the tune stage chose,
+    `selection[(dataset, arch, optimizer)]` (see `pipeline.tune.load_selection`); a cell
+    whose every grid point diverged (selection None) has no final runs. Without a selection
+    for a tuned cell, raises ConfigError: the tune stage has to run first.
+    """
+    tuned = set(tuned_cells(params))
+    missing = sorted(cell for cell in tuned if cell not in (selection or {}))
+    if missing:
+        raise ConfigError([f"tune: no selection for {'/'.join(missing[0])}"
+                           f"{f' and {len(missing) - 1} more cells' if len(missing) > 1 else ''}"
+                           "; run the tune stage first (`dvc repro` or `python -m pipeline "
+                           "tune`)"])
     specs = []
     for dataset in params["datasets"]:
         for arch in params["archs"]:
             for optimizer in params["optimizers"]:
-                grid = resolve_run(params, dataset, arch, optimizer)["optimizer"]["lr_grid"]
-                for lr in grid or [None]:
-                    for seed in params["seeds"]:
-                        specs.append(build_spec(params, dataset, arch, optimizer, seed, lr))
+                cell = (dataset, arch, optimizer)
+                values = selection[cell] if cell in tuned else {}
+                if values is None:
+                    continue
+                for seed in params["seeds"]:
+                    specs.append(build_spec(params, dataset, arch, optimizer, seed, values))
     _refuse_duplicates(specs)
     return specs
+
+
+def tuning_specs(params: dict) -> list[dict]:
+    """The tune stage's runs: one per grid point of every tuned cell."""
+    specs = []
+    for cell in tuned_cells(params):
+        grid = resolve_run(params, *cell)["optimizer"]["grid"]
+        for point in grid_points(grid):
+            specs.append(build_spec(params, *cell, params["tune"]["seed"], point, tuning=True))
+    _refuse_duplicates(specs)
+    return specs
+
+
+def grid_points(grid: dict) -> list[dict]:
+    """{"lr": [a, b], "momentum": [c]} -> [{"lr": a, "momentum": c}, {"lr": b, ...}]: the
+    product of the values, in the order params.yaml lists them."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
 
 
 def _refuse_duplicates(specs: list[dict]) -> None:
@@ -47,13 +82,25 @@ def _refuse_duplicates(specs: list[dict]) -> None:
 
 
 def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: int,
-               lr: float | None = None) -> dict:
-    """The resolved spec of one run; `lr` replaces the optimizer's lr (an lr-grid point)."""
+               values: dict | None = None, tuning: bool = False) -> dict:
+    """The resolved spec of one run; `values` replace optimizer arguments (a tuned or a
+    grid point's values). A tuning run (`tuning`) trains at `tune.budget` of the iterations
+    (StepLR milestones scaled alike) on the training split minus `tune.validation_size`
+    images, and never evaluates the test set."""
     run = resolve_run(params, dataset, arch_key, optimizer)
     # Floats throughout, so `lr: 1` and `lr: 1.0` in params.yaml are the same run.
     args = {key: _floats(run["optimizer"][key]) for key in OPTIMIZERS[optimizer]}
-    if lr is not None:
-        args["lr"] = float(lr)
+    args.update({key: _floats(value) for key, value in (values or {}).items()})
+    schedule = {"iterations": int(run["schedule"]["iterations"]),
+                "step_size": int(run["schedule"]["step_size"]),
+                "gamma": float(run["schedule"]["gamma"])}
+    training = dict(params["training"])
+    if tuning:
+        budget = float(params["tune"]["budget"])
+        schedule["iterations"] = max(1, round(schedule["iterations"] * budget))
+        schedule["step_size"] = max(1, round(schedule["step_size"] * budget))
+        training.update(validation_size=int(params["tune"]["validation_size"]),
+                        eval_test=False)
     data_dir = f"{params['data']['root']}/prepared/{dataset}"
     checksum = data_checksum(data_dir)
     remote = (params["storage"]["remote"] or "").rstrip("/")
@@ -64,19 +111,17 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
         "data": {"dir": data_dir, "checksum": checksum, "source": params["data"]["source"],
                  "uri": _dataset_uri(data_dir, remote, checksum)},
         "optimizer": {"name": optimizer, **args},
-        "schedule": {"iterations": int(run["schedule"]["iterations"]),
-                     "step_size": int(run["schedule"]["step_size"]),
-                     "gamma": float(run["schedule"]["gamma"])},
+        "schedule": schedule,
         "batch_size": int(run["batch_size"]),
         "seed": int(seed),
-        "training": dict(params["training"]),
+        "training": training,
         "tracking": {"uri": tracking_uri(params["tracking"]["uri"]),
                      "experiment": params["tracking"]["experiment"]},
     }
     spec["run_hash"] = run_hash(spec)
-    lr_part = f"-lr{args['lr']:g}" if run["optimizer"]["lr_grid"] else ""
-    spec["name"] = (f"{dataset}-{run['model']}-{optimizer}{lr_part}-s{seed}-"
-                    f"{spec['run_hash'][:8]}")
+    point = "".join(f"-{key}{_short(args[key])}" for key in values or {}) if tuning else ""
+    spec["name"] = (f"{'tune-' if tuning else ''}{dataset}-{run['model']}-{optimizer}{point}"
+                    f"-s{seed}-{spec['run_hash'][:8]}")
     spec["output_dir"] = f"{STORE_DIR}/{spec['run_hash']}"
     spec["checkpoint"] = (f"{remote}/checkpoints/{spec['run_hash']}" if remote
                           else f"{CHECKPOINT_DIR}/{spec['run_hash']}")
@@ -104,6 +149,10 @@ def data_checksum(data_dir: str) -> str | None:
         return json.loads((Path(data_dir) / "manifest.json").read_text())["checksum"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return None
+
+
+def _short(value) -> str:
+    return "_".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
 
 
 def _floats(value):

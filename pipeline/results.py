@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .grid import CHECKPOINT_DIR, RESULTS_DIR, STORE_DIR
-
-FILES = ("config.json", "curve.csv", "metrics.json")  # metrics.json last: it marks done
+from .storage import RESULT_FILES as FILES  # copied where present; metrics.json last
 
 
 def read_metrics(directory) -> dict | None:
@@ -113,18 +112,14 @@ def add_arguments(parser):
 
 def run(args) -> int:
     """Remove the results and checkpoints that no run of the current grid uses."""
-    from vsgd.spec import ConfigError
-
     from .config import load_params
-    from .grid import expand
+    from .execute import check_prepared
+    from .tune import planned_runs
     params = load_params(args.params, args.set)
-    specs = expand(params)
-    unprepared = sorted({s["dataset"] for s in specs if s["data"]["checksum"] is None})
-    if unprepared:
-        # Run hashes include the data's checksum: without it every result looks unused.
-        raise ConfigError([f"gc: no prepared data for {', '.join(unprepared)}, so the grid's "
-                           "runs cannot be identified; run `dvc repro prepare` first"])
-    used = {s["run_hash"] for s in specs}
+    # Run hashes include the data's checksum: without it every result would look unused.
+    check_prepared(params, "gc")
+    tuning, final = planned_runs(params)  # the final runs need the tune stage's choice
+    used = {s["run_hash"] for s in tuning + final}
     verb = "would remove" if args.dry_run else "removed"
     removed = 0
     for kind, root in (("result", Path(STORE_DIR)), ("checkpoint", Path(CHECKPOINT_DIR))):
@@ -140,8 +135,8 @@ def run(args) -> int:
             removed += 1
     if args.remote:
         removed += _gc_remote(params, used, args.dry_run, verb)
-    print(f"gc: {verb} {removed} item{'s' if removed != 1 else ''}; "
-          f"{len(used)} runs in the grid kept", file=sys.stderr)
+    print(f"gc: {verb} {removed} item{'s' if removed != 1 else ''}; the grid's "
+          f"{len(final)} runs and {len(tuning)} tuning runs kept", file=sys.stderr)
     return 0
 
 

@@ -39,7 +39,8 @@ MiB = 1 << 20
 DVC_PREFIX = "dvc"                  # the DVC remote is <storage.remote>/dvc
 DVC_FILES = "files/md5"             # DVC 3's layout inside a remote
 RESULTS_PREFIX = "results"
-RESULT_FILES = ("config.json", "curve.csv", "metrics.json")  # metrics.json last: it marks done
+# A run's result files; metrics.json last: it marks the run done. beta1.csv: VSGD runs only.
+RESULT_FILES = ("config.json", "curve.csv", "beta1.csv", "metrics.json")
 RESULTS_ENV = "VSGD_RESULTS_URI"    # set per run by the executors (`run_env`, pipeline.k8s_jobs)
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
 SCRATCH_ENV = "VSGD_SCRATCH"

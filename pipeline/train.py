@@ -84,7 +84,10 @@ def load_spec(args) -> dict:
             problems.append(f"{flag}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
     if problems:
         raise ConfigError(problems)
-    return build_spec(params, args.dataset, args.arch, args.optimizer, args.seed)
+    # The tune stage's choice for this cell where it made one, else the pinned values.
+    from pipeline.tune import load_selection
+    values = load_selection(params).get((args.dataset, args.arch, args.optimizer)) or {}
+    return build_spec(params, args.dataset, args.arch, args.optimizer, args.seed, values)
 
 
 class Progress:
@@ -107,8 +110,8 @@ class Progress:
                 f"lr {info['lr']:.4g} {info['images_per_sec']:.0f} img/s eta {eta}")
         if "test_acc" in info:
             line += f" | test_acc {info['test_acc']:.4f} test_loss {info['test_loss']:.4f}"
-            if info.get("val_acc") is not None:
-                line += f" val_acc {info['val_acc']:.4f}"
+        if info.get("val_acc") is not None:  # also the tune stage's runs, which skip test
+            line += f"{'' if 'test_acc' in info else ' |'} val_acc {info['val_acc']:.4f}"
         print(line, file=sys.stderr, flush=True)
 
     def _bar(self, step, total, info):
@@ -118,8 +121,9 @@ class Progress:
                             dynamic_ncols=True)
         self.bar.update(step - self.bar.n)
         post = {"loss": f"{info['loss']:.3f}", "acc": f"{info['acc']:.3f}"}
-        if "test_acc" in info:
-            post["test_acc"] = f"{info['test_acc']:.3f}"
+        for key in ("test_acc", "val_acc"):
+            if info.get(key) is not None:
+                post[key] = f"{info[key]:.3f}"
         self.bar.set_postfix(post, refresh=True)
 
     def close(self):
@@ -173,8 +177,11 @@ def main(argv=None) -> int:
         return 130
     progress.close()
     storage.publish_result(spec["output_dir"])  # to $VSGD_RESULTS_URI when set (pods)
-    print(f"done {spec['name']}: test_acc {metrics['test_acc']:.4f} test_loss "
-          f"{metrics['test_loss']:.4f} ({metrics['images_per_sec']:.0f} img/s) -> "
+    shown = " ".join(f"{key} {metrics[key]:.4f}" for key in ("test_acc", "test_loss", "val_acc")
+                     if metrics.get(key) is not None) or "no finite evaluation"
+    diverged = (f"diverged at step {metrics['diverged']['step']}; "
+                if metrics.get("diverged") else "")
+    print(f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) -> "
           f"{spec['output_dir']}", file=sys.stderr)
     return 0
 

@@ -88,9 +88,11 @@ def test_every_problem_is_listed_with_its_path_and_allowed_values():
         "optimizer.vsgd.tau1: 0.5 is outside (0.5, 1]",
         "optimizer.vsgd.tau2: 1.5 is outside (0.5, 1]",
         "protocol.tinyimagenet.schedule.iterations: expected an integer, got 1000.5",
-        "protocol.tinyimagenet.batch_size.vgg: 200000 is larger than the 100000 training "
+        # The tuned runs hold out tune.validation_size (5000) of the 100000 images.
+        "protocol.tinyimagenet.batch_size.vgg: 200000 is larger than the 95000 training "
         "images of tinyimagenet",
-        "training.precision: fp16 is not allowed (did you mean 'bf16'?); allowed: fp32, bf16",
+        "training.precision: fp16 is not allowed (did you mean 'bf16'?); allowed: fp32, tf32, "
+        "bf16",
         "training.evall_every: unknown key (did you mean 'eval_every'?)",
         "data.source: internet is not allowed; allowed: official, synthetic",
         "executor.kind: slurm is not allowed; allowed: local, kubernetes",
@@ -101,18 +103,21 @@ def test_every_problem_is_listed_with_its_path_and_allowed_values():
     assert "optimizer.sgd.lr: missing" not in text or "lrr" in text
 
 
-def test_lr_grid_needs_a_validation_split():
-    problems = problems_of(["optimizer.vsgd.lr_grid=[0.1, 0.01]"])
-    assert any(p.startswith("training.validation_size: must be > 0") for p in problems)
-    p = load_params(PARAMS, ["optimizer.vsgd.lr_grid=[0.1, 0.01]",
-                             "training.validation_size=5000"])
-    assert resolve_run(p, "cifar100", "vgg", "vsgd")["optimizer"]["lr_grid"] == [0.1, 0.01]
+def test_grid_of_an_optimizer_and_the_tuned_cells():
+    from pipeline.config import tuned_cells
+    p = load_params(PARAMS, ["optimizer.vsgd.grid={lr: [0.1, 0.01]}"])
+    assert resolve_run(p, "cifar100", "vgg", "vsgd")["optimizer"]["grid"] == {"lr": [0.1, 0.01]}
+    assert len(tuned_cells(p)) == 24  # every optimizer has a grid by default
+    p = load_params(PARAMS, ["optimizer.vsgd.grid=null", "optimizer.sgd.grid={}"])
+    assert {o for _, _, o in tuned_cells(p)} == {"adam", "adamw"}
+    assert tuned_cells(load_params(PARAMS, ["tune.enabled=false"])) == []
 
 
 def test_batch_checked_against_synthetic_size_and_experiment_overrides():
     problems = problems_of(["preset=ci", "experiments=[{match: {arch: resnext, optimizer: "
                             "vsgd}, batch_size: 1000}]"])
-    assert any("protocol.cifar100.batch_size.resnext: 1000 is larger than the 256 training "
+    # VSGD is tuned at the ci budget: its tuning runs hold out 32 of the 256 images.
+    assert any("protocol.cifar100.batch_size.resnext: 1000 is larger than the 224 training "
                "images of cifar100 (runs with vsgd" in p for p in problems), problems
 
 

@@ -1,7 +1,10 @@
 """The real `dvc repro` end to end, in a temporary git repository, on synthetic data at the
-`ci` budget over the whole grid (2 datasets x 3 archs x 4 optimizers):
+`ci` budget over the whole grid (2 datasets x 3 archs x 4 optimizers; SGD and VSGD tuned over
+their lr grids, SGD's with a value that diverges; Adam and AdamW pinned):
 
-1. the first `dvc repro` prepares, trains all 24 runs and writes tables and figure;
+1. the first `dvc repro` prepares, tunes (30 grid points, validation only, the diverging
+   points recorded as diverged and never chosen), trains all 24 runs with the chosen values
+   and writes tables and figures;
 2. a second `dvc repro` trains nothing;
 3. changing one optimizer's lr retrains exactly that optimizer's runs; changing it back
    trains nothing (the earlier results are reused from the store), and editing a bookkeeping
@@ -23,12 +26,22 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the project; everything else stays out of the sandbox.
 PROJECT_FILES = ["vsgd", "pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore", ".gitignore"]
-GRID = 24
+# Both datasets; the architectures are ConvMixer alone by default (the slowest ones would
+# triple the suite's time; every architecture trains in tests/test_trainer.py). The whole
+# grid: VSGD_E2E_ARCHS=vgg,convmixer,resnext.
+ARCHS = os.environ.get("VSGD_E2E_ARCHS", "convmixer").split(",")
+CELLS = 2 * len(ARCHS)      # runs per optimizer
+GRID = 4 * CELLS
+TUNING = 5 * CELLS          # SGD: 3 lrs per cell, VSGD: 2
+# An lr just below float32's largest value: the first update sends the linear head's weights
+# to ~1e37, so the logits of step 2 overflow and its loss is not finite.
+DIVERGING = "3.0e+38"
 STAGE_TIMEOUT = 240
 
 pytestmark = pytest.mark.slow
@@ -74,6 +87,9 @@ def repo(tmp_path_factory):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)
     set_param(repo, r"^preset: null", "preset: ci")
+    set_param(repo, r"^archs: \[vgg, convmixer, resnext\]", f"archs: [{', '.join(ARCHS)}]")
+    set_param(repo, r"^      sgd: \{grid: \{lr: \[0\.05, 0\.1\]\}\}",
+              f"      sgd: {{grid: {{lr: [0.05, 0.1, {DIVERGING}]}}}}")
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "sandbox")
@@ -87,26 +103,69 @@ def first(repo):
 
 def test_first_repro_trains_the_whole_grid(repo, first):
     out = first.stdout
+    assert f"tune: {TUNING} runs in the grid, 0 done, 0 reused, {TUNING} to run" in out, \
+        out[-3000:]
     assert f"train: {GRID} runs in the grid, 0 done, 0 reused, {GRID} to run" in out, \
         out[-3000:]
-    assert len(started(out)) == GRID
+    assert len(started(out)) == GRID + TUNING
     runs = sorted(p.parent.name for p in (repo / "results" / "runs").glob("*/metrics.json"))
     assert len(runs) == GRID
+
+
+def test_tuning_chose_on_validation_and_never_a_diverged_lr(repo, first):
+    selected = yaml.safe_load((repo / "results/tuning/selected.yaml").read_text())
+    rows = list(csv.DictReader((repo / "results/tuning/tuning.csv").open()))
+    assert len(rows) == TUNING
+    for r in rows:
+        chosen = selected[r["dataset"]][r["arch"]][r["optimizer"]]
+        assert (r["chosen"] == "True") == (chosen == {"lr": float(r["lr"])}), r
+        if float(r["lr"]) > 1e30:
+            assert r["diverged"] == "True" and r["chosen"] == "False", r
+    for ds in ("cifar100", "tinyimagenet"):
+        for arch in ARCHS:
+            assert set(selected[ds][arch]) == {"sgd", "vsgd"}  # Adam, AdamW pinned
+            assert selected[ds][arch]["sgd"]["lr"] in (0.05, 0.1)
+    # No tuning run ever evaluated the test set: nothing there to choose by.
+    tuning = [json.loads(p.read_text()) for p in (repo / "results/store").glob("*/metrics.json")
+              if json.loads(p.read_text())["name"].startswith("tune-")]
+    assert len(tuning) == TUNING
+    for m in tuning:
+        assert m["test_acc"] is None and m["test_loss"] is None, m
+        assert (m["diverged"] is not None) == (m["lr"] > 1e30), m
+        if m["diverged"]:
+            assert m["diverged"]["step"] == 2 and m["steps_done"] == 2, m
+        else:
+            assert m["val_acc"] is not None
+    # The chosen values are the ones the final runs trained.
+    for p in (repo / "results/runs").glob("*/metrics.json"):
+        m = json.loads(p.read_text())
+        if m["optimizer"] in ("sgd", "vsgd"):
+            assert m["lr"] == selected[m["dataset"]][m["arch_key"]][m["optimizer"]]["lr"]
+    for ext in ("png", "svg"):
+        assert (repo / "results/figures" / f"sensitivity.{ext}").stat().st_size > 10_000
 
 
 def test_tables_and_figure_contain_every_cell(repo, first):
     table1 = (repo / "results" / "tables" / "table1.md").read_text()
     rows = [line for line in table1.splitlines()
-            if line.startswith(("| CIFAR-100 |", "| Tiny ImageNet |"))][:6]
-    assert len(rows) == 6
+            if line.startswith(("| CIFAR-100 |", "| Tiny ImageNet |"))][:CELLS]
+    assert len(rows) == CELLS
     for row in rows:
         assert row.count("(n=1)") == 4, row  # one seed in every optimizer's cell
     assert len(list(csv.DictReader((repo / "results/tables/table1.csv").open()))) == GRID
     table2 = (repo / "results" / "tables" / "table2.md").read_text()
-    assert table2.count("| CIFAR-100 |") == 3 and table2.count("| Tiny ImageNet |") == 3
-    assert "–" not in table2.split("| --- |")[-1]
-    for name in ("figures/test_acc.png", "figures/test_acc.svg", "summary.json",
-                 "tables/table1.tex", "tables/table2.csv"):
+    # (a) ratios to SGD and (b) seconds per step from the timing stage, (c) the runs' own
+    rows2 = [line for line in table2.splitlines()
+             if line.startswith(("| CIFAR-100 |", "| Tiny ImageNet |"))]
+    assert len(rows2) == 3 * CELLS and not any("–" in row for row in rows2), table2
+    timed = list(csv.DictReader((repo / "results/timing/timing.csv").open()))
+    assert len(timed) == GRID and len({(r["device"], r["device_name"]) for r in timed}) == 1
+    assert all(float(r["ratio_to_sgd"]) == 1.0 for r in timed if r["optimizer"] == "sgd")
+    # VSGD's beta1.csv travelled from every VSGD run into its cell's curve and the figure
+    assert len(list((repo / "results/beta1").glob("*.csv"))) == CELLS
+    for name in ("figures/test_acc.png", "figures/test_acc.svg", "figures/beta1.png",
+                 "figures/beta1.svg", "summary.json", "tables/table1.tex",
+                 "tables/table2.csv"):
         assert (repo / "results" / name).stat().st_size > 0, name
     exported = list(csv.DictReader((repo / "results" / "mlflow_runs.csv").open()))
     assert len(exported) == GRID
@@ -117,8 +176,8 @@ def test_tables_and_figure_contain_every_cell(repo, first):
 def test_second_repro_trains_nothing(repo, first):
     before = {p: p.stat().st_mtime_ns for p in (repo / "results/runs").glob("*/metrics.json")}
     out = sh(repo, "dvc", "repro").stdout
-    assert started(out) == []
-    assert "train: " not in out  # the stage did not even run
+    assert started(out) == []  # not even the diverged tuning runs are retried
+    assert "train: " not in out and "tune: " not in out  # the stages did not even run
     after = {p: p.stat().st_mtime_ns for p in (repo / "results/runs").glob("*/metrics.json")}
     assert after == before
 
@@ -126,13 +185,15 @@ def test_second_repro_trains_nothing(repo, first):
 def test_lr_change_retrains_only_that_optimizer(repo, first):
     set_param(repo, r"^  adam: \{lr: 0\.001", "  adam: {lr: 0.002")
     out = sh(repo, "dvc", "repro").stdout
-    assert f"train: {GRID} runs in the grid, {GRID - 6} done, 0 reused, 6 to run; 6 left " \
+    assert f"train: {GRID} runs in the grid, {GRID - CELLS} done, 0 reused, {CELLS} to run; " \
+           f"{CELLS} left " \
            "the grid (results kept in results/store" in out, out[-3000:]
     retrained = started(out)
-    assert len(retrained) == 6 and all("-adam-" in name for name in retrained), retrained
+    assert len(retrained) == CELLS and all("-adam-" in name for name in retrained), retrained
     runs = list((repo / "results" / "runs").iterdir())
     assert len(runs) == GRID
-    assert len(list((repo / "results" / "store").glob("*/metrics.json"))) == GRID + 6
+    assert len(list((repo / "results" / "store").glob("*/metrics.json"))) == \
+        GRID + CELLS + TUNING
 
 
 def test_lr_changed_back_trains_nothing(repo, first):
@@ -141,11 +202,12 @@ def test_lr_changed_back_trains_nothing(repo, first):
     set_param(repo, r"^  adam: \{lr: 0\.002", "  adam: {lr: 0.001")
     out = sh(repo, "dvc", "repro").stdout
     assert started(out) == [], out[-3000:]
-    assert f"train: {GRID} runs in the grid, {GRID - 6} done, 6 reused, 0 to run; 6 left " \
+    assert f"train: {GRID} runs in the grid, {GRID - CELLS} done, {CELLS} reused, 0 to run; " \
+           f"{CELLS} left " \
            "the grid" in out, out[-3000:]
     shown = {p.parent.name for p in (repo / "results/runs").glob("*/metrics.json")}
-    grid = set(re.findall(r"^  (\S+)$", sh(repo, sys.executable, "-m", "pipeline",
-                                             "validate").stdout, flags=re.M))
+    grid = set(re.findall(r"^  ((?!tune-)\S+)$", sh(repo, sys.executable, "-m", "pipeline",
+                                                      "validate").stdout, flags=re.M))
     assert shown == grid and len(grid) == GRID
 
 
@@ -158,18 +220,35 @@ def test_editing_a_bookkeeping_key_trains_nothing(repo, first):
         out[-3000:]
 
 
+def test_changing_one_optimizers_grid_retunes_and_retrains_only_it(repo, first):
+    set_param(repo, r"^      vsgd: \{grid: \{lr: \[0\.05, 0\.1\]\}\}",
+              "      vsgd: {grid: {lr: [0.05, 0.2]}}")
+    out = sh(repo, "dvc", "repro").stdout
+    assert f"tune: {TUNING} runs in the grid, {TUNING - CELLS} done, 0 reused, {CELLS} to run" \
+        in out, \
+        out[-3000:]
+    names = started(out)
+    tuned = [n for n in names if n.startswith("tune-")]
+    assert len(tuned) == CELLS and all("-vsgd-lr0.2-" in n for n in tuned), names
+    assert all("-vsgd-" in n for n in names), names  # retrained: VSGD cells whose lr changed
+    selected = yaml.safe_load((repo / "results/tuning/selected.yaml").read_text())
+    changed = sum(selected[ds][arch]["vsgd"]["lr"] == 0.2 for ds in selected
+                  for arch in selected[ds])
+    assert len(names) - len(tuned) == changed
+
+
 def test_bad_params_fail_with_every_problem_listed(repo, first):
     good = (repo / "params.yaml").read_text()
     try:
         set_param(repo, r"^    tau1: 0\.81|tau1: 0\.81", "tau1: 1.5")
-        set_param(repo, r"^archs: \[vgg, convmixer, resnext\]", "archs: [vgg, convmixr, resnext]")
+        set_param(repo, r"^archs: \[", "archs: [convmixr, ")
         set_param(repo, r"^  eval_every: 500", "  eval_evry: 500")
         proc = sh(repo, "dvc", "repro", check=False)
         text = proc.stdout + proc.stderr
         assert proc.returncode != 0
         assert "invalid configuration" in text
         assert "optimizer.vsgd.tau1: 1.5 is outside (0.5, 1]" in text
-        assert "archs[1]: convmixr is not allowed (did you mean 'convmixer'?)" in text
+        assert "archs[0]: convmixr is not allowed (did you mean 'convmixer'?)" in text
         assert "training.eval_evry: unknown key (did you mean 'eval_every'?)" in text
         assert "Traceback" not in text
         assert started(text) == []
@@ -183,12 +262,13 @@ def test_interrupted_repro_keeps_finished_runs_and_completes(repo, first):
     """Ctrl-C in the middle of the train stage, then `dvc repro` again: the runs finished
     before the Ctrl-C are kept, the next repro trains only the others and a run interrupted
     after a checkpoint resumes from it."""
-    set_param(repo, r"^  sgd: \{lr: 0\.1,", "  sgd: {lr: 0.05,")
-    # Longer CIFAR-100 SGD runs (checkpoint every 2 iterations at the ci budget), so a run is
-    # reliably caught between a checkpoint and its end.
+    set_param(repo, r"^  adam: \{lr: 0\.001,", "  adam: {lr: 0.0005,")
+    # Longer CIFAR-100 Adam runs (checkpoint every 2 iterations at the ci budget), so a run
+    # is reliably caught between a checkpoint and its end. (Adam is pinned at the ci budget:
+    # its lr in params.yaml is the one its runs train.)
     iterations = 16
     set_param(repo, r"^experiments: \[\]",
-              f"experiments: [{{match: {{dataset: cifar100, optimizer: sgd}}, "
+              f"experiments: [{{match: {{dataset: cifar100, optimizer: adam}}, "
               f"schedule: {{iterations: {iterations}, step_size: 5}}}}]")
     log = repo / "interrupted.log"
     with log.open("w") as out:
@@ -220,22 +300,23 @@ def test_interrupted_repro_keeps_finished_runs_and_completes(repo, first):
              (repo / "results/store").glob("*/spec.json")
              for spec in [json.loads(path.read_text())]}
     sgd = {name: entry for name, entry in specs.items()
-           if "-sgd-" in name and entry[1]["optimizer"]["lr"] == 0.05}
-    assert len(sgd) == 6
+           if "-adam-" in name and entry[1]["optimizer"]["lr"] == 0.0005}
+    assert len(sgd) == CELLS
     finished = {name for name, (d, _) in sgd.items() if (d / "metrics.json").exists()}
     reported = set(re.findall(r"^\[([^\]]+)\] done$", text, flags=re.M))
-    assert reported <= finished and 0 < len(finished) < 6, text[-3000:]
+    assert reported <= finished and 0 < len(finished) < CELLS, text[-3000:]
     assert "] FAILED" not in text, text[-3000:]  # stopped runs are not reported as failed
-    assert f"train: interrupted; {len(finished)} of 6 runs finished and kept" in text, \
+    assert f"train: interrupted; {len(finished)} of {CELLS} runs finished and kept" in text, \
         text[-3000:]
-    shown = {p.name for p in (repo / "results/runs").iterdir() if "-sgd-" in p.name}
+    shown = {p.name for p in (repo / "results/runs").iterdir() if "-adam-" in p.name}
     assert shown == finished  # the view shows what finished, nothing half-done
     checkpointed = {name for name in sgd.keys() - finished
                     if (repo / sgd[name][1]["checkpoint"] / "checkpoint.pt").exists()}
     assert checkpointed, text[-3000:]  # the run caught midway
 
     again = sh(repo, "dvc", "repro").stdout
-    assert f"{GRID - 6 + len(finished)} done, 0 reused, {6 - len(finished)} to run" in again, \
+    assert f"{GRID - CELLS + len(finished)} done, 0 reused, {CELLS - len(finished)} to run" \
+        in again, \
         again[-3000:]
     assert set(started(again)) == sgd.keys() - finished, again[-3000:]
     for name in checkpointed:

@@ -20,7 +20,7 @@ def params(tmp_path, monkeypatch):
         d = tmp_path / "prepared" / ds
         d.mkdir(parents=True)
         (d / "manifest.json").write_text(json.dumps({"checksum": f"sum-{ds}"}))
-    return load_params(PARAMS, ["preset=ci", f"data.root={tmp_path}"])
+    return load_params(PARAMS, ["preset=ci", f"data.root={tmp_path}", "tune.enabled=false"])
 
 
 def test_expand_covers_the_whole_grid(params):
@@ -38,7 +38,7 @@ def test_spec_follows_the_contract(params, tmp_path):
                           "optimizer", "schedule", "batch_size", "seed", "training",
                           "output_dir", "checkpoint", "tracking"]
     assert spec["arch"] == "vgg16"
-    assert spec["optimizer"] == {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8,
+    assert spec["optimizer"] == {"name": "vsgd", "lr": 0.1, "ghattg": 30.0, "ps": 1e-8,
                                  "tau1": 0.81, "tau2": 0.9, "weight_decay": 0.0, "eps": 1e-8}
     assert spec["data"] == {"dir": f"{tmp_path}/prepared/cifar100", "checksum": "sum-cifar100",
                             "source": "synthetic", "uri": None}
@@ -124,8 +124,7 @@ def test_vsgd_eps_is_a_param_and_part_of_the_identity(params):
 
 @pytest.mark.parametrize("overrides,problem", [
     (["seeds=[0, 0]"], "seeds: duplicates in [0, 0]"),
-    (["optimizer.sgd.lr_grid=[1, 1.0]", "training.validation_size=16"],
-     "optimizer.sgd.lr_grid: values must be unique"),
+    (["optimizer.sgd.grid={lr: [1, 1.0]}"], "optimizer.sgd.grid.lr: values must be unique"),
 ])
 def test_two_grid_points_with_one_identity_are_refused(params, overrides, problem):
     from pipeline.config import ConfigError
@@ -145,21 +144,21 @@ def test_expand_refuses_duplicate_identities(params):
 def test_lr_change_of_one_optimizer_changes_only_its_runs(params):
     before = {s["name"]: s["run_hash"] for s in grid.expand(params)}
     changed = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
-                                   "optimizer.adam.lr=0.002"])
+                                   "tune.enabled=false", "optimizer.adam.lr=0.002"])
     after = {s["name"]: s["run_hash"] for s in grid.expand(changed)}
     gone = set(before) - set(after)
     assert len(gone) == 6 and all("-adam-" in n for n in gone)
 
 
-def test_lr_grid_expands_with_readable_names(params):
+def test_tuning_runs_have_readable_names(params):
     p = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
-                             "optimizer.vsgd.lr_grid=[0.1, 0.01]", "training.validation_size=16",
+                             "optimizer.vsgd.grid={lr: [0.1, 0.01], tau1: [0.9]}",
                              "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd, sgd]"])
-    names = [s["name"] for s in grid.expand(p)]
-    assert len(names) == 3
-    assert names[0].startswith("cifar100-vgg16-vsgd-lr0.1-s0-")
-    assert names[1].startswith("cifar100-vgg16-vsgd-lr0.01-s0-")
-    assert names[2].startswith("cifar100-vgg16-sgd-s0-")
+    names = [s["name"] for s in grid.tuning_specs(p)]
+    assert len(names) == 4
+    assert names[0].startswith("tune-cifar100-vgg16-vsgd-lr0.1-tau10.9-s0-")
+    assert names[1].startswith("tune-cifar100-vgg16-vsgd-lr0.01-tau10.9-s0-")
+    assert names[2].startswith("tune-cifar100-vgg16-sgd-lr0.05-s0-")
 
 
 def test_missing_manifest_gives_no_checksum(params, tmp_path):

@@ -66,7 +66,7 @@ def store(tmp_path):
 def grid(*overrides, optimizers="[sgd, adam, adamw, vsgd]"):
     params = load_params(PARAMS, [
         "preset=ci", "datasets=[cifar100]", "archs=[vgg]", f"optimizers={optimizers}",
-        "storage.remote=s3://vsgd/grid", "executor.kind=kubernetes",
+        "tune.enabled=false", "storage.remote=s3://vsgd/grid", "executor.kind=kubernetes",
         "executor.kubernetes.progress_interval=1", "executor.kubernetes.log_tail_lines=5",
         *overrides])
     return params, expand(params)
@@ -317,7 +317,7 @@ def test_real_cluster_runs_a_tiny_job(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = load_params(PARAMS, [
         "preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
-        "executor.kind=kubernetes", "executor.kubernetes.gpus=0",
+        "tune.enabled=false", "executor.kind=kubernetes", "executor.kubernetes.gpus=0",
         "executor.kubernetes.progress_interval=10",
         f"storage.remote={os.environ.get('VSGD_E2E_REMOTE', 's3://vsgd/e2e')}",
         *filter(None, os.environ.get("VSGD_E2E_SET", "").split(";"))])

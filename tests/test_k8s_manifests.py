@@ -30,16 +30,22 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def params_with(*overrides):
-    return load_params(PARAMS, ["storage.remote=s3://vsgd/grid", *overrides])
+    return load_params(PARAMS, ["storage.remote=s3://vsgd/grid", "tune.enabled=false",
+                                *overrides])
 
 
 @pytest.fixture(scope="module")
 def jobs():
-    """The rendered Job of every run of the full grid, with an lr grid so that names carry
-    dots, and the longest dataset and architecture names."""
-    params = params_with("optimizer.vsgd.lr_grid=[0.001, 0.05]", "training.validation_size=500",
-                         "seeds=[0, 1]")
-    return [render_job(spec, params) for spec in expand(params)]
+    """The rendered Job of every run of the full grid and of VSGD's tuning runs (an lr grid,
+    so that names carry dots), with the longest dataset and architecture names."""
+    from pipeline.grid import tuning_specs
+    params = params_with("tune.enabled=true", "optimizer.vsgd.grid={lr: [0.001, 0.05]}",
+                         "optimizer.sgd.grid=null", "optimizer.adam.grid=null",
+                         "optimizer.adamw.grid=null", "seeds=[0, 1]")
+    selection = {(s["dataset"], s["arch_key"], "vsgd"): {"lr": 0.05}
+                 for s in tuning_specs(params)}
+    specs = tuning_specs(params) + expand(params, selection)
+    return [render_job(spec, params) for spec in specs]
 
 
 def kustomize(overlay):

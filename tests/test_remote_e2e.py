@@ -203,6 +203,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     prefix = f"s3://{BUCKET}/stage"
     sets = ["preset=ci", "datasets=[cifar100]", "archs=[convmixer]", "optimizers=[sgd, vsgd]",
+            "tune.enabled=false",
             f"storage.remote={prefix}", f"storage.endpoint_url={remote.s3.url}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
     env = {k: v for k, v in os.environ.items()

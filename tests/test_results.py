@@ -30,7 +30,7 @@ def workdir(tmp_path, monkeypatch):
 
 def specs_for(*overrides):
     return grid.expand(load_params("params.yaml", ["datasets=[cifar100]", "archs=[vgg]",
-                                                   *overrides]))
+                                                   "tune.enabled=false", *overrides]))
 
 
 def finish(spec, test_acc=0.5):
@@ -85,7 +85,8 @@ def test_gc_removes_only_what_no_run_of_the_grid_uses_and_says_so(workdir, capsy
     [stale] = [s for s in old if s["optimizer"]["name"] == "sgd"]
     keep = [s for s in old if s is not stale]
 
-    args = ["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]"]
+    args = ["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]", "--set",
+            "tune.enabled=false"]
     assert main(args + ["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"would remove result results/store/{stale['run_hash']} ({stale['name']}, " \
@@ -104,7 +105,8 @@ def test_gc_refuses_without_prepared_data(workdir, capsys):
     for spec in specs_for():
         finish(spec)
     (workdir / "data" / "prepared" / "cifar100" / "manifest.json").unlink()
-    assert main(["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]"]) == 78
+    assert main(["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]", "--set",
+                 "tune.enabled=false"]) == 78
     err = capsys.readouterr().err
     assert "no prepared data for cifar100" in err and "Traceback" not in err
     assert len(list(Path(grid.STORE_DIR).iterdir())) == 4

@@ -42,7 +42,7 @@ def test_check_spec_reports_key_paths_and_allowed_values(data_root, tmp_path):
     assert "optimizer.tau1: 2.0 is outside (0.5, 1]" in problems
     assert any(p.startswith("optimizer.epsilon: unknown key (did you mean 'eps'?)")
                for p in problems)
-    assert "training.precision: fp8 is not allowed; allowed: fp32, bf16" in problems
+    assert "training.precision: fp8 is not allowed; allowed: fp32, tf32, bf16" in problems
 
 
 def _copy_package(tmp_path) -> Path:

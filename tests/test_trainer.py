@@ -19,9 +19,9 @@ from vsgd.spec import ConfigError, check_spec
 from vsgd.trainer import CURVE_COLUMNS, train
 
 METRICS_KEYS = {"name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "lr", "seed",
-                "iterations", "test_acc", "test_loss", "train_loss", "train_acc", "val_acc",
-                "seconds_per_iter", "images_per_sec", "device", "device_name",
-                "mlflow_run_id"}
+                "iterations", "steps_done", "diverged", "test_acc", "test_loss", "train_loss",
+                "train_acc", "val_acc", "seconds_per_iter", "images_per_sec", "device",
+                "device_name", "mlflow_run_id"}
 # Wall-clock figures and the MLflow run differ between two runs of one spec; nothing else may.
 UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
                      if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")}
@@ -43,6 +43,12 @@ def read_outputs(spec):
     return metrics, curve
 
 
+def beta1_csv(spec) -> str | None:
+    """The run's beta1.csv as text; None when it wrote none."""
+    path = Path(spec["output_dir"]) / "beta1.csv"
+    return path.read_text() if path.exists() else None
+
+
 @pytest.mark.parametrize("dataset,arch,optimizer", [
     ("cifar100", "vgg16", {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
                            "weight_decay": 0.0}),
@@ -61,6 +67,7 @@ def test_short_run_per_architecture(data_root, tmp_path, dataset, arch, optimize
     assert metrics == read_outputs(spec)[0]
     assert set(metrics) == METRICS_KEYS
     assert metrics["optimizer"] == optimizer["name"] and metrics["iterations"] == 2
+    assert metrics["steps_done"] == 2 and metrics["diverged"] is None
     for key in ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc"):
         assert math.isfinite(metrics[key])
     assert 0 <= metrics["test_acc"] <= 1 and metrics["images_per_sec"] > 0
@@ -69,6 +76,9 @@ def test_short_run_per_architecture(data_root, tmp_path, dataset, arch, optimize
     assert float(curve[-1]["lr"]) == optimizer["lr"] * 0.5  # StepLR(1, 0.5): step 2's lr
     if optimizer["name"] == "vsgd":
         assert 0 < seen[-1][1]["beta1_median"] < 1
+        assert beta1_csv(spec).splitlines()[0] == "step,mean,q10,q25,median,q75,q90"
+    else:
+        assert beta1_csv(spec) is None
 
 
 def test_bf16_autocast_and_contiguous_layout(data_root, tmp_path):
@@ -112,6 +122,12 @@ def test_resume_in_process_is_exact_and_a_finished_run_only_reports(data_root, t
     resumed = train(spec, checkpoint_store=store, progress=lambda s, t, i: steps.append(s))
     assert steps == [5, 6]
     assert UNTIMED(resumed) == UNTIMED(ref)
+    ref_spec = run_spec(data_root, tmp_path / "ref", **kw)
+    assert read_outputs(spec)[1] == read_outputs(ref_spec)[1]
+    # beta1 rows at 2, 4 (in the checkpoint) and 6: the same as the uninterrupted run's.
+    assert [line.split(",")[0] for line in beta1_csv(spec).splitlines()] == \
+        ["step", "2", "4", "6"]
+    assert beta1_csv(spec) == beta1_csv(ref_spec)
 
     steps.clear()
     again = train(spec, checkpoint_store=store, progress=lambda s, t, i: steps.append(s))
@@ -180,9 +196,11 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(data_root, tmp_path):
 
     (m_ref, c_ref), (m, c) = read_outputs(ref), read_outputs(spec)
     assert UNTIMED(m) == UNTIMED(m_ref) and c == c_ref
+    assert beta1_csv(spec) == beta1_csv(ref) and len(beta1_csv(spec).splitlines()) == 1 + 6
     a = from_bytes(LocalCheckpointStore(ref["checkpoint"]).load())
     b = from_bytes(LocalCheckpointStore(spec["checkpoint"]).load())
-    for key in ("model", "optimizer", "scheduler", "rng", "data", "step", "curve"):
+    for key in ("model", "optimizer", "scheduler", "rng", "data", "step", "curve", "beta1",
+                "nonfinite"):
         assert _same(a[key], b[key]), key
 
     # The resumed process continued the killed one's MLflow run, replaying no logged step.

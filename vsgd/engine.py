@@ -40,8 +40,8 @@ class Run:
     autocast: object                  # () -> context manager
     train_x: torch.Tensor             # uint8 NHWC on the device
     train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_x: torch.Tensor | None       # None when the run must not see the test set
+    test_y: torch.Tensor | None
     val_x: torch.Tensor | None
     val_y: torch.Tensor | None
     batch_size: int
@@ -59,15 +59,22 @@ class State:
     """Where a run is; with the modules' state dicts and RNG states, what a checkpoint holds.
 
     `sums`: running loss*n and correct predictions, row 0 since the last log point (which a
-    checkpoint always is), row 1 since the last evaluation. `seconds`: the loop's wall time so
-    far. `perm`: the current epoch's order (derived from `epoch`, never saved).
+    checkpoint always is), row 1 since the last evaluation. `nonfinite`: the first step whose
+    training loss was NaN or inf, -1 while there is none; like `sums` it stays on the device
+    and is read back at log points only. `seconds`: wall time of the training steps so far.
+    `curve`: one row per evaluation; `beta1`: one row per adaptive-momentum summary.
+    `diverged`: set by the trainer at the log point that found `nonfinite` set. `perm`: the
+    current epoch's order (derived from `epoch`, never saved).
     """
     sums: torch.Tensor
+    nonfinite: torch.Tensor
     step: int = 0
     epoch: int = 0
     batch: int = 0
     seconds: float = 0.0
     curve: list = field(default_factory=list)
+    beta1: list = field(default_factory=list)
+    diverged: dict | None = None
     mlflow_run_id: str | None = None
     perm: torch.Tensor | None = None
 
@@ -110,10 +117,27 @@ def split_validation(x: np.ndarray, y: np.ndarray, size: int):
     return x[~held], y[~held], x[held], y[held]
 
 
+def set_float32_precision(precision: str) -> None:
+    """TF32 on (`tf32`) or off (`fp32`, `bf16`) for float32 matmuls and cuDNN convolutions.
+
+    `fp32` is strict float32, as on the paper's RTX 2080 Ti, which has no TF32. It has to be
+    asked for: PyTorch runs cuDNN convolutions in TF32 by default on Ampere and later, which
+    rounds their inputs to 10 mantissa bits. Under `bf16` autocast what stays float32 is kept
+    strict too. The flags are process-wide, so every run sets all three: nothing of an
+    earlier run in the same process carries over.
+    """
+    tf32 = precision == "tf32"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def build(spec: dict, training: dict, data) -> Run:
     """The modules and on-device data of `spec`'s run; `data` is its `Prepared` dataset and
     `training` its training keys with defaults filled in."""
     device = resolve_device(training["device"])
+    # Before anything is built or compiled: compiled kernels may depend on the flags.
+    set_float32_precision(training["precision"])
     channels_last = training["channels_last"] is True or (
         training["channels_last"] == "auto" and device.type in ("cpu", "cuda"))  # faster
     # Compiling costs ~50 s on CPU for a few % at best: only where it pays (CUDA).
@@ -126,6 +150,9 @@ def build(spec: dict, training: dict, data) -> Run:
     test_x, test_y = data.test_x, data.test_y
     if training["test_limit"]:
         test_x, test_y = test_x[:training["test_limit"]], test_y[:training["test_limit"]]
+    if not training["eval_test"]:
+        # A tuning run: the test set is not even put on the device, so nothing can read it.
+        test_x = test_y = None
     if bs > len(train_x):
         raise ConfigError([f"batch_size: {bs} exceeds the {len(train_x)} training images"])
 
@@ -159,12 +186,14 @@ def build(spec: dict, training: dict, data) -> Run:
 def new_state(run: Run) -> State:
     # float64 sums keep the running means exact over thousands of steps; MPS has no float64.
     dtype = torch.float32 if run.device.type == "mps" else torch.float64
-    return State(sums=torch.zeros(2, 2, device=run.device, dtype=dtype))
+    return State(sums=torch.zeros(2, 2, device=run.device, dtype=dtype),
+                 nonfinite=torch.full((), -1, device=run.device, dtype=torch.int64))
 
 
 def train_step(run: Run, state: State) -> float:
     """One iteration: the next batch of the epoch order, forward, backward, update, StepLR,
-    and the running sums. Returns the lr the step used. Never waits for the device."""
+    the running sums, and `nonfinite` if this is the first step with a NaN or inf loss.
+    Returns the lr the step used. Never waits for the device."""
     if state.perm is None:  # a new or resumed run
         state.perm = epoch_permutation(len(run.train_x), run.seed, state.epoch).to(run.device)
     if state.batch == run.batches_per_epoch:
@@ -183,6 +212,9 @@ def train_step(run: Run, state: State) -> float:
     run.scheduler.step()
     state.sums += torch.stack([loss.detach() * bs,
                                (logits.argmax(1) == y).sum()]).to(state.sums.dtype)
+    # A tensor op, not an `if`: testing the loss on the host would wait for the device.
+    state.nonfinite.masked_fill_((state.nonfinite < 0) & ~torch.isfinite(loss.detach()),
+                                 state.step + 1)
     state.step, state.batch = state.step + 1, state.batch + 1
     return lr
 
@@ -204,11 +236,11 @@ def evaluate(model, x, y, augmenter, batch_size, autocast) -> tuple[float, float
 
 
 def measure(run: Run) -> dict:
-    """Test (and validation, where there is a split) loss and accuracy of the current model."""
+    """Test (unless the run must not see it) and validation (where there is a split) loss
+    and accuracy of the current model; None for what is not measured."""
     out = {}
-    out["test_loss"], out["test_acc"] = evaluate(run.forward, run.test_x, run.test_y,
-                                                 run.augmenter, run.eval_batch_size,
-                                                 run.autocast)
+    out["test_loss"], out["test_acc"] = (None, None) if run.test_x is None else evaluate(
+        run.forward, run.test_x, run.test_y, run.augmenter, run.eval_batch_size, run.autocast)
     out["val_loss"], out["val_acc"] = (None, None) if run.val_x is None else evaluate(
         run.forward, run.val_x, run.val_y, run.augmenter, run.eval_batch_size, run.autocast)
     return out

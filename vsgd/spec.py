@@ -10,8 +10,8 @@ the training stack.
 Run identity (`run_hash`): a run is identified by everything that can change its result and
 by nothing else. In the identity: dataset, model, the data's checksum and source, the
 optimizer and every hyperparameter, the schedule, batch size, seed, the training keys that
-change what is computed (`validation_size`, `eval_every` and `test_limit`, which decide which
-points the curve has and what they are measured on, `eval_batch_size`, `precision`,
+change what is computed (`validation_size`, `eval_every`, `test_limit` and `eval_test`, which
+decide which points the curve has and what they are measured on, `eval_batch_size`, `precision`,
 `compile`, `channels_last`, `device`) and the code version. Not in it: the run's name and
 locations (`output_dir`, `checkpoint`, `data.dir`, `data.uri`), the tracking settings, and the
 keys in `BOOKKEEPING`, which only change how often things are logged or saved (a resumed run
@@ -37,7 +37,9 @@ MODELS = ("vgg16", "vgg19", "convmixer_256_8", "resnext18")
 # The grid's architecture families; params.yaml's protocol maps each to a model per dataset.
 ARCHS = ("vgg", "convmixer", "resnext")
 SOURCES = ("official", "synthetic")
-PRECISIONS = ("fp32", "bf16")
+# fp32: strict float32, TF32 off (the paper's RTX 2080 Ti has none); tf32: TF32 for float32
+# matmuls and convolutions; bf16: bf16 autocast, TF32 off for what stays float32.
+PRECISIONS = ("fp32", "tf32", "bf16")
 AUTO_BOOL = ("auto", True, False)
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 SCHEDULE_KEYS = ("iterations", "step_size", "gamma")
@@ -82,10 +84,12 @@ TRAINING = {
     "eval_every": (500, "int>=1"),
     "checkpoint_every": (1000, "int>=1"),
     "log_every": (50, "int>=1"),
-    "beta1_every": (500, "int>=1"),
+    "beta1_every": (100, "int>=1"),   # the authors log beta1 every 100 iterations
     "eval_batch_size": (1000, "int>=1"),
     "validation_size": (0, "int>=0"),
     "test_limit": (0, "int>=0"),
+    # false: the test set is never evaluated (tuning runs); needs validation_size > 0.
+    "eval_test": (True, (True, False)),
     "precision": ("fp32", PRECISIONS),
     "compile": ("auto", AUTO_BOOL),
     "channels_last": ("auto", AUTO_BOOL),
@@ -198,7 +202,17 @@ def check_spec(spec: dict) -> list[str]:
         opt.update(args)  # numbers YAML spelled as strings, coerced
     if "training" in spec:
         check_training(c, spec["training"], "training", partial=True)
+        check_test_set_use(c, spec["training"])
     return c.problems
+
+
+def check_test_set_use(c: "Checker", training) -> None:
+    """A run that never evaluates the test set (`eval_test: false`) reports its validation
+    accuracy instead, so it needs a validation split."""
+    if isinstance(training, dict) and training.get("eval_test") is False \
+            and training.get("validation_size", TRAINING_DEFAULTS["validation_size"]) == 0:
+        c.problem("training.eval_test: false needs training.validation_size > 0 (a run "
+                  "that never sees the test set reports val_acc)")
 
 
 def check_schedule(c: "Checker", schedule, path: str, partial: bool = False) -> None:

@@ -95,7 +95,7 @@ def git_commit() -> str:
 
 class Tracker:
     """`start` -> `log_metrics` + `flush_in_background` (or `flush`) at log points ->
-    `log_artifacts` -> `finish`.
+    `set_tags` (outcomes such as `diverged`), `log_artifacts` -> `finish`.
 
     With `uri=None` every method does nothing, so the trainer has one code path.
     `client` replaces the MlflowClient (tests inject failures through it).
@@ -198,6 +198,14 @@ class Tracker:
             if not self._retrying(lambda p=path: self._upload(p), FINISH_TIMEOUT / 4):
                 log.warning("MLflow: could not upload %s", path)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the run (an outcome known only at the end, e.g. `diverged`); retried like an
+        artifact upload, never fatal."""
+        if not self.enabled:
+            return
+        if not self._retrying(lambda: self._tag(tags), FINISH_TIMEOUT / 4):
+            log.warning("MLflow: could not set tags %s", ", ".join(tags))
+
     def finish(self, status: str = "FINISHED") -> None:
         """Stop the sender, flush everything (retrying up to FINISH_TIMEOUT) and end the run
         with `status`."""
@@ -254,6 +262,12 @@ class Tracker:
     def _upload(self, path) -> bool:
         self._ensure_run()
         self._client.log_artifact(self.run_id, str(path))
+        return True
+
+    def _tag(self, tags: dict[str, str]) -> bool:
+        from mlflow.entities import RunTag
+        self._ensure_run()
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return True
 
     def _terminate(self, status: str) -> bool:

@@ -10,13 +10,24 @@ the *final* iterate reported. What a run computes (setup, the step, evaluation) 
 otherwise), checkpoints, and the finish (outputs, MLflow).
 
 Resuming is exact: the checkpoint holds the model, optimizer, scheduler, every RNG state, the
-data position (epoch, batch) and the running sums, and the epoch permutations are derived from
-(seed, epoch) rather than drawn from a stream. On CPU a run killed at any moment and restarted
-ends bit-identical to one that was never interrupted (tests/test_trainer.py).
+data position (epoch, batch), the running sums and the rows recorded so far (curve, beta1), and
+the epoch permutations are derived from (seed, epoch) rather than drawn from a stream. On CPU a
+run killed at any moment and restarted ends bit-identical to one that was never interrupted
+(tests/test_trainer.py).
+
+Divergence: a run whose training loss becomes NaN or inf stops at the next log point and is
+recorded as diverged (`metrics["diverged"]`); it counts as finished. The step records the first
+non-finite loss on the device and the log point reads it with the running sums, so detecting
+it costs no extra wait for the device. The model is not evaluated after that: the metrics are
+those of the last finite evaluation. The authors' trainer (generativeai-tue/vsgd) instead skips
+an update whose loss is NaN and stops only when the validation loss is NaN. We stop at the
+first non-finite training loss, for every optimizer alike, because skipped steps are silent:
+they help an unstable optimizer (it just loses some steps) and hide how often it blew up.
 """
 
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -35,6 +46,7 @@ from .tracking import Tracker
 log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "train_acc", "lr")
+BETA1_COLUMNS = ("step", "mean", "q10", "q25", "median", "q75", "q90")
 
 
 def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
@@ -42,7 +54,8 @@ def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
 
     `checkpoint_store`: see vsgd.checkpoint; None trains without checkpoints.
     `progress(step, iterations, info)` is called at every log point with the running
-    `loss`, `acc`, `lr`, `images_per_sec` and, after an evaluation, its results.
+    `loss`, `acc`, `lr`, `images_per_sec` and, after an evaluation, its results (what was
+    not measured, such as the test set of a run with `eval_test: false`, is left out).
     Raises `vsgd.spec.ConfigError` for an invalid spec, before any work.
     """
     run, training = setup(spec)
@@ -57,6 +70,8 @@ def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
             due = _Due.at(state.step, run, training, checkpoint_store)
             if due:
                 log_point(run, state, lr, due, clock, tracker, progress)
+                if state.diverged:
+                    break  # no evaluation, no checkpoint of the diverged model
                 if due.checkpoint:
                     save_checkpoint(spec, run, state, tracker, checkpoint_store)
                 clock.restart(state)
@@ -103,9 +118,11 @@ def restore(spec: dict, run: engine.Run, store) -> engine.State:
         torch.cuda.set_rng_state(saved["rng"]["cuda"], run.device)
     run.aug_gen.set_state(saved["rng"]["augment"])
     state.step, state.seconds = saved["step"], saved["seconds"]
-    state.curve, state.mlflow_run_id = saved["curve"], saved["mlflow_run_id"]
+    state.curve, state.beta1 = saved["curve"], saved["beta1"]
+    state.mlflow_run_id = saved["mlflow_run_id"]
     state.epoch, state.batch = saved["data"]["epoch"], saved["data"]["batch"]
     state.sums.copy_(saved["sums"])
+    state.nonfinite.copy_(saved["nonfinite"])
     log.info("resuming %s from its checkpoint at step %d/%d", spec["name"], state.step,
              run.iterations)
     return state
@@ -136,8 +153,8 @@ class _Due:
 
 
 class _Clock:
-    """The loop's wall time (log points included, checkpoint writes left out) and the start
-    of the current logging window, for images/s."""
+    """The start of the current window of training steps: the end of the previous log
+    point's work (its evaluation, logging and checkpoint), for `state.seconds` and images/s."""
 
     def __init__(self, state):
         self.restart(state)
@@ -148,15 +165,26 @@ class _Clock:
 
 
 def log_point(run, state, lr, due, clock, tracker, progress) -> None:
-    """Read the running sums back (the only sync with the device), evaluate if due, and
-    report to MLflow and `progress`."""
-    now = time.perf_counter()
-    (l_loss, l_correct), (e_loss, e_correct) = state.sums.tolist()
+    """Read the running sums and the divergence flag back (the only sync with the device),
+    close the window of training time, evaluate if due (never a diverged model), and report
+    to MLflow and `progress`."""
+    # One transfer for both; it waits for the window's last step, so the clock is read after
+    # it (before it, on CUDA, the window would hold only the kernel launches).
+    *sums, nonfinite = torch.cat([state.sums.reshape(-1),
+                                  state.nonfinite.to(state.sums.dtype).reshape(1)]).tolist()
+    window = time.perf_counter() - clock.start
+    state.seconds += window
+    l_loss, l_correct, e_loss, e_correct = sums
     l_n = (state.step - clock.window_step) * run.batch_size
     e_n = (state.step - (state.curve[-1]["step"] if state.curve else 0)) * run.batch_size
     state.sums[0] = 0
     out = {"train_loss": l_loss / l_n, "train_acc": l_correct / l_n, "lr": lr,
-           "images_per_sec": l_n / (now - clock.start)}
+           "images_per_sec": l_n / window}
+    if nonfinite >= 0:
+        state.diverged = {"step": int(nonfinite), "stopped_at": state.step}
+        log.warning("training loss not finite at step %d: the run stops at step %d/%d as "
+                    "diverged", state.diverged["step"], state.step, run.iterations)
+        due = _Due(log=True, eval=False, checkpoint=False, beta1=False)
     if due.eval:
         state.sums[1] = 0
         out.update(engine.measure(run))
@@ -166,21 +194,23 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
                             "lr": lr})
     if due.beta1:
         b1 = beta1_summary(run.optimizer)
-        out["beta1_median"], out["beta1_mean"] = b1["median"], b1["mean"]
+        state.beta1.append({"step": state.step, **b1})
+        out.update({f"beta1_{key}": value for key, value in b1.items()})
     tracker.log_metrics(out, state.step)
     tracker.flush_in_background()
     if progress is not None:
-        progress(state.step, run.iterations,
-                 {"loss": out["train_loss"], "acc": out["train_acc"], **out})
-    state.seconds += time.perf_counter() - clock.start
+        info = {"loss": out["train_loss"], "acc": out["train_acc"], **out}
+        progress(state.step, run.iterations, {k: v for k, v in info.items() if v is not None})
 
 
 def save_checkpoint(spec, run, state, tracker, store) -> None:
     store.save(ckpt.to_bytes({
         "run_hash": spec["run_hash"], "step": state.step, "seconds": state.seconds,
-        "curve": state.curve, "mlflow_run_id": tracker.run_id,
+        "curve": state.curve, "beta1": state.beta1, "mlflow_run_id": tracker.run_id,
         "data": {"epoch": state.epoch, "batch": state.batch},
-        "sums": state.sums.cpu(), "model": run.model.state_dict(),
+        # Always -1 here (a diverged run stops before its checkpoint), kept for exactness.
+        "sums": state.sums.cpu(), "nonfinite": state.nonfinite.cpu(),
+        "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "augment": run.aug_gen.get_state(),
                 "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
@@ -189,25 +219,58 @@ def save_checkpoint(spec, run, state, tracker, store) -> None:
 
 
 def finish(spec, run, state, tracker) -> dict:
-    """The final iterate's metrics, written to `output_dir` and logged as MLflow artifacts."""
-    last = state.curve[-1]
+    """The final iterate's metrics, written to `output_dir` and logged as MLflow artifacts.
+
+    A diverged run reports its last finite evaluation (None where there was none), with
+    `diverged: {step: first non-finite loss, stopped_at: the log point that found it}`;
+    `iterations` is always the planned number, `steps_done` the steps actually taken.
+
+    `seconds_per_iter` is the time of the training step alone: forward, backward, optimizer
+    step, batch gathering and augmentation, averaged over `steps_done`. It is the sum of the
+    windows from the end of one log point's work to the next log point's read-back of the
+    running sums, the wait for the device included; evaluation, logging, beta1 summaries
+    and checkpoint writes fall outside every window. After a resume the replayed steps are
+    timed again and the lost ones not at all, so it always covers `steps_done` steps. (The
+    authors' `train_time` is per step too, but leaves out the batch, which their DataLoader
+    workers load and augment ahead, and holds their step's own syncs: a NaN check and the
+    gradient norm read back every step, and the beta1 histogram at its logging steps.)
+    """
+    last = last_finite_row(state.curve, state.diverged)
     metrics = {
         "name": spec["name"], "run_hash": spec["run_hash"], "dataset": spec["dataset"],
         "arch": spec["arch"], "arch_key": spec["arch_key"],
         "optimizer": spec["optimizer"]["name"], "lr": spec["optimizer"]["lr"],
-        "seed": run.seed, "iterations": run.iterations,
-        "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-        "train_loss": last["train_loss"], "train_acc": last["train_acc"],
-        "val_acc": last["val_acc"],
-        "seconds_per_iter": state.seconds / run.iterations,
+        "seed": run.seed, "iterations": run.iterations, "steps_done": state.step,
+        "diverged": state.diverged,
+        **{key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "train_acc",
+                                          "val_acc")},
+        "seconds_per_iter": state.seconds / state.step,
         "device": str(run.device), "device_name": device_name(run.device),
         "mlflow_run_id": tracker.run_id,
     }
     metrics["images_per_sec"] = run.batch_size / metrics["seconds_per_iter"]
     out_dir = Path(spec["output_dir"])
-    write_outputs(out_dir, spec, metrics, state.curve)
-    tracker.log_artifacts([out_dir / "config.json", out_dir / "metrics.json"])
+    beta1 = state.beta1 if isinstance(run.optimizer, VSGD) else None
+    write_outputs(out_dir, spec, metrics, state.curve, beta1)
+    if state.diverged:
+        tracker.set_tags({"diverged": "true"})
+    # Every result file, so that a result can be fetched back from MLflow whole.
+    tracker.log_artifacts([out_dir / name for name in ("config.json", "curve.csv", "beta1.csv",
+                                                       "metrics.json")
+                           if (out_dir / name).is_file()])
     return metrics
+
+
+def last_finite_row(curve: list[dict], diverged: dict | None) -> dict:
+    """The curve row the metrics report: the last one, or for a diverged run the last one
+    before the first non-finite step whose numbers are all finite ({} if there is none)."""
+    if diverged is None:
+        return curve[-1]
+    for row in reversed(curve):
+        if row["step"] < diverged["step"] and all(
+                math.isfinite(v) for v in row.values() if isinstance(v, float)):
+            return row
+    return {}
 
 
 def device_name(device: torch.device) -> str:
@@ -223,12 +286,20 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or device.type
 
 
-def write_outputs(out_dir: Path, spec: dict, metrics: dict, curve: list[dict]) -> None:
+def write_outputs(out_dir: Path, spec: dict, metrics: dict, curve: list[dict],
+                  beta1: list[dict] | None) -> None:
+    """curve.csv, beta1.csv (VSGD runs: `beta1` is not None), config.json, metrics.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [",".join(CURVE_COLUMNS)]
-    rows += [",".join("" if row[c] is None else repr(row[c]) for c in CURVE_COLUMNS)
-             for row in curve]
-    atomic_write(out_dir / "curve.csv", "\n".join(rows) + "\n")
+    atomic_write(out_dir / "curve.csv", csv_text(CURVE_COLUMNS, curve))
+    if beta1 is not None:
+        atomic_write(out_dir / "beta1.csv", csv_text(BETA1_COLUMNS, beta1))
     atomic_write(out_dir / "config.json", json.dumps(spec, indent=2) + "\n")
     # metrics.json last: its presence (with the run hash) marks the run as done.
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def csv_text(columns: tuple, rows: list[dict]) -> str:
+    """A header and one line per row; None as an empty field, floats as `repr` (exact)."""
+    lines = [",".join(columns)]
+    lines += [",".join("" if row[c] is None else repr(row[c]) for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"

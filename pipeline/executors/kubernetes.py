@@ -435,12 +435,18 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..config import ConfigError, load_params
-    from ..grid import expand
+    from ..grid import expand, tuning_specs
+    from ..tune import load_selection
     params = load_params(args.params, args.set)
     if not params["storage"]["remote"]:
         raise ConfigError(["storage.remote: rendering Jobs needs an s3:// remote (pods reach "
                            "their data, checkpoints and results through it)"])
-    specs = expand(params)
+    specs = tuning_specs(params)
+    try:
+        specs += expand(params, load_selection(params))
+    except ConfigError:  # the final runs' values come from the tune stage
+        print(f"the grid's final runs need the tune stage's choice "
+              f"(results/tuning/selected.yaml): rendering its {len(specs)} tuning runs only")
     paths = write_jobs(specs, params, args.out)
     for spec, path in zip(specs, paths):
         print(f"{path}  ({spec['name']})")
