@@ -77,8 +77,9 @@ def test_run_contents_and_resume_without_duplicates(data_root, tmp_path):
         "optimizer": "vsgd", "seed": "0", "run_hash": spec["run_hash"],
         "git_commit": tags["git_commit"], "data_checksum": spec["data"]["checksum"]}
     assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
-    assert sorted(a.path for a in client.list_artifacts(rid)) == ["config.json",
-                                                                  "metrics.json"]
+    # Every result file, so that a result can be fetched back from MLflow whole.
+    assert sorted(a.path for a in client.list_artifacts(rid)) == [
+        "beta1.csv", "config.json", "curve.csv", "metrics.json"]
     logged = json.loads(Path(client.download_artifacts(rid, "metrics.json", str(tmp_path)))
                         .read_text())
     assert logged == metrics
@@ -218,4 +219,4 @@ def test_run_against_a_real_mlflow_server(data_root, tmp_path, mlflow_server):
     assert sorted(steps(client, run.info.run_id, "test_acc")) == [2, 4]
     assert run.data.params["optimizer.ghattg"] == "30.0"
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
-        "config.json", "metrics.json"]
+        "beta1.csv", "config.json", "curve.csv", "metrics.json"]
