@@ -55,6 +55,16 @@ def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", opti
     return spec
 
 
+def fake_prepared(root) -> None:
+    """`<root>/prepared/<dataset>/manifest.json` with a made-up checksum per dataset: enough
+    for building specs (their hashes read the checksum), not for training."""
+    import json
+    for ds in ("cifar100", "tinyimagenet"):
+        d = Path(root) / "prepared" / ds
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"checksum": f"sum-{ds}"}))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served through it);

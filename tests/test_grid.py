@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fake_prepared
 from pipeline import grid
 from pipeline.config import load_params
 
@@ -16,10 +17,7 @@ PARAMS = ROOT / "params.yaml"
 def params(tmp_path, monkeypatch):
     """ci-preset params with a fake prepared dataset (only the manifest matters here)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for ds in ("cifar100", "tinyimagenet"):
-        d = tmp_path / "prepared" / ds
-        d.mkdir(parents=True)
-        (d / "manifest.json").write_text(json.dumps({"checksum": f"sum-{ds}"}))
+    fake_prepared(tmp_path)
     return load_params(PARAMS, ["preset=ci", f"data.root={tmp_path}", "tune.enabled=false"])
 
 

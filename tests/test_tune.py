@@ -2,12 +2,12 @@
 never a diverged point; selections read back only for the grid they were made on; the grid
 of any hyperparameter validated like the hyperparameter itself."""
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import fake_prepared
 from pipeline import grid, tune
 from pipeline.config import ConfigError, load_params
 
@@ -43,10 +43,7 @@ def test_ties_on_two_keys_prefer_the_smaller_lr_first():
 @pytest.fixture
 def params(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for ds in ("cifar100", "tinyimagenet"):
-        d = tmp_path / "prepared" / ds
-        d.mkdir(parents=True)
-        (d / "manifest.json").write_text(json.dumps({"checksum": f"sum-{ds}"}))
+    fake_prepared(tmp_path)
     return load_params(PARAMS, ["preset=ci", f"data.root={tmp_path}"])
 
 
