@@ -55,6 +55,15 @@ def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", opti
     return spec
 
 
+def crash_at(step: int):
+    """A `progress` callback that raises RuntimeError("boom") at `step`: a run that dies
+    mid-training, after its last checkpoint."""
+    def progress(at, total, info):
+        if at == step:
+            raise RuntimeError("boom")
+    return progress
+
+
 def fake_prepared(root) -> None:
     """`<root>/prepared/<dataset>/manifest.json` with a made-up checksum per dataset: enough
     for building specs (their hashes read the checksum), not for training."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_spec
+from conftest import crash_at, run_spec
 from vsgd import engine, trainer
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
 from vsgd.trainer import train
@@ -141,13 +141,8 @@ def test_a_resumed_run_diverges_exactly_as_an_uninterrupted_one(data_root, tmp_p
     train(ref)
     spec = run_spec(data_root, tmp_path / "int", **kw)
     store = LocalCheckpointStore(spec["checkpoint"])
-
-    def crash_at_4(step, total, info):
-        if step == 4:
-            raise RuntimeError("boom")
-
     with pytest.raises(RuntimeError, match="boom"):
-        train(spec, checkpoint_store=store, progress=crash_at_4)
+        train(spec, checkpoint_store=store, progress=crash_at(4))
     assert from_bytes(store.load())["step"] == 2
     metrics = train(spec, checkpoint_store=store)
     assert metrics["diverged"] == {"step": 6, "stopped_at": 6}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_spec
+from conftest import ROOT, crash_at, run_spec
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
 from vsgd.spec import ConfigError, check_spec
 from vsgd.trainer import CURVE_COLUMNS, train
@@ -109,13 +109,8 @@ def test_resume_in_process_is_exact_and_a_finished_run_only_reports(data_root, t
 
     spec = run_spec(data_root, tmp_path / "int", **kw)
     store = LocalCheckpointStore(spec["checkpoint"])
-
-    def crash_at_5(step, total, info):
-        if step == 5:
-            raise RuntimeError("boom")
-
     with pytest.raises(RuntimeError, match="boom"):
-        train(spec, checkpoint_store=store, progress=crash_at_5)
+        train(spec, checkpoint_store=store, progress=crash_at(5))
     assert from_bytes(store.load())["step"] == 4
     assert not (Path(spec["output_dir"]) / "metrics.json").exists()
     steps = []
