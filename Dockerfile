@@ -1,8 +1,16 @@
-# Training image: one run of the grid per container (`python -m pipeline.train --spec-json`).
-#   docker build -t <registry>/vsgd-repro:0.1.0 .
+# Training image: one run of the grid per container (`python -m pipeline.train --spec-json`),
+# and the in-cluster launcher (k8s/components/launcher). Build it with
+#   make image REGISTRY=registry.example.com/    (then `make push`)
+# which tags it <registry>vsgd-repro:<project version>-<code hash> (`make image-ref`, from
+# pipeline/image.py): the tag is the code, so the executor's default image is always the one
+# holding the code it runs. Docker, podman or nerdctl: `make image DOCKER=podman`.
+# For bit-for-bit reruns, pin the pushed image by its digest in params.yaml:
+#   docker buildx imagetools inspect <ref>        (the registry's digest), or after a push
+#   docker inspect --format '{{index .RepoDigests 0}}' <ref>
+#   executor.kubernetes.image: registry.example.com/vsgd-repro@sha256:...
 # The base already holds torch 2.14.1 + CUDA 13.0 + cuDNN 9 (torch 2.14.1+cu130, cuBLAS
 # 13.1.1.3, cuDNN 9.24.0.43: the versions in requirements.lock), so pip only adds the rest.
-# Pin it by digest for bit-for-bit rebuilds:
+# Pin the base by digest the same way:
 #   docker buildx imagetools inspect pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
@@ -33,26 +41,42 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
  && python -m pip install -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The code last (changes often): a cheap layer without dependency resolution.
-COPY README.md ./
+# What the build is of (`make image` passes both): the commit, `-dirty` with uncommitted
+# changes, which the trainer records with each run; and the tag, which the check below
+# recomputes from the installed code. Declared here, after the dependencies, so that a new
+# commit does not rebuild their layer.
+ARG GIT_COMMIT=unknown
+ARG IMAGE_TAG=
+ENV VSGD_GIT_COMMIT=$GIT_COMMIT \
+    VSGD_IMAGE_TAG=$IMAGE_TAG
+
+# The code last (changes often): a cheap layer without dependency resolution. /app/project
+# is the project as the in-cluster launcher needs it: dvc.yaml, the default params.yaml (a
+# start for the vsgd-params ConfigMap) and the code the stages declare as dependencies.
+WORKDIR /app/project
+COPY pyproject.toml README.md dvc.yaml params.yaml ./
 COPY vsgd ./vsgd
 COPY pipeline ./pipeline
-# Build-time check, from / so that only the installed package is seen (not /app's sources):
+# Build-time check, from / so that only the installed package is seen (not these sources):
 # the trainer imports, a Job renders from the packaged template through the executor's code
-# path (k8s_config.template_path -> load_template -> k8s_jobs.render_job), and the published
-# reference numbers load.
+# path (k8s_config.template_path -> load_template -> k8s_jobs.render_job), the published
+# reference numbers load, and the installed code is the code IMAGE_TAG names (a build from
+# another tree than the tag says fails here, not in the cluster).
 RUN python -m pip install --no-deps . \
+ && rm -rf build ./*.egg-info \
  && cd / && python -c "\
-import vsgd, pipeline.train, pipeline.executors.kubernetes; \
-from pipeline import aggregate, k8s_config, k8s_jobs; \
+import os, vsgd, pipeline.train, pipeline.executors.kubernetes; \
+from pipeline import aggregate, image, k8s_config, k8s_jobs; \
 assert not k8s_jobs.__file__.startswith('/app/'), k8s_jobs.__file__; \
+tag, built = os.environ.get('VSGD_IMAGE_TAG'), image.image_tag(); \
+assert not tag or built == tag, f'the installed code is {built}, not IMAGE_TAG {tag}'; \
 params = {'storage': {'remote': 's3://vsgd/check'}}; \
 spec = {'name': 'check', 'run_hash': '0123456789abcdef', 'dataset': 'cifar100', \
         'arch': 'vgg16', 'optimizer': {'name': 'vsgd'}, 'seed': 0}; \
 job = k8s_jobs.render_job(spec, params, k8s_config.load_template(k8s_config.template_path(params))); \
 assert job['kind'] == 'Job' and k8s_config.train_container(job)['args'][0] == '--spec-json', job; \
 assert aggregate.load_references(); \
-print('installed package renders Jobs:', k8s_config.template_path(params))"
+print('installed package renders Jobs:', k8s_config.template_path(params), built)"
 
 USER 10001:10001
 WORKDIR /scratch

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .config import EX_CONFIG, ConfigError, add_params_arguments, load_params
+from .executors import EX_TEMPFAIL, Detached
 
 EXAMPLES = """\
 examples:
@@ -139,6 +140,10 @@ COMMANDS = {
     "gc": ("pipeline.results", "remove results and checkpoints no run of the grid uses"),
     "render-jobs": ("pipeline.executors.kubernetes", "write the grid's Kubernetes Jobs as "
                                                      "YAML files"),
+    "jobs": ("pipeline.jobs", "list this pipeline's Kubernetes Jobs, or cancel them (those of "
+                              "an earlier grid with --stale)"),
+    "image": ("pipeline.image", "the training image's reference: tagged with the code version "
+                                "(`make image` builds it)"),
     "services": ("pipeline.services", "start/stop a local MLflow server and S3 store"),
 }
 
@@ -183,6 +188,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
+    except Detached:
+        return EX_TEMPFAIL   # said by the stage; the runs go on, the next start adopts them
     except KeyboardInterrupt:
         # Finished runs are kept and interrupted ones resume: the next call continues.
         print(f"{name}: interrupted", file=sys.stderr)

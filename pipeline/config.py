@@ -313,7 +313,10 @@ def _check_small_sections(c, p):
                   optional=("kubernetes",))
     if e is not None:
         c.choice(e["kind"], "executor.kind", EXECUTORS)
-        c.integer(e, "max_parallel", "executor.max_parallel", minimum=1)
+        # null: the executor's own default (one at a time; on Kubernetes with a Kueue
+        # queue, every run: admission is the queue's job).
+        if e["max_parallel"] is not None:
+            c.integer(e, "max_parallel", "executor.max_parallel", minimum=1)
         # The Kubernetes executor owns its section; a local run with none set needs no Job
         # template, so it is not checked then.
         if e["kind"] == "kubernetes" or e["kubernetes"] not in (None, MISSING, {}):

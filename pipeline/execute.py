@@ -37,8 +37,16 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     """Run every spec without a finished result. With `view`, `results/runs/` is made to
     show exactly `specs` (the train stage's grid) and the count says which results were
     already shown ("done") and which came back from the store ("reused")."""
-    from .executors import get_executor, write_spec
+    from .executors import Detached, get_executor, write_spec
     check_prepared(params, stage)
+    executor = get_executor(params)
+    unfinished = [s for s in specs if not results.is_done(s)]
+    if hasattr(executor, "preflight") and unfinished:
+        # Before any lookup, upload or run: what would fail every run is said at once.
+        executor.preflight(unfinished[0])
+    if params["executor"]["kind"] == "kubernetes":
+        from .jobs import report_stale
+        report_stale(params, stage)
     shown = {s["name"] for s in specs if view and results.is_shown(s)}
     pending = [s for s in specs if not (results.is_done(s) or _fetch_remote_result(params, s))]
     done = len(shown) if view else len(specs) - len(pending)
@@ -53,7 +61,7 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     if pending:
         _init_tracking(params)
     try:
-        outcomes = get_executor(params).run(pending)
+        outcomes = executor.run(pending)
     except (KeyboardInterrupt, SystemExit):
         # Say what is kept: results in the store count as done, whatever the run's exit.
         kept = sum(results.is_done(s) for s in pending)
@@ -62,6 +70,15 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
         print(f"{stage}: interrupted; {kept} of {len(pending)} runs finished and kept, "
               f"{len(pending) - kept} to run; run again to continue (interrupted runs "
               f"resume from their last checkpoint)", file=sys.stderr, flush=True)
+        raise
+    except Detached as exc:
+        kept = sum(results.is_done(s) for s in pending)
+        if view:
+            results.show(specs)
+        print(f"{stage}: the launcher stopped following the runs: {exc}. {kept} of "
+              f"{len(pending)} runs finished and kept; the others keep running in the "
+              f"cluster, and running the stage again (`dvc repro`) adopts them",
+              file=sys.stderr, flush=True)
         raise
     if view:
         results.show(specs)

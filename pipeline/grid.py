@@ -12,7 +12,7 @@ import itertools
 import json
 from pathlib import Path
 
-from vsgd.spec import OPTIMIZERS, ConfigError, run_hash
+from vsgd.spec import OPTIMIZERS, ConfigError, code_version, run_hash
 from vsgd.tracking import tracking_uri
 
 from .config import resolve_run, tuned_cells
@@ -119,6 +119,9 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
                      "experiment": params["tracking"]["experiment"]},
     }
     spec["run_hash"] = run_hash(spec)
+    # The code the hash was computed with: a pod whose code differs (a stale image) names
+    # both versions instead of training a run that is not the one its hash says.
+    spec["code_version"] = code_version()
     point = "".join(f"-{key}{_short(args[key])}" for key in values or {}) if tuning else ""
     spec["name"] = (f"{'tune-' if tuning else ''}{dataset}-{run['model']}-{optimizer}{point}"
                     f"-s{seed}-{spec['run_hash'][:8]}")
@@ -140,7 +143,7 @@ def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None
 
 
 _ORDER = ("name", "run_hash", "dataset", "arch_key", "arch", "data", "optimizer", "schedule",
-          "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking")
+          "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking", "code_version")
 
 
 def data_checksum(data_dir: str) -> str | None:

@@ -25,6 +25,20 @@ BEHAVIOUR = {
     "template": None,             # Job template path; null = DEFAULT_TEMPLATE
     "log_tail_lines": 30,         # pod log lines shown when a run fails
     "progress_interval": 60,      # seconds between progress lines per run
+    # An unreachable API server (refused, reset, 5xx, 429) is retried with backoff this many
+    # seconds; then the launcher leaves, the Jobs go on, and the next start adopts them.
+    "outage_budget": 900,
+    # A pod that cannot start (image pull, missing Secret/ConfigMap, refused by quota or
+    # admission) fails its run after this many seconds of the same reason.
+    "start_grace": 300,
+    # A pod the scheduler cannot place (no free GPU) fails its run after this many seconds;
+    # null waits as long as the Job's activeDeadlineSeconds (a cluster autoscaler, a queue).
+    "unschedulable_limit": 3600,
+    # Jobs carry this label (`vsgd-repro/owner`): only Jobs with it are adopted or listed.
+    "owner": None,
+    # Repository of the default image `<image_repository>:<code version tag>` (`make image`);
+    # `image` replaces the whole reference (a registry tag, or pinned by digest).
+    "image_repository": "vsgd-repro",
 }
 
 # Job settings: key -> what is allowed (the checks are in _check_job_keys).
@@ -32,10 +46,15 @@ JOB_KEYS = ("namespace", "image", "image_pull_policy", "image_pull_secrets", "se
             "gpus", "gpu_resource", "cpu", "memory", "shm_size", "scratch_size",
             "node_selector", "tolerations", "priority_class", "backoff_limit",
             "active_deadline_seconds", "ttl_seconds_after_finished", "endpoints_config_map",
-            "credentials_secret", "env")
+            "credentials_secret", "env", "labels", "annotations", "suspend")
 KEYS = tuple(BEHAVIOUR) + JOB_KEYS
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+# The label that puts a Job in a Kueue LocalQueue; with it Kueue admits Jobs (un-suspends
+# them) as quota frees up, so the launcher submits every run (https://kueue.sigs.k8s.io/docs/
+# tasks/run/jobs/).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MAX_GPUS = 1    # the trainer drives one device
 TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -61,6 +80,20 @@ def settings(params: dict) -> dict:
     null means "remove from the template", e.g. `priority_class: null`)."""
     given = section(params)
     return {**BEHAVIOUR, **{k: v for k, v in given.items() if v is not None or k in JOB_KEYS}}
+
+
+def queue_name(params: dict) -> str | None:
+    """The Kueue queue the Jobs are submitted to (their QUEUE_LABEL), if any."""
+    return (section(params).get("labels") or {}).get(QUEUE_LABEL)
+
+
+def max_parallel(params: dict) -> int | None:
+    """Jobs active at once: `executor.max_parallel`; unset, every run with a Kueue queue
+    (admission is the queue's job) and one at a time without."""
+    value = (params.get("executor") or {}).get("max_parallel")
+    if value is not None:
+        return int(value)
+    return None if queue_name(params) else 1
 
 
 def template_path(params: dict) -> Path:
@@ -122,10 +155,22 @@ def _check_behaviour(raw, base, problems):
     if "log_tail_lines" in raw and not _int(raw["log_tail_lines"], 1):
         problems.append(f"{base}.log_tail_lines: expected an integer >= 1, got "
                         f"{raw['log_tail_lines']!r}")
-    if "progress_interval" in raw:
-        value = raw["progress_interval"]
+    for key in ("progress_interval", "outage_budget", "start_grace", "unschedulable_limit"):
+        if key not in raw or (key == "unschedulable_limit" and raw[key] is None):
+            continue
+        value = raw[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{base}.progress_interval: expected seconds > 0, got {value!r}")
+            problems.append(f"{base}.{key}: expected seconds > 0"
+                            + (" or null" if key == "unschedulable_limit" else "")
+                            + f", got {value!r}")
+    if raw.get("owner") is not None and not _label_value_ok(raw["owner"]):
+        problems.append(f"{base}.owner: {raw['owner']!r}; allowed: null or a label value "
+                        "(letters, digits, '-', '_', '.', at most 63, alphanumeric at both ends)")
+    if "image_repository" in raw and not (isinstance(raw["image_repository"], str) and
+                                          re.match(r"^[a-z0-9][a-z0-9._/:-]*$",
+                                                   raw["image_repository"] or "")):
+        problems.append(f"{base}.image_repository: {raw['image_repository']!r}; allowed: an "
+                        "image repository such as registry.example.com/vsgd-repro")
 
 
 def _check_job_keys(raw, base, problems):
@@ -152,6 +197,10 @@ def _check_job_keys(raw, base, problems):
             bad("image_pull_secrets", "a list of Secret names")
     if "gpus" in raw and not _int(raw["gpus"], 0):
         bad("gpus", "an integer >= 0 (GPUs are whole devices)")
+    elif "gpus" in raw and raw["gpus"] > MAX_GPUS:
+        bad("gpus", f"0 or {MAX_GPUS}: a run trains on one device (no multi-GPU runs yet), so "
+                    "more GPUs per Job would sit idle; run more Jobs at once instead "
+                    "(executor.max_parallel)")
     if "gpu_resource" in raw and not (isinstance(raw["gpu_resource"], str) and re.match(
             r"^[a-z0-9.-]+/[a-z0-9][-a-z0-9_.]*$", raw["gpu_resource"])):
         bad("gpu_resource", "an extended resource name such as nvidia.com/gpu")
@@ -172,6 +221,22 @@ def _check_job_keys(raw, base, problems):
     if "ttl_seconds_after_finished" in raw and not (
             raw["ttl_seconds_after_finished"] is None or _int(raw["ttl_seconds_after_finished"], 0)):
         bad("ttl_seconds_after_finished", "an integer >= 0, or null to keep finished Jobs")
+    for key in ("labels", "annotations"):
+        if key not in raw:
+            continue
+        value = raw[key]
+        if not (isinstance(value, dict) and all(
+                _label_key(k) and isinstance(v, str)
+                and (key == "annotations" or _label_value_ok(v)) for k, v in value.items())):
+            bad(key, "a mapping of label keys (prefix/name) to "
+                     + ("label values (strings of at most 63 characters)" if key == "labels"
+                        else "strings"))
+        elif key == "labels" and any(k.startswith("vsgd-repro/") or
+                                     k == "app.kubernetes.io/managed-by" for k in value):
+            bad(key, "labels of your own: vsgd-repro/* and app.kubernetes.io/managed-by are "
+                     "the pipeline's (use `owner` to tell pipelines apart)")
+    if "suspend" in raw and not isinstance(raw["suspend"], bool):
+        bad("suspend", "true (Jobs start suspended: a queue such as Kueue starts them) or false")
     if "env" in raw:
         value = raw["env"]
         if not (isinstance(value, dict) and all(
@@ -247,6 +312,10 @@ def _quantity(value):
         return parse_quantity(value) > 0
     except ValueError:
         return False
+
+
+def _label_value_ok(value):
+    return isinstance(value, str) and len(value) <= 63 and bool(LABEL_VALUE.match(value))
 
 
 def _name(value, pattern, limit):

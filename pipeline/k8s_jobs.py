@@ -4,6 +4,7 @@ params.yaml's `executor.kubernetes` settings. The executor submits exactly what
 """
 
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -20,16 +21,55 @@ LABEL_PREFIX = "vsgd-repro"
 RUN_HASH_LABEL = f"{LABEL_PREFIX}/run-hash"
 RUN_NAME_ANNOTATION = f"{LABEL_PREFIX}/run-name"
 RESULTS_ANNOTATION = f"{LABEL_PREFIX}/results"
+STORE_LABEL = f"{LABEL_PREFIX}/store"          # which pipeline's store the Job reports to
+OWNER_LABEL = f"{LABEL_PREFIX}/owner"          # executor.kubernetes.owner, when set
+STORE_ANNOTATION = f"{LABEL_PREFIX}/store-uri"
 MANAGED_BY = "vsgd-pipeline"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+GPU_ENV = "VSGD_REQUIRE_CUDA"    # pipeline.train.REQUIRE_CUDA_ENV: the pod fails without CUDA
 
 
-def job_name(spec: dict) -> str:
-    """`<readable run name>-<run hash prefix>`, a DNS label of at most 63 characters.
+def store_id(params: dict) -> str:
+    """A label value naming the store the Jobs of this pipeline report to (a hash: label
+    values cannot hold a URI)."""
+    remote = (params["storage"]["remote"] or "").rstrip("/")
+    return hashlib.sha256(remote.encode()).hexdigest()[:16]
 
-    Deterministic in the run, so a resubmission finds the Job it made before.
+
+def ownership(params: dict) -> dict:
+    """The labels that make a Job this pipeline's: its store and, when set, its owner.
+    Only Jobs carrying exactly these are adopted, listed or cancelled."""
+    labels = {STORE_LABEL: store_id(params)}
+    owner = settings(params).get("owner")
+    if owner:
+        labels[OWNER_LABEL] = owner
+    return labels
+
+
+def managed_selector(params: dict) -> str:
+    """Label selector of this pipeline's Jobs (an owner is checked by `is_ours` as well:
+    without one, Jobs of an owned pipeline on the same store are not ours)."""
+    return ",".join([MANAGED_SELECTOR, f"{STORE_LABEL}={store_id(params)}"])
+
+
+def is_ours(job: dict, params: dict) -> bool:
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    return (labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
+            and all(labels.get(k) == v for k, v in ownership(params).items())
+            and labels.get(OWNER_LABEL) == settings(params).get("owner"))
+
+
+def job_name(spec: dict, params: dict | None = None) -> str:
+    """`<readable run name>-<12 hex>`, a DNS label of at most 63 characters.
+
+    Deterministic in the run and, with `params`, in the pipeline's ownership (store, owner),
+    so a resubmission finds the Job it made before and two pipelines sharing a namespace
+    never claim each other's Jobs. Without `params`, the hex is the run hash's prefix.
     """
     suffix = spec["run_hash"][:HASH_SUFFIX]
+    if params is not None:
+        scope = json.dumps([spec["run_hash"], ownership(params)], sort_keys=True)
+        suffix = hashlib.sha256(scope.encode()).hexdigest()[:HASH_SUFFIX]
     readable = spec["name"].lower()
     # The grid's names already end in a short run-hash prefix; the suffix replaces it.
     readable = re.sub(r"-[0-9a-f]{4,16}$",
@@ -56,22 +96,32 @@ def run_labels(spec: dict) -> dict:
     }
 
 
+def job_namespace(params: dict, template: dict | None = None) -> str:
+    """Where the Jobs go: `executor.kubernetes.namespace`, else the template's."""
+    if template is None:
+        template = load_template(template_path(params))
+    return settings(params).get("namespace") or template["metadata"].get("namespace") or \
+        "default"
+
+
 def render_job(spec: dict, params: dict, template: dict | None = None) -> dict:
     """The Job for one run spec (a plain dict, ready for the API or YAML)."""
     if template is None:
         template = load_template(template_path(params))
     job = copy.deepcopy(template)
     cfg = settings(params)
-    name = job_name(spec)
-    labels = {**job["metadata"].get("labels", {}), "app.kubernetes.io/instance": name,
-              **run_labels(spec)}
+    name = job_name(spec, params)
+    labels = {**job["metadata"].get("labels", {}), **(cfg.get("labels") or {}),
+              "app.kubernetes.io/instance": name, **run_labels(spec), **ownership(params)}
     job["metadata"] = {
         "name": name,
-        "namespace": cfg.get("namespace") or job["metadata"].get("namespace") or "default",
+        "namespace": job_namespace(params, template),
         "labels": labels,
         "annotations": {**job["metadata"].get("annotations", {}),
+                        **(cfg.get("annotations") or {}),
                         RUN_NAME_ANNOTATION: spec["name"],
-                        RESULTS_ANNOTATION: results_uri(params, spec)},
+                        RESULTS_ANNOTATION: results_uri(params, spec),
+                        STORE_ANNOTATION: params["storage"]["remote"]},
     }
     pod_meta = job["spec"]["template"].setdefault("metadata", {})
     pod_meta["labels"] = {**pod_meta.get("labels", {}), **labels}
@@ -88,6 +138,10 @@ def render_job(spec: dict, params: dict, template: dict | None = None) -> dict:
 
 
 def _apply_job_settings(spec, cfg):
+    if "suspend" in cfg:
+        # Kueue also suspends a Job with a queue label itself (its webhook); this is for
+        # other queue controllers, or to start runs by hand (`kubectl patch`).
+        _set_or_drop(spec, "suspend", True if cfg["suspend"] else None)
     for key, field in (("backoff_limit", "backoffLimit"),
                        ("active_deadline_seconds", "activeDeadlineSeconds"),
                        ("ttl_seconds_after_finished", "ttlSecondsAfterFinished")):
@@ -115,8 +169,13 @@ def _apply_pod_settings(pod, cfg):
 
 
 def _apply_container_settings(container, cfg, results):
-    if "image" in cfg:
+    # The image is the code: by default tagged with the version of the code it holds
+    # (`make image` builds that tag), so a code change is a new tag, never a stale one.
+    if cfg.get("image"):
         container["image"] = cfg["image"]
+    else:
+        from .image import image_ref
+        container["image"] = image_ref(cfg["image_repository"])
     if "image_pull_policy" in cfg:
         container["imagePullPolicy"] = cfg["image_pull_policy"]
     resources = container.setdefault("resources", {})
@@ -135,6 +194,10 @@ def _apply_container_settings(container, cfg, results):
         # Whole devices, in limits only (requests default to them); a string like every
         # quantity, which the client's models insist on.
         limits[gpu] = str(int(gpus))
+    if "scratch_size" in cfg:
+        # The scratch volume lives on the node's disk: the scheduler places the pod where it
+        # fits only if the request says so.
+        requests["ephemeral-storage"] = str(cfg["scratch_size"])
     env_from = [e for e in container.get("envFrom", [])
                 if not ("configMapRef" in e and "endpoints_config_map" in cfg)
                 and not ("secretRef" in e and "credentials_secret" in cfg)]
@@ -145,6 +208,8 @@ def _apply_container_settings(container, cfg, results):
     _set_or_drop(container, "envFrom", env_from or None)
     extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()},
              storage.RESULTS_ENV: results}
+    if gpus:
+        extra[GPU_ENV] = "1"
     env = [e for e in container.get("env", []) if e["name"] not in extra]
     container["env"] = env + [{"name": k, "value": v} for k, v in extra.items()]
 

@@ -134,8 +134,8 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
     assert not any(o.ok for o in outcomes if o is not by_opt["sgd"])
     # Bounded by max_parallel, one Job per run, and nothing polled: one list, then watches.
     assert most[0] <= 2
-    assert len([r for r in kube.requests if r == ("POST", "/apis/batch/v1/namespaces/vsgd/"
-                                                          "jobs")]) == 4
+    posts = [r for r in kube.requests if r == ("POST", "/apis/batch/v1/namespaces/vsgd/jobs")]
+    assert len(posts) == 4 + len(kube.dry_runs) and len(kube.dry_runs) == 1   # the preflight
     text = out.getvalue()
     assert "FAILED" in text and "| RuntimeError: CUDA error" in text
     assert "done" in text and "submitted Job" in text
@@ -165,11 +165,11 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
     running, finished, failed = specs
     for spec in specs:
         kube.create_job(render_job(spec, params))
-    kube.start_pod(job_name(running))
+    kube.start_pod(job_name(running, params))
     store(finished)
-    kube.complete(job_name(finished))
-    kube.fail(job_name(failed), "BackoffLimitExceeded", "old failure")
-    old_failed_uid = kube.job(job_name(failed))["metadata"]["uid"]
+    kube.complete(job_name(finished, params))
+    kube.fail(job_name(failed, params), "BackoffLimitExceeded", "old failure")
+    old_failed_uid = kube.job(job_name(failed, params))["metadata"]["uid"]
 
     def cluster(job):   # only the replaced Job is created anew
         spec = spec_of(job, specs)
@@ -182,21 +182,21 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
     def finish_running():
         time.sleep(1.0)
         store(running)
-        kube.complete(job_name(running))
+        kube.complete(job_name(running, params))
 
     threading.Thread(target=finish_running, daemon=True).start()
     out = io.StringIO()
     outcomes = executor(params, store, out).run(specs)
 
     assert [o.ok for o in outcomes] == [True, True, True], [o.error for o in outcomes]
-    posts = [r for r in kube.requests if r[0] == "POST"]
+    posts = [r for r in kube.requests if r[0] == "POST" and "jobs" in r[1]][len(kube.dry_runs):]
     deletes = [r for r in kube.requests if r[0] == "DELETE"]
     assert len(posts) == 1 and deletes == [
-        ("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{job_name(failed)}")]
-    assert kube.job(job_name(failed))["metadata"]["uid"] != old_failed_uid
-    assert {j["metadata"]["name"] for j in kube.jobs()} == {job_name(s) for s in specs}
+        ("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{job_name(failed, params)}")]
+    assert kube.job(job_name(failed, params))["metadata"]["uid"] != old_failed_uid
+    assert {j["metadata"]["name"] for j in kube.jobs()} == {job_name(s, params) for s in specs}
     text = out.getvalue()
-    assert f"adopting existing Job {job_name(running)}" in text
+    assert f"adopting existing Job {job_name(running, params)}" in text
     assert "replacing Job" in text and "BackoffLimitExceeded" in text
 
 
@@ -232,7 +232,7 @@ def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
 
 def test_quota_refusal_is_reported_and_other_runs_go_on(kube, store):
     params, specs = grid(optimizers="[sgd, adam]")
-    refused = job_name(specs[1])
+    refused = job_name(specs[1], params)
     message = (f'jobs.batch "{refused}" is forbidden: exceeded quota: gpu-jobs, requested: '
                f'count/jobs.batch=1, used: count/jobs.batch=4, limited: count/jobs.batch=4')
     kube.reject_create = lambda job: ((403, "Forbidden", message)
@@ -302,7 +302,7 @@ def test_kubectl_apply_of_a_rendered_job(kube, tmp_path):
         result = subprocess.run(["kubectl", "apply", "-f", str(path)], env=env, text=True,
                                 capture_output=True, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert f"job.batch/{job_name(specs[0])} {expected}" in result.stdout
+        assert f"job.batch/{job_name(specs[0], params)} {expected}" in result.stdout
     [job] = kube.jobs()
     assert job["spec"]["template"]["metadata"]["labels"][RUN_HASH_LABEL] == specs[0]["run_hash"]
 

@@ -155,7 +155,8 @@ def test_installed_package_renders_jobs(wheel, tmp_path):
         assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
         [container] = job["spec"]["template"]["spec"]["containers"]
         assert container["args"][0] == "--spec-json"
-        assert job["metadata"]["name"].endswith(json.loads(container["args"][1])["run_hash"][:12])
+        spec = json.loads(container["args"][1])
+        assert job["metadata"]["labels"]["vsgd-repro/run-hash"] == spec["run_hash"]
 
 
 def lock_names():

@@ -21,6 +21,15 @@ class RunOutcome:
     log_tail: str = ""            # last lines of the run's log
 
 
+EX_TEMPFAIL = 75   # sysexits.h: try again later (the runs go on; the next start adopts them)
+
+
+class Detached(Exception):
+    """The executor stopped following runs that go on without it (the Kubernetes API was
+    unreachable longer than its outage budget). Not a failure of any run: the next start of
+    the stage adopts them."""
+
+
 class Executor(Protocol):
     def run(self, specs: list[dict]) -> list[RunOutcome]: ...
 
@@ -45,7 +54,7 @@ def get_executor(params: dict) -> Executor:
     if kind == "local":
         from ..storage import run_env
         from .local import LocalExecutor
-        return LocalExecutor(max_parallel=params["executor"]["max_parallel"],
+        return LocalExecutor(max_parallel=params["executor"]["max_parallel"] or 1,
                              run_env=lambda spec: run_env(params, spec))
     if kind == "kubernetes":
         # Imported on use: the kubernetes client is only needed by this executor.

@@ -1,17 +1,31 @@
-"""Render the Kubernetes Job of every run of the grid to YAML files (`kubectl apply -f` one).
+"""The kubernetes executor: every pending run of the grid as its own `batch/v1` Job.
 
-The files are exactly what the kubernetes executor submits (`executor.kind: kubernetes`):
-one `batch/v1` Job per run, from pipeline/templates/job-template.yaml and params.yaml's
-`executor.kubernetes` settings (docs/kubernetes.md).
+The Jobs are exactly what `python -m pipeline render-jobs` writes: pipeline/templates/
+job-template.yaml plus params.yaml's `executor.kubernetes` settings (docs/kubernetes.md).
 
-The executor (`KubernetesExecutor`) submits every pending run at once, at most
-`executor.max_parallel` Jobs active, then follows them with a watch on the Jobs it manages
-(resumed from the last resourceVersion after a reconnect, re-listed after 410 Gone), prints
-each run's progress every `progress_interval` seconds, and on failure the Job's reason and the
-pod's last log lines. Job names are derived from the run hash and every Job carries the hash
-as a label, so running it again adopts the Jobs already there instead of starting them twice;
-a Job that failed before is replaced. A finished run's results are copied from
-`<storage.remote>/results/<run_hash>/` into its `output_dir`.
+Before the first Job is submitted, a preflight checks what can be checked cheaply and reports
+every problem at once, before any GPU is used: a server-side dry-run of one Job (the
+namespace, admission, the schema), the ServiceAccount, Secret and ConfigMap the Job refers
+to, and the launcher's rights (SelfSubjectAccessReview of `pipeline.k8s_access.ACCESS`).
+
+Then it submits the runs (at most `executor.max_parallel` Jobs active; every run when the Jobs
+go to a Kueue queue) and follows them with a watch on this pipeline's Jobs (resumed from the
+last resourceVersion after a reconnect, re-listed after 410 Gone). Every `progress_interval`
+seconds it prints each run's state and last log line, and looks for runs that cannot start:
+image pulls, missing Secrets or ConfigMaps, pods the Job controller may not create (quota,
+Pod Security admission, a missing ServiceAccount: FailedCreate events) and pods no node can
+take (Unschedulable). Past their grace period (`start_grace`, `unschedulable_limit`) such a
+run fails with the reason and the event's message, and its Job is deleted.
+
+Nothing is lost to an API outage: every call retries with backoff (honouring Retry-After)
+for up to `outage_budget` seconds; then the launcher leaves (`Detached`) and says so, the
+Jobs keep running, and the next start adopts them. A run fails only when its Job says so.
+
+Ownership: Job names are derived from the run hash and the pipeline's store (and
+`executor.kubernetes.owner`), and only Jobs with this pipeline's labels are adopted. Running
+it again adopts the Jobs already there instead of starting them twice; a Job that failed
+before is replaced. A run's pods are found by their Job's controller-uid. A finished run's
+results are copied from `<storage.remote>/results/<run_hash>/` into its `output_dir`.
 """
 
 import json
@@ -24,19 +38,40 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from ..k8s_config import TRAIN_CONTAINER, load_template, settings, template_path
-from ..k8s_jobs import MANAGED_SELECTOR, RUN_HASH_LABEL, render_job, results_uri, write_jobs
-from . import RunOutcome
+from vsgd.spec import ConfigError
+
+from ..k8s_access import ACCESS, NAMED
+from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_parallel, queue_name,
+                          settings, template_path)
+from ..k8s_jobs import (RUN_HASH_LABEL, is_ours, managed_selector, render_job, results_uri,
+                        write_jobs)
+from . import Detached, RunOutcome
 
 REQUEST_TIMEOUT = (10, 60)      # connect, read seconds for ordinary API calls
-RETRIES = 4                     # transient API errors (5xx, 429, connection) per call
 TRANSIENT = (429, 500, 502, 503, 504)
+MAX_BACKOFF = 30                # seconds between retries during an outage
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"   # set on a Job's pods (1.27+)
+STALE_IMAGE = "stale image"     # pipeline.train.STALE_IMAGE: the pod's code is not the launcher's
 # What a Job's Failed reason means, for the one-line error.
 REASONS = {
     "BackoffLimitExceeded": "every retry failed (backoffLimit reached)",
     "DeadlineExceeded": "ran longer than activeDeadlineSeconds",
     "PodFailurePolicy": "a pod failure matched the podFailurePolicy (exit code 78: invalid "
                         "configuration, not retried)",
+}
+# Container waiting reasons that mean "this pod will not start by itself"
+# (https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#container-state-waiting),
+# grouped so that ErrImagePull <-> ImagePullBackOff flapping is one trouble, with a hint.
+_PULL = ("the nodes cannot pull the image: is it pushed (`make image push`), is the name right, "
+         "do the nodes have pull rights (image_pull_secrets)?")
+START_FAILURES = {
+    "ErrImagePull": ("image", _PULL),
+    "ImagePullBackOff": ("image", _PULL),
+    "InvalidImageName": ("image", "the image reference is not valid"),
+    "ErrImageNeverPull": ("image", "imagePullPolicy Never and the image is not on the node"),
+    "CreateContainerConfigError": ("config", "a Secret or ConfigMap the pod refers to is "
+                                             "missing (kubectl apply -k k8s/overlays/...)"),
+    "CreateContainerError": ("config", "the container runtime refused the container"),
 }
 
 
@@ -52,21 +87,54 @@ class _Run:
     counts: tuple = ()              # (active, succeeded, failed) last shown
     outcome: RunOutcome | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    created: str = ""               # the Job's creationTimestamp: older events are not ours
+    trouble: tuple | None = None    # (kind, since, text) of a pod that does not start
+    suspended: bool = False         # held by a queue (spec.suspend)
 
     @property
     def name(self):
         return self.job["metadata"]["name"]
 
 
+class _Outage:
+    """How long the API has been unreachable without a single successful call."""
+
+    def __init__(self, budget, say):
+        self.budget, self._say = float(budget), say
+        self.since = None
+
+    def ok(self):
+        if self.since is not None:
+            self._say(f"Kubernetes API reachable again after "
+                      f"{time.monotonic() - self.since:.0f} s")
+        self.since = None
+
+    def failed(self, what) -> float:
+        """Note a failed call; the seconds left of the budget (Detached when none)."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            self._say(f"Kubernetes API unreachable ({what}); retrying for up to "
+                      f"{self.budget:.0f} s (executor.kubernetes.outage_budget)")
+        left = self.budget - (now - self.since)
+        if left <= 0:
+            raise Detached(f"the Kubernetes API has been unreachable for {now - self.since:.0f} "
+                           f"s (last: {what})")
+        return left
+
+
 class KubernetesExecutor:
     def __init__(self, params: dict, *, out=None, fetch_result=None, sleep=time.sleep):
         self.params = params
         self.cfg = settings(params)
-        self.max_parallel = max(1, int(params["executor"]["max_parallel"]))
+        self.max_parallel = max_parallel(params)    # None: no limit (a queue admits)
         self.out = out or sys.stdout
         self._fetch = fetch_result or _fetch_from_store
         self._sleep = sleep
         self.namespace = None
+        self._api = None
+        self._checked = False     # the preflight passed
+        self._outage = _Outage(self.cfg["outage_budget"], self._say)
 
     # -- the Executor protocol ------------------------------------------------------------
 
@@ -79,23 +147,23 @@ class KubernetesExecutor:
         self._runs = {r.spec["run_hash"]: r for r in runs}
         self._queue = []
         try:
-            self._api = connect(self.cfg["context"])
-            self.batch = client.BatchV1Api(self._api)
-            self.core = client.CoreV1Api(self._api)
-            self._say(f"{len(runs)} runs -> Jobs in namespace {self.namespace} "
-                      f"(at most {self.max_parallel} at a time)")
+            self._connect()
+            limit = (f"at most {self.max_parallel} at a time" if self.max_parallel else
+                     f"all at once: Kueue queue {queue_name(self.params)} admits them")
+            self._say(f"{len(runs)} runs -> Jobs in namespace {self.namespace} ({limit})")
             rv = self._sync(first=True)
+            if self._queue and not self._checked:
+                self._preflight(self._queue[0].job)
             self._submit_ready()
             while not all(r.outcome for r in runs):
                 rv = self._watch(rv)
                 self._submit_ready()
                 self._progress()
         except KeyboardInterrupt:
-            active = [r.name for r in runs if r.uid and not r.outcome]
-            if active:
-                self._say(f"interrupted; {len(active)} Jobs keep running in {self.namespace} "
-                          f"(run again to adopt them, or `kubectl -n {self.namespace} delete "
-                          f"jobs -l {MANAGED_SELECTOR}`)")
+            self._leaving("interrupted")
+            raise
+        except Detached as exc:
+            self._leaving(str(exc))
             raise
         except KubernetesError as exc:
             for r in runs:
@@ -103,15 +171,126 @@ class KubernetesExecutor:
                     self._finish(r, False, str(exc))
         return [r.outcome for r in runs]
 
+    def _leaving(self, why):
+        active = [r.name for r in self._runs.values() if r.uid and not r.outcome]
+        if active:
+            self._say(f"{why}; {len(active)} Jobs keep running in {self.namespace}: run the "
+                      f"stage again (`dvc repro`) to adopt them, `python -m pipeline jobs "
+                      f"list` to see them, `python -m pipeline jobs cancel` to stop them")
+
+    # -- preflight --------------------------------------------------------------------------
+
+    def _connect(self):
+        if getattr(self, "_api", None) is None:
+            self._api = connect(self.cfg["context"])
+            self.batch = client.BatchV1Api(self._api)
+            self.core = client.CoreV1Api(self._api)
+            self.auth = client.AuthorizationV1Api(self._api)
+
+    def preflight(self, spec: dict) -> None:
+        """Check the cluster with `spec`'s Job before the stage does any work (the stage
+        calls this first; `run` does it otherwise): ConfigError with every problem found."""
+        job = render_job(spec, self.params)
+        self.namespace = job["metadata"]["namespace"]
+        try:
+            self._connect()
+        except KubernetesError as exc:
+            raise ConfigError([f"kubernetes: {exc}"]) from None
+        self._preflight(job)
+
+    def _preflight(self, job: dict) -> None:
+        """Everything that would make every Job fail, checked before the first is submitted;
+        ConfigError with every problem found."""
+        problems = []
+        ns = self.namespace
+        try:
+            self._call(self.batch.create_namespaced_job, ns, client.V1Job.from_dict(job),
+                       dry_run="All")
+        except ApiException as exc:
+            if exc.status == 404:
+                problems.append(f"executor.kubernetes.namespace: namespace {ns!r} does not "
+                                f"exist (create it: kubectl apply -k k8s/overlays/<local|"
+                                f"cloud>, docs/kubernetes.md)")
+            elif exc.status != 409:   # 409: the name exists; adoption decides about it
+                problems.append(f"kubernetes: a dry-run of Job {job['metadata']['name']} was "
+                                f"refused: {api_error(exc, 'creating a Job (dry run)')}")
+        pod = job["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == TRAIN_CONTAINER)
+        wanted = [("serviceaccounts", pod.get("serviceAccountName") or "default",
+                   self.core.read_namespaced_service_account)]
+        for ref in container.get("envFrom") or []:
+            if "secretRef" in ref and not ref["secretRef"].get("optional"):
+                wanted.append(("secrets", ref["secretRef"]["name"],
+                               self.core.read_namespaced_secret))
+            if "configMapRef" in ref and not ref["configMapRef"].get("optional"):
+                wanted.append(("configmaps", ref["configMapRef"]["name"],
+                               self.core.read_namespaced_config_map))
+        for pull in pod.get("imagePullSecrets") or []:
+            wanted.append(("secrets", pull["name"], self.core.read_namespaced_secret))
+        for resource, name, read in wanted:
+            try:
+                # Not deserialized: the launcher has no use for a Secret's values.
+                self._call(read, name, ns, _preload_content=False).release_conn()
+            except ApiException as exc:
+                key = NAMED.get(resource, (None,))[0]
+                where = f"executor.kubernetes.{key}" if key else "the Job template"
+                if exc.status == 404:
+                    problems.append(f"{where}: {resource[:-1]} {ns}/{name} does not exist "
+                                    f"(kubectl apply -k k8s/overlays/<local|cloud>, or create "
+                                    f"it; docs/kubernetes.md)")
+                elif exc.status != 403:   # 403: the access review below names the right
+                    problems.append(f"{where}: {api_error(exc, f'reading {resource} {name}')}")
+        problems += self._missing_rights()
+        if problems:
+            problems.append("kubernetes: nothing was submitted; fix these, then run the "
+                            "stage again")
+            raise ConfigError(problems)
+        self._checked = True
+        self._say(f"preflight ok: namespace {ns}, {len(wanted)} referenced objects, "
+                  f"{sum(len(a[2]) for a in ACCESS)} rights")
+
+    def _missing_rights(self) -> list[str]:
+        problems = []
+        for group, resource, verbs, why in ACCESS:
+            resource, _, sub = resource.partition("/")
+            name = None
+            if resource in NAMED:
+                key, default = NAMED[resource]
+                name = self.cfg.get(key, default)
+                if name is None:        # the Job refers to none (e.g. credentials_secret: null)
+                    continue
+            for verb in verbs:
+                review = client.V1SelfSubjectAccessReview(
+                    spec=client.V1SelfSubjectAccessReviewSpec(
+                        resource_attributes=client.V1ResourceAttributes(
+                            namespace=self.namespace, verb=verb, group=group,
+                            resource=resource, subresource=sub or None, name=name)))
+                try:
+                    answer = self._call(self.auth.create_self_subject_access_review, review)
+                except ApiException as exc:
+                    problems.append("kubernetes: " + api_error(
+                        exc, "asking the API server about the launcher's rights"))
+                    return problems
+                if not answer.status.allowed:
+                    what = f"{resource}/{sub}" if sub else resource
+                    what += f" {name}" if name else ""
+                    problems.append(
+                        f"kubernetes: missing right: {verb} {what} in "
+                        f"{group or 'core'} API group, namespace {self.namespace} (to {why}); "
+                        f"grant the Role in k8s/base/launcher-rbac.yaml")
+        return problems
+
     # -- submitting -------------------------------------------------------------------------
 
     def _sync(self, first=False):
         """List our Jobs: adopt (first time) or catch up (after 410); returns resourceVersion."""
         listing = self._call(self.batch.list_namespaced_job, self.namespace,
-                             label_selector=MANAGED_SELECTOR)
+                             label_selector=managed_selector(self.params))
         found = {}   # run hash -> its Job; a live one wins over a failed one being replaced
         for item in listing.items:
             job = self._dict(item)
+            if not is_ours(job, self.params) or job["metadata"].get("deletionTimestamp"):
+                continue   # another pipeline's, or going away: submitted anew (after it)
             key = job["metadata"].get("labels", {}).get(RUN_HASH_LABEL)
             if key in self._runs and (key not in found or _condition(found[key], "Failed")):
                 found[key] = job
@@ -134,20 +313,28 @@ class KubernetesExecutor:
     def _adopt(self, run, job):
         failed = _condition(job, "Failed")
         if failed:
-            # Resubmitting a failed run means "try again": replace the old Job.
+            # Resubmitting a failed run means "try again": replace the old Job (its pods
+            # too: the API's default for Jobs would orphan them).
             self._say(f"[{run.name}] replacing Job {job['metadata']['name']} that failed "
                       f"before ({failed.get('reason')})")
-            self._call(self.batch.delete_namespaced_job, job["metadata"]["name"],
-                       self.namespace, propagation_policy="Background")
+            self._delete(job["metadata"]["name"])
             self._queue.append(run)
             return
         run.uid = job["metadata"]["uid"]
+        run.created = job["metadata"].get("creationTimestamp") or ""
         self._say(f"[{run.name}] adopting existing Job {job['metadata']['name']}")
         self._observe(run, job)
 
+    def _delete(self, name):
+        self._call(self.batch.delete_namespaced_job, name, self.namespace,
+                   body=client.V1DeleteOptions(propagation_policy="Background"))
+
+    def _active(self):
+        return sum(1 for r in self._runs.values() if r.uid and not r.outcome)
+
     def _submit_ready(self):
-        active = sum(1 for r in self._runs.values() if r.uid and not r.outcome)
-        while self._queue and active < self.max_parallel:
+        active = self._active()
+        while self._queue and (self.max_parallel is None or active < self.max_parallel):
             run = self._queue.pop(0)
             if self._create(run):
                 active += 1
@@ -160,8 +347,13 @@ class KubernetesExecutor:
             except ApiException as exc:
                 if exc.status == 409:
                     # Created meanwhile (another launcher, or the replaced Job's name still
-                    # held while it is deleted): adopt if it is the same run, else wait.
+                    # held while it is deleted): adopt if it is ours and the same run.
                     existing = self._existing(run)
+                    if existing is not None and not is_ours(existing, self.params):
+                        self._finish(run, False, f"a Job named {run.name} exists in "
+                                     f"{self.namespace} but is not this pipeline's (other "
+                                     f"labels: store or owner); it was not touched")
+                        return False
                     if existing is not None and not _condition(existing, "Failed"):
                         self._adopt(run, existing)
                         return True
@@ -170,6 +362,7 @@ class KubernetesExecutor:
                 self._finish(run, False, api_error(exc, f"creating Job {run.name}"))
                 return False
             run.uid = created.metadata.uid
+            run.created = self._dict(created)["metadata"].get("creationTimestamp") or ""
             run.submitted_at = time.monotonic()
             self._say(f"[{run.name}] submitted Job {run.name} "
                       f"({run.spec['dataset']} {run.spec['arch']} "
@@ -197,9 +390,9 @@ class KubernetesExecutor:
         w = watch.Watch()
         try:
             for event in w.stream(self.batch.list_namespaced_job, self.namespace,
-                                  label_selector=MANAGED_SELECTOR, resource_version=rv,
-                                  allow_watch_bookmarks=True, timeout_seconds=window,
-                                  _request_timeout=(10, window + 30)):
+                                  label_selector=managed_selector(self.params),
+                                  resource_version=rv, allow_watch_bookmarks=True,
+                                  timeout_seconds=window, _request_timeout=(10, window + 30)):
                 job = event["raw_object"]
                 rv = job.get("metadata", {}).get("resourceVersion") or rv
                 if event["type"] == "BOOKMARK":
@@ -215,36 +408,45 @@ class KubernetesExecutor:
                     w.stop()
         except ApiException as exc:
             if exc.status == 410:
+                self._outage.ok()
                 self._say("watch expired (410 Gone); listing the Jobs again")
                 return self._sync()
             if exc.status in TRANSIENT:
-                self._say(f"watch interrupted ({exc.status} {exc.reason}); resuming")
-                self._sleep(2)
+                left = self._outage.failed(f"watch: {exc.status} {exc.reason}")
+                self._sleep(min(_retry_after(exc) or 2, left, MAX_BACKOFF))
                 return rv
             raise KubernetesError(api_error(exc, "watching Jobs")) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            left = self._outage.failed(f"watch connection lost: {type(exc).__name__}")
             self._say(f"watch connection lost ({type(exc).__name__}); resuming from "
                       f"resourceVersion {rv}")
-            self._sleep(2)
+            self._sleep(min(2, left))
+            return rv
+        self._outage.ok()
         return rv
 
     def _queue_has_room(self):
-        active = sum(1 for r in self._runs.values() if r.uid and not r.outcome)
-        return bool(self._queue) and active < self.max_parallel
+        return bool(self._queue) and (self.max_parallel is None
+                                      or self._active() < self.max_parallel)
 
     def _observe(self, run, job):
+        # Only the terminal conditions count: since 1.31 FailureTarget/SuccessCriteriaMet come
+        # first, while the Job's pods may still be terminating (and saving a checkpoint).
         if _condition(job, "Complete"):
             self._succeeded(run)
             return
         failed = _condition(job, "Failed")
         if failed:
-            reason = failed.get("reason") or "Failed"
-            meaning = REASONS.get(reason)
-            error = f"Job {run.name} failed: {reason}" + (f" - {meaning}" if meaning else "")
-            if failed.get("message"):
-                error += f" ({failed['message']})"
-            self._finish(run, False, error, self._log_tail(run))
+            self._failed(run, failed)
             return
+        spec_suspended = bool((job.get("spec") or {}).get("suspend"))
+        if spec_suspended != run.suspended:
+            run.suspended = spec_suspended
+            queue = job["metadata"].get("labels", {}).get(QUEUE_LABEL)
+            self._say(f"[{run.name}] " + (f"queued (suspended until Kueue queue {queue} admits "
+                                          f"it)" if spec_suspended and queue else
+                                          "queued (suspended)" if spec_suspended else
+                                          "admitted (no longer suspended)"))
         status = job.get("status") or {}
         counts = (status.get("active") or 0, status.get("succeeded") or 0,
                   status.get("failed") or 0)
@@ -253,6 +455,20 @@ class KubernetesExecutor:
                 self._say(f"[{run.name}] pod failed ({counts[2]} so far); the Job retries, "
                           f"resuming from the last checkpoint")
             run.counts = counts
+
+    def _failed(self, run, failed):
+        reason = failed.get("reason") or "Failed"
+        meaning = REASONS.get(reason)
+        error = f"Job {run.name} failed: {reason}" + (f" - {meaning}" if meaning else "")
+        if failed.get("message"):
+            error += f" ({failed['message']})"
+        message = self._termination_message(run)
+        if message and STALE_IMAGE in message:
+            error = (f"image is stale: rebuild and push (`make image push`), then run again "
+                     f"- {message}")
+        elif message:
+            error += f": {message}"
+        self._finish(run, False, error, self._log_tail(run))
 
     def _vanished(self, run):
         """The Job is gone before we saw it finish (deleted by hand, or by its TTL)."""
@@ -285,14 +501,36 @@ class KubernetesExecutor:
             for line in log_tail.splitlines():
                 self._say(f"[{run.name}] | {line}")
 
-    # -- pods and logs ----------------------------------------------------------------------
+    # -- pods, events and logs --------------------------------------------------------------
 
     def _pods(self, run):
-        """The run's pods, newest last."""
+        """The pods of the Job we follow (by its controller-uid: a run-hash label could also
+        match pods of an older Job of the same run), newest last."""
         pods = self._call(self.core.list_namespaced_pod, self.namespace,
-                          label_selector=f"{RUN_HASH_LABEL}={run.spec['run_hash']}").items
+                          label_selector=f"{CONTROLLER_UID}={run.uid}").items
         return sorted((self._dict(p) for p in pods),
                       key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+    def _termination_message(self, run) -> str:
+        """What the failed container said about itself (terminationMessagePath, or its log
+        tail with FallbackToLogsOnError), stripped to its last lines."""
+        try:
+            pods = self._pods(run)
+        except ApiException:
+            return ""
+        for pod in reversed(pods):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if cs.get("name") == TRAIN_CONTAINER and term.get("message"):
+                    return " ".join(term["message"].strip().splitlines()[-6:])
+        return ""
+
+    def _warnings(self, uid) -> list[dict]:
+        """Warning events about the object with `uid`, oldest first."""
+        events = self._call(self.core.list_namespaced_event, self.namespace,
+                            field_selector=f"involvedObject.uid={uid},type=Warning").items
+        events = [self._dict(e) for e in events]
+        return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
     def _log_tail(self, run, lines=None) -> str:
         lines = lines or int(self.cfg["log_tail_lines"])
@@ -313,39 +551,111 @@ class KubernetesExecutor:
             if not run.uid or run.outcome:
                 continue
             try:
-                pods = self._pods(run)
-                if not pods:
-                    self._say(f"[{run.name}] waiting for a pod")
-                    continue
-                pod = pods[-1]
-                line = ""
-                if pod.get("status", {}).get("phase") == "Running":
-                    line = self._call(self.core.read_namespaced_pod_log,
-                                      pod["metadata"]["name"], self.namespace,
-                                      container=TRAIN_CONTAINER, tail_lines=1).strip()
+                self._progress_of(run)
             except ApiException as exc:
                 self._say(f"[{run.name}] (no progress: {api_error(exc, 'reading pods')})")
-                continue
-            minutes = (time.monotonic() - run.submitted_at) / 60
-            self._say(f"[{run.name}] {_pod_state(pod)}, {minutes:.0f} min"
-                      + (f" | {line}" if line else ""))
+
+    def _progress_of(self, run):
+        minutes = (time.monotonic() - run.submitted_at) / 60
+        if run.suspended:
+            self._say(f"[{run.name}] queued, {minutes:.0f} min")
+            return
+        pods = self._pods(run)
+        trouble = self._start_trouble(run, pods)
+        self._track(run, trouble)
+        if run.outcome:
+            return
+        if not pods:
+            self._say(f"[{run.name}] waiting for a pod, {minutes:.0f} min"
+                      + (f" | {trouble[1]}" if trouble else ""))
+            return
+        pod = pods[-1]
+        line = ""
+        if pod.get("status", {}).get("phase") == "Running":
+            line = self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
+                              self.namespace, container=TRAIN_CONTAINER, tail_lines=1).strip()
+        self._say(f"[{run.name}] {_pod_state(pod)}, {minutes:.0f} min"
+                  + (f" | {line}" if line else ""))
+
+    def _start_trouble(self, run, pods):
+        """(kind, text) when the run's newest pod cannot start, or its Job cannot create one;
+        kind is "image", "config", "create" or "unschedulable"."""
+        if pods:
+            pod = pods[-1]
+            status = pod.get("status") or {}
+            if status.get("phase") != "Pending":
+                return None
+            for cs in status.get("containerStatuses") or []:
+                waiting = (cs.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") in START_FAILURES:
+                    kind, hint = START_FAILURES[waiting["reason"]]
+                    text = f"{waiting['reason']}: {waiting.get('message') or ''}".strip()
+                    return kind, text + (f" ({hint})" if hint else "")
+            for cond in status.get("conditions") or []:
+                if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and \
+                        cond.get("reason") == "Unschedulable":
+                    return "unschedulable", f"Unschedulable: {cond.get('message') or ''}"
+            return None
+        # No pod: the Job controller says why in a FailedCreate event on the Job.
+        fresh = [e for e in self._warnings(run.uid) if e.get("reason") == "FailedCreate"
+                 and (e.get("lastTimestamp") or e.get("eventTime") or "") >= run.created]
+        if fresh:
+            return "create", f"FailedCreate: {fresh[-1].get('message') or ''}"
+        return None
+
+    def _track(self, run, trouble):
+        """Fail the run when the same kind of trouble outlasts its grace period."""
+        if trouble is None:
+            run.trouble = None
+            return
+        kind, text = trouble
+        now = time.monotonic()
+        if run.trouble is None or run.trouble[0] != kind:
+            run.trouble = (kind, now, text)
+            grace = self._grace(kind)
+            self._say(f"[{run.name}] cannot start: {text}"
+                      + (f" (the run fails if this lasts {grace:.0f} s)" if grace else ""))
+            return
+        grace = self._grace(kind)
+        if grace is not None and now - run.trouble[1] >= grace:
+            self._say(f"[{run.name}] giving up after {now - run.trouble[1]:.0f} s; deleting "
+                      f"Job {run.name}")
+            try:
+                self._delete(run.name)
+            except ApiException as exc:
+                self._say(f"[{run.name}] (could not delete: {api_error(exc, 'deleting')})")
+            self._finish(run, False, f"Job {run.name} could not start for "
+                                     f"{now - run.trouble[1]:.0f} s: {text}")
+
+    def _grace(self, kind):
+        if kind == "unschedulable":
+            return self.cfg["unschedulable_limit"]
+        return self.cfg["start_grace"]
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, fn, *args, **kwargs):
-        """An API call with retries on transient errors; other ApiExceptions propagate."""
+        """An API call, retried through an outage (connection refused or reset, 5xx, 429
+        with its Retry-After) for up to `outage_budget` seconds, then `Detached`. Other
+        ApiExceptions (404, 403, 409, ...) propagate."""
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        for attempt in range(RETRIES):
+        delay = 1
+        while True:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except ApiException as exc:
-                if exc.status not in TRANSIENT or attempt == RETRIES - 1:
+                if exc.status not in TRANSIENT:
+                    self._outage.ok()
                     raise
+                wait, what = _retry_after(exc) or delay, f"{exc.status} {exc.reason}"
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if attempt == RETRIES - 1:
-                    raise KubernetesError(f"cannot reach the Kubernetes API: {exc}") from exc
-            self._sleep(2 ** attempt)
-        raise AssertionError("unreachable")
+                wait, what = delay, f"{type(exc).__name__}: {_short(exc)}"
+            else:
+                self._outage.ok()
+                return result
+            left = self._outage.failed(what)
+            self._sleep(min(wait, left, MAX_BACKOFF))
+            delay = min(delay * 2, MAX_BACKOFF)
 
     def _dict(self, obj) -> dict:
         return self._api.sanitize_for_serialization(obj)
@@ -353,6 +663,21 @@ class KubernetesExecutor:
     def _say(self, text):
         print(f"[k8s] {text}" if not text.startswith("[") else text, file=self.out,
               flush=True)
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    """Seconds from a 429's (or 503's) Retry-After header, as API Priority and Fairness
+    sends it."""
+    value = (exc.headers or {}).get("Retry-After") if exc.headers else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _short(exc) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    return text[:200]
 
 
 def connect(context=None) -> client.ApiClient:
@@ -371,6 +696,8 @@ def connect(context=None) -> client.ApiClient:
             raise KubernetesError(
                 f"no Kubernetes configuration: {kube_error}; set KUBECONFIG (or "
                 f"~/.kube/config), or run inside the cluster") from None
+    # Retries are ours (with the outage budget); urllib3's own would multiply them.
+    configuration.retries = False
     return client.ApiClient(configuration)
 
 
@@ -435,16 +762,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..config import ConfigError, load_params
-    from ..grid import expand, tuning_specs
-    from ..tune import load_selection
+    from ..jobs import grid_specs
     params = load_params(args.params, args.set)
     if not params["storage"]["remote"]:
         raise ConfigError(["storage.remote: rendering Jobs needs an s3:// remote (pods reach "
                            "their data, checkpoints and results through it)"])
-    specs = tuning_specs(params)
-    try:
-        specs += expand(params, load_selection(params))
-    except ConfigError:  # the final runs' values come from the tune stage
+    specs, complete = grid_specs(params)
+    if not complete:
         print(f"the grid's final runs need the tune stage's choice "
               f"(results/tuning/selected.yaml): rendering its {len(specs)} tuning runs only")
     paths = write_jobs(specs, params, args.out)
@@ -452,4 +776,3 @@ def run(args) -> int:
         print(f"{path}  ({spec['name']})")
     print(f"{len(paths)} Jobs in {args.out}; submit one with `kubectl apply -f <file>`")
     return 0
-

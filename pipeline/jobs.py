@@ -1,0 +1,178 @@
+"""`python -m pipeline jobs list|cancel`: this pipeline's Kubernetes Jobs.
+
+    python -m pipeline jobs list [--stale]           # every Job of this pipeline, its state
+    python -m pipeline jobs cancel --stale           # stop the Jobs of an earlier grid
+    python -m pipeline jobs cancel NAME [NAME ...]   # stop these Jobs
+    python -m pipeline jobs cancel --all             # stop every Job of this pipeline
+
+"This pipeline" is the store and owner of params.yaml (`pipeline.k8s_jobs.ownership`); Jobs of
+other pipelines in the namespace are never listed or touched. A Job is *stale* when its run is
+not in the current grid (the tune stage's runs and the final runs of params.yaml): it was
+started for an earlier grid and still uses GPUs. The stages report stale Jobs that are still
+running but never cancel them: only `cancel` does, and only when asked. A cancelled Job's pods
+get SIGTERM and save a checkpoint at the step they reached (deleted with propagationPolicy
+Background: its pods go too, which the API's default for Jobs would leave behind).
+"""
+
+import sys
+
+from .config import ConfigError, add_params_arguments, load_params
+from .k8s_config import settings
+from .k8s_jobs import (RUN_HASH_LABEL, RUN_NAME_ANNOTATION, is_ours, job_namespace,
+                       managed_selector)
+
+LIST_TIMEOUT = (5, 20)   # the stages' stale-Job check must not hold them up
+
+
+def grid_specs(params: dict) -> tuple[list[dict], bool]:
+    """The specs of the current grid: the tune stage's runs and, once the tune stage has
+    chosen (results/tuning/selected.yaml), the final runs; `complete` is False without them."""
+    from .grid import expand, tuning_specs
+    from .tune import load_selection
+    specs = tuning_specs(params)
+    try:
+        return specs + expand(params, load_selection(params)), True
+    except ConfigError:   # the final runs' values come from the tune stage
+        return specs, False
+
+
+def state(job: dict) -> str:
+    """queued, pending, running, done, failed, deleting."""
+    status = job.get("status") or {}
+    if (job.get("metadata") or {}).get("deletionTimestamp"):
+        return "deleting"
+    for cond in status.get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
+            return "done" if cond["type"] == "Complete" else "failed"
+    if (job.get("spec") or {}).get("suspend"):
+        return "queued"
+    return "running" if status.get("active") else "pending"
+
+
+def finished(job: dict) -> bool:
+    return state(job) in ("done", "failed")
+
+
+class Cluster:
+    """This pipeline's Jobs in its namespace."""
+
+    def __init__(self, params: dict, request_timeout=None):
+        from kubernetes import client
+        from .executors.kubernetes import connect
+        self.params = params
+        cfg = settings(params)
+        self.namespace = job_namespace(params)
+        self._api = connect(cfg["context"])
+        self.batch = client.BatchV1Api(self._api)
+        self.timeout = request_timeout
+
+    def jobs(self) -> list[dict]:
+        kwargs = {"_request_timeout": self.timeout} if self.timeout else {}
+        listing = self.batch.list_namespaced_job(
+            self.namespace, label_selector=managed_selector(self.params), **kwargs)
+        jobs = [self._api.sanitize_for_serialization(j) for j in listing.items]
+        return sorted((j for j in jobs if is_ours(j, self.params)),
+                      key=lambda j: j["metadata"]["name"])
+
+    def stale(self, jobs: list[dict], grid: list[dict]) -> list[dict]:
+        current = {s["run_hash"] for s in grid}
+        return [j for j in jobs if _run_hash(j) not in current]
+
+    def cancel(self, name: str) -> None:
+        from kubernetes import client
+        self.batch.delete_namespaced_job(
+            name, self.namespace, body=client.V1DeleteOptions(propagation_policy="Background"))
+
+
+def _run_hash(job):
+    return (job["metadata"].get("labels") or {}).get(RUN_HASH_LABEL)
+
+
+def report_stale(params: dict, stage: str) -> None:
+    """Say which Jobs of an earlier grid still run (never touch them); a cluster that cannot
+    be asked is noted, not an error: the executor deals with it."""
+    try:
+        cluster = Cluster(params, request_timeout=LIST_TIMEOUT)
+        jobs = cluster.jobs()
+    except Exception as exc:  # noqa: BLE001 - a check before the stage, not the stage
+        print(f"{stage}: could not look for Jobs of an earlier grid ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr, flush=True)
+        return
+    grid, complete = grid_specs(params)
+    if not complete:
+        # Without the final runs, a final run's Job would look stale: only tuning Jobs are
+        # judged.
+        jobs = [j for j in jobs if _run_name(j).startswith("tune-")]
+    stale = [j for j in cluster.stale(jobs, grid) if not finished(j)]
+    if stale:
+        names = ", ".join(j["metadata"]["name"] for j in stale[:5])
+        more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+        print(f"{stage}: {len(stale)} Jobs of an earlier grid are still running in namespace "
+              f"{cluster.namespace} (their runs are not in this grid): {names}{more}; "
+              f"`python -m pipeline jobs list --stale` lists them, `python -m pipeline jobs "
+              f"cancel --stale` stops them (they are left alone otherwise)", file=sys.stderr,
+              flush=True)
+
+
+def _run_name(job):
+    return (job["metadata"].get("annotations") or {}).get(RUN_NAME_ANNOTATION) or ""
+
+
+# -- the command ----------------------------------------------------------------------------
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True,
+                                help="list or cancel")
+    for action, text in (("list", "list this pipeline's Jobs"),
+                         ("cancel", "delete Jobs (their pods save a checkpoint and stop)")):
+        p = sub.add_parser(action, help=text)
+        add_params_arguments(p)
+        p.add_argument("--stale", action="store_true",
+                       help="only Jobs whose run is not in the current grid")
+        if action == "cancel":
+            p.add_argument("--all", action="store_true", help="every Job of this pipeline")
+            p.add_argument("names", nargs="*", metavar="NAME", help="Jobs to cancel")
+
+
+def run(args) -> int:
+    params = load_params(args.params, args.set)
+    if not params["storage"]["remote"]:
+        raise ConfigError(["storage.remote: Jobs belong to a pipeline by its s3:// remote; "
+                           "set the one the Jobs were submitted with"])
+    if args.action == "cancel":
+        chosen = sum(bool(x) for x in (args.stale, args.all, args.names))
+        if chosen != 1:
+            raise ConfigError(["jobs cancel: say which Jobs: --stale, --all or their names "
+                               "(exactly one of them)"])
+    cluster = Cluster(params)
+    jobs = cluster.jobs()
+    grid, complete = grid_specs(params)
+    stale = {j["metadata"]["name"] for j in cluster.stale(jobs, grid)}
+    if not complete and (args.stale):
+        print("note: the tune stage has not chosen yet (results/tuning/selected.yaml), so the "
+              "final runs are unknown and their Jobs count as stale", file=sys.stderr)
+    if args.action == "list":
+        shown = [j for j in jobs if not args.stale or j["metadata"]["name"] in stale]
+        print(f"{'NAME':<63}  {'STATE':<8}  {'GRID':<7}  RUN")
+        for job in shown:
+            name = job["metadata"]["name"]
+            print(f"{name:<63}  {state(job):<8}  {'stale' if name in stale else 'current':<7}  "
+                  f"{_run_name(job)}")
+        print(f"{len(shown)} Jobs in namespace {cluster.namespace}"
+              + (f" ({len(stale)} stale)" if not args.stale else ""))
+        return 0
+    ours = {j["metadata"]["name"]: j for j in jobs}
+    if args.names:
+        unknown = [n for n in args.names if n not in ours]
+        if unknown:
+            raise ConfigError([f"jobs cancel: {n}: not a Job of this pipeline in namespace "
+                               f"{cluster.namespace}; see `python -m pipeline jobs list`"
+                               for n in unknown])
+        names = list(args.names)
+    else:
+        names = [n for n in ours if args.all or n in stale]
+    for name in names:
+        cluster.cancel(name)
+        print(f"cancelled {name} ({state(ours[name])}, {_run_name(ours[name])})")
+    print(f"{len(names)} Jobs cancelled in namespace {cluster.namespace}")
+    return 0

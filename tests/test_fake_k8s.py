@@ -1,0 +1,455 @@
+"""The fake API server (tests/fake_k8s.py) driven by the official client only, configured
+from the fake's kubeconfig: each test pins one behaviour the executor's tests rely on."""
+
+import json
+import threading
+import time
+
+import pytest
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from fake_k8s import FakeKube, _matches
+
+NS = "vsgd"
+
+
+@pytest.fixture
+def kube():
+    fake = FakeKube()
+    fake.url = fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def api(kube):
+    api = config.new_client_from_config_dict(kube.kubeconfig(kube.url))
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def batch(api):
+    return client.BatchV1Api(api)
+
+
+@pytest.fixture
+def core(api):
+    return client.CoreV1Api(api)
+
+
+def job_body(name, suspend=None, labels=None):
+    spec = {"backoffLimit": 0, "template": {
+        "metadata": {"labels": {"app": "t", **(labels or {})}},
+        "spec": {"restartPolicy": "Never", "serviceAccountName": "vsgd-train",
+                 "containers": [{"name": "train", "image": "vsgd:1"}]}}}
+    if suspend is not None:
+        spec["suspend"] = suspend
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "labels": {"app": "t", **(labels or {})}}, "spec": spec}
+
+
+def eventually(check, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if result is not False:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError("condition never became true")
+        time.sleep(0.02)
+
+
+def conditions(job):
+    return [(c["type"], c["status"], c["reason"]) for c in job["status"].get("conditions", [])]
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+def test_429_is_plain_text_with_retry_after(kube, batch):
+    kube.outage("429", count=1, retry_after=7)
+    with pytest.raises(ApiException) as caught:   # POST: urllib3 does not retry it
+        batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+    assert caught.value.status == 429
+    assert caught.value.headers["Retry-After"] == "7"
+    assert caught.value.body.startswith("Too many requests")
+    assert kube.faulted == [("POST", "/apis/batch/v1/namespaces/vsgd/jobs", "429")]
+    assert kube.outage_over()
+    batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+
+
+def test_urllib3_retries_a_get_after_retry_after_by_itself(kube, batch):
+    kube.outage("429", count=1, retry_after=0)
+    batch.list_namespaced_job(NS, _request_timeout=2)   # no exception: retried once
+    assert [f[2] for f in kube.faulted] == ["429"]
+    assert kube.requests.count(("GET", "/apis/batch/v1/namespaces/vsgd/jobs")) == 2
+
+
+def test_503_and_500_answer_a_status_and_match_selects_requests(kube, batch, core):
+    kube.outage("503", seconds=0.5, match=lambda method, path: "/pods" in path)
+    kube.outage("500", count=1, match=lambda method, path: method == "POST")
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_pod(NS, _request_timeout=2)
+    assert caught.value.status == 503
+    assert json.loads(caught.value.body)["reason"] == "ServiceUnavailable"
+    batch.list_namespaced_job(NS, _request_timeout=2)   # not matched
+    with pytest.raises(ApiException) as caught:
+        batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+    assert caught.value.status == 500 and json.loads(caught.value.body)["reason"] == \
+        "InternalError"
+    eventually(kube.outage_over)
+    core.list_namespaced_pod(NS, _request_timeout=2)
+
+
+def test_a_watch_in_a_fault_answers_the_fault(kube, batch):
+    kube.outage("503", count=1)
+    with pytest.raises(ApiException) as caught:
+        list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1,
+                                  _request_timeout=3))
+    assert caught.value.status == 503
+    assert kube.watch_starts == []
+
+
+def test_reset_drops_the_connection_without_an_answer(kube, batch):
+    kube.outage("reset", count=1)
+    with pytest.raises((urllib3.exceptions.HTTPError, OSError)):
+        batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+    assert kube.job("a") is None and kube.outage_over()
+    batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+
+
+def test_refused_then_listening_again_on_the_same_port(kube, batch):
+    batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
+    cut = []
+
+    def follow():
+        try:
+            for _ in watch.Watch().stream(batch.list_namespaced_job, NS, resource_version=
+                                          str(kube.rv), _request_timeout=5):
+                pass
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            cut.append(exc)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    eventually(lambda: kube.watch_starts)
+    kube.outage("refused", seconds=0.5)
+    with pytest.raises(urllib3.exceptions.MaxRetryError) as caught:
+        batch.list_namespaced_job(NS, _request_timeout=2)
+    assert isinstance(caught.value.reason, urllib3.exceptions.NewConnectionError)
+    thread.join(3)
+    assert cut, "the open watch was not cut"
+    eventually(kube.outage_over)
+    assert [j.metadata.name for j in batch.list_namespaced_job(NS, _request_timeout=2).items] \
+        == ["a"]
+
+
+# -- watches --------------------------------------------------------------------------------
+
+def _watch_in_thread(batch, events, **kwargs):
+    def run():
+        try:
+            for event in watch.Watch().stream(batch.list_namespaced_job, NS, **kwargs):
+                events.append(event)
+        except ApiException as exc:
+            events.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_bookmarks_go_to_the_watches_that_asked(kube, batch):
+    rv = batch.list_namespaced_job(NS).metadata.resource_version
+    asked, not_asked = [], []
+    threads = [_watch_in_thread(batch, asked, resource_version=rv, timeout_seconds=1,
+                                allow_watch_bookmarks=True),
+               _watch_in_thread(batch, not_asked, resource_version=rv, timeout_seconds=1)]
+    eventually(lambda: len(kube.watch_starts) == 2)
+    kube.bookmark()
+    for thread in threads:
+        thread.join(3)
+    [bookmark] = asked
+    assert bookmark["type"] == "BOOKMARK"
+    assert bookmark["raw_object"] == {"kind": "Job", "apiVersion": "batch/v1",
+                                      "metadata": {"resourceVersion": str(kube.rv)}}
+    assert not_asked == []
+
+
+def test_expired_watch_ends_with_410_and_cannot_resume(kube, batch):
+    rv = batch.list_namespaced_job(NS).metadata.resource_version
+    events = []
+    thread = _watch_in_thread(batch, events, resource_version=rv, timeout_seconds=5)
+    eventually(lambda: kube.watch_starts)
+    started = time.monotonic()
+    kube.expire_watches()
+    thread.join(3)
+    assert time.monotonic() - started < 2   # the stream ended, not the timeout
+    [error] = events
+    assert isinstance(error, ApiException) and error.status == 410
+    with pytest.raises(ApiException) as caught:   # resuming from the old version: 410 too
+        list(watch.Watch().stream(batch.list_namespaced_job, NS, resource_version=rv,
+                                  timeout_seconds=1))
+    assert caught.value.status == 410
+
+
+# -- Jobs -----------------------------------------------------------------------------------
+
+def test_conditions_in_the_1_31_order_with_finalize(kube, batch):
+    batch.create_namespaced_job(NS, job_body("f"))
+    pod = kube.start_pod("f")
+    kube.fail("f", "BackoffLimitExceeded", "Job has reached the specified backoff limit",
+              terminal=False)
+    job = batch.read_namespaced_job("f", NS).to_dict()
+    assert [c["type"] for c in job["status"]["conditions"]] == ["FailureTarget"]
+    assert kube.pod(pod)["metadata"]["deletionTimestamp"]   # still terminating
+    kube.finalize("f")
+    job = kube.job("f")
+    assert conditions(job) == [("FailureTarget", "True", "BackoffLimitExceeded"),
+                               ("Failed", "True", "BackoffLimitExceeded")]
+    assert job["status"]["conditions"][1]["message"] == \
+        "Job has reached the specified backoff limit"
+    assert kube.pod(pod) is None
+
+    batch.create_namespaced_job(NS, job_body("s"))
+    kube.start_pod("s")
+    kube.complete("s", terminal=False)
+    assert [c[0] for c in conditions(kube.job("s"))] == ["SuccessCriteriaMet"]
+    assert "completionTime" not in kube.job("s")["status"]
+    kube.finalize("s")
+    job = batch.read_namespaced_job("s", NS)
+    assert [c.type for c in job.status.conditions] == ["SuccessCriteriaMet", "Complete"]
+    assert job.status.completion_time is not None
+
+
+def test_suspended_job_has_no_pod_until_admitted_and_patch_suspends_it(kube, batch, core):
+    batch.create_namespaced_job(NS, job_body("q", suspend=True))
+    job = kube.job("q")
+    assert conditions(job) == [("Suspended", "True", "JobSuspended")]
+    assert job["status"]["conditions"][0]["message"] == "Job suspended"
+    assert "startTime" not in job["status"] and kube.pods_of("q") == []
+    kube.admit("q")
+    job = batch.read_namespaced_job("q", NS)
+    assert job.spec.suspend is False and job.status.start_time is not None
+    assert [(c.type, c.status, c.reason) for c in job.status.conditions] == [
+        ("Suspended", "False", "JobResumed")]
+    pod = kube.start_pod("q")
+    patched = batch.patch_namespaced_job("q", NS, {"spec": {"suspend": True}})
+    assert patched.spec.suspend is True and patched.metadata.generation == 3
+    assert conditions(kube.job("q")) == [("Suspended", "True", "JobSuspended")]
+    assert kube.pod(pod) is None and kube.job("q")["status"]["active"] == 0
+    events = {e.reason: e.count for e in core.list_namespaced_event(NS).items}
+    assert events == {"Suspended": 2, "Resumed": 1}   # the same event again is counted
+
+
+def test_patch_keeps_the_kubectl_annotation_merge(kube, batch):
+    batch.create_namespaced_job(NS, job_body("p"))
+    batch.patch_namespaced_job("p", NS, {"metadata": {"annotations": {"a": "1"}}})
+    batch.patch_namespaced_job("p", NS, {"metadata": {"annotations": {"b": "2"},
+                                                      "labels": {"app": None}}})
+    meta = kube.job("p")["metadata"]
+    assert meta["annotations"] == {"a": "1", "b": "2"} and "app" not in meta["labels"]
+    assert meta["generation"] == 1   # metadata only
+
+
+def test_delete_policies(kube, batch, core):
+    pods = {}
+    for name in ("orphan", "background", "foreground"):
+        batch.create_namespaced_job(NS, job_body(name))
+        pods[name] = kube.start_pod(name)
+
+    _, code, headers = batch.delete_namespaced_job_with_http_info("orphan", NS)
+    assert code == 200 and "child pods are preserved" in headers["Warning"]
+    eventually(lambda: kube.job("orphan") is None)
+    orphan = core.read_namespaced_pod(pods["orphan"], NS)
+    assert not orphan.metadata.owner_references   # left behind, ownerless
+
+    batch.delete_namespaced_job("background", NS, propagation_policy="Background")
+    assert kube.job("background") is None   # at once
+    eventually(lambda: kube.pod(pods["background"]) is None)
+
+    answer = batch.delete_namespaced_job("foreground", NS,
+                                         body=client.V1DeleteOptions(
+                                             propagation_policy="Foreground"))
+    # The client returns a dict here: the Job, still there while it is being deleted.
+    assert answer["kind"] == "Job" and answer["metadata"]["finalizers"] == ["foregroundDeletion"]
+    assert answer["metadata"]["deletionTimestamp"]
+    eventually(lambda: kube.job("foreground") is None)
+    assert kube.pod(pods["foreground"]) is None
+    assert kube.deletions == [("orphan", None), ("background", "Background"),
+                              ("foreground", "Foreground")]
+    types = [(e[2], e[3]["metadata"]["name"]) for e in kube.history if e[1] == "jobs"
+             and e[3]["metadata"]["name"] == "foreground"]
+    assert [t for t, _ in types] == ["ADDED", "MODIFIED", "MODIFIED", "DELETED"]
+
+
+def test_dry_run_stores_nothing(kube, batch):
+    created = []
+    kube.on_create = created.append
+    rv = kube.rv
+    answer = batch.create_namespaced_job(NS, job_body("d"), dry_run="All")
+    assert answer.metadata.name == "d" and answer.metadata.uid
+    assert kube.jobs() == [] and kube.rv == rv and kube.dry_runs == ["d"]
+    batch.create_namespaced_job(NS, job_body("d"))
+    with pytest.raises(ApiException) as caught:
+        batch.create_namespaced_job(NS, job_body("d"), dry_run="All")
+    assert caught.value.status == 409
+    kube.reject_create = lambda job: (403, "Forbidden", "exceeded quota: q")
+    with pytest.raises(ApiException) as caught:
+        batch.create_namespaced_job(NS, job_body("e"), dry_run="All")
+    assert caught.value.status == 403
+    time.sleep(0.1)
+    assert [j["metadata"]["name"] for j in created] == ["d"]
+
+
+def test_namespaces(kube, batch, core):
+    with pytest.raises(ApiException) as caught:
+        batch.create_namespaced_job("nope", job_body("a"))
+    assert caught.value.status == 404
+    assert json.loads(caught.value.body) == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": 'namespaces "nope" not found', "reason": "NotFound",
+        "details": {"name": "nope", "kind": "namespaces"}, "code": 404}
+    assert core.read_namespace(NS).status.phase == "Active"
+    with pytest.raises(ApiException) as caught:
+        core.read_namespace("nope")
+    assert caught.value.status == 404
+
+
+def test_serviceaccounts_secrets_configmaps(kube, core):
+    assert core.read_namespaced_service_account("vsgd-train", NS).metadata.name == "vsgd-train"
+    assert core.read_namespaced_config_map("vsgd-endpoints", NS).data
+    kube.add_object("secrets", "extra", data={"k": "v"})
+    assert core.read_namespaced_secret("extra", NS).data == {"k": "dg=="}
+    kube.remove_object("serviceaccounts", "vsgd-train")
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_service_account("vsgd-train", NS)
+    assert caught.value.status == 404
+    assert json.loads(caught.value.body)["message"] == 'serviceaccounts "vsgd-train" not found'
+
+
+# -- authorization --------------------------------------------------------------------------
+
+def test_denied_requests_get_the_rbac_message(kube, api, batch, core):
+    batch.create_namespaced_job(NS, job_body("a"))
+    pod = kube.start_pod("a")
+    kube.denied = {("create", "batch", "jobs"), ("list", "", "pods"),
+                   ("get", "", "pods/log"), ("watch", "batch", "jobs")}
+    cases = [
+        (lambda: batch.create_namespaced_job(NS, job_body("b")),
+         'jobs.batch is forbidden: User "fake" cannot create resource "jobs" in API group '
+         '"batch" in the namespace "vsgd"'),
+        (lambda: core.list_namespaced_pod(NS),
+         'pods is forbidden: User "fake" cannot list resource "pods" in API group "" in the '
+         'namespace "vsgd"'),
+        (lambda: core.read_namespaced_pod_log(pod, NS),
+         f'pods "{pod}" is forbidden: User "fake" cannot get resource "pods/log" in API group '
+         f'"" in the namespace "vsgd"'),
+        (lambda: list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1)),
+         'jobs.batch is forbidden: User "fake" cannot watch resource "jobs" in API group '
+         '"batch" in the namespace "vsgd"')]
+    for call, message in cases:
+        with pytest.raises(ApiException) as caught:
+            call()
+        assert caught.value.status == 403
+        assert json.loads(caught.value.body)["message"] == message
+    batch.read_namespaced_job("a", NS)   # get is not denied
+
+    authz = client.AuthorizationV1Api(api)
+
+    def review(verb, resource, group="", subresource=None):
+        body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=NS, verb=verb, group=group, resource=resource,
+                subresource=subresource)))
+        return authz.create_self_subject_access_review(body).status.allowed
+
+    assert review("create", "jobs", "batch") is False
+    assert review("get", "jobs", "batch") is True
+    assert review("get", "pods", subresource="log") is False
+    assert [(r["verb"], r["resource"]) for r in kube.access_reviews] == [
+        ("create", "jobs"), ("get", "jobs"), ("get", "pods")]
+
+
+# -- events, pods ---------------------------------------------------------------------------
+
+def test_events_and_field_selectors(kube, batch, core):
+    job = batch.create_namespaced_job(NS, job_body("a"))
+    message = ('pods "a-abcde" is forbidden: error looking up service account vsgd/vsgd-train: '
+               'serviceaccount "vsgd-train" not found')
+    kube.refuse_pods("a", message)
+    kube.refuse_pods("a", message)   # the same again: counted
+    pod = kube.start_pod("a")
+    kube.event(kube.pod(pod), "BackOff", "Back-off pulling image")
+    assert kube.pods_of("a")[0]["metadata"]["name"] == pod
+    [event] = core.list_namespaced_event(
+        NS, field_selector=f"involvedObject.uid={job.metadata.uid},reason=FailedCreate").items
+    assert event.message == "Error creating: " + message and event.count == 2
+    assert event.type == "Warning" and event.source.component == "job-controller"
+    assert event.involved_object.kind == "Job" and event.metadata.name.startswith("a.")
+    [event] = core.list_namespaced_event(NS, field_selector="involvedObject.kind=Pod").items
+    assert event.source.component == "kubelet" and event.reason == "BackOff"
+    assert len(core.list_namespaced_event(NS, field_selector="type!=Normal").items) == 2
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_event(NS, field_selector="message=x")
+    assert caught.value.status == 400
+    assert json.loads(caught.value.body)["message"] == "field label not supported: message"
+
+
+def test_waiting_reasons_scheduling_and_termination_messages(kube, batch, core):
+    batch.create_namespaced_job(NS, job_body("w"))
+    pull = kube.start_pod("w", waiting=("ErrImagePull", 'failed to pull image "vsgd:1"'))
+    read = core.read_namespaced_pod(pull, NS)
+    assert read.status.phase == "Pending"
+    assert read.status.container_statuses[0].state.waiting.reason == "ErrImagePull"
+    assert kube.job("w")["status"]["active"] == 1   # a Pending pod is active
+    kube.set_waiting(pull, "ImagePullBackOff", 'Back-off pulling image "vsgd:1"')
+    state = core.read_namespaced_pod(pull, NS).status.container_statuses[0].state
+    assert state.waiting.reason == "ImagePullBackOff"
+    meta = read.metadata
+    assert meta.labels["batch.kubernetes.io/job-name"] == meta.labels["job-name"] == "w"
+    uid = kube.job("w")["metadata"]["uid"]
+    assert meta.labels["batch.kubernetes.io/controller-uid"] == meta.labels["controller-uid"] \
+        == uid
+    assert [(r.kind, r.name, r.uid, r.controller) for r in meta.owner_references] == [
+        ("Job", "w", uid, True)]
+
+    stuck = kube.unschedulable_pod("w")
+    read = core.read_namespaced_pod(stuck, NS)
+    assert read.status.phase == "Pending" and read.status.container_statuses is None
+    [scheduled] = read.status.conditions
+    assert (scheduled.type, scheduled.status, scheduled.reason) == ("PodScheduled", "False",
+                                                                    "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in scheduled.message
+    [event] = core.list_namespaced_event(NS, field_selector=f"involvedObject.name={stuck}"
+                                         ).items
+    assert (event.reason, event.source.component) == ("FailedScheduling", "default-scheduler")
+    assert kube.job("w")["status"]["active"] == 2
+
+    kube.pod_failed("w", pull, exit_code=137, reason="OOMKilled", message="out of memory")
+    terminated = core.read_namespaced_pod(pull, NS).status.container_statuses[0].state \
+        .terminated
+    assert (terminated.exit_code, terminated.reason, terminated.message) == (
+        137, "OOMKilled", "out of memory")
+
+
+def test_label_selectors(kube, batch):
+    for name, tier in (("x", "a"), ("y", "b"), ("z", None)):
+        batch.create_namespaced_job(NS, job_body(name, labels={"tier": tier} if tier else {}))
+
+    def names(selector):
+        return sorted(j.metadata.name for j in
+                      batch.list_namespaced_job(NS, label_selector=selector).items)
+
+    assert names("tier in (a, b)") == ["x", "y"]
+    assert names("tier notin (a)") == ["y", "z"]
+    assert names("!tier") == ["z"]
+    assert names("app=t,tier") == ["x", "y"]
+    assert names("tier!=a") == ["y", "z"]
+    assert _matches({"k": "v"}, "k in (v),k==v,!other")
