@@ -1,4 +1,5 @@
-"""Shared fixtures: small prepared synthetic datasets, run specs for them, an MLflow server."""
+"""Shared fixtures: small prepared synthetic datasets, run specs for them, an MLflow server,
+the test Kubernetes API server and a stand-in for the results store."""
 
 import copy
 from pathlib import Path
@@ -84,3 +85,45 @@ def mlflow_server(tmp_path_factory):
         yield service.url
     finally:
         services.stop(service, proc)
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """The test API server (tests/fake_k8s.py) with a kubeconfig pointing at it in
+    KUBECONFIG, as a user's would; cwd is tmp_path (specs' output_dirs are relative)."""
+    import yaml
+    from fake_k8s import FakeKube
+    fake = FakeKube()
+    url = fake.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(fake.kubeconfig(url)))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.chdir(tmp_path)   # specs' output_dirs are relative: results land here
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A local stand-in for `<storage.remote>/results/<run_hash>/`, filled the way a pod
+    uploads its results; `fetch` copies them into the run's output_dir as the storage
+    layer's fetch_result does."""
+    import json
+    import shutil
+    root = tmp_path / "store"
+
+    def publish(spec, test_acc=0.5):
+        out = root / "results" / spec["run_hash"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(
+            {"name": spec["name"], "run_hash": spec["run_hash"], "test_acc": test_acc}))
+        (out / "curve.csv").write_text("step,test_acc\n3,%s\n" % test_acc)
+
+    def fetch(params, spec):
+        src = root / "results" / spec["run_hash"]
+        if not (src / "metrics.json").exists():
+            raise FileNotFoundError(f"no result for {spec['run_hash']} in the store")
+        shutil.copytree(src, spec["output_dir"], dirs_exist_ok=True)
+
+    publish.fetch = fetch
+    return publish

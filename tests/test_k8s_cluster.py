@@ -6,7 +6,6 @@ guards against.
 """
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -15,16 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError
 from pipeline.executors import Detached
-from pipeline.grid import expand
 from pipeline.jobs import report_stale
 from pipeline.k8s_config import QUEUE_LABEL
-from pipeline.k8s_jobs import (OWNER_LABEL, RUN_HASH_LABEL, STORE_LABEL, job_name,
-                               render_job)
-from test_k8s_executor import PARAMS, executor, grid, kube, spec_of, store  # noqa: F401
+from pipeline.k8s_jobs import OWNER_LABEL, STORE_LABEL, job_name, render_job
+from test_k8s_executor import PARAMS, executor, grid, spec_of
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = "/apis/batch/v1/namespaces/vsgd/jobs"
@@ -227,6 +223,25 @@ def test_an_api_outage_within_the_budget_fails_no_run(kube, store, fault):
     assert "reachable again" in out.getvalue()
 
 
+def test_an_eight_second_outage_of_list_pods_fails_no_run(kube, store):
+    """What used to fail every run: `list pods` answering 503 for a few seconds while the
+    Jobs run on, with the default outage budget."""
+    params, specs = grid(optimizers="[vsgd]")
+
+    def cluster(job):
+        name = job["metadata"]["name"]
+        kube.start_pod(name, log=["step 1/3"])
+        kube.outage("503", seconds=8, match=lambda method, path: path.endswith("/pods"))
+        time.sleep(9)
+        store(spec_of(job, specs))
+        kube.complete(name)
+
+    kube.on_create = cluster
+    [outcome] = KubernetesExecutorWithRealSleep(params, store, io.StringIO()).run(specs)
+    assert outcome.ok, outcome.error
+    assert any(path.endswith("/pods") for _, path, _ in kube.faulted)
+
+
 def KubernetesExecutorWithRealSleep(params, store, out):
     from pipeline.executors.kubernetes import KubernetesExecutor
     return KubernetesExecutor(params, out=out, fetch_result=store.fetch,
@@ -375,7 +390,6 @@ def test_jobs_of_an_earlier_grid_are_reported_by_the_stage_and_left_alone(kube, 
 
 def test_jobs_cancel_stale_stops_only_the_earlier_grid(kube, store, tmp_path):
     params, specs, earlier = stale_setup(kube, store, tmp_path)
-    from conftest import fake_prepared
     args = ["--params", str(PARAMS)] + [a for kv in (
         "preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
         "tune.enabled=false", "storage.remote=s3://vsgd/grid", "executor.kind=kubernetes")

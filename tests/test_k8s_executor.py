@@ -1,7 +1,7 @@
 """The kubernetes executor against a fake API server over real HTTP (tests/fake_k8s.py), with
 the official client configured from a kubeconfig the test writes, as a user's would be.
 
-A real cluster: `VSGD_E2E_CLUSTER=1 KUBECONFIG=... pytest -m cluster` (see the last test).
+A real cluster: tests/test_k8s_real_cluster.py (opt-in).
 """
 
 import io
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_k8s import FakeKube
 from pipeline.config import load_params
 from pipeline.executors import get_executor
 from pipeline.executors.kubernetes import KubernetesExecutor
@@ -25,42 +24,6 @@ from pipeline.k8s_jobs import RUN_HASH_LABEL, job_name, render_job, write_jobs
 
 PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 OPT_LABEL = "vsgd-repro/optimizer"
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    fake = FakeKube()
-    url = fake.start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump(fake.kubeconfig(url)))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.chdir(tmp_path)   # specs' output_dirs are relative: results land here
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A local stand-in for `<storage.remote>/results/<run_hash>/`, filled the way a pod
-    uploads its results; `fetch` copies them into the run's output_dir as the storage
-    layer's fetch_result does."""
-    root = tmp_path / "store"
-
-    def publish(spec, test_acc=0.5):
-        out = root / "results" / spec["run_hash"]
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(
-            {"name": spec["name"], "run_hash": spec["run_hash"], "test_acc": test_acc}))
-        (out / "curve.csv").write_text("step,test_acc\n3,%s\n" % test_acc)
-
-    def fetch(params, spec):
-        src = root / "results" / spec["run_hash"]
-        if not (src / "metrics.json").exists():
-            raise FileNotFoundError(f"no result for {spec['run_hash']} in the store")
-        shutil.copytree(src, spec["output_dir"], dirs_exist_ok=True)
-
-    publish.fetch = fetch
-    return publish
 
 
 def grid(*overrides, optimizers="[sgd, adam, adamw, vsgd]"):
@@ -305,21 +268,3 @@ def test_kubectl_apply_of_a_rendered_job(kube, tmp_path):
         assert f"job.batch/{job_name(specs[0], params)} {expected}" in result.stdout
     [job] = kube.jobs()
     assert job["spec"]["template"]["metadata"]["labels"][RUN_HASH_LABEL] == specs[0]["run_hash"]
-
-
-@pytest.mark.cluster
-@pytest.mark.skipif(not (os.environ.get("VSGD_E2E_CLUSTER") and os.environ.get("KUBECONFIG")),
-                    reason="opt-in: VSGD_E2E_CLUSTER=1 and KUBECONFIG of a real cluster")
-def test_real_cluster_runs_a_tiny_job(tmp_path, monkeypatch):
-    """Against a real cluster (kind is enough): the training image must be pullable there and
-    the k8s/overlays/local services applied. Runs one ci-preset run on CPU and fetches its
-    result through the real storage layer."""
-    monkeypatch.chdir(tmp_path)
-    params = load_params(PARAMS, [
-        "preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
-        "tune.enabled=false", "executor.kind=kubernetes", "executor.kubernetes.gpus=0",
-        "executor.kubernetes.progress_interval=10",
-        f"storage.remote={os.environ.get('VSGD_E2E_REMOTE', 's3://vsgd/e2e')}",
-        *filter(None, os.environ.get("VSGD_E2E_SET", "").split(";"))])
-    outcomes = KubernetesExecutor(params).run(expand(params))
-    assert all(o.ok for o in outcomes), [(o.error, o.log_tail) for o in outcomes]
