@@ -39,8 +39,9 @@ MiB = 1 << 20
 DVC_PREFIX = "dvc"                  # the DVC remote is <storage.remote>/dvc
 DVC_FILES = "files/md5"             # DVC 3's layout inside a remote
 RESULTS_PREFIX = "results"
-# A run's result files; metrics.json last: it marks the run done. beta1.csv: VSGD runs only.
-RESULT_FILES = ("config.json", "curve.csv", "beta1.csv", "metrics.json")
+# A run's result files; metrics.json last: it marks the run done. beta1.csv: VSGD runs only;
+# train.log (pipeline.train.LOG_NAME): the run's log, where the executor or the run kept one.
+RESULT_FILES = ("config.json", "curve.csv", "beta1.csv", "train.log", "metrics.json")
 RESULTS_ENV = "VSGD_RESULTS_URI"    # set per run by the executors (`run_env`, pipeline.k8s_jobs)
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
 SCRATCH_ENV = "VSGD_SCRATCH"

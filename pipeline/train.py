@@ -5,19 +5,68 @@
     python -m pipeline.train --dataset cifar100 --arch vgg --optimizer vsgd [--seed 0]
                              [--set key=value ...] [--params params.yaml]
 
-Exit codes: 0 done, 78 invalid configuration (every problem listed, no traceback), 1 any
-other failure, 130 interrupted. Progress is a tqdm bar when stderr is a terminal and one plain
-line per log point otherwise (Kubernetes and executor logs).
+Exit codes: 0 done, 78 invalid configuration (every problem listed, no traceback; also a
+stale image and a GPU requested where CUDA is not available), 1 any other failure, 143
+stopped by SIGTERM, 130 by SIGINT (128 + the signal). Progress is a tqdm bar when stderr is a
+terminal and one plain line per log point otherwise (Kubernetes and executor logs).
+
+Stopping: SIGTERM (preemption, eviction, `kubectl delete`, an executor's stop, `kill`) and
+SIGINT (Ctrl-C) ask the trainer to stop after the step in flight: it saves a checkpoint at
+the step it reached and the process exits 143 or 130, so the next start loses no step
+(`StopRequest`). Under DVC (and the local executor) the run also stops so when the process
+that started it dies, since DVC does not pass its own SIGTERM on (`watch_launcher`).
+
+Before training, checks that make a pod fail with 78 rather than train the wrong thing or
+waste a retry: the spec's run hash is recomputed with this installation's code (a mismatch
+is a stale image, `STALE_IMAGE`), and with `VSGD_REQUIRE_CUDA=1` (a Job that requests a GPU)
+CUDA must be available. With `VSGD_TERMINATION_LOG` set, why the run failed or stopped is
+written there (Kubernetes shows it in the pod's status); with `VSGD_TEE_LOG=1` everything
+the run prints is also appended to `<output_dir>/train.log`, published with the result.
 """
 
 import argparse
+import datetime
 import json
 import logging
+import os
+import select
 import signal
+import socket
 import sys
+import threading
 import time
+import traceback
+from pathlib import Path
 
-from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, ConfigError
+from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, TRAINING_DEFAULTS, ConfigError
+
+# The start of the message of a pod whose code differs from the launcher's; the Kubernetes
+# executor looks for it in the termination message.
+STALE_IMAGE = "stale image"
+# "1" when the Job requests GPUs (pipeline.k8s_jobs sets it): no CUDA is then a failure.
+REQUIRE_CUDA_ENV = "VSGD_REQUIRE_CUDA"
+# Where to write why the run failed (the Job template: /dev/termination-log).
+TERMINATION_LOG_ENV = "VSGD_TERMINATION_LOG"
+TERMINATION_LOG_LIMIT = 4096  # bytes; Kubernetes keeps no more of a termination message
+# "1": copy everything the run prints into <output_dir>/LOG_NAME (the Job template sets it:
+# a pod's own log is gone with the Job).
+TEE_LOG_ENV = "VSGD_TEE_LOG"
+LOG_NAME = "train.log"        # also the local executor's log of a run, and a result file
+# "1": stop (as on SIGTERM) when the process that started this one dies; set by the local
+# executor for its runs. A run DVC started (DVC_STAGE set) does so too.
+STOP_WITH_LAUNCHER_ENV = "VSGD_STOP_WITH_LAUNCHER"
+# What DVC runs a stage's command through (`$SHELL -c "<cmd>"`, dvc/stage/run.py).
+SHELLS = ("sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox")
+# The driver the image's CUDA 13.0 needs: CUDA 13.0 GA's (its release notes); NVIDIA's CUDA
+# compatibility guide gives >= 580 as the branch for all of CUDA 13.x.
+CUDA_DRIVER = ">= 580.65.06"
+
+
+class StaleImage(ConfigError):
+    """The spec's run hash was computed with other code than this installation's."""
+
+    def __str__(self):
+        return self.problems[0]
 
 
 def open_checkpoint_store(uri: str | None):
@@ -35,9 +84,16 @@ def open_checkpoint_store(uri: str | None):
     return LocalCheckpointStore(uri)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # Bad flags are a configuration error: not worth a retry, and a termination message.
+        self.print_usage(sys.stderr)
+        raise ConfigError([message])
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m pipeline.train", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", metavar="FILE", help="resolved run spec file (JSON)")
     src.add_argument("--spec-json", metavar="JSON", help="resolved run spec as a JSON string")
@@ -57,7 +113,7 @@ def parse_args(argv):
         if not args.dataset and (args.arch or args.optimizer or args.overrides):
             p.error("--arch/--optimizer/--set build a spec from params.yaml: use them with "
                     "--dataset, not with --spec/--spec-json")
-    except SystemExit as exc:  # bad flags are a configuration error: not worth a retry
+    except SystemExit as exc:  # --help; any other exit of argparse is a bad flag
         raise SystemExit(EX_CONFIG if exc.code else 0) from None
     return args
 
@@ -136,54 +192,327 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def _terminate(signum, frame):
-    # SIGTERM (executor stop, pod deletion) unwinds like Ctrl-C: the MLflow run is marked
-    # KILLED; the last checkpoint is what the next start resumes from.
-    raise KeyboardInterrupt
+# ---------------------------------------------------------------------------------------------
+# stopping
+
+
+class StopRequest:
+    """The stop request of this process's run, for `vsgd.trainer.train(stop=...)`: SIGTERM
+    or SIGINT (`handle`) or the death of the launcher (`launcher_died`) asks, the trainer
+    polls (`__call__`) after every step and then saves a checkpoint and stops.
+
+    Until the trainer's first poll (spec checks, data staging, model build, the first step
+    and its compilation) there is no step worth waiting for, so a signal raises
+    KeyboardInterrupt at once; so does any signal once the trainer has returned (`done`), and
+    a second signal while stopping: whoever sends two means now. The launcher's death is one
+    more request, never a second signal: it may come with a signal to the whole process
+    group (`kill -TERM -<pgid>`), which must not cost the checkpoint.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None   # the first request's signal
+        self.polled = False
+        self._calls = 0
+        self._launcher_died = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def __call__(self) -> bool:
+        self.polled = True
+        return self.signum is not None
+
+    def done(self) -> None:
+        """Training is over: from now on a signal interrupts at once."""
+        self.polled = False
+
+    def handle(self, signum, frame) -> None:
+        self._calls += 1
+        if self.signum is None:
+            self.signum = signum
+        if not self.polled or self._calls > 1 + self._launcher_died:
+            raise KeyboardInterrupt
+
+    def launcher_died(self) -> None:
+        """From the watching thread: ask as SIGTERM does, through the main thread."""
+        self._launcher_died = True
+        signal_main_thread(signal.SIGTERM)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def signal_main_thread(signum: int) -> None:
+    """Send `signum` to the main thread, whose handler then runs there: a real signal, unlike
+    `_thread.interrupt_main`, also wakes it from a blocking wait (for a lock, a child)."""
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+def launcher_pid() -> int:
+    """The process that started this one: the parent, or its parent when the parent is a
+    `sh -c` wrapper (DVC runs a stage's command as `$SHELL -c "<cmd>"`; bash and zsh exec a
+    lone command, dash, Debian's /bin/sh, forks it and waits, and it is not signalled when
+    DVC dies)."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        if os.path.basename(argv[0].decode()) in SHELLS and b"-c" in argv[1:]:
+            stat = Path(f"/proc/{parent}/stat").read_text()
+            return int(stat.rsplit(")", 1)[1].split()[1])  # the field after (comm) state
+    except (OSError, ValueError, IndexError):
+        pass
+    return parent
+
+
+def watch_launcher(on_death) -> bool:
+    """Call `on_death()` from a daemon thread once the launcher (`launcher_pid`) has exited;
+    False where that cannot be watched (no pidfd: not Linux >= 5.3).
+
+    Why: `dvc repro` killed by SIGTERM dies without passing it on to its stage's command,
+    which would train on as an orphan, racing the next `dvc repro` for the same checkpoint.
+    A pidfd rather than PR_SET_PDEATHSIG, which fires only for the direct parent: the
+    launcher may be the shell's parent. And a callback, so that `StopRequest` counts the
+    launcher's death as a request of its own, never as a second signal."""
+    pid = launcher_pid()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # it is gone already
+        fd = None
+    except (AttributeError, OSError):
+        return False
+
+    def wait():
+        if fd is not None:
+            select.select([fd], [], [])
+            os.close(fd)
+        on_death()
+
+    threading.Thread(target=wait, name="launcher-watch", daemon=True).start()
+    return True
+
+
+def launched_by_dvc_or_executor() -> bool:
+    return bool(os.environ.get("DVC_STAGE")) or os.environ.get(STOP_WITH_LAUNCHER_ENV) == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# the pod's checks, its termination message and its log
+
+
+def check_code(spec: dict) -> None:
+    """The spec's run hash is the one this installation computes: else the image is stale
+    (StaleImage), or the spec was changed after it was built (ConfigError)."""
+    from vsgd.spec import code_version, run_hash
+    ours, expected = run_hash(spec), spec["run_hash"]
+    if ours == expected:
+        return
+    theirs, here = spec.get("code_version"), code_version()
+    if theirs == here:
+        raise ConfigError([f"run_hash: {expected} is not the hash of this spec ({ours}, with "
+                           f"the same code version {here[:12]}): the spec was changed after "
+                           "it was built; build it again"])
+    raise StaleImage([
+        f"{STALE_IMAGE}: the spec was built by code version "
+        f"{theirs[:12] if theirs else 'unknown'} (run hash {expected}), this image has code "
+        f"version {here[:12]} (run hash {ours}): it would not train the run its hash names. "
+        "Rebuild and push the image (`make image`) from the launcher's checkout, then start "
+        "the run again"])
+
+
+def check_cuda(spec: dict) -> None:
+    """With REQUIRE_CUDA_ENV=1 (the Job requests a GPU), CUDA must be available and the
+    spec must not ask for another device: a pod that would train on its CPU fails at once."""
+    if os.environ.get(REQUIRE_CUDA_ENV) != "1":
+        return
+    problems = []
+    device = {**TRAINING_DEFAULTS, **(spec.get("training") or {})}["device"]
+    if device in ("cpu", "mps"):
+        problems.append(f"training.device: {device!r}, but the Job requests a GPU "
+                        f"({REQUIRE_CUDA_ENV}=1): set training.device to auto or cuda, or "
+                        "request no GPU")
+    import torch
+    if not torch.cuda.is_available():
+        built = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "a CPU-only build")
+        problems.append(
+            "GPU requested but CUDA is not available: driver/device plugin (the node needs "
+            f"an NVIDIA driver {CUDA_DRIVER} for the image's CUDA 13.0, and the NVIDIA device "
+            "plugin or the GPU Operator must give this pod its nvidia.com/gpu; check "
+            "`nvidia-smi` on the node and `kubectl describe node`; PyTorch "
+            f"{torch.__version__} here is {built})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def write_termination_message(text: str) -> None:
+    """`text` (at most TERMINATION_LOG_LIMIT bytes) to $VSGD_TERMINATION_LOG, if set; a
+    failure to write it is only reported, never in the way of the run's own error."""
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    data = text.strip().encode("utf-8")[:TERMINATION_LOG_LIMIT]
+    try:
+        with open(path, "wb") as f:
+            f.write(data.decode("utf-8", "ignore").encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - the message is a courtesy
+        print(f"could not write the termination message to {path}: {exc}", file=sys.stderr)
+
+
+class _Tee:
+    """A text stream that writes to `stream` and to `log`; a failing log is dropped (with
+    one line saying so), the stream is never held up by it."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        n = self.stream.write(text)
+        if self.log is not None:
+            try:
+                self.log.write(text)
+                self.log.flush()
+            except (OSError, ValueError) as exc:
+                self.log = None
+                self.stream.write(f"{LOG_NAME}: no longer written ({exc})\n")
+        return n
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
+class TeeLog:
+    """With TEE_LOG_ENV=1, stdout and stderr (and the log handlers on them) also go to
+    `<output_dir>/train.log`, appended, after a header line per start. What C code writes to
+    the file descriptors directly (rare: a crash dump) is only in the pod's log."""
+
+    def __init__(self, output_dir):
+        path = Path(output_dir) / LOG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8", errors="replace")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.file.write(f"==== {now} {socket.gethostname()}: python -m pipeline.train "
+                        f"(pid {os.getpid()}) ====\n")
+        self.file.flush()
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+        self._swap(self.streams[1], sys.stderr)
+
+    @classmethod
+    def start(cls, output_dir) -> "TeeLog | None":
+        """The tee if TEE_LOG_ENV asks for it; a log that cannot be opened costs the copy of
+        the log, not the run."""
+        if os.environ.get(TEE_LOG_ENV) != "1":
+            return None
+        try:
+            return cls(output_dir)
+        except OSError as exc:
+            print(f"{LOG_NAME}: not kept in {output_dir} ({exc})", file=sys.stderr)
+            return None
+
+    def _swap(self, old, new):
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
+
+    def close(self):
+        self._swap(sys.stderr, self.streams[1])
+        sys.stdout, sys.stderr = self.streams
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# main
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pipeline import redact, storage
-    redact.install()  # no credential value in this run's log
-    from vsgd.spec import check_spec
-    from vsgd.trainer import train
+    # First of all: a signal from here on stops the run as StopRequest says.
+    stop = StopRequest()
+    stop.install()
+    if launched_by_dvc_or_executor():
+        watch_launcher(stop.launcher_died)
+    tee = progress = None
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("mlflow", "alembic", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from pipeline import redact, storage
+        redact.install()  # no credential value in this run's log
+        from vsgd.spec import check_spec
         spec = load_spec(args)
         problems = check_spec(spec)
         if problems:
             raise ConfigError(problems)
+        check_code(spec)
+        check_cuda(spec)
+        # After the checks, which need no torch: a pod that fails them fails in a moment.
+        from vsgd.trainer import Stopped, train
         store = open_checkpoint_store(spec.get("checkpoint"))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EX_CONFIG
-    signal.signal(signal.SIGTERM, _terminate)
-    progress = Progress(spec["name"], sys.stderr.isatty())
-    try:
+        tee = TeeLog.start(spec["output_dir"])
+        progress = Progress(spec["name"], sys.stderr.isatty())
         # A remote dataset (spec data.uri) is staged into local scratch once, verified.
         spec["data"]["dir"] = storage.stage_data(spec)
-        metrics = train(spec, checkpoint_store=store, progress=progress)
-    except ConfigError as exc:
+        try:
+            metrics = train(spec, checkpoint_store=store, progress=progress, stop=stop)
+        except Stopped as exc:
+            return _stopped(stop, progress,
+                            f"stopped by {stop.name} at step {exc.step}/{exc.iterations}: " + (
+                                "checkpoint saved, run again to resume" if exc.checkpointed
+                                else "no checkpoint store, a new start begins at step 0"))
+        stop.done()
         progress.close()
+        if tee is not None:
+            tee.file.flush()
+        storage.publish_result(spec["output_dir"])  # to $VSGD_RESULTS_URI when set (pods)
+        print(_done_line(spec, metrics), file=sys.stderr)
+        return 0
+    except ConfigError as exc:
+        if progress is not None:
+            progress.close()
         print(exc, file=sys.stderr)
+        write_termination_message(str(exc))
         return EX_CONFIG
     except KeyboardInterrupt:
-        progress.close()
-        print("interrupted; the last checkpoint is kept, run again to resume", file=sys.stderr)
-        return 130
-    progress.close()
-    storage.publish_result(spec["output_dir"])  # to $VSGD_RESULTS_URI when set (pods)
+        return _stopped(stop, progress, f"interrupted by {stop.name} before it could save a "
+                                        "checkpoint; the last one (if any) is kept, run again "
+                                        "to resume")
+    except Exception as exc:  # noqa: BLE001 - reported as a crash would be, plus the message
+        from pipeline.redact import redact
+        if progress is not None:
+            progress.close()
+        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+        write_termination_message(redact(traceback.format_exception_only(exc)[-1]))
+        return 1
+    finally:
+        if tee is not None:
+            tee.close()
+
+
+def _done_line(spec: dict, metrics: dict) -> str:
     shown = " ".join(f"{key} {metrics[key]:.4f}" for key in ("test_acc", "test_loss", "val_acc")
                      if metrics.get(key) is not None) or "no finite evaluation"
     diverged = (f"diverged at step {metrics['diverged']['step']}; "
                 if metrics.get("diverged") else "")
-    print(f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) -> "
-          f"{spec['output_dir']}", file=sys.stderr)
-    return 0
+    return (f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) "
+            f"-> {spec['output_dir']}")
+
+
+def _stopped(stop: StopRequest, progress, message: str) -> int:
+    if progress is not None:
+        progress.close()
+    print(message, file=sys.stderr)
+    write_termination_message(message)
+    return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -74,8 +74,13 @@ def test_identity_leaves_out_locations_tracking_and_bookkeeping(data_root, tmp_p
                  tracking={"uri": "http://mlflow:5000", "experiment": "x"},
                  data=dict(spec["data"], dir="/scratch/x", uri="s3://b/d.dir"),
                  training=dict(spec["training"], log_every=99, checkpoint_every=99,
-                               beta1_every=99))
+                               beta1_every=99),
+                 code_version="f" * 64)  # the launcher's code version: recorded, not identity
     assert vsgd_spec.run_hash(moved) == vsgd_spec.run_hash(spec)
+    assert "code_version" not in vsgd_spec.identity(moved)
+    assert vsgd_spec.check_spec(moved) == []
+    assert vsgd_spec.check_spec(dict(spec, code_version=5)) == [
+        "code_version: expected a non-empty string, got 5"]
     for key, value in (("eval_every", 3), ("test_limit", 8), ("precision", "bf16")):
         other = dict(spec, training=dict(spec["training"], **{key: value}))
         assert vsgd_spec.run_hash(other) != vsgd_spec.run_hash(spec), key

@@ -184,6 +184,16 @@ def test_unreachable_server_never_stops_training(data_root, tmp_path, monkeypatc
     assert not (tmp_path / "unused.db").exists()  # the environment's URI won
 
 
+def test_git_commit_tag_is_the_images_commit(data_root, tmp_path, monkeypatch):
+    """An image has no .git: the commit it was built from comes from its environment."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, commit)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    metrics = train(run_spec(data_root, tmp_path, iterations=1, tracking_uri=uri))
+    run = MlflowClient(tracking_uri=uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["git_commit"] == commit
+
+
 def test_params_hold_no_credentials():
     spec = {"data": {"uri": "s3://bucket/x", "endpoint": "http://user:hunter2@minio:9000"},
             "tracking": {"uri": "http://u:p@mlflow"}, "aws_secret_access_key": "hunter2",

@@ -35,6 +35,8 @@ FINISH_TIMEOUT = 120.0     # how long `finish` keeps retrying
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|api_key",
                         re.I)
 URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# The commit the training image was built from (the image sets it; a checkout has git).
+GIT_COMMIT_ENV = "VSGD_GIT_COMMIT"
 
 
 # MLflow's client retries for the pipeline's own calls (result lookups, the export): a few
@@ -81,10 +83,10 @@ def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The commit of the code being run: `GIT_COMMIT` (set by an image build), else the
-    checkout around this package, else "unknown"."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
+    """The commit of the code being run (the MLflow tag `git_commit`): $VSGD_GIT_COMMIT (an
+    image has no .git), else the checkout around this package, else "unknown"."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)

@@ -15,6 +15,15 @@ the epoch permutations are derived from (seed, epoch) rather than drawn from a s
 run killed at any moment and restarted ends bit-identical to one that was never interrupted
 (tests/test_trainer.py).
 
+Stopping (`stop`): polled after every training step, after that step's log point where one is
+due. When it asks, the trainer saves a checkpoint at the step reached (with a checkpoint store)
+and raises `Stopped`; the MLflow run is marked KILLED. That checkpoint may fall inside a log
+window, so it also holds the window: the step where it started and its training seconds so far.
+The resumed run's next log point then reports the whole window's train_loss and images/s, and
+`seconds_per_iter` covers every step; the run ends bit-identical to an uninterrupted one
+(tests/test_interrupt.py). A checkpoint without a window (older ones, and every log point's)
+had its window start at its own step. `pipeline.train` turns SIGTERM and SIGINT into this.
+
 Divergence: a run whose training loss becomes NaN or inf stops at the next log point and is
 recorded as diverged (`metrics["diverged"]`); it counts as finished. The step records the first
 non-finite loss on the device and the log point reads it with the running sums, so detecting
@@ -49,22 +58,37 @@ CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "trai
 BETA1_COLUMNS = ("step", "mean", "q10", "q25", "median", "q75", "q90")
 
 
-def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
+class Stopped(Exception):
+    """`train` stopped because its `stop` asked: at `step` of `iterations`, with a checkpoint
+    at `step` saved (`checkpointed`) unless the run has no checkpoint store."""
+
+    def __init__(self, step: int, iterations: int, checkpointed: bool):
+        self.step, self.iterations, self.checkpointed = step, iterations, checkpointed
+        super().__init__(f"stopped at step {step}/{iterations}" + (
+            ": checkpoint saved" if checkpointed else ": no checkpoint store, nothing saved"))
+
+
+def train(spec: dict, *, checkpoint_store=None, progress=None, stop=None) -> dict:
     """Run (or resume, or just report) the run of `spec`; return its final metrics.
 
     `checkpoint_store`: see vsgd.checkpoint; None trains without checkpoints.
     `progress(step, iterations, info)` is called at every log point with the running
     `loss`, `acc`, `lr`, `images_per_sec` and, after an evaluation, its results (what was
     not measured, such as the test set of a run with `eval_test: false`, is left out).
+    `stop`: a `threading.Event` or a callable returning true to stop, polled after every
+    training step but the last (after its log point's work, where one is due): the run then
+    saves a checkpoint at the step reached, when it has a checkpoint store, and raises
+    `Stopped`. Nothing polls it before the first step, so setup is not interrupted by it.
     Raises `vsgd.spec.ConfigError` for an invalid spec, before any work.
     """
     run, training = setup(spec)
-    state = restore(spec, run, checkpoint_store)
+    state, window = restore(spec, run, checkpoint_store)
+    stop_requested = _poller(stop)
     tracker = Tracker.from_spec(spec)
     tracker.start(spec, run_id=state.mlflow_run_id)
     status = "FAILED"
     try:
-        clock = _Clock(state)
+        clock = _Clock(*window)
         while state.step < run.iterations:
             lr = engine.train_step(run, state)
             due = _Due.at(state.step, run, training, checkpoint_store)
@@ -74,15 +98,30 @@ def train(spec: dict, *, checkpoint_store=None, progress=None) -> dict:
                     break  # no evaluation, no checkpoint of the diverged model
                 if due.checkpoint:
                     save_checkpoint(spec, run, state, tracker, checkpoint_store)
-                clock.restart(state)
+                clock.restart(state.step)
+            # Not after the last step: finishing takes no longer than a checkpoint would.
+            if state.step < run.iterations and stop_requested():
+                saved = checkpoint_store is not None
+                if saved and not due.checkpoint:
+                    # After a log point the window is closed (it starts at this step).
+                    save_checkpoint(spec, run, state, tracker, checkpoint_store,
+                                    window=None if due else clock.window(state))
+                raise Stopped(state.step, run.iterations, saved)
         metrics = finish(spec, run, state, tracker)
         status = "FINISHED"
         return metrics
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Stopped):
         status = "KILLED"
         raise
     finally:
         tracker.finish(status)
+
+
+def _poller(stop):
+    """`stop` as a function of no arguments (an Event's `is_set`); never true for None."""
+    if stop is None:
+        return lambda: False
+    return stop.is_set if hasattr(stop, "is_set") else stop
 
 
 def setup(spec: dict) -> tuple[engine.Run, dict]:
@@ -100,12 +139,13 @@ def setup(spec: dict) -> tuple[engine.Run, dict]:
     return engine.build(spec, training, data), training
 
 
-def restore(spec: dict, run: engine.Run, store) -> engine.State:
-    """A fresh state, or the one in the checkpoint store (modules and RNGs restored too)."""
+def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int, float]]:
+    """A fresh state, or the one in the checkpoint store (modules and RNGs restored too),
+    and the log window it is in: (the step where it started, its training seconds so far)."""
     state = engine.new_state(run)
     saved = store.load() if store is not None else None
     if saved is None:
-        return state
+        return state, (0, 0.0)
     saved = ckpt.from_bytes(saved)
     if saved["run_hash"] != spec["run_hash"]:
         raise RuntimeError(f"checkpoint at {store!r} belongs to run {saved['run_hash']}, "
@@ -125,7 +165,10 @@ def restore(spec: dict, run: engine.Run, store) -> engine.State:
     state.nonfinite.copy_(saved["nonfinite"])
     log.info("resuming %s from its checkpoint at step %d/%d", spec["name"], state.step,
              run.iterations)
-    return state
+    # Checkpoints of log points, and those written before stops existed, have none: their
+    # window starts at their step.
+    window = saved.get("window") or {"step": state.step, "seconds": 0.0}
+    return state, (window["step"], window["seconds"])
 
 
 @dataclass
@@ -153,15 +196,27 @@ class _Due:
 
 
 class _Clock:
-    """The start of the current window of training steps: the end of the previous log
-    point's work (its evaluation, logging and checkpoint), for `state.seconds` and images/s."""
+    """The current window of training steps, for `state.seconds` and images/s: it starts at
+    the end of the previous log point's work (its evaluation, logging and checkpoint), at
+    step `window_step`. `carried`: the window's seconds before this process resumed it from
+    a checkpoint taken inside it."""
 
-    def __init__(self, state):
-        self.restart(state)
+    def __init__(self, window_step: int, carried: float = 0.0):
+        self.restart(window_step)
+        self.carried = carried
 
-    def restart(self, state):
+    def restart(self, step: int):
         self.start = time.perf_counter()
-        self.window_step = state.step
+        self.window_step, self.carried = step, 0.0
+
+    def elapsed(self) -> float:
+        return self.carried + time.perf_counter() - self.start
+
+    def window(self, state) -> dict:
+        """The open window for a checkpoint inside it. Its last step is waited for first
+        (the copy of the sums), as a log point does, so that its time is in the seconds."""
+        state.sums.cpu()
+        return {"step": self.window_step, "seconds": self.elapsed()}
 
 
 def log_point(run, state, lr, due, clock, tracker, progress) -> None:
@@ -172,7 +227,7 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
     # it (before it, on CUDA, the window would hold only the kernel launches).
     *sums, nonfinite = torch.cat([state.sums.reshape(-1),
                                   state.nonfinite.to(state.sums.dtype).reshape(1)]).tolist()
-    window = time.perf_counter() - clock.start
+    window = clock.elapsed()
     state.seconds += window
     l_loss, l_correct, e_loss, e_correct = sums
     l_n = (state.step - clock.window_step) * run.batch_size
@@ -203,12 +258,17 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
         progress(state.step, run.iterations, {k: v for k, v in info.items() if v is not None})
 
 
-def save_checkpoint(spec, run, state, tracker, store) -> None:
+def save_checkpoint(spec, run, state, tracker, store, window: dict | None = None) -> None:
+    """The state at `state.step`. `window`: the open log window of a checkpoint taken inside
+    one (`_Clock.window`); None at a log point, where the window was just closed. `seconds`
+    is always that of the closed windows, the open one's are in `window`."""
     store.save(ckpt.to_bytes({
         "run_hash": spec["run_hash"], "step": state.step, "seconds": state.seconds,
+        "window": window,
         "curve": state.curve, "beta1": state.beta1, "mlflow_run_id": tracker.run_id,
         "data": {"epoch": state.epoch, "batch": state.batch},
-        # Always -1 here (a diverged run stops before its checkpoint), kept for exactness.
+        # -1 at a log point (a diverged run stops before its checkpoint); inside a window it
+        # may hold a step for the next log point to find, as if never stopped.
         "sums": state.sums.cpu(), "nonfinite": state.nonfinite.cpu(),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),

@@ -6,6 +6,14 @@ share the CPU cores: each gets `cores // max_parallel` threads (OMP_NUM_THREADS,
 so that they do not oversubscribe the cores (which slows CPU training down severalfold).
 With a remote store in params.yaml, each run also gets `pipeline.storage.run_env`: where to
 publish its result (so that any machine finds it by run hash) and the S3 endpoint.
+
+Stopping (Ctrl-C, SIGTERM, or under DVC the death of `dvc repro`, which does not pass its
+SIGTERM on): nothing new starts, every run gets one SIGTERM, saves a checkpoint at the step it
+reached and exits; the executor waits up to GRACE_SECONDS for them before SIGKILL. The runs
+have their own process group, so a terminal's Ctrl-C reaches them only through the executor:
+a second signal would make a run stop at once, without its checkpoint. Further signals while
+stopping are ignored (the grace period bounds the wait). A run stops by itself too when the
+executor dies (`pipeline.train.STOP_WITH_LAUNCHER_ENV`).
 """
 
 import collections
@@ -14,13 +22,22 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..train import (LOG_NAME, STOP_WITH_LAUNCHER_ENV, TEE_LOG_ENV, signal_main_thread,
+                     watch_launcher)
 from . import RunOutcome, spec_path, write_spec
 
-LOG_NAME = "train.log"
 TAIL_LINES = 30
 EXIT_MEANING = {78: "invalid configuration"}
+# How long a stopped run may take to save its checkpoint and exit before it is killed: the
+# Job template's terminationGracePeriodSeconds (pipeline/templates/job-template.yaml), the
+# same budget a run has in a pod.
+GRACE_SECONDS = 120
+# Exit codes of a run that was stopped rather than failed: pipeline.train after SIGINT and
+# SIGTERM (128 + the signal), and death by either signal.
+STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
 class LocalExecutor:
@@ -42,7 +59,10 @@ class LocalExecutor:
             if not spec_path(spec).exists():
                 write_spec(spec)
         pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="run")
-        previous = _raise_on_sigterm()
+        previous = self._install_handlers()
+        if previous and os.environ.get("DVC_STAGE"):
+            # `dvc repro` dies of a SIGTERM without passing it on: stop as if we had it.
+            watch_launcher(self._launcher_died)
         try:
             # map keeps the input order of the outcomes.
             return list(pool.map(self._run_one, specs))
@@ -55,22 +75,47 @@ class LocalExecutor:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _install_handlers(self) -> dict:
+        """SIGINT and SIGTERM raise (KeyboardInterrupt, SystemExit(128 + signal)) once, so
+        that `run` stops the children; the previous handlers, {} off the main thread (where
+        handlers cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self._on_signal)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum, frame):
+        if self._stopping.is_set():
+            return  # stopping already: the runs have their SIGTERM and GRACE_SECONDS
+        self._stopping.set()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def _launcher_died(self):
+        # Through the main thread's handler, which ignores it if a signal came first.
+        signal_main_thread(signal.SIGTERM)
 
     def _run_one(self, spec: dict) -> RunOutcome:
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.run_env(spec)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.run_env(spec),
+               STOP_WITH_LAUNCHER_ENV: "1"}
+        env.pop(TEE_LOG_ENV, None)  # we keep the run's log ourselves, in the same file
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
         log_path = spec_path(spec).parent / LOG_NAME
         with open(log_path, "a", encoding="utf-8") as log:
             with self._lock:
                 if self._stopping.is_set():
                     return RunOutcome(name, spec["run_hash"], ok=False, error="not started")
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, errors="replace", bufsize=1, env=env)
+                # Its own process group: see the module docstring.
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, errors="replace",
+                                        bufsize=1, env=env, process_group=0)
                 self._procs.add(proc)
             self._say(f"[{name}] start")
             try:
@@ -92,9 +137,9 @@ class LocalExecutor:
         else:
             error = f"exit code {code}" + (f" ({EXIT_MEANING[code]})" if code in EXIT_MEANING
                                            else "")
-        # Stopped by us or by a Ctrl-C at the terminal (which reaches the runs directly, maybe
-        # before us): not a failure of the run; the stage says which runs finished anyway.
-        stopped = self._stopping.is_set() or code in (130, -signal.SIGINT)
+        # Stopped by us or by a signal of its own (a `kill` of the run): not a failure of the
+        # run; the stage says which runs finished anyway.
+        stopped = self._stopping.is_set() or code in STOPPED_CODES
         self._say(f"[{name}] {'stopped' if stopped else 'FAILED'}: {error}")
         return RunOutcome(name, spec["run_hash"], ok=False, error=error,
                           log_tail="\n".join(tail))
@@ -107,16 +152,20 @@ class LocalExecutor:
             print(text, file=self.out, flush=True)
 
     def _terminate_all(self):
+        """One SIGTERM to every run, then up to GRACE_SECONDS (in all) for them to save
+        their checkpoints and exit; SIGKILL for any still running after that."""
         with self._lock:
             procs = list(self._procs)
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + GRACE_SECONDS
         for proc in procs:
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 def _cpu_count() -> int:
@@ -125,15 +174,3 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _raise_on_sigterm():
-    """Turn SIGTERM into SystemExit so `run` can stop its children before exiting; returns
-    the previous handler (None off the main thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, handler)
