@@ -57,12 +57,16 @@ WORKDIR /app/project
 COPY pyproject.toml README.md dvc.yaml params.yaml ./
 COPY vsgd ./vsgd
 COPY pipeline ./pipeline
-# Build-time check, from / so that only the installed package is seen (not these sources):
-# the trainer imports, a Job renders from the packaged template through the executor's code
+# Packages of optimizers named by import path (pipeline/requirements-optimizers.txt, empty
+# by default), with the lock's pins for whatever they share with the project (torch, numpy).
+# Then the build-time check, from / so that only the installed package is seen (not these
+# sources): the trainer imports, a Job renders from the packaged template through the executor's code
 # path (k8s_config.template_path -> load_template -> k8s_jobs.render_job), the published
 # reference numbers load, and the installed code is the code IMAGE_TAG names (a build from
 # another tree than the tag says fails here, not in the cluster).
-RUN python -m pip install --no-deps . \
+RUN if grep -qvE '^[[:space:]]*(#|$)' pipeline/requirements-optimizers.txt; then \
+      python -m pip install -c /app/requirements.lock -r pipeline/requirements-optimizers.txt; fi \
+ && python -m pip install --no-deps . \
  && rm -rf build ./*.egg-info \
  && cd / && python -c "\
 import os, vsgd, pipeline.train, pipeline.executors.kubernetes; \

@@ -1,14 +1,20 @@
 """Regenerate the paper's results from the finished runs in `results/runs/`.
 
 Table 1 (final test accuracy, mean +- std over seeds, next to the published numbers, and
-whether VSGD beats the others, beyond one std or within it), Table 2 (seconds per
-iteration: the timing stage's ratios to SGD first, then seconds, then the runs' own),
-the test-accuracy figure, VSGD's adaptive-momentum figure (from the runs' beta1.csv), the
+whether VSGD beats SGD, Adam and AdamW, beyond one std or within it), the differences between
+every pair of optimizers per cell with their Welch intervals and the standing they add up to
+(best, tied within noise, worse: `pipeline/stats.py`), Table 2 (seconds per iteration: the
+timing stage's ratios to SGD first, then seconds, then the runs' own), the test-accuracy
+figure, VSGD's adaptive-momentum figure (from the runs' beta1.csv), the
 hyperparameter-sensitivity figure (validation accuracy of every tuning point, from the tune
 stage's results/tuning/tuning.csv), per-cell curves for `dvc plots`, a summary for `dvc
 metrics`, and every MLflow run in a CSV. The hyperparameters of each cell were chosen by the
 tune stage on validation accuracy, or pinned; the test set never chooses anything. A
 diverged run is counted, marked, and left out of its cell's mean.
+
+Every table and figure takes the optimizers of `params["optimizers"]`, whatever their keys: a
+key without an entry in LABELS is shown as itself, one without STYLES gets a style of its own
+(`style`). The paper's claim stays about VSGD and RIVALS alone.
 
 The MLflow export comes last and never costs the rest: with the tracking store unreachable
 the tables and figure are written all the same, one warning line on stderr says what failed,
@@ -28,6 +34,7 @@ import yaml
 
 from vsgd.tracking import mlflow_http_settings, tracking_uri
 
+from . import stats
 from .config import load_params
 from .redact import redact
 from .timing import load as load_timing
@@ -45,6 +52,11 @@ NUM_CLASSES = {"cifar100": 100, "tinyimagenet": 200}  # chance level in the figu
 # stay visible as a dashed line over a solid one.
 STYLES = {"sgd": ("tab:green", "-", "o"), "adam": ("tab:orange", "-", "s"),
           "adamw": ("tab:purple", "--", "^"), "vsgd": ("tab:blue", "-", "D")}
+# Any other optimizer: the tab10 colours STYLES leaves free (gray is the chance line's).
+EXTRA_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+EXTRA_LINES = ("-", "--", "-.", ":")
+EXTRA_MARKERS = ("v", "P", "X", "*", "h")
+LEVEL = 0.95  # of every confidence interval in the tables (two-sided)
 DASH = "–"
 BETA1_STATS = ("mean", "q10", "q25", "median", "q75", "q90")  # beta1.csv, besides `step`
 ADAM_BETA1 = 0.9  # Adam's fixed momentum: PyTorch's default, what the paper compares with
@@ -73,6 +85,8 @@ def run(args) -> int:
     cells = build_cells(runs, params)
     refs = load_references()
     write_table1(cells, params, refs, root / "tables")
+    write_differences(cells, params, root / "tables")
+    write_standing(cells, params, root / "tables")
     write_table2(cells, params, root / "tables", load_timing(root / "timing"))
     write_sensitivity(params, root / "tuning" / "tuning.csv", root / "figures")
     write_curves(cells, root / "curves")
@@ -172,6 +186,25 @@ def rows_of(params):
     return [(ds, arch) for ds in params["datasets"] for arch in params["archs"]]
 
 
+def label(key: str) -> str:
+    """How a dataset, model or optimizer key is shown: its LABELS entry, else the key."""
+    return LABELS.get(key, key)
+
+
+def style(opt: str, opts) -> tuple:
+    """(colour, line style, marker) of optimizer `opt` among the grid's `opts`: STYLES for
+    the built-ins; any other key takes EXTRA_COLORS and EXTRA_MARKERS by its sorted
+    position among the grid's other keys (the line style changes once the colours run out),
+    so its look depends on which keys the grid has, not on their order or on results."""
+    if opt in STYLES:
+        return STYLES[opt]
+    extras = sorted((set(opts) - set(STYLES)) | {opt})
+    i = extras.index(opt)
+    return (EXTRA_COLORS[i % len(EXTRA_COLORS)],
+            EXTRA_LINES[i // len(EXTRA_COLORS) % len(EXTRA_LINES)],
+            EXTRA_MARKERS[i % len(EXTRA_MARKERS)])
+
+
 def best_in_row(cells, ds, arch, params) -> set:
     """The optimizers with the best mean of the row (all of them on a tie)."""
     means = {o: cells[(ds, arch, o)]["mean"] for o in params["optimizers"]
@@ -179,12 +212,20 @@ def best_in_row(cells, ds, arch, params) -> set:
     return {o for o, m in means.items() if m == max(means.values())} if means else set()
 
 
+def claim_missing(params) -> list[str]:
+    """The optimizers of the paper's claim (VSGD and RIVALS) that the grid lacks. With any
+    of them missing the claim is not tested: against fewer rivals it would be another claim;
+    optimizers beyond them are not part of it."""
+    return [o for o in ("vsgd", *RIVALS) if o not in params["optimizers"]]
+
+
 def claim(cells, ds, arch, params) -> bool | None:
-    """Is VSGD's mean above every rival's in this row? None when it cannot be told."""
-    if "vsgd" not in params["optimizers"] or cells[(ds, arch, "vsgd")]["mean"] is None:
+    """Is VSGD's mean above every rival's in this row? None when it cannot be told (a cell
+    without finished runs) or is not tested (`claim_missing`)."""
+    if claim_missing(params) or cells[(ds, arch, "vsgd")]["mean"] is None:
         return None
-    rivals = [cells[(ds, arch, o)]["mean"] for o in RIVALS if o in params["optimizers"]]
-    if not rivals or any(m is None for m in rivals):
+    rivals = [cells[(ds, arch, o)]["mean"] for o in RIVALS]
+    if any(m is None for m in rivals):
         return None
     return all(cells[(ds, arch, "vsgd")]["mean"] > m for m in rivals)
 
@@ -193,12 +234,16 @@ def claim_strength(cells, ds, arch, params) -> str:
     """The paper's ordering in this row, told against the seed-to-seed spread: "beyond 1
     std" when VSGD's mean exceeds every rival's by more than the larger of the two stds,
     "within 1 std" when it is above but not by that much, "n=1" when a cell has one run
-    (no std to tell noise from a difference)."""
+    (no std to tell noise from a difference), "not tested" when the grid lacks VSGD or a
+    rival (`claim_missing`)."""
+    missing = claim_missing(params)
+    if missing:
+        return f"not tested: {', '.join(label(o) for o in missing)} not in the grid"
     verdict = claim(cells, ds, arch, params)
     if verdict is not True:
         return _yes_no(verdict)
     vsgd = cells[(ds, arch, "vsgd")]
-    rivals = [cells[(ds, arch, o)] for o in RIVALS if o in params["optimizers"]]
+    rivals = [cells[(ds, arch, o)] for o in RIVALS]
     if any(c["std"] is None for c in [vsgd, *rivals]):
         return "holds (n=1: no std)"
     beyond = all(vsgd["mean"] - r["mean"] > max(vsgd["std"], r["std"]) for r in rivals)
@@ -220,8 +265,8 @@ def cell_text(cell, bold, fmt):
 
 def choice_caption(cells, params) -> str:
     """How the hyperparameters and numerics of the reported runs were chosen."""
-    tuned = sorted({LABELS[o] for (_, _, o), c in cells.items() if c["tuned"]})
-    pinned = sorted({LABELS[o] for (_, _, o), c in cells.items() if not c["tuned"]})
+    tuned = sorted({label(o) for (_, _, o), c in cells.items() if c["tuned"]})
+    pinned = sorted({label(o) for (_, _, o), c in cells.items() if not c["tuned"]})
     parts = []
     if tuned:
         t = params["tune"]
@@ -237,21 +282,23 @@ def choice_caption(cells, params) -> str:
 def write_table1(cells, params, refs, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     opts = params["optimizers"]
-    head = ["dataset", "architecture"] + [LABELS[o] for o in opts]
+    head = ["dataset", "architecture"] + [label(o) for o in opts]
     md = ["# Table 1: final test accuracy", "",
           "Mean ± sample std over seeds (n = number of finished seeds; diverged runs are "
           "counted apart and not averaged); best mean per row in bold (all of them on a "
-          f"tie). {choice_caption(cells, params)}", "",
+          "tie; whether a difference is larger than the seed-to-seed noise: "
+          f"`differences.md` and `standing.md`). {choice_caption(cells, params)}", "",
           _md_row(head), _md_row(["---"] * len(head))]
     tex = [r"\begin{tabular}{ll" + "c" * len(opts) + "}", r"\toprule",
-           " & ".join(["Dataset", "Architecture"] + [LABELS[o] for o in opts]) + r" \\",
+           " & ".join(["Dataset", "Architecture"] + [_tex_escape(label(o)) for o in opts])
+           + r" \\",
            r"\midrule"]
     for ds, arch in rows_of(params):
         best = best_in_row(cells, ds, arch, params)
-        model = LABELS[cells[(ds, arch, opts[0])]["model"]]
-        md.append(_md_row([LABELS[ds], model] + [cell_text(cells[(ds, arch, o)], o in best, "md")
+        model = label(cells[(ds, arch, opts[0])]["model"])
+        md.append(_md_row([label(ds), model] + [cell_text(cells[(ds, arch, o)], o in best, "md")
                                                  for o in opts]))
-        tex.append(" & ".join([LABELS[ds], _tex_escape(model)] +
+        tex.append(" & ".join([label(ds), _tex_escape(model)] +
                               [cell_text(cells[(ds, arch, o)], o in best, "tex") for o in opts])
                    + r" \\")
     tex += [r"\bottomrule", r"\end{tabular}"]
@@ -268,7 +315,7 @@ def write_table1(cells, params, refs, out: Path):
             c = cells[(ds, arch, o)]
             ref = refs.get((ds, arch, o))
             delta = (c["mean"] - ref["value"]) if (ref and c["mean"] is not None) else None
-            md.append(_md_row([LABELS[ds], LABELS[c["model"]], LABELS[o],
+            md.append(_md_row([label(ds), label(c["model"]), label(o),
                                _fmt(c["mean"]),
                                f"{ref['value']:.3f} ± {ref['precision']}" if ref else DASH,
                                f"{delta:+.3f}" if delta is not None else DASH]))
@@ -281,17 +328,182 @@ def write_table1(cells, params, refs, out: Path):
                              "paper_precision": ref["precision"] if ref else None,
                              "delta": delta})
     md += ["", "## The paper's claim: VSGD above Adam, AdamW and SGD", "",
-           "Per row: does VSGD's mean beat every other optimizer's, and by more than the "
-           "seed-to-seed spread (the larger of the two stds)? The paper column compares the "
-           "published values that exist (AdamW and SGD).", "",
+           "Per row: does VSGD's mean beat SGD's, Adam's and AdamW's, and by more than the "
+           "seed-to-seed spread (the larger of the two stds)? Other optimizers of the grid "
+           "are not part of the claim; without VSGD or one of those three in the grid it is "
+           "not tested. The paper column compares the published values that exist (AdamW "
+           "and SGD).", "",
            _md_row(["dataset", "architecture", "ours", "paper"]), _md_row(["---"] * 4)]
     for ds, arch in rows_of(params):
-        model = LABELS[cells[(ds, arch, opts[0])]["model"]]
-        md.append(_md_row([LABELS[ds], model, claim_strength(cells, ds, arch, params),
+        model = label(cells[(ds, arch, opts[0])]["model"])
+        md.append(_md_row([label(ds), model, claim_strength(cells, ds, arch, params),
                            _yes_no(_paper_claim(refs, ds, arch))]))
     (out / "table1.md").write_text("\n".join(md) + "\n")
     (out / "table1.tex").write_text("\n".join(tex) + "\n")
     _write_csv(out / "table1.csv", csv_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# differences beyond seed noise, and the standing they add up to
+
+
+def accuracies(cell) -> list[float]:
+    """A cell's final test accuracies over its reported seeds (diverged runs left out, as in
+    its Table 1 mean)."""
+    return [r["test_acc"] for r in cell["runs"]]
+
+
+def pairs(opts) -> list[tuple[str, str]]:
+    """Every unordered pair of the grid's optimizers once, as (a, b) for a - b: VSGD's pairs
+    first (the paper's subject, so its differences lead each cell), then the grid's order.
+    All pairs rather than VSGD's alone: k optimizers give k(k-1)/2 per cell, cheap, and a new
+    optimizer is then compared with every other too."""
+    order = sorted(opts, key=lambda o: o != "vsgd")  # stable: the grid's order otherwise
+    return [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+
+
+def difference_verdict(d: stats.Difference, a: str, b: str) -> str:
+    """The table's "excludes zero" column for `d` = a - b."""
+    if d.note == stats.NOT_ENOUGH:
+        fewest = min(d.n_a, d.n_b)
+        return (f"{fewest} seed" if fewest else "no finished runs") + ": no interval, no winner"
+    if not d.excludes_zero:
+        return "no: within noise"
+    above = label(a) if d.mean_diff > 0 else label(b)
+    return f"yes: {above} above" + (" (no spread: point interval)"
+                                    if d.note == stats.POINT else "")
+
+
+def differences_caption() -> str:
+    level = f"{LEVEL:.0%}"
+    return ("Per dataset and architecture, every pair of the grid's optimizers (VSGD's pairs "
+            "first, then the others in the grid's order): A − B, the difference of their mean "
+            "final test accuracies in percentage points, with its two-sided "
+            f"{level} Welch's t confidence interval (unequal variances, Welch–Satterthwaite "
+            "degrees of freedom) over the seeds (n: finished seeds per side; diverged runs "
+            "are left out, as in Table 1). \"Excludes zero\": yes when the interval lies "
+            f"wholly above or below zero, i.e. the difference is larger than the seed-to-seed "
+            f"noise at {level} confidence, and the higher side is named; no when it contains "
+            "zero, i.e. these seeds cannot tell the two apart. A side with fewer than 2 "
+            "finished seeds has no spread to measure: \"1 seed: no interval, no winner\". "
+            "When neither side varies at all the interval is the point difference. Each "
+            "interval is for its pair alone, not corrected for the number of pairs.")
+
+
+def write_differences(cells, params, out: Path) -> None:
+    """`differences.{md,tex,csv}`: per cell and pair (`pairs`), the Welch interval of the
+    difference in test accuracy (`stats.welch`) and whether it excludes zero."""
+    out.mkdir(parents=True, exist_ok=True)
+    head = ["dataset", "architecture", "A − B", "difference (pp)",
+            f"{LEVEL:.0%} interval (pp)", "n (A, B)", "excludes zero"]
+    md_rows, tex_rows, csv_rows = [], [], []
+    for ds, arch in rows_of(params):
+        model = cells[(ds, arch, params["optimizers"][0])]["model"]
+        for a, b in pairs(params["optimizers"]):
+            ca, cb = cells[(ds, arch, a)], cells[(ds, arch, b)]
+            d = stats.welch(accuracies(ca), accuracies(cb), LEVEL)
+            diff = DASH if d.mean_diff is None else _pp(d.mean_diff)
+            interval = DASH if d.low is None else f"[{_pp(d.low)}, {_pp(d.high)}]"
+            verdict = difference_verdict(d, a, b)
+            md_rows.append([label(ds), label(model), f"{label(a)} − {label(b)}", diff,
+                            interval, f"{d.n_a}, {d.n_b}", verdict])
+            tex_rows.append([_tex_escape(label(ds)), _tex_escape(label(model)),
+                             f"{_tex_escape(label(a))} $-$ {_tex_escape(label(b))}",
+                             diff.replace(DASH, "--"), interval.replace(DASH, "--"),
+                             f"{d.n_a}, {d.n_b}", _tex_escape(verdict)])
+            csv_rows.append({
+                "dataset": ds, "arch": arch, "model": model, "optimizer_a": a,
+                "optimizer_b": b, "n_a": d.n_a, "n_b": d.n_b, "mean_a": ca["mean"],
+                "mean_b": cb["mean"], "difference_pp": _scaled(d.mean_diff),
+                "low_pp": _scaled(d.low), "high_pp": _scaled(d.high), "df": d.df,
+                "level": LEVEL, "excludes_zero": d.excludes_zero, "note": d.note})
+    caption = differences_caption()
+    md = ["# Differences between optimizers, per cell", "", caption, "",
+          *_md_table(head, md_rows)]
+    tex = [f"% Differences between optimizers, per cell. {caption}",
+           r"\begin{tabular}{lllcccl}", r"\toprule",
+           r"Dataset & Architecture & $A - B$ & Difference (pp) & "
+           rf"{LEVEL:.0%} interval (pp) & $n$ & Excludes zero \\".replace("%", r"\%"),
+           r"\midrule", *[" & ".join(r) + r" \\" for r in tex_rows],
+           r"\bottomrule", r"\end{tabular}"]
+    (out / "differences.md").write_text("\n".join(md) + "\n")
+    (out / "differences.tex").write_text("\n".join(tex) + "\n")
+    _write_csv(out / "differences.csv", csv_rows,
+               fields=["dataset", "arch", "model", "optimizer_a", "optimizer_b", "n_a", "n_b",
+                       "mean_a", "mean_b", "difference_pp", "low_pp", "high_pp", "df",
+                       "level", "excludes_zero", "note"])
+
+
+def cell_standings(cells, params) -> dict:
+    """(dataset, arch) -> optimizer -> its standing there (`stats.standing`, a key of
+    `stats.STANDING`), over every optimizer of the grid."""
+    return {(ds, arch): stats.standing({o: accuracies(cells[(ds, arch, o)])
+                                        for o in params["optimizers"]}, LEVEL)
+            for ds, arch in rows_of(params)}
+
+
+def standing_counts(cells, params) -> dict:
+    """optimizer -> standing -> in how many cells (every cell counts once per optimizer)."""
+    per_cell = cell_standings(cells, params)
+    return {o: {w: sum(s[o] == w for s in per_cell.values()) for w in stats.STANDING}
+            for o in params["optimizers"]}
+
+
+def standing_caption(n_cells: int) -> str:
+    rules = "; ".join(f"**{w}**: {meaning}" for w, meaning in stats.STANDING.items())
+    return (f"For each optimizer, in how many of the {n_cells} cells (dataset × "
+            "architecture) it is best, tied within noise or worse, comparing every optimizer "
+            f"of the grid by the two-sided {LEVEL:.0%} Welch's t intervals of "
+            f"`differences.md` (final test accuracy over seeds). {rules}. Each cell counts "
+            "once per optimizer. The paper's claim (VSGD above SGD, Adam and AdamW) is "
+            "judged in Table 1, not here.")
+
+
+def write_standing(cells, params, out: Path) -> None:
+    """`standing.{md,tex,csv}`: `standing_counts` per optimizer (md also per cell). Not
+    "summary": `results/summary.json` is the metrics file."""
+    out.mkdir(parents=True, exist_ok=True)
+    opts = params["optimizers"]
+    counts = standing_counts(cells, params)
+    per_cell = cell_standings(cells, params)
+    words = list(stats.STANDING)
+    rows = [[label(o)] + [str(counts[o][w]) for w in words] for o in opts]
+    caption = standing_caption(len(per_cell))
+    md = ["# Standing: best, tied within noise, or worse, per optimizer", "", caption, "",
+          *_md_table(["optimizer", *words], rows), "", "## Per cell", "",
+          *_md_table(["dataset", "architecture"] + [label(o) for o in opts],
+                     [[label(ds), label(cells[(ds, arch, opts[0])]["model"])]
+                      + [_standing_text(s[o], cells[(ds, arch, o)]) for o in opts]
+                      for (ds, arch), s in per_cell.items()])]
+    plain = caption.replace("**", "")
+    tex = [f"% Standing per optimizer. {plain}", r"\begin{tabular}{l" + "c" * len(words) + "}",
+           r"\toprule", " & ".join(["Optimizer"] + [w.capitalize() for w in words]) + r" \\",
+           r"\midrule", *[" & ".join(_tex_escape(c) for c in r) + r" \\" for r in rows],
+           r"\bottomrule", r"\end{tabular}"]
+    (out / "standing.md").write_text("\n".join(md) + "\n")
+    (out / "standing.tex").write_text("\n".join(tex) + "\n")
+    _write_csv(out / "standing.csv",
+               [{"optimizer": o, **{_slug(w): counts[o][w] for w in words},
+                 "cells": len(per_cell)} for o in opts],
+               fields=["optimizer", *map(_slug, words), "cells"])
+
+
+def _standing_text(word: str, cell) -> str:
+    """A cell's standing, with the seed count of the optimizers that left it unranked."""
+    return f"{word} (n={cell['n']})" if word == stats.NOT_ENOUGH and cell["n"] < 2 else word
+
+
+def _pp(fraction: float) -> str:
+    """A difference of accuracies (fractions) in signed percentage points."""
+    return f"{100 * fraction:+.2f}"
+
+
+def _scaled(fraction):
+    return None if fraction is None else 100 * fraction
+
+
+def _slug(word: str) -> str:
+    return word.replace(" ", "_")
 
 
 def _paper_claim(refs, ds, arch):
@@ -335,19 +547,19 @@ def write_table2(cells, params, out: Path, timing: dict | None = None):
     for ds, arch in rows_of(params):
         row_cells = [cells[(ds, arch, o)] for o in opts]
         timed = [measured.get((ds, arch, o)) for o in opts]
-        model = LABELS[row_cells[0]["model"]]
+        model = label(row_cells[0]["model"])
         batch = str(params["protocol"][ds]["batch_size"][arch])
         timed_batch = "/".join(sorted({str(t["batch_size"]) for t in timed if t},
                                       key=int)) or batch
-        rows_a.append([LABELS[ds], model, timed_batch] +
+        rows_a.append([label(ds), model, timed_batch] +
                       [DASH if t is None or t["ratio_to_sgd"] is None else
                        f"{t['ratio_to_sgd']:.2f}" for t in timed])
-        rows_b.append([LABELS[ds], model, timed_batch] +
+        rows_b.append([label(ds), model, timed_batch] +
                       [DASH if t is None else
                        f"{t['seconds_per_step']:.4f} ({t['images_per_sec']:.0f})"
                        for t in timed] +
                       [", ".join(sorted({t["device_name"] for t in timed if t})) or DASH])
-        rows_c.append([LABELS[ds], model, batch] +
+        rows_c.append([label(ds), model, batch] +
                       [DASH if c["seconds_per_iter"] is None else
                        f"{c['seconds_per_iter']:.4f} ({c['images_per_sec']:.0f})"
                        for c in row_cells] +
@@ -363,8 +575,8 @@ def write_table2(cells, params, out: Path, timing: dict | None = None):
                 "n": c["n"], "seconds_per_iter": c["seconds_per_iter"],
                 "images_per_sec": c["images_per_sec"], "device": ";".join(c["devices"]),
                 "precision": precision})
-    head = ["dataset", "architecture", "batch"] + [LABELS[o] for o in opts]
-    head_tex = ["Dataset", "Architecture", "Batch"] + [LABELS[o] for o in opts]
+    head = ["dataset", "architecture", "batch"] + [label(o) for o in opts]
+    head_tex = ["Dataset", "Architecture", "Batch"] + [label(o) for o in opts]
     md = ["# Table 2: seconds per training iteration", "",
           "The training step alone (batch, forward, backward, optimizer step), precision "
           f"{precision} (`training.precision` of the runs). The paper measured on a "
@@ -419,7 +631,8 @@ def _tex_table(head, rows) -> list[str]:
     """A booktabs tabular: the text columns left-aligned, the optimizers' centred."""
     align = "".join("l" if h in ("Dataset", "Architecture", "Batch", "Device") else "c"
                     for h in head)
-    return ([rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(head) + r" \\",
+    return ([rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in head) + r" \\",
              r"\midrule"] + [" & ".join(_tex_escape(c) for c in r) + r" \\" for r in rows]
             + [r"\bottomrule", r"\end{tabular}"])
 
@@ -456,9 +669,9 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
             lines[cell][x] = max(acc, lines[cell].get(x, -1.0))
         for (ds, arch, opt), points in sorted(lines.items()):
             xs = sorted(points)
-            color, style, marker = STYLES.get(opt, ("tab:gray", "-", "o"))
-            ax.plot(xs, [points[x] for x in xs], color=color, linestyle=style, marker=marker,
-                    label=f"{LABELS.get(ds, ds)} {arch} {LABELS.get(opt, opt)}")
+            color, ls, marker = style(opt, params["optimizers"])
+            ax.plot(xs, [points[x] for x in xs], color=color, linestyle=ls, marker=marker,
+                    label=f"{label(ds)} {arch} {label(opt)}")
         if crosses:
             ax.scatter(crosses, [0] * len(crosses), marker="x", color="black",
                        label="diverged", zorder=3)
@@ -529,9 +742,9 @@ def write_figure(cells, params, refs, out: Path):
                 steps, mean, low, high = mean_curve(cell["runs"])
                 if not steps:
                     continue
-                color, ls, marker = STYLES.get(opt, (None, "-", "o"))
+                color, ls, marker = style(opt, opts)
                 # Short budgets give a handful of evaluations: show them as points too.
-                ax.plot(steps, mean, color=color, ls=ls, label=LABELS[opt], lw=1.6,
+                ax.plot(steps, mean, color=color, ls=ls, label=label(opt), lw=1.6,
                         marker=marker if len(steps) <= 12 else None, ms=4, alpha=0.9)
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
                 ref = refs.get((ds, arch, opt))
@@ -539,8 +752,8 @@ def write_figure(cells, params, refs, out: Path):
                 if ref and cell["iterations"] == ref["iterations"]:
                     ax.errorbar([ref["iterations"]], [ref["value"]], yerr=ref["precision"],
                                 fmt="x", color=color, ms=7, capsize=3)
-            model = LABELS[params["protocol"][ds]["models"][arch]]
-            ax.set_title(f"{LABELS[ds]}: {model}", fontsize=10)
+            model = label(params["protocol"][ds]["models"][arch])
+            ax.set_title(f"{label(ds)}: {model}", fontsize=10)
             ax.set_xlabel("iteration")
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
@@ -556,24 +769,28 @@ def write_figure(cells, params, refs, out: Path):
     # One legend for all panels, outside them: it never hides a curve.
     handles, labels = {}, {}
     for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
+        for h, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, h)
     seeds = {opt: sorted({cells[k]["n"] for k in cells if k[2] == opt and cells[k]["n"]})
              for opt in opts}
     for opt in opts:
-        if LABELS[opt] in handles:
+        if label(opt) in handles:
             n = seeds[opt]
-            labels[LABELS[opt]] = (f"{LABELS[opt]} (n={n[0]})" if len(n) == 1 else
-                                   f"{LABELS[opt]} (n={n[0]}–{n[-1]})")
+            labels[label(opt)] = (f"{label(opt)} (n={n[0]})" if len(n) == 1 else
+                                   f"{label(opt)} (n={n[0]}–{n[-1]})")
     chance = matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1)
+    # At most 6 entries a row, and room below the panels for every row: a long grid of
+    # optimizers wraps instead of running off the figure.
+    ncol = min(len(handles) + 1, 6)
+    legend_rows = -(-(len(handles) + 1) // ncol)
     if handles:
         fig.legend(list(handles.values()) + [chance],
                    [labels[k] for k in handles] + ["chance"], loc="lower center",
-                   ncol=len(handles) + 1, fontsize=9, frameon=False)
+                   ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Test accuracy vs iteration (line: mean over seeds; band: min–max; "
                  "x: published value)\n" + choice_caption(cells, params), fontsize=9,
                  wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     for ext in ("png", "svg"):
         # Fixed metadata keeps the files byte-stable across identical runs.
         fig.savefig(out / f"test_acc.{ext}", dpi=150,
@@ -626,9 +843,9 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
                 _write_csv(curves / f"{ds}_{arch}.csv", curve,
                            fields=["step", *BETA1_STATS, "n"])
             points = [r for r in curve if all(r[k] is not None for k in BETA1_STATS)]
-            model = LABELS[params["protocol"][ds]["models"][arch]]
+            model = label(params["protocol"][ds]["models"][arch])
             seeds = f" (n={cell['n']})" if cell and cell["n"] else ""
-            ax.set_title(f"{LABELS[ds]}: {model}{seeds}", fontsize=10)
+            ax.set_title(f"{label(ds)}: {model}{seeds}", fontsize=10)
             if points:
                 steps = [r["step"] for r in points]
                 ax.fill_between(steps, [r["q10"] for r in points], [r["q90"] for r in points],
@@ -652,8 +869,8 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
             ax.grid(alpha=0.3)
     handles = {}
     for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
+        for h, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
                fontsize=9, frameon=False)
     fig.suptitle("VSGD's adaptive momentum β1 over parameter elements (line: median; bands: "
@@ -670,8 +887,8 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
 
 
 def build_summary(cells, params, refs) -> dict:
-    """`dvc metrics show` / `dvc exp show`: mean test accuracy per cell and the claim (`run`
-    adds the state of the MLflow export)."""
+    """`dvc metrics show` / `dvc exp show`: mean test accuracy per cell, the claim and each
+    optimizer's standing counts (`run` adds the state of the MLflow export)."""
     table = {}
     verdicts = []
     for ds, arch in rows_of(params):
@@ -689,7 +906,9 @@ def build_summary(cells, params, refs) -> dict:
         table.setdefault(ds, {})[arch] = row
     return {"test_acc": table,
             "claim": {"holds": sum(v is True for v in verdicts),
-                      "rows": sum(v is not None for v in verdicts)}}
+                      "rows": sum(v is not None for v in verdicts)},
+            "standing": {o: {_slug(w): n for w, n in c.items()}
+                         for o, c in standing_counts(cells, params).items()}}
 
 
 def write_json(path: Path, data: dict) -> None:

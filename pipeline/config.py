@@ -6,7 +6,10 @@ so one run of `python -m pipeline validate` shows all there is to fix. What a ru
 `vsgd.spec`; this module checks what is about params.yaml itself (presets, protocol, grid,
 experiments, timing, data, executor, tracking, storage) and calls `vsgd.spec`'s rules for
 the rest.
-Nothing here imports torch: validating must be instant and must not need the training stack.
+Nothing here imports torch for the built-in optimizers: validating must be instant. An
+optimizer named by import path (`optimizer.<key>.class`, `vsgd.imported_optimizers`) is
+imported and built once on a dummy parameter, which is the only way to know that its
+constructor takes the hyperparameters and accepts their values.
 """
 
 import copy
@@ -16,12 +19,15 @@ from pathlib import Path
 import yaml
 
 from vsgd.data.registry import DATASETS as DATASET_INFO
+from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
 from vsgd.spec import (ARCHS, DATASETS, DEVICE_RE, EX_CONFIG, MISSING, MODELS, OPTIMIZERS,
                        SOURCES, TRAINING, Checker, ConfigError, Range, check_optimizer,
                        check_schedule, check_training, kind)
 
 __all__ = ["ARCHS", "DATASETS", "EX_CONFIG", "MODELS", "OPTIMIZERS", "ConfigError",
-           "load_params", "parse_overrides", "resolve_run", "validate"]
+           "load_params", "optimizer_names", "parse_overrides", "resolve_run", "validate"]
+
+OPTIMIZER_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # a run name part and a label value
 
 TOP_LEVEL = ("preset", "presets", "datasets", "archs", "optimizers", "seeds", "protocol",
              "optimizer", "experiments", "tune", "training", "timing", "data", "executor",
@@ -118,6 +124,20 @@ def dataset_sizes(params: dict, dataset: str) -> dict:
     return DATASET_INFO[dataset].counts
 
 
+def optimizer_names(params: dict) -> tuple:
+    """The optimizers a grid may list: the built-ins, then the entries of `optimizer:` that
+    name a class by import path (in their params.yaml order)."""
+    section = params.get("optimizer") if isinstance(params, dict) else None
+    custom = tuple(k for k, v in (section or {}).items() if isinstance(v, dict)
+                   and CLASS_KEY in v and k not in OPTIMIZERS) if isinstance(section, dict) \
+        else ()
+    return tuple(OPTIMIZERS) + custom
+
+
+def is_imported(params: dict, name: str) -> bool:
+    return name in optimizer_names(params) and name not in OPTIMIZERS
+
+
 def tuned_cells(params: dict) -> list[tuple[str, str, str]]:
     """The (dataset, arch, optimizer) cells whose hyperparameters the tune stage chooses:
     those with a non-empty `grid`, unless `tune.enabled` is false (then all are pinned)."""
@@ -138,7 +158,7 @@ def validate(params: dict) -> list[str]:
         return c.problems
     c.names(p["datasets"], "datasets", DATASETS)
     c.names(p["archs"], "archs", ARCHS)
-    c.names(p["optimizers"], "optimizers", OPTIMIZERS)
+    c.names(p["optimizers"], "optimizers", optimizer_names(params))
     if c.list_of(p["seeds"], "seeds"):
         seeds = p["seeds"]
         if all([c.integer(seeds, i, f"seeds[{i}]", minimum=0) for i in range(len(seeds))]) \
@@ -179,10 +199,50 @@ def _check_protocol(c, p):
 
 
 def _check_optimizers(c, p):
-    section = c.mapping(p["optimizer"], "optimizer", optional=OPTIMIZERS,
-                        required=_valid_names(p["optimizers"], OPTIMIZERS))
-    for name in [n for n in section or () if n in OPTIMIZERS]:
-        _check_optimizer_args(c, name, section[name], f"optimizer.{name}", partial=False)
+    raw = p["optimizer"] if isinstance(p["optimizer"], dict) else {}
+    names = optimizer_names({"optimizer": raw})
+    for key, entry in raw.items():
+        if key in OPTIMIZERS and isinstance(entry, dict) and CLASS_KEY in entry:
+            c.problem(f"optimizer.{key}.{CLASS_KEY}: {key} is a built-in optimizer; give an "
+                      f"imported one a key of its own (e.g. optimizer.my_{key})")
+        elif key not in OPTIMIZERS and not OPTIMIZER_KEY.match(str(key)):
+            c.problem(f"optimizer.{key}: not a built-in ({', '.join(OPTIMIZERS)}); an imported "
+                      f"optimizer's key must be lowercase letters, digits and '_' (at most 32, "
+                      f"starting with a letter)")
+        elif key not in OPTIMIZERS and not (isinstance(entry, dict) and CLASS_KEY in entry):
+            c.problem(f"optimizer.{key}: unknown optimizer; allowed: "
+                      f"{', '.join(OPTIMIZERS)}, or an imported one: "
+                      f"{{{CLASS_KEY}: module:Class, lr: ..., ...}}")
+    section = c.mapping(p["optimizer"], "optimizer", optional=names + tuple(
+                            k for k in raw if k not in names),
+                        required=_valid_names(p["optimizers"], names))
+    used = set(_valid_names(p["optimizers"], names))
+    for name in [n for n in section or () if n in names]:
+        if name in OPTIMIZERS:
+            _check_optimizer_args(c, name, section[name], f"optimizer.{name}", partial=False)
+        elif name in used:   # imported and built only when the grid uses it
+            _check_imported(c, section[name], f"optimizer.{name}")
+
+
+def _check_imported(c, entry, path, base=None):
+    """An imported optimizer's entry (merged over `base`, its `optimizer:` entry, for an
+    experiment's override): the class imports and is an optimizer, every hyperparameter and
+    grid key is a constructor argument, and the pinned values and every grid value build."""
+    from vsgd import imported_optimizers
+    full = {**(base or {}), **entry}
+    grid = full.get("grid")
+    if grid is not None and not isinstance(grid, dict):
+        c.problem(f"{path}.grid: expected a mapping of hyperparameters to lists of values, "
+                  f"got {grid!r}")
+        grid = None
+    grid = {k: v for k, v in (grid or {}).items() if c.list_of(v, f"{path}.grid.{k}")}
+    pinned = {k: v for k, v in full.items() if k not in (CLASS_KEY, "grid")}
+    values = [(path, pinned)] + [(f"{path}.grid.{key}[{i}]", {**pinned, key: value})
+                                 for key, vs in grid.items() for i, value in enumerate(vs)]
+    for key, vs in grid.items():
+        if len({repr(v) for v in vs}) != len(vs):
+            c.problem(f"{path}.grid.{key}: values must be unique, got {vs!r}")
+    c.problems += imported_optimizers.check(path, full, grid_keys=tuple(grid), values=values)
 
 
 def _check_optimizer_args(c, name, args, path, partial):
@@ -221,7 +281,8 @@ def _check_experiments(c, p):
         return
     if experiments is MISSING or not c.list_of(experiments, "experiments", empty_ok=True):
         return
-    allowed = {"dataset": DATASETS, "arch": ARCHS, "optimizer": tuple(OPTIMIZERS)}
+    names = optimizer_names({"optimizer": p["optimizer"]})
+    allowed = {"dataset": DATASETS, "arch": ARCHS, "optimizer": names}
     for i, exp in enumerate(experiments):
         path = f"experiments[{i}]"
         exp = c.mapping(exp, path, required=("match",),
@@ -241,6 +302,9 @@ def _check_experiments(c, p):
             if target in OPTIMIZERS:
                 _check_optimizer_args(c, target, exp["optimizer"], f"{path}.optimizer",
                                       partial=True)
+            elif target in names and isinstance(exp["optimizer"], dict):
+                _check_imported(c, exp["optimizer"], f"{path}.optimizer",
+                                base=p["optimizer"][target])
             elif c.mapping(exp["optimizer"], f"{path}.optimizer",
                            optional=("lr", "weight_decay", "grid")) is not None:
                 # Without match.optimizer only the arguments every optimizer has apply.
@@ -375,7 +439,7 @@ def _check_cross(c, params):
         except broken:
             continue
     for (ds, arch, batch, train), opts in too_big.items():
-        every = len(opts) == len(_valid_names(params["optimizers"], OPTIMIZERS))
+        every = len(opts) == len(_valid_names(params["optimizers"], optimizer_names(params)))
         which = "" if every else f" (runs with {', '.join(opts)}, see experiments)"
         c.problem(f"protocol.{ds}.batch_size.{arch}: {batch} is larger than the {train} "
                   f"training images of {ds}{which}")
@@ -383,7 +447,8 @@ def _check_cross(c, params):
 
 def _cells(params):
     names = [_valid_names(params.get(k), allowed) for k, allowed in
-             (("datasets", DATASETS), ("archs", ARCHS), ("optimizers", OPTIMIZERS))]
+             (("datasets", DATASETS), ("archs", ARCHS),
+              ("optimizers", optimizer_names(params)))]
     return [(d, a, o) for d in names[0] for a in names[1] for o in names[2]]
 
 

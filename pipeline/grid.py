@@ -89,8 +89,11 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
     images, and never evaluates the test set."""
     run = resolve_run(params, dataset, arch_key, optimizer)
     # Floats throughout, so `lr: 1` and `lr: 1.0` in params.yaml are the same run.
-    args = {key: _floats(run["optimizer"][key]) for key in OPTIMIZERS[optimizer]}
-    args.update({key: _floats(value) for key, value in (values or {}).items()})
+    if optimizer in OPTIMIZERS:
+        args = {key: _floats(run["optimizer"][key]) for key in OPTIMIZERS[optimizer]}
+        args.update({key: _floats(value) for key, value in (values or {}).items()})
+    else:
+        args = _imported_args(run["optimizer"], values)
     schedule = {"iterations": int(run["schedule"]["iterations"]),
                 "step_size": int(run["schedule"]["step_size"]),
                 "gamma": float(run["schedule"]["gamma"])}
@@ -129,6 +132,19 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
     spec["checkpoint"] = (f"{remote}/checkpoints/{spec['run_hash']}" if remote
                           else f"{CHECKPOINT_DIR}/{spec['run_hash']}")
     return dict(sorted(spec.items(), key=lambda kv: _ORDER.index(kv[0])))
+
+
+def _imported_args(entry: dict, values: dict | None) -> dict:
+    """An imported optimizer's spec section: its import path, the distribution providing it
+    (both part of the run identity) and its hyperparameters as written, except that `lr` is
+    a float (1 and 1.0 are one run); other values keep their type: a constructor may want an
+    int."""
+    from vsgd.imported_optimizers import CLASS_KEY, PACKAGE_KEY, provider
+    args = {k: v for k, v in entry.items() if k not in (CLASS_KEY, "grid")}
+    args.update(values or {})
+    if isinstance(args.get("lr"), (int, float)) and not isinstance(args["lr"], bool):
+        args["lr"] = float(args["lr"])
+    return {CLASS_KEY: entry[CLASS_KEY], PACKAGE_KEY: provider(entry[CLASS_KEY]), **args}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,10 +1,12 @@
 """The real `dvc repro` end to end, in a temporary git repository, on synthetic data at the
-`ci` budget over the whole grid (2 datasets x 3 archs x 4 optimizers; SGD and VSGD tuned over
-their lr grids, SGD's with a value that diverges; Adam and AdamW pinned):
+`ci` budget over the whole grid (2 datasets x 3 archs x 5 optimizers: the four built-ins and
+`torch.optim:RAdam` named by import path; SGD and VSGD tuned over their lr grids, SGD's with a
+value that diverges; Adam, AdamW and RAdam pinned):
 
 1. the first `dvc repro` prepares, tunes (30 grid points, validation only, the diverging
-   points recorded as diverged and never chosen), trains all 24 runs with the chosen values
-   and writes tables and figures;
+   points recorded as diverged and never chosen), trains all 30 runs with the chosen values
+   and writes tables and figures, RAdam in every one, its MLflow runs naming its class and
+   torch's version;
 2. a second `dvc repro` trains nothing;
 3. changing one optimizer's lr retrains exactly that optimizer's runs; changing it back
    trains nothing (the earlier results are reused from the store), and editing a bookkeeping
@@ -37,7 +39,11 @@ PROJECT_FILES = ["vsgd", "pipeline", "params.yaml", "dvc.yaml", ".dvc/config", "
 # grid: VSGD_E2E_ARCHS=vgg,convmixer,resnext.
 ARCHS = os.environ.get("VSGD_E2E_ARCHS", "convmixer").split(",")
 CELLS = 2 * len(ARCHS)      # runs per optimizer
-GRID = 4 * CELLS
+OPTIMIZERS = 5              # sgd, adam, adamw, vsgd and the imported RAdam
+GRID = OPTIMIZERS * CELLS
+# An optimizer of another package (here torch itself: no new dependency), by import path.
+RADAM = ('  radam: {class: "torch.optim:RAdam", lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-8,\n'
+         '          weight_decay: 0.0}')
 TUNING = 5 * CELLS          # SGD: 3 lrs per cell, VSGD: 2
 # An lr just below float32's largest value: the first update sends the linear head's weights
 # to ~1e37, so the logits of step 2 overflow and its loss is not finite.
@@ -88,6 +94,9 @@ def repo(tmp_path_factory):
             shutil.copy2(src, repo / name)
     set_param(repo, r"^preset: null", "preset: ci")
     set_param(repo, r"^archs: \[vgg, convmixer, resnext\]", f"archs: [{', '.join(ARCHS)}]")
+    set_param(repo, r"^optimizers: \[sgd, adam, adamw, vsgd\]",
+              "optimizers: [sgd, adam, adamw, vsgd, radam]")
+    set_param(repo, r"^optimizer:$", "optimizer:\n" + RADAM)
     set_param(repo, r"^      sgd: \{grid: \{lr: \[0\.05, 0\.1\]\}\}",
               f"      sgd: {{grid: {{lr: [0.05, 0.1, {DIVERGING}]}}}}")
     sh(repo, "git", "init", "-q")
@@ -151,7 +160,7 @@ def test_tables_and_figure_contain_every_cell(repo, first):
             if line.startswith(("| CIFAR-100 |", "| Tiny ImageNet |"))][:CELLS]
     assert len(rows) == CELLS
     for row in rows:
-        assert row.count("(n=1)") == 4, row  # one seed in every optimizer's cell
+        assert row.count("(n=1)") == OPTIMIZERS, row  # one seed in every optimizer's cell
     assert len(list(csv.DictReader((repo / "results/tables/table1.csv").open()))) == GRID
     table2 = (repo / "results" / "tables" / "table2.md").read_text()
     # (a) ratios to SGD and (b) seconds per step from the timing stage, (c) the runs' own
@@ -171,6 +180,28 @@ def test_tables_and_figure_contain_every_cell(repo, first):
     assert len(exported) == GRID + TUNING  # the tuning runs are tracked too
     shown = sh(repo, "dvc", "metrics", "show").stdout
     assert "results/summary.json" in shown and "results/runs.json" in shown
+
+
+def test_the_imported_optimizer_is_in_every_table_and_tracked_with_its_package(repo, first):
+    import importlib.metadata
+    from mlflow.tracking import MlflowClient
+    tables = repo / "results" / "tables"
+    header = next(line for line in (tables / "table1.md").read_text().splitlines()
+                  if line.startswith("| Dataset"))
+    assert "radam" in header, header   # its own column, next to the built-ins
+    for name in ("table1.csv", "table2.csv", "differences.csv", "standing.csv"):
+        rows = list(csv.DictReader((tables / name).open()))
+        assert any("radam" in json.dumps(row).lower() for row in rows), name
+    # its curves reach the figure's data, one per cell
+    assert len(list((repo / "results" / "curves").glob("*_radam.csv"))) == CELLS
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "vsgd-repro"]
+    runs = client.search_runs([experiment.experiment_id], "params.`optimizer.name` = 'radam'")
+    assert len(runs) == CELLS
+    torch_version = importlib.metadata.version("torch")
+    for run in runs:
+        assert run.data.params["optimizer.class"] == "torch.optim:RAdam"
+        assert run.data.params["optimizer.package"] == f"torch=={torch_version}"
 
 
 def test_second_repro_trains_nothing(repo, first):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .data import Augmenter, DATASETS
 from .models import build_model
 from .optim import VSGD
-from .spec import ConfigError
+from .spec import IMPORTED_CLASS, ConfigError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "vsgd": VSGD}
@@ -80,6 +80,9 @@ class State:
 
 
 def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
+    if IMPORTED_CLASS in opt:   # named by import path: imported, version checked, built
+        from .imported_optimizers import make
+        return make(opt, params)
     args = {k: v for k, v in opt.items() if k != "name"}
     if "betas" in args:
         args["betas"] = tuple(args["betas"])

@@ -18,7 +18,9 @@ keys in `BOOKKEEPING`, which only change how often things are logged or saved (a
 ends bit-identical whatever they are). The code version is a hash of the modules that compute
 a result, `RESULT_MODULES` (the optimizer, the models, augmentation, and `vsgd.engine`: the
 training step and evaluation); tracking, checkpoint, storage, download and CLI code are not
-part of it. A change there keeps every finished result.
+part of it. A change there keeps every finished result. A spec's own `code_version` key (the
+launcher's, which `pipeline.train` compares with its own to name a stale image) is not in the
+identity either: the code version enters the hash through `run_hash`'s `code` argument.
 """
 
 import difflib
@@ -70,6 +72,11 @@ UNIT = Range(0.0, 1.0, high_open=True)          # [0, 1): momentum, Adam's betas
 TAU = Range(0.5, 1.0, low_open=True)            # VSGD's kappa_1, kappa_2 in (0.5, 1]
 BETAS = "betas"                                 # a pair of numbers in UNIT
 
+# An optimizer named by import path (vsgd.imported_optimizers) carries these in its spec
+# section: the path and the distribution that provides it, both part of the run identity.
+IMPORTED_CLASS = "class"
+IMPORTED_PACKAGE = "package"
+
 # Constructor arguments of each optimizer and their allowed values.
 OPTIMIZERS = {
     "sgd": {"lr": POSITIVE, "momentum": UNIT, "weight_decay": NON_NEGATIVE},
@@ -103,6 +110,8 @@ REQUIRED = ("name", "run_hash", "dataset", "arch", "arch_key", "data", "optimize
             "batch_size", "seed", "output_dir")
 # Top-level spec keys and `data` keys that say where things are, not what is computed.
 LOCATIONS = ("name", "run_hash", "output_dir", "checkpoint", "tracking")
+# The code version the launcher built the spec with: recorded, not identity (see run_hash).
+CODE_VERSION_KEY = "code_version"
 DATA_LOCATIONS = ("dir", "uri")
 # The modules whose code computes a result (paths relative to the package).
 RESULT_MODULES = ("optim.py", "models", "data/augment.py", "engine.py")
@@ -130,7 +139,7 @@ class ConfigError(ValueError):
 
 def identity(spec: dict) -> dict:
     """The part of `spec` that determines its result (see the module docstring)."""
-    out = {k: v for k, v in spec.items() if k not in LOCATIONS}
+    out = {k: v for k, v in spec.items() if k not in LOCATIONS and k != CODE_VERSION_KEY}
     if isinstance(spec.get("data"), dict):
         out["data"] = {k: v for k, v in spec["data"].items() if k not in DATA_LOCATIONS}
     if isinstance(spec.get("training"), dict):
@@ -189,12 +198,23 @@ def check_spec(spec: dict) -> list[str]:
         c.problem("data.dir: missing (the prepared dataset directory)")
     c.integer(s, "batch_size", "batch_size", minimum=1)
     c.integer(s, "seed", "seed", minimum=0)
+    if CODE_VERSION_KEY in spec:
+        c.string(spec[CODE_VERSION_KEY], CODE_VERSION_KEY)
     check_schedule(c, s["schedule"], "schedule")
     opt = s["optimizer"]
     if opt is not MISSING and not isinstance(opt, dict):
         c.problem(f"optimizer: expected a mapping, got {kind(opt)}")
     elif opt is not MISSING and "name" not in opt:
         c.problem("optimizer.name: missing")
+    elif opt is not MISSING and IMPORTED_CLASS in opt:
+        # Named by import path (vsgd.imported_optimizers): building it is the check, when the
+        # run starts; here only the form.
+        c.string(opt["name"], "optimizer.name")
+        c.string(opt[IMPORTED_CLASS], f"optimizer.{IMPORTED_CLASS}")
+        c.string(opt.get(IMPORTED_PACKAGE, MISSING), f"optimizer.{IMPORTED_PACKAGE}")
+        if opt["name"] in OPTIMIZERS:
+            c.problem(f"optimizer.name: {opt['name']!r} is a built-in; an imported "
+                      f"optimizer needs a key of its own")
     elif opt is not MISSING and c.choice(opt["name"], "optimizer.name", tuple(OPTIMIZERS)):
         # Arguments the spec leaves out take the constructor's defaults.
         args = {k: v for k, v in opt.items() if k != "name"}
