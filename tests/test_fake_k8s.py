@@ -93,7 +93,7 @@ def test_urllib3_retries_a_get_after_retry_after_by_itself(kube, batch):
 
 
 def test_503_and_500_answer_a_status_and_match_selects_requests(kube, batch, core):
-    kube.outage("503", seconds=0.5, match=lambda method, path: "/pods" in path)
+    kube.outage("503", count=1, match=lambda method, path: "/pods" in path)
     kube.outage("500", count=1, match=lambda method, path: method == "POST")
     with pytest.raises(ApiException) as caught:
         core.list_namespaced_pod(NS, _request_timeout=2)

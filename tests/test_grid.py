@@ -34,7 +34,10 @@ def test_spec_follows_the_contract(params, tmp_path):
     spec = grid.build_spec(params, "cifar100", "vgg", "vsgd", seed=0)
     assert list(spec) == ["name", "run_hash", "dataset", "arch_key", "arch", "data",
                           "optimizer", "schedule", "batch_size", "seed", "training",
-                          "output_dir", "checkpoint", "tracking"]
+                          "output_dir", "checkpoint", "tracking", "code_version"]
+    from vsgd.spec import code_version, run_hash
+    assert spec["code_version"] == code_version()   # recorded, not identity:
+    assert run_hash(spec) == spec["run_hash"]        # the hash is computed without the key
     assert spec["arch"] == "vgg16"
     assert spec["optimizer"] == {"name": "vsgd", "lr": 0.1, "ghattg": 30.0, "ps": 1e-8,
                                  "tau1": 0.81, "tau2": 0.9, "weight_decay": 0.0, "eps": 1e-8}

@@ -105,7 +105,8 @@ def test_stray_files_in_the_checkout_do_not_change_the_tag(tmp_path):
     assert image.image_version(src) == before
 
 
-@pytest.mark.parametrize("change", ["module", "template", "rename", "new module"])
+@pytest.mark.parametrize("change", ["module", "template", "rename", "new module",
+                                    "optimizer package"])
 def test_any_shipped_change_is_a_new_tag(tmp_path, change):
     src = source_copy(tmp_path)
     before = image.image_tag(src)
@@ -117,6 +118,9 @@ def test_any_shipped_change_is_a_new_tag(tmp_path, change):
             f.write("# changed\n")
     elif change == "rename":
         (src / "pipeline" / "redact.py").rename(src / "pipeline" / "redaction.py")
+    elif change == "optimizer package":   # the image installs what this file lists
+        with open(src / "pipeline" / "requirements-optimizers.txt", "a") as f:
+            f.write("pytorch_optimizer==4.1.0\n")
     else:
         (src / "vsgd" / "models" / "extra.py").write_text("")
     after = image.image_tag(src)
@@ -266,3 +270,30 @@ def test_dockerfile_copies_only_what_the_build_context_holds():
     assert {"dvc.yaml", "params.yaml", "vsgd", "pipeline"} <= set(sources)
     missing = [src for src in sources if dockerignore_excludes(src)]
     assert not missing, f".dockerignore leaves out what the Dockerfile copies: {missing}"
+
+
+def test_the_image_installs_the_listed_optimizer_packages_and_only_those(tmp_path):
+    """The Dockerfile's step for pipeline/requirements-optimizers.txt, replayed with a
+    stand-in `python` that records what pip would install: nothing for the shipped file (only
+    comments), the listed packages with the lock's pins once one is added."""
+    [run] = [a for op, a in dockerfile_instructions()
+             if op == "RUN" and "requirements-optimizers.txt" in a]
+    step = run.split(" && python -m pip install --no-deps")[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "pipeline").mkdir()
+    listed = tmp_path / "pipeline" / "requirements-optimizers.txt"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def replay():
+        (tmp_path / "calls").unlink(missing_ok=True)
+        subprocess.run(["sh", "-c", step], cwd=tmp_path, env=env, check=True)
+        return (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+
+    listed.write_text((ROOT / "pipeline" / "requirements-optimizers.txt").read_text())
+    assert replay() == ""
+    listed.write_text(listed.read_text() + "pytorch_optimizer==4.1.0\n")
+    assert replay() == ("-m pip install -c /app/requirements.lock -r "
+                        "pipeline/requirements-optimizers.txt\n")

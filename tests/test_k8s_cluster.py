@@ -459,3 +459,14 @@ def test_labels_annotations_and_scratch_request_reach_the_job():
     with pytest.raises(ConfigError) as err:
         grid("executor.kubernetes.labels={vsgd-repro/store: mine}")
     assert "executor.kubernetes.labels" in str(err.value)
+
+
+def test_the_default_image_is_tagged_with_the_code_it_runs():
+    from pipeline.image import image_tag
+    image = lambda params, specs: (   # noqa: E731
+        render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["image"])
+    assert image(*grid(optimizers="[vsgd]")) == f"vsgd-repro:{image_tag()}"
+    assert image(*grid("executor.kubernetes.image_repository=registry.example.com/team/vsgd",
+                       optimizers="[vsgd]")) == f"registry.example.com/team/vsgd:{image_tag()}"
+    pinned = "registry.example.com/vsgd-repro@sha256:" + "0" * 64
+    assert image(*grid(f"executor.kubernetes.image={pinned}", optimizers="[vsgd]")) == pinned

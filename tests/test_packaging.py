@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "vsgd-repro"
-EXTRAS = {"pipeline", "bench", "dev"}
+EXTRAS = {"pipeline", "bench", "dev", "optimizers"}
 PIPELINE_STACK = ("mlflow", "dvc", "boto3", "kubernetes")
 # Everything the pipeline extra brings: the library must import without any of it.
 NOT_FOR_THE_LIBRARY = ("yaml", "mlflow", "dvc", "boto3", "botocore", "kubernetes", "matplotlib",
@@ -85,10 +85,14 @@ def test_wheel_requires_only_torch_and_numpy(wheel):
             assert extras_of(req, EXTRAS | {""}) == {"pipeline"}, f"{req} {req.marker}"
     names = {canonicalize_name(r.name) for r in reqs}
     assert not names & {"kmock", "pytest-asyncio"}
-    # The test tools and the benchmarks bring the pipeline along (through the project itself).
+    # The test tools bring the pipeline, the benchmarks and the optimizers extra along
+    # (through the project itself), so the suite covers all of them.
     dev = {canonicalize_name(r.name): r for r in reqs if "dev" in extras_of(r, {"dev"})
            and r.marker is not None}
-    assert dev[PROJECT].extras == {"pipeline", "bench"}
+    assert dev[PROJECT].extras == {"pipeline", "bench", "optimizers"}
+    optimizers = {canonicalize_name(r.name) for r in reqs if r.marker is not None
+                  and "optimizers" in extras_of(r, {"optimizers"})}
+    assert optimizers == {"pytorch-optimizer"}   # no base dependency: an extra of its own
     assert {"pytest", "pytest-timeout", "moto", "kubernetes-validate"} <= set(dev)
     bench = {canonicalize_name(r.name) for r in reqs if r.marker is not None
              and "bench" in extras_of(r, {"bench"})}

@@ -58,8 +58,9 @@ class Run:
 class State:
     """Where a run is; with the modules' state dicts and RNG states, what a checkpoint holds.
 
-    `sums`: running loss*n and correct predictions, row 0 since the last log point (which a
-    checkpoint always is), row 1 since the last evaluation. `nonfinite`: the first step whose
+    `sums`: running loss*n and correct predictions, row 0 since the last log point (a
+    checkpoint taken between log points, on a stop request, also records where that window
+    began: vsgd.trainer), row 1 since the last evaluation. `nonfinite`: the first step whose
     training loss was NaN or inf, -1 while there is none; like `sums` it stays on the device
     and is read back at log points only. `seconds`: wall time of the training steps so far.
     `curve`: one row per evaluation; `beta1`: one row per adaptive-momentum summary.
