@@ -187,7 +187,7 @@ def test_the_imported_optimizer_is_in_every_table_and_tracked_with_its_package(r
     from mlflow.tracking import MlflowClient
     tables = repo / "results" / "tables"
     header = next(line for line in (tables / "table1.md").read_text().splitlines()
-                  if line.startswith("| Dataset"))
+                  if line.startswith("| dataset"))
     assert "radam" in header, header   # its own column, next to the built-ins
     for name in ("table1.csv", "table2.csv", "differences.csv", "standing.csv"):
         rows = list(csv.DictReader((tables / name).open()))
