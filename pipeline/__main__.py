@@ -64,7 +64,7 @@ class Prepare:
 
     @staticmethod
     def run(args):
-        params = load_params(args.params, args.set)
+        params = load_params(args.params, args.set, build_imported=False)
         if args.dataset not in params["datasets"]:
             raise ConfigError([f"prepare: dataset {args.dataset!r} is not in datasets; "
                                f"allowed: {', '.join(params['datasets'])}"])

@@ -79,7 +79,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    params = load_params(args.params, args.set)
+    params = load_params(args.params, args.set, build_imported=False)
     root = Path(args.results)
     runs = load_runs(root / "runs", params)
     cells = build_cells(runs, params)

@@ -37,11 +37,13 @@ TIMING = ("steps", "warmup", "rounds", "device")
 EXECUTORS = ("local", "kubernetes")
 
 
-def load_params(path="params.yaml", overrides=()) -> dict:
+def load_params(path="params.yaml", overrides=(), *, build_imported=True) -> dict:
     """Resolved and validated params: file <- preset <- overrides (later wins).
 
     The returned dict has the selected preset merged in and no `presets` key. Raises
-    `ConfigError` listing every problem.
+    `ConfigError` listing every problem. `build_imported=False`, for commands that build no
+    optimizer (prepare, aggregate, gc, jobs), checks an imported optimizer's entry without
+    importing it (its import path's form only): importing torch costs seconds per stage.
     """
     raw = _read_yaml(Path(path))
     parsed = parse_overrides(overrides)
@@ -55,7 +57,7 @@ def load_params(path="params.yaml", overrides=()) -> dict:
         if key != "preset" and not key.startswith("presets."):
             _set(params, key, value, problems)
     if not problems:
-        problems = validate(params)
+        problems = validate(params, build_imported=build_imported)
     if problems:
         raise ConfigError(problems)
     return params
@@ -150,8 +152,9 @@ def tuned_cells(params: dict) -> list[tuple[str, str, str]]:
 # validation
 
 
-def validate(params: dict) -> list[str]:
-    """Every problem of resolved params, in key order; empty when valid."""
+def validate(params: dict, build_imported: bool = True) -> list[str]:
+    """Every problem of resolved params, in key order; empty when valid. Imported optimizers
+    are imported and built unless `build_imported` is false (see `load_params`)."""
     c = Checker()
     p = c.mapping(params, "", required=TOP_LEVEL[2:], optional=("preset",))
     if p is None:
@@ -166,8 +169,8 @@ def validate(params: dict) -> list[str]:
             c.problem(f"seeds: duplicates in {seeds!r}; each seed is one run per cell, "
                       "list it once")
     _check_protocol(c, p)
-    _check_optimizers(c, p)
-    _check_experiments(c, p)
+    _check_optimizers(c, p, build_imported)
+    _check_experiments(c, p, build_imported)
     _check_tune(c, p)
     _check_training(c, p)
     _check_timing(c, p)
@@ -198,7 +201,7 @@ def _check_protocol(c, p):
         check_schedule(c, entry["schedule"], f"{base}.schedule")
 
 
-def _check_optimizers(c, p):
+def _check_optimizers(c, p, build_imported=True):
     raw = p["optimizer"] if isinstance(p["optimizer"], dict) else {}
     names = optimizer_names({"optimizer": raw})
     for key, entry in raw.items():
@@ -221,10 +224,10 @@ def _check_optimizers(c, p):
         if name in OPTIMIZERS:
             _check_optimizer_args(c, name, section[name], f"optimizer.{name}", partial=False)
         elif name in used:   # imported and built only when the grid uses it
-            _check_imported(c, section[name], f"optimizer.{name}")
+            _check_imported(c, section[name], f"optimizer.{name}", build=build_imported)
 
 
-def _check_imported(c, entry, path, base=None):
+def _check_imported(c, entry, path, base=None, build=True):
     """An imported optimizer's entry (merged over `base`, its `optimizer:` entry, for an
     experiment's override): the class imports and is an optimizer, every hyperparameter and
     grid key is a constructor argument, and the pinned values and every grid value build."""
@@ -242,6 +245,11 @@ def _check_imported(c, entry, path, base=None):
     for key, vs in grid.items():
         if len({repr(v) for v in vs}) != len(vs):
             c.problem(f"{path}.grid.{key}: values must be unique, got {vs!r}")
+    if not build:
+        if not imported_optimizers.IMPORT_PATH.match(str(full.get(CLASS_KEY))):
+            c.problem(f"{path}.{CLASS_KEY}: {full.get(CLASS_KEY)!r} is not an import path; "
+                      "allowed: module:Class, e.g. torch.optim:RAdam")
+        return
     c.problems += imported_optimizers.check(path, full, grid_keys=tuple(grid), values=values)
 
 
@@ -274,7 +282,7 @@ def _check_optimizer_args(c, name, args, path, partial):
                       f"got {values!r}")
 
 
-def _check_experiments(c, p):
+def _check_experiments(c, p, build_imported=True):
     experiments = p["experiments"]
     if experiments is None:
         p["experiments"] = []
@@ -304,7 +312,7 @@ def _check_experiments(c, p):
                                       partial=True)
             elif target in names and isinstance(exp["optimizer"], dict):
                 _check_imported(c, exp["optimizer"], f"{path}.optimizer",
-                                base=p["optimizer"][target])
+                                base=p["optimizer"][target], build=build_imported)
             elif c.mapping(exp["optimizer"], f"{path}.optimizer",
                            optional=("lr", "weight_decay", "grid")) is not None:
                 # Without match.optimizer only the arguments every optimizer has apply.

@@ -135,7 +135,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    params = load_params(args.params, args.set)
+    params = load_params(args.params, args.set, build_imported=False)
     if not params["storage"]["remote"]:
         raise ConfigError(["storage.remote: Jobs belong to a pipeline by its s3:// remote; "
                            "set the one the Jobs were submitted with"])

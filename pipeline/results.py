@@ -115,7 +115,7 @@ def run(args) -> int:
     from .config import load_params
     from .execute import check_prepared
     from .tune import planned_runs
-    params = load_params(args.params, args.set)
+    params = load_params(args.params, args.set, build_imported=False)
     # Run hashes include the data's checksum: without it every result would look unused.
     check_prepared(params, "gc")
     tuning, final = planned_runs(params)  # the final runs need the tune stage's choice

@@ -544,16 +544,14 @@ def colour_pixels(png, rgb):
 def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
         results, monkeypatch):
     """Two optimizers beyond the four built-ins, under keys the aggregate has never seen:
-    `radam` above every other optimizer, `my_opt` (an underscore, for LaTeX) below. The config
-    is assumed to give `params["optimizers"]` with the keys and `params["optimizer"][key]` with
-    its hyperparameters and `grid`; pipeline.config does not accept such keys yet, so the
-    params are built here without its validation."""
-    params = load_params(PARAMS, ["datasets=[cifar100]"])
-    params["optimizers"] = [*params["optimizers"], "radam", "my_opt"]
-    params["optimizer"]["radam"] = {"lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
-                                    "weight_decay": 0.0, "grid": {"lr": [0.001, 0.01]}}
-    params["optimizer"]["my_opt"] = {"lr": 0.05, "grid": {}}
-    monkeypatch.setattr(aggregate, "load_params", lambda path, overrides=(): params)
+    `radam` above every other optimizer, `my_opt` (an underscore, for LaTeX) below, both named
+    by import path as params.yaml does (README, "Compare your optimizer")."""
+    params = load_params(PARAMS, [
+        "datasets=[cifar100]", "optimizers=[sgd, adam, adamw, vsgd, radam, my_opt]",
+        "optimizer.radam={class: 'torch.optim:RAdam', lr: 0.001, betas: [0.9, 0.999], "
+        "eps: 1.0e-8, weight_decay: 0.0, grid: {lr: [0.001, 0.01]}}",
+        "optimizer.my_opt={class: 'torch.optim:SGD', lr: 0.05, grid: {}}"])
+    monkeypatch.setattr(aggregate, "load_params", lambda path, overrides=(), **kw: params)
     for arch_key, arch in MODELS.items():
         for seed in (0, 1):
             fake_run(results / "runs", "cifar100", arch_key, arch, "radam", seed,

@@ -208,8 +208,8 @@ def test_an_api_outage_within_the_budget_fails_no_run(kube, store, fault):
         kube.start_pod(name, log=["step 1/3"])
         time.sleep(0.3)
         if spec_of(job, specs) is specs[0]:
-            kube.outage(fault, seconds=4, **({"retry_after": 1} if fault == "429" else {}))
-        time.sleep(5)
+            kube.outage(fault, seconds=2, **({"retry_after": 1} if fault == "429" else {}))
+        time.sleep(3)
         store(spec_of(job, specs))
         kube.complete(name)
 
@@ -255,7 +255,7 @@ def test_an_outage_beyond_the_budget_leaves_the_jobs_running_for_the_next_start(
     def cluster(job):
         kube.start_pod(name, log=["step 1/3"])
         time.sleep(0.3)
-        kube.outage("503", seconds=6)
+        kube.outage("503", seconds=4)
 
     kube.on_create = cluster
     out = io.StringIO()

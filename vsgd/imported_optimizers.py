@@ -63,6 +63,15 @@ def provider(path: str) -> str:
     """Who provides the module of `path`: `<distribution>==<version>`, or `local:<12 hex>` of
     the module's source file when no installed distribution has it."""
     top = path.partition(":")[0].split(".")[0]
+    # The usual case first, cheaply: a distribution named like its module (torch,
+    # pytorch_optimizer); scanning every installed distribution costs most of a second.
+    for guess in dict.fromkeys([top, top.replace("_", "-")]):
+        try:
+            dist = importlib.metadata.distribution(guess)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if _provides(dist, top):
+            return f"{dist.metadata['Name']}=={dist.version}"
     dists = importlib.metadata.packages_distributions().get(top) or []
     if dists:
         name = sorted(dists)[0]
@@ -71,6 +80,14 @@ def provider(path: str) -> str:
         path.partition(":")[0])
     source = Path(inspect.getsourcefile(module) or module.__file__)
     return f"local:{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+
+
+def _provides(dist, top: str) -> bool:
+    """Whether distribution `dist` installs the top-level module `top`."""
+    listed = dist.read_text("top_level.txt")
+    if listed is not None:
+        return top in listed.split()
+    return any(str(f).split("/")[0] in (top, f"{top}.py") for f in dist.files or ())
 
 
 def arguments(cls: type) -> tuple[list[str], bool]:
