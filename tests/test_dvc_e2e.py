@@ -14,6 +14,10 @@ value that diverges; Adam, AdamW and RAdam pinned):
 4. a broken params.yaml fails with every problem listed, no traceback, nothing started;
 5. Ctrl-C in the middle of training keeps the finished runs; the next `dvc repro` trains the
    rest only.
+
+The bookkeeping-key, grid-change and Ctrl-C scenarios are `extended` (VSGD_EXTENDED=1): the
+default suite covers their paths with smaller tests (tests/test_grid.py, test_tune.py,
+test_interrupt.py's real `dvc repro` killed mid-training).
 """
 
 import csv
@@ -242,6 +246,7 @@ def test_lr_changed_back_trains_nothing(repo, first):
     assert shown == grid and len(grid) == GRID
 
 
+@pytest.mark.extended
 def test_editing_a_bookkeeping_key_trains_nothing(repo, first):
     set_param(repo, r"^    training: \{eval_every: 2, checkpoint_every: 2, log_every: 1,",
               "    training: {eval_every: 2, checkpoint_every: 2, log_every: 2,")
@@ -251,6 +256,7 @@ def test_editing_a_bookkeeping_key_trains_nothing(repo, first):
         out[-3000:]
 
 
+@pytest.mark.extended
 def test_changing_one_optimizers_grid_retunes_and_retrains_only_it(repo, first):
     before = yaml.safe_load((repo / "results/tuning/selected.yaml").read_text())
     set_param(repo, r"^      vsgd: \{grid: \{lr: \[0\.05, 0\.1\]\}\}",
@@ -292,6 +298,7 @@ def test_bad_params_fail_with_every_problem_listed(repo, first):
         (repo / "params.yaml").write_text(good)
 
 
+@pytest.mark.extended
 def test_interrupted_repro_keeps_finished_runs_and_completes(repo, first):
     """Ctrl-C in the middle of the train stage, then `dvc repro` again: the runs finished
     before the Ctrl-C are kept, the next repro trains only the others and a run interrupted

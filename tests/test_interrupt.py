@@ -392,7 +392,7 @@ def trainer_pids(spec_file) -> list[int]:
 @pytest.mark.parametrize("how,shell", [
     ("kill", "/bin/sh"),       # SIGTERM to `dvc repro` alone; its stage runs under dash
     # SIGTERM to the whole process group: the run gets it and sees DVC die, one request
-    ("kill-group", "/bin/sh"),
+    pytest.param("kill-group", "/bin/sh", marks=pytest.mark.extended),
     ("ctrl-c", "/bin/bash"),   # SIGINT to its process group, as a terminal's Ctrl-C
 ])
 def test_dvc_repro_stopped_mid_training_loses_no_step(data_root, tmp_path, reference, how,

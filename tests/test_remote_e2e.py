@@ -92,6 +92,7 @@ def s3_env(remote, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended   # parts: test_storage (S3 checkpoints), test_tracking_outage, test_interrupt
 def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root, tmp_path):
     kw = dict(iterations=ITERATIONS, optimizer=VSGD, eval_every=10, checkpoint_every=5,
               log_every=1, batch_size=8)
