@@ -14,6 +14,7 @@ import yaml
 from . import storage
 from .k8s_config import (SCRATCH_VOLUME, SHM_VOLUME, load_template, settings, template_path,
                          train_container)
+from .train import REQUIRE_CUDA_ENV
 
 MAX_NAME = 63               # Job names become pod label values: DNS label length
 HASH_SUFFIX = 12            # run-hash characters in the name: unique across any real grid
@@ -26,7 +27,6 @@ OWNER_LABEL = f"{LABEL_PREFIX}/owner"          # executor.kubernetes.owner, when
 STORE_ANNOTATION = f"{LABEL_PREFIX}/store-uri"
 MANAGED_BY = "vsgd-pipeline"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-GPU_ENV = "VSGD_REQUIRE_CUDA"    # pipeline.train.REQUIRE_CUDA_ENV: the pod fails without CUDA
 
 
 def store_id(params: dict) -> str:
@@ -209,7 +209,7 @@ def _apply_container_settings(container, cfg, results):
     extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()},
              storage.RESULTS_ENV: results}
     if gpus:
-        extra[GPU_ENV] = "1"
+        extra[REQUIRE_CUDA_ENV] = "1"   # the pod fails at once without CUDA
     env = [e for e in container.get("env", []) if e["name"] not in extra]
     container["env"] = env + [{"name": k, "value": v} for k, v in extra.items()]
 

@@ -45,13 +45,13 @@ from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_paral
                           settings, template_path)
 from ..k8s_jobs import (RUN_HASH_LABEL, is_ours, managed_selector, render_job, results_uri,
                         write_jobs)
+from ..train import STALE_IMAGE   # how a pod whose code is not the launcher's says so
 from . import Detached, RunOutcome
 
 REQUEST_TIMEOUT = (10, 60)      # connect, read seconds for ordinary API calls
 TRANSIENT = (429, 500, 502, 503, 504)
 MAX_BACKOFF = 30                # seconds between retries during an outage
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"   # set on a Job's pods (1.27+)
-STALE_IMAGE = "stale image"     # pipeline.train.STALE_IMAGE: the pod's code is not the launcher's
 # What a Job's Failed reason means, for the one-line error.
 REASONS = {
     "BackoffLimitExceeded": "every retry failed (backoffLimit reached)",
