@@ -18,8 +18,8 @@ import sys
 
 from .config import ConfigError, add_params_arguments, load_params
 from .k8s_config import settings
-from .k8s_jobs import (RUN_HASH_LABEL, RUN_NAME_ANNOTATION, is_ours, job_namespace,
-                       managed_selector)
+from .k8s_jobs import (RUN_HASH_LABEL, RUN_NAME_ANNOTATION, condition, is_ours,
+                       job_namespace, managed_selector)
 
 LIST_TIMEOUT = (5, 20)   # the stages' stale-Job check must not hold them up
 
@@ -41,9 +41,10 @@ def state(job: dict) -> str:
     status = job.get("status") or {}
     if (job.get("metadata") or {}).get("deletionTimestamp"):
         return "deleting"
-    for cond in status.get("conditions") or []:
-        if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
-            return "done" if cond["type"] == "Complete" else "failed"
+    if condition(job, "Complete"):
+        return "done"
+    if condition(job, "Failed"):
+        return "failed"
     if (job.get("spec") or {}).get("suspend"):
         return "queued"
     return "running" if status.get("active") else "pending"

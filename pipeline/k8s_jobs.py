@@ -59,6 +59,14 @@ def is_ours(job: dict, params: dict) -> bool:
             and labels.get(OWNER_LABEL) == settings(params).get("owner"))
 
 
+def condition(job: dict, kind: str) -> dict | None:
+    """The Job's condition of type `kind` when it is True (Complete, Failed, Suspended...)."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
 def job_name(spec: dict, params: dict | None = None) -> str:
     """`<readable run name>-<12 hex>`, a DNS label of at most 63 characters.
 

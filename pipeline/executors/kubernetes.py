@@ -43,8 +43,8 @@ from vsgd.spec import ConfigError
 from ..k8s_access import ACCESS, NAMED
 from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_parallel, queue_name,
                           settings, template_path)
-from ..k8s_jobs import (RUN_HASH_LABEL, is_ours, managed_selector, render_job, results_uri,
-                        write_jobs)
+from ..k8s_jobs import (RUN_HASH_LABEL, condition, is_ours, managed_selector, render_job,
+                        results_uri, write_jobs)
 from ..train import STALE_IMAGE   # how a pod whose code is not the launcher's says so
 from . import Detached, RunOutcome
 
@@ -292,7 +292,7 @@ class KubernetesExecutor:
             if not is_ours(job, self.params) or job["metadata"].get("deletionTimestamp"):
                 continue   # another pipeline's, or going away: submitted anew (after it)
             key = job["metadata"].get("labels", {}).get(RUN_HASH_LABEL)
-            if key in self._runs and (key not in found or _condition(found[key], "Failed")):
+            if key in self._runs and (key not in found or condition(found[key], "Failed")):
                 found[key] = job
         seen = set(found)
         for key, job in found.items():
@@ -311,7 +311,7 @@ class KubernetesExecutor:
         return listing.metadata.resource_version
 
     def _adopt(self, run, job):
-        failed = _condition(job, "Failed")
+        failed = condition(job, "Failed")
         if failed:
             # Resubmitting a failed run means "try again": replace the old Job (its pods
             # too: the API's default for Jobs would orphan them).
@@ -354,7 +354,7 @@ class KubernetesExecutor:
                                      f"{self.namespace} but is not this pipeline's (other "
                                      f"labels: store or owner); it was not touched")
                         return False
-                    if existing is not None and not _condition(existing, "Failed"):
+                    if existing is not None and not condition(existing, "Failed"):
                         self._adopt(run, existing)
                         return True
                     self._sleep(2 ** attempt)
@@ -432,10 +432,10 @@ class KubernetesExecutor:
     def _observe(self, run, job):
         # Only the terminal conditions count: since 1.31 FailureTarget/SuccessCriteriaMet come
         # first, while the Job's pods may still be terminating (and saving a checkpoint).
-        if _condition(job, "Complete"):
+        if condition(job, "Complete"):
             self._succeeded(run)
             return
-        failed = _condition(job, "Failed")
+        failed = condition(job, "Failed")
         if failed:
             self._failed(run, failed)
             return
@@ -717,13 +717,6 @@ def api_error(exc: ApiException, doing: str) -> str:
     elif exc.status == 401:
         text += " (credentials of the kubeconfig rejected or expired)"
     return text
-
-
-def _condition(job, kind):
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return cond
-    return None
 
 
 def _pod_state(pod) -> str:
