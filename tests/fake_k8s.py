@@ -2,13 +2,18 @@
 
 Implements what the kubernetes executor and `kubectl apply -f <job>` use: discovery (/api,
 /apis, /version, OpenAPI v3 for batch/v1), Jobs (create, dry-run create, get, list, watch,
-patch, delete with a propagationPolicy), pods (list, get, pods/log), events (list with a
-fieldSelector), namespaces, ServiceAccounts, Secrets and ConfigMaps (read only), and
-SelfSubjectAccessReviews. Watches stream chunked JSON events from a resourceVersion, send
-BOOKMARKs, answer 410 Gone (an ERROR event, like the real watch cache) once history is
-compacted or expired mid-stream, and can be cut off. Any request can be made to fail
-(`outage`: 5xx, 429, a connection reset, or the port refusing connections), and RBAC denials
-are modelled with `denied`.
+patch, delete with a propagationPolicy and preconditions), pods (list, get, pods/log),
+events (list with a fieldSelector), namespaces, ServiceAccounts, Secrets, ConfigMaps and
+ResourceQuotas (read only), and SelfSubjectAccessReviews. Watches stream chunked JSON events
+from a resourceVersion, send BOOKMARKs, answer 410 Gone (an ERROR event, like the real watch
+cache) once history is compacted or expired mid-stream, and can be cut off. Any request can
+be made to fail (`outage`: 5xx, 429, a connection reset, or the port refusing connections).
+
+As strict as a real API server where the executor depends on it: a Job create, dry run or
+not, is validated and goes through admission (NamespaceLifecycle, Pod Security warnings,
+webhooks, ResourceQuota) before the name is checked; RBAC (`bind_role`) honours a Role's
+namespace and `resourceNames` (`denied` removes single rights); the log of a container that
+has not started is a 400; lists come back ordered by namespace and name.
 
 There is no controller: tests drive Jobs and pods with the helper methods (`start_pod`,
 `complete`, `fail`, `finalize`, `admit`, `refuse_pods`, `unschedulable_pod`, `delete_job`,
@@ -29,17 +34,21 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from pipeline.k8s_config import parse_quantity
+from test_k8s_manifests import restricted_violations
+
 JOB_PATH = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(/(?P<name>[^/]+))?$")
 POD_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(/(?P<name>[^/]+)(?P<log>/log)?)?$")
 CORE_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>events|serviceaccounts|"
-                       r"secrets|configmaps)(/(?P<name>[^/]+))?$")
+                       r"secrets|configmaps|resourcequotas)(/(?P<name>[^/]+))?$")
 NS_PATH = re.compile(r"^/api/v1/namespaces(/(?P<name>[^/]+))?$")
 SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 READ_ONLY_KINDS = {"serviceaccounts": ("ServiceAccount", "ServiceAccountList"),
                    "secrets": ("Secret", "SecretList"),
                    "configmaps": ("ConfigMap", "ConfigMapList"),
-                   "events": ("Event", "EventList")}
+                   "events": ("Event", "EventList"),
+                   "resourcequotas": ("ResourceQuota", "ResourceQuotaList")}
 FAULT_KINDS = ("503", "500", "429", "reset", "refused")
 NODE = "node-1"
 
@@ -63,7 +72,18 @@ FIELDS = {
     "secrets": {"metadata.name", "metadata.namespace", "type"},
     "serviceaccounts": {"metadata.name", "metadata.namespace"},
     "configmaps": {"metadata.name", "metadata.namespace"},
+    "resourcequotas": {"metadata.name", "metadata.namespace"},
 }
+
+# Pod Security admission: the namespace labels of each mode, and the levels modelled.
+# https://kubernetes.io/docs/concepts/security/pod-security-admission/#pod-security-admission-labels-for-namespaces
+PSA_LABEL = "pod-security.kubernetes.io/"
+PSA_LEVELS = ("privileged", "restricted")   # baseline alone is not modelled
+
+# The pod resources a ResourceQuota can track, by the quota's name for them: requests of the
+# compute resources under their bare name too; extended resources (GPUs) by requests only.
+# https://kubernetes.io/docs/concepts/policy/resource-quotas/#compute-resource-quota
+BARE_REQUESTS = ("cpu", "memory", "ephemeral-storage")
 
 
 def _now():
@@ -132,7 +152,7 @@ def _field(obj, path):
     return "" if value is None else str(value)
 
 
-def _field_terms(kind, selector):
+def _field_terms(kind, selector, check=True):
     """Parse a fieldSelector: equality terms only (`=`, `==`, `!=`). Raises ValueError with
     the server's message for a field the resource does not support."""
     terms = []
@@ -141,7 +161,7 @@ def _field_terms(kind, selector):
         key, value = (term.split("!=", 1) if negate else
                       term.split("==", 1) if "==" in term else term.split("=", 1))
         key = key.strip()
-        if key not in FIELDS.get(kind, ()):
+        if check and key not in FIELDS.get(kind, ()):
             raise ValueError(f"field label not supported: {key}")
         terms.append((key, value.strip(), negate))
     return terms
@@ -189,6 +209,51 @@ def _json_patch(target, ops):
     return target
 
 
+def _pretty(resources):
+    """A resource list as the API server prints it in a quota error: `k=v` sorted by name,
+    comma-separated, each quantity in the form of its unit (binary suffixes for bytes)."""
+    def quantity(name, value):
+        if value == value.to_integral_value():
+            number = int(value)
+            if "memory" in name or "storage" in name:
+                for suffix, power in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+                    if number and number % (1 << power) == 0:
+                        return f"{number >> power}{suffix}"
+            return str(number)
+        return f"{int(value * 1000)}m"
+    return ",".join(f"{k}={quantity(k, v)}" for k, v in sorted(resources.items()))
+
+
+def _grants(values, value):
+    return "*" in (values or ()) or value in (values or ())
+
+
+def _pod_requests(spec):
+    """What one pod counts against a ResourceQuota (quota name -> amount). A limit without a
+    request is also the request, as the API's defaulting makes it.
+    https://kubernetes.io/docs/concepts/configuration/manage-resources-containers/#requests-and-limits
+    """
+    usage = {"pods": parse_quantity(1), "count/pods": parse_quantity(1)}
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        limits = resources.get("limits") or {}
+        requests = {**limits, **(resources.get("requests") or {})}
+        for name, value in requests.items():
+            keys = [f"requests.{name}"] + ([name] if name in BARE_REQUESTS else [])
+            for key in keys:
+                usage[key] = usage.get(key, 0) + parse_quantity(value)
+        for name, value in limits.items():
+            usage[f"limits.{name}"] = usage.get(f"limits.{name}", 0) + parse_quantity(value)
+    return usage
+
+
+def _warning_header(texts):
+    """The `Warning` response header of admission warnings: code 299, agent `-`, the text
+    quoted. https://kubernetes.io/blog/2020/09/03/warnings/"""
+    return ", ".join('299 - "' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                     for t in texts)
+
+
 def _condition(obj, type_):
     return next((c for c in (obj.get("status") or {}).get("conditions") or []
                  if c.get("type") == type_), None)
@@ -215,7 +280,8 @@ class FakeKube:
         self.cond = threading.Condition()
         self.rv = 1000
         self.objects = {"jobs": {}, "pods": {}, "events": {}, "serviceaccounts": {},
-                        "secrets": {}, "configmaps": {}}   # kind -> (ns, name) -> object
+                        "secrets": {}, "configmaps": {},
+                        "resourcequotas": {}}       # kind -> (ns, name) -> object
         self.logs = {}                              # (ns, pod) -> list of lines
         self.history = []                           # (rv, kind, type, object)
         self.compacted_rv = 0                       # watches from at or below: 410
@@ -223,12 +289,15 @@ class FakeKube:
         self.bookmark_generation = 0                # bumped to send BOOKMARKs
         self.expire_generation = 0                  # bumped to end watches with a 410
         self.reject_create = None                   # job -> (code, reason, message) | None
+        self.webhook = None                         # (job, dry_run) -> the same, see _admit
         self.on_create = None                       # job -> None, run in a thread
         self.requests = []                          # (method, path) of every request
         self.watch_starts = []                      # resourceVersion of every watch
         self.namespaces = {"vsgd", "default"}       # namespaces that exist
+        self.namespace_labels = {}                  # ns -> labels (Pod Security levels)
         self.user = "fake"                          # who the kubeconfig's token is
-        self.denied = set()                         # (verb, group, resource) forbidden
+        self.roles = None                           # [(ns, rules)] bound, see bind_role
+        self.denied = set()                         # (verb, group, resource) not granted
         self.access_reviews = []                    # resourceAttributes of every SSAR
         self.outages = []                           # faults, see outage()
         self.faulted = []                           # (method, path, kind) answered by one
@@ -476,8 +545,126 @@ class FakeKube:
         return {"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": name, "uid": uid, "resourceVersion": "1",
                              "creationTimestamp": "2024-01-01T00:00:00Z",
-                             "labels": {"kubernetes.io/metadata.name": name}},
+                             "labels": {**self.namespace_labels.get(name, {}),
+                                        "kubernetes.io/metadata.name": name}},
                 "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+    # -- authorization ------------------------------------------------------------------
+
+    def bind_role(self, rules, ns="vsgd"):
+        """Bind the kubeconfig's user to a Role with `rules` (RBAC PolicyRules, e.g. those of
+        k8s/base/launcher-rbac.yaml) in namespace `ns`; `ns=None`: a ClusterRole through a
+        ClusterRoleBinding. Before the first binding the user may do anything (a cluster
+        admin); after it, only what a bound role grants.
+        https://kubernetes.io/docs/reference/access-authn-authz/rbac/#role-and-clusterrole
+        """
+        if self.roles is None:
+            self.roles = []
+        self.roles.append((ns, copy.deepcopy(rules)))
+
+    def authorized(self, verb, group, resource, ns, name=None) -> bool:
+        """RBAC's answer: some rule of a role bound in the request's namespace (or cluster
+        wide) grants the verb on the resource (`pods/log` for a subresource). A rule with
+        `resourceNames` grants only requests that name one of them: never a create (the
+        name is not known when it is authorized), a list or watch only with a
+        metadata.name field selector for that name.
+        https://kubernetes.io/docs/reference/access-authn-authz/rbac/#referring-to-resources
+        RBAC denies nothing itself; `denied` takes single rights away from whatever is
+        bound (a user whose roles lack them)."""
+        if (verb, group, resource) in self.denied:
+            return False
+        if self.roles is None:
+            return True
+        for role_ns, rules in self.roles:
+            if role_ns is not None and role_ns != ns:
+                continue   # a Role grants rights in its own namespace only
+            for rule in rules:
+                if not (_grants(rule.get("apiGroups"), group)
+                        and _grants(rule.get("resources"), resource)
+                        and _grants(rule.get("verbs"), verb)):
+                    continue
+                if rule.get("resourceNames") and name not in rule["resourceNames"]:
+                    continue
+                return True
+        return False
+
+    # -- admission ----------------------------------------------------------------------
+
+    def label_namespace(self, ns, labels):
+        """Set namespace labels, e.g. the Pod Security levels of k8s/base/namespace.yaml."""
+        for key, level in labels.items():
+            if key.startswith(PSA_LABEL) and not key.endswith("-version") and \
+                    level not in PSA_LEVELS:
+                raise ValueError(f"Pod Security level {level!r} is not modelled")
+        self.namespace_labels.setdefault(ns, {}).update(labels)
+
+    def _pod_security(self, ns, mode, spec, metadata, name=None):
+        """The Pod Security violation of a pod template in `mode` (enforce, warn, audit),
+        as the admission plugin words it, or None.
+        https://kubernetes.io/docs/concepts/security/pod-security-admission/ (the detail
+        lists the fake's names of the controls, not the plugin's own sentences)."""
+        labels = self.namespace_labels.get(ns, {})
+        level = labels.get(PSA_LABEL + mode, "privileged")
+        if level == "privileged":
+            return None
+        violations = restricted_violations(spec, metadata)
+        if not violations:
+            return None
+        version = labels.get(PSA_LABEL + mode + "-version", "latest")
+        verb = "violates" if mode == "enforce" else "would violate"
+        return f'{verb} PodSecurity "{level}:{version}": {", ".join(violations)}'
+
+    def add_quota(self, name, hard, ns="vsgd"):
+        """A ResourceQuota with `hard` limits ({"count/jobs.batch": 4, "requests.nvidia.com/gpu":
+        2, "pods": 10, ...}). Its usage is counted from the objects stored now (the quota
+        controller's status.used, without its delay): every Job for `count/jobs.batch`,
+        finished or not; every pod not Succeeded or Failed for the pod resources.
+        https://kubernetes.io/docs/concepts/policy/resource-quotas/"""
+        obj = {"apiVersion": "v1", "kind": "ResourceQuota",
+               "metadata": {"name": name, "namespace": ns, "uid": str(uuid.uuid4()),
+                            "creationTimestamp": _now()},
+               "spec": {"hard": {k: str(v) for k, v in hard.items()}}}
+        return self._put("resourcequotas", obj, "ADDED")
+
+    def _quota_used(self, ns):
+        with self.cond:
+            used = {"count/jobs.batch": parse_quantity(
+                sum(1 for (n, _) in self.objects["jobs"] if n == ns))}
+            for (n, _), pod in self.objects["pods"].items():
+                if n != ns or pod["status"].get("phase") in ("Succeeded", "Failed"):
+                    continue
+                for key, value in _pod_requests(pod["spec"]).items():
+                    used[key] = used.get(key, 0) + value
+        return used
+
+    def _quota_status(self, quota):
+        hard = quota["spec"]["hard"]
+        used = self._quota_used(quota["metadata"]["namespace"])
+        return {"hard": dict(hard),
+                "used": {k: _pretty({k: used.get(k, parse_quantity(0))}).split("=", 1)[1]
+                         for k in hard}}
+
+    def _quota_refusal(self, ns, requested):
+        """The ResourceQuota admission plugin: the first quota of the namespace (by name) that
+        `requested` would take over a hard limit, in the plugin's words
+        ("exceeded quota: <name>, requested: ..., used: ..., limited: ..."); None when every
+        quota admits it. Dry runs are checked the same way and reserve nothing.
+        https://kubernetes.io/docs/concepts/policy/resource-quotas/ ("the control plane
+        rejects that request with HTTP status code 403 Forbidden")"""
+        with self.cond:
+            quotas = sorted((o for (n, _), o in self.objects["resourcequotas"].items()
+                             if n == ns), key=lambda q: q["metadata"]["name"])
+        used = self._quota_used(ns)
+        for quota in quotas:
+            hard = {k: parse_quantity(v) for k, v in quota["spec"]["hard"].items()}
+            tracked = {k: v for k, v in requested.items() if k in hard and v}
+            exceeded = [k for k, v in tracked.items() if used.get(k, 0) + v > hard[k]]
+            if exceeded:
+                return (f"exceeded quota: {quota['metadata']['name']}, "
+                        f"requested: {_pretty({k: tracked[k] for k in exceeded})}, "
+                        f"used: {_pretty({k: used.get(k, parse_quantity(0)) for k in exceeded})}, "
+                        f"limited: {_pretty({k: hard[k] for k in exceeded})}")
+        return None
 
     # -- events -------------------------------------------------------------------------
 
@@ -560,7 +747,9 @@ class FakeKube:
         """A pod as the Job controller creates it: the labels it sets (both the
         batch.kubernetes.io/ ones and, deprecated since 1.27 but still set, the unprefixed
         ones: https://kubernetes.io/docs/reference/labels-annotations-taints/#batchkubernetesio-job-name)
-        and an ownerReference to the Job (controller: true)."""
+        and an ownerReference to the Job (controller: true). The pod goes through admission
+        first: Pod Security `enforce` and ResourceQuota refuse it as they would the Job
+        controller's create, which then records FailedCreate on the Job (returns None)."""
         job = self.job(job_name, ns)
         template = job["spec"]["template"]
         uid = job["metadata"]["uid"]
@@ -569,6 +758,11 @@ class FakeKube:
                   "controller-uid": uid, "batch.kubernetes.io/job-name": job_name,
                   "batch.kubernetes.io/controller-uid": uid}
         spec = copy.deepcopy(template["spec"])
+        refusal = (self._pod_security(ns, "enforce", spec, template.get("metadata"))
+                   or self._quota_refusal(ns, _pod_requests(spec)))
+        if refusal:
+            self.refuse_pods(job_name, f'pods "{name}" is forbidden: {refusal}', ns)
+            return None
         status = {"phase": phase, "conditions": conditions}
         if scheduled:
             spec["nodeName"] = NODE
@@ -607,7 +801,8 @@ class FakeKube:
         return conditions
 
     def start_pod(self, job_name, ns="vsgd", phase="Running", log=(), waiting=None):
-        """A pod for the Job, as the Job controller would create it; returns its name.
+        """A pod for the Job, as the Job controller would create it; returns its name (None
+        when admission refused it: a FailedCreate event on the Job says why).
         `waiting=(reason, message)`: the pod is Pending with its containers in
         state.waiting (ErrImagePull, ImagePullBackOff, CreateContainerConfigError, ...).
         https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#container-state-waiting
@@ -626,8 +821,9 @@ class FakeKube:
         containers = {"ready": running, "started": running, "state": state}
         name = self._new_pod(job_name, ns, phase, containers,
                              self._pod_conditions(running, message=unready))
-        with self.cond:
-            self.logs[(ns, name)] = list(log)
+        if name is not None:
+            with self.cond:
+                self.logs[(ns, name)] = list(log)
         return name
 
     def set_waiting(self, pod_name, reason, message, ns="vsgd"):
@@ -655,7 +851,8 @@ class FakeKube:
                        "message": message, "lastProbeTime": None,
                        "lastTransitionTime": _now()}]
         name = self._new_pod(job_name, ns, "Pending", None, conditions, scheduled=False)
-        self.event(self.pod(name, ns), "FailedScheduling", message, "Warning", ns)
+        if name is not None:
+            self.event(self.pod(name, ns), "FailedScheduling", message, "Warning", ns)
         return name
 
     def log(self, pod, *lines, ns="vsgd"):
@@ -1006,13 +1203,25 @@ class _Handler(BaseHTTPRequestHandler):
         group, resource, ns, name = attrs
         verb = {"POST": "create", "PATCH": "patch", "PUT": "update",
                 "DELETE": "delete" if name else "deletecollection"}.get(method)
+        named = name
         if method == "GET":
             verb = ("get" if name else "watch" if query.get("watch") in ("true", "1")
                     else "list")
-        if (verb, group, resource) in kube.denied:
+            if not name:   # a list or watch of one name is authorized as that name
+                named = next((v for k, v, negate in self._terms(query) if not negate
+                              and k == "metadata.name"), None)
+        if not kube.authorized(verb, group, resource, ns, named):
             self._body()
             return self._forbidden(verb, group, resource, ns, name)
         return target()
+
+    @staticmethod
+    def _terms(query):
+        try:
+            return [(k, v, negate) for k, v, negate in
+                    _field_terms("any", query.get("fieldSelector"), check=False)]
+        except ValueError:
+            return []
 
     def do_GET(self):
         self._route("GET")
@@ -1033,33 +1242,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _jobs(self, method, ns, name, query):
         kube = self.kube
-        # Server-side dry run: everything a write does, nothing stored.
+        # Server-side dry run: the request goes through validation and every admission
+        # plugin as a real one would (quota included: it is checked, nothing reserved), only
+        # nothing is stored (KEP-576).
         # https://kubernetes.io/docs/reference/using-api/api-concepts/#dry-run
         dry_run = query.get("dryRun") == "All"
         if method == "POST" and name is None:
-            job = self._body()
-            job.setdefault("metadata", {})["namespace"] = ns
-            if ns not in kube.namespaces:
-                # The NamespaceLifecycle admission plugin refuses objects in a namespace
-                # that does not exist.
-                # https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/#namespacelifecycle
-                return self._send(404, _status(404, "NotFound", f'namespaces "{ns}" not found',
-                                               {"name": ns, "kind": "namespaces"}))
-            if kube.reject_create and (refusal := kube.reject_create(job)):
-                return self._send(refusal[0], _status(*refusal))
-            job_name = job["metadata"].get("name")
-            if kube.job(job_name, ns) is not None:
-                return self._send(409, _status(409, "AlreadyExists", f'jobs.batch '
-                                  f'"{job_name}" already exists',
-                                  {"name": job_name, "group": "batch", "kind": "jobs"}))
-            if dry_run:
-                kube.dry_runs.append(job_name)
-                return self._send(201, kube._prepare_job(job))
-            created = kube.create_job(job)
-            if kube.on_create:
-                threading.Thread(target=kube.on_create, args=(copy.deepcopy(created),),
-                                 daemon=True).start()
-            return self._send(201, created)
+            return self._create_job(ns, self._body(), dry_run)
         if method == "GET" and name is None:
             if query.get("watch") in ("true", "1"):
                 return self._watch("jobs", ns, query)
@@ -1077,6 +1266,56 @@ class _Handler(BaseHTTPRequestHandler):
             return self._patch(job, dry_run)
         return self._send(405, _status(405, "MethodNotAllowed", method))
 
+    def _create_job(self, ns, job, dry_run):
+        """A Job create in the API server's order: validation (422), then the validating
+        admission plugins (NamespaceLifecycle 404, PodSecurity warnings, webhooks,
+        ResourceQuota 403), then storage (409 for a name that exists). A dry run takes the
+        same path and stores nothing.
+        https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/"""
+        kube = self.kube
+        job.setdefault("metadata", {})["namespace"] = ns
+        job_name = job["metadata"].get("name") or ""
+        if errors := _job_errors(job):
+            message = errors[0] if len(errors) == 1 else f"[{', '.join(errors)}]"
+            return self._send(422, _status(422, "Invalid", f'Job.batch "{job_name}" is '
+                                                           f'invalid: {message}',
+                                           {"name": job_name, "group": "batch",
+                                            "kind": "Job"}))
+        if ns not in kube.namespaces:
+            # https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/#namespacelifecycle
+            return self._send(404, _status(404, "NotFound", f'namespaces "{ns}" not found',
+                                           {"name": ns, "kind": "namespaces"}))
+        # Pod Security admission only warns and audits on a workload's pod template; its
+        # enforce level refuses the pods the controller creates (_new_pod).
+        # https://kubernetes.io/docs/concepts/security/pod-security-admission/#workload-resources-and-pod-templates
+        template = job.get("spec", {}).get("template", {})
+        warning = kube._pod_security(ns, "warn", template.get("spec") or {},
+                                     template.get("metadata"))
+        headers = {"Warning": _warning_header([warning])} if warning else {}
+        # Validating admission webhooks see whether the request is a dry run.
+        # https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#side-effects
+        for webhook in (lambda j, _: kube.reject_create and kube.reject_create(j),
+                        lambda j, d: kube.webhook and kube.webhook(j, d)):
+            if refusal := webhook(copy.deepcopy(job), dry_run):
+                return self._send(refusal[0], _status(*refusal), headers)
+        if refusal := kube._quota_refusal(ns, {"count/jobs.batch": parse_quantity(1)}):
+            return self._send(403, _status(403, "Forbidden", f'jobs.batch "{job_name}" is '
+                                                             f'forbidden: {refusal}',
+                                           {"name": job_name, "group": "batch",
+                                            "kind": "jobs"}), headers)
+        if kube.job(job_name, ns) is not None:
+            return self._send(409, _status(409, "AlreadyExists", f'jobs.batch '
+                              f'"{job_name}" already exists',
+                              {"name": job_name, "group": "batch", "kind": "jobs"}), headers)
+        if dry_run:
+            kube.dry_runs.append(job_name)
+            return self._send(201, kube._prepare_job(job), headers)
+        created = kube.create_job(job)
+        if kube.on_create:
+            threading.Thread(target=kube.on_create, args=(copy.deepcopy(created),),
+                             daemon=True).start()
+        return self._send(201, created, headers)
+
     def _delete(self, job, query, dry_run):
         """DeleteOptions in the body or as query parameters.
         https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/delete-options/
@@ -1091,6 +1330,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(422, _status(422, "Invalid", f'DeleteOptions.meta.k8s.io "" is '
                               f'invalid: propagationPolicy: Unsupported value: "{policy}": '
                               f'supported values: "Foreground", "Background", "Orphan"'))
+        # Preconditions: delete only the object the client means (this uid, this version),
+        # else 409 Conflict with the storage layer's message.
+        preconditions = options.get("preconditions") or {}
+        meta = job["metadata"]
+        for field, key in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+            if preconditions.get(field) is not None and preconditions[field] != meta[field]:
+                return self._send(409, _status(
+                    409, "Conflict", f'Operation cannot be fulfilled on jobs.batch "{name}": '
+                    f"StorageError: invalid object, Code: 4, Key: /registry/jobs/"
+                    f"{meta['namespace']}/{name}, ResourceVersion: 0, AdditionalErrorMsg: "
+                    f"Precondition failed: {key} in precondition: {preconditions[field]}, "
+                    f"{key} in object meta: {meta[field]}",
+                    {"name": name, "group": "batch", "kind": "jobs"}))
         headers = {"Warning": f'299 - "{ORPHAN_WARNING}"'} if policy is None else {}
         answer = job
         if not dry_run:
@@ -1160,6 +1412,8 @@ class _Handler(BaseHTTPRequestHandler):
                                            {"name": name, "kind": "pods"}))
         if not log:
             return self._send(200, pod)
+        if refusal := _log_refusal(pod, query.get("container")):
+            return self._send(400, _status(400, "BadRequest", refusal))
         if "tailLines" in query:
             lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) else []
         return self._text(200, "".join(line + "\n" for line in lines))
@@ -1176,6 +1430,8 @@ class _Handler(BaseHTTPRequestHandler):
         if obj is None:
             return self._send(404, _status(404, "NotFound", f'{kind} "{name}" not found',
                                            {"name": name, "kind": kind}))
+        if kind == "resourcequotas":
+            obj["status"] = kube._quota_status(obj)
         return self._send(200, obj)
 
     def _namespaces(self, method, name, query):
@@ -1209,7 +1465,8 @@ class _Handler(BaseHTTPRequestHandler):
             resource = attrs.get("resource", "")
             if attrs.get("subresource"):
                 resource += "/" + attrs["subresource"]
-            allowed = (attrs.get("verb"), attrs.get("group", ""), resource) not in kube.denied
+            allowed = kube.authorized(attrs.get("verb"), attrs.get("group", ""), resource,
+                                      attrs.get("namespace"), attrs.get("name"))
             kube.access_reviews.append(copy.deepcopy(attrs))
         return self._send(201, {"kind": "SelfSubjectAccessReview",
                                 "apiVersion": "authorization.k8s.io/v1",
@@ -1222,11 +1479,17 @@ class _Handler(BaseHTTPRequestHandler):
             fields = _field_terms(kind, query.get("fieldSelector"))
         except ValueError as exc:
             return self._send(400, _status(400, "BadRequest", str(exc)))
+        # Items come ordered by their key in storage, namespace/name, which is what makes
+        # chunked lists (`limit`, `continue`) consistent.
+        # https://kubernetes.io/docs/reference/using-api/api-concepts/#retrieving-large-results-sets-in-chunks
         with kube.cond:
-            items = [copy.deepcopy(o) for (n, _), o in kube.objects[kind].items()
+            items = [copy.deepcopy(o) for (n, _), o in sorted(kube.objects[kind].items())
                      if n == ns and _matches(o["metadata"].get("labels", {}),
                                              query.get("labelSelector"))
                      and all((_field(o, f) == v) != negate for f, v, negate in fields)]
+            if kind == "resourcequotas":
+                for quota in items:
+                    quota["status"] = kube._quota_status(quota)
             rv = str(kube.rv)
         return self._send(200, {"kind": list_kind, "apiVersion": api_version,
                                 "metadata": {"resourceVersion": rv}, "items": items})
@@ -1251,7 +1514,8 @@ class _Handler(BaseHTTPRequestHandler):
                     410, "Expired", f"too old resource version: {since} ({kube.compacted_rv})")})
                 return self._end()
             if not since:   # "0"/unset: the current state first, as ADDED events
-                pending = [(kube.rv, kind, "ADDED", o) for o in kube.objects[kind].values()]
+                pending = [(kube.rv, kind, "ADDED", o)
+                           for _, o in sorted(kube.objects[kind].items())]
                 since = kube.rv
             else:
                 pending = []
@@ -1296,6 +1560,70 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _log_refusal(pod, container):
+    """Why the log of `container` cannot be read (a 400 Bad Request), or None: the API
+    server's own checks (a pod not yet on a node, a container it does not have), then the
+    kubelet's (validateContainerLogStatus), whose error the API server passes on as a 400:
+    `kubectl logs` shows it as "Error from server (BadRequest): container "train" in pod
+    "x" is waiting to start: ContainerCreating".
+    https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#get-read-log-of-the-specified-pod
+    """
+    name = pod["metadata"]["name"]
+    names = [c["name"] for c in pod["spec"].get("containers") or []]
+    if container is None:
+        if len(names) != 1:
+            return (f"a container name must be specified for pod {name}, choose one of: "
+                    f"[{' '.join(names)}]")
+        container = names[0]
+    elif container not in names:
+        return f"container {container} is not valid for pod {name}"
+    if not pod["spec"].get("nodeName"):
+        return f"pod {name} does not have a host assigned"
+    status = next((s for s in (pod.get("status") or {}).get("containerStatuses") or []
+                   if s.get("name") == container), None)
+    if status is None:
+        return f'container "{container}" in pod "{name}" is not available'
+    state, last = status.get("state") or {}, status.get("lastState") or {}
+    if state.get("running") or state.get("terminated") or last.get("terminated"):
+        return None
+    reason = (state.get("waiting") or {}).get("reason")
+    if reason is None:
+        return f'container "{container}" in pod "{name}" is waiting to start - no logs yet'
+    why = {"ErrImagePull": "image can't be pulled",
+           "ImagePullBackOff": "trying and failing to pull image"}.get(reason, reason)
+    return f'container "{container}" in pod "{name}" is waiting to start: {why}'
+
+
+# metadata.name of most objects: a DNS subdomain.
+# https://kubernetes.io/docs/concepts/overview/working-with-objects/names/#dns-subdomain-names
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _job_errors(job):
+    """What the API server's validation of a Job refuses among what a client can get wrong
+    here, in its words: the name, the pod template's containers and restartPolicy ("Only a
+    RestartPolicy equal to Never or OnFailure is allowed").
+    https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-template"""
+    errors = []
+    name = job["metadata"].get("name")
+    if not name:
+        errors.append("metadata.name: Required value: name or generateName is required")
+    elif len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+        errors.append(f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain '
+                      f"must consist of lower case alphanumeric characters, '-' or '.', and "
+                      f"must start and end with an alphanumeric character (e.g. "
+                      f"'example.com', regex used for validation is "
+                      f"'{DNS_SUBDOMAIN.pattern}')")
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if not pod.get("containers"):
+        errors.append("spec.template.spec.containers: Required value")
+    policy = pod.get("restartPolicy") or "Always"   # the pod template's default
+    if policy not in ("OnFailure", "Never"):
+        errors.append(f'spec.template.spec.restartPolicy: Unsupported value: "{policy}": '
+                      f'supported values: "OnFailure", "Never"')
+    return errors
+
+
 def _resources(group_version, resources):
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
             "resources": resources}
@@ -1325,6 +1653,7 @@ DISCOVERY = {
         _core("serviceaccounts", "ServiceAccount", ["get", "list"], ["sa"]),
         _core("secrets", "Secret", ["get", "list"]),
         _core("configmaps", "ConfigMap", ["get", "list"], ["cm"]),
+        _core("resourcequotas", "ResourceQuota", ["get", "list"], ["quota"]),
         {"name": "namespaces", "singularName": "namespace", "namespaced": False,
          "kind": "Namespace", "verbs": ["get", "list"], "shortNames": ["ns"]}]),
     "/apis/batch/v1": _resources("batch/v1", [
