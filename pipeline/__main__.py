@@ -137,7 +137,7 @@ COMMANDS = {
                                   "(DVC timing stage)"),
     "aggregate": ("pipeline.aggregate", "tables, figures and MLflow export (DVC aggregate "
                                         "stage)"),
-    "gc": ("pipeline.results", "remove results and checkpoints no run of the grid uses"),
+    "gc": ("pipeline.gc", "remove results and checkpoints no run of the grid uses"),
     "render-jobs": ("pipeline.executors.kubernetes", "write the grid's Kubernetes Jobs as "
                                                      "YAML files"),
     "jobs": ("pipeline.jobs", "list this pipeline's Kubernetes Jobs, or cancel them (those of "

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from vsgd.outputs import check_result
+from vsgd.spec import ConfigError
 from vsgd.tracking import mlflow_http_settings, tracking_uri
 
 from . import stats
@@ -113,7 +115,20 @@ def run(args) -> int:
 
 
 def load_runs(runs_dir: Path, params: dict) -> list[dict]:
-    """Finished runs (those with metrics.json) of the grid's datasets/archs/optimizers."""
+    """Finished runs (those with metrics.json) of the grid's datasets/archs/optimizers.
+
+    Every one must be whole (`vsgd.outputs.check_result`): a damaged result is refused,
+    with what is wrong with it, rather than counted into a table (ConfigError: the train
+    stage sets it aside and trains its run again)."""
+    damaged = []
+    for metrics_path in sorted(runs_dir.glob("*/metrics.json")):
+        wrong = check_result(metrics_path.parent)
+        if wrong:
+            damaged.append(f"{metrics_path.parent}: damaged result: {'; '.join(wrong)}")
+    if damaged:
+        raise ConfigError(damaged + [
+            "run the train stage (`dvc repro train` or `python -m pipeline train`): it sets "
+            "damaged results aside and trains their runs again"])
     runs = []
     for metrics_path in sorted(runs_dir.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())

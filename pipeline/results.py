@@ -1,46 +1,183 @@
-"""Finished results: kept by run hash, shown per grid, removed only when asked.
+"""Finished results: kept by run hash, trusted only when whole, shown per grid, removed only
+when asked.
 
 - `results/store/<run_hash>/` (`grid.STORE_DIR`) holds every result finished here or fetched
-  from the remote store: `config.json`, `curve.csv`, `metrics.json` (written last; with the
-  run's hash it marks the run as done). The pipeline never deletes anything there: a run that
-  leaves the grid keeps its result, and when the grid comes back to it nothing is trained.
+  from the remote store: `config.json`, `curve.csv`, `beta1.csv` (VSGD), `metrics.json`
+  (written last). The pipeline never deletes anything there: a run that leaves the grid
+  keeps its result, and when the grid comes back to it nothing is trained.
+- A result counts as done only when `vsgd.outputs.check_result` finds it complete and
+  well-formed, filed under its own run hash. A damaged one (edited, truncated, half-copied)
+  is set aside under `results/damaged/` with a note of what was wrong, never deleted, and
+  its run trains again.
 - `results/runs/<name>/` (`grid.RESULTS_DIR`) is the view of the current grid: a copy of each
   finished run's files, exactly the grid's runs, which the tables and `dvc metrics` read.
   `show` rebuilds it after every train stage.
-- `python -m pipeline gc` removes what no run of the current grid uses (results in the
-  store, local checkpoints; with `--remote` also those under `storage.remote`) and lists
-  every item it removes; `--dry-run` only lists them.
+- `python -m pipeline gc` (`pipeline.gc`) removes what no run of the current grid uses.
 """
 
+import datetime
 import json
 import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .grid import CHECKPOINT_DIR, RESULTS_DIR, STORE_DIR
+from vsgd.outputs import check_result, has_result
+
+from .grid import RESULTS_DIR, STORE_DIR
+from .runlock import RunLock
 from .storage import RESULT_FILES as FILES  # copied where present; metrics.json last
+from .storage import open_store
+
+DAMAGED = "damaged"     # beside the store and the view: results/damaged/
+REASON = "DAMAGED.txt"  # in each set-aside directory: where it was and what was wrong
 
 
 def read_metrics(directory) -> dict | None:
+    """The metrics.json of `directory` as a dict; None when missing or not a JSON object
+    (for listings: whether the result is trustworthy is `problems`)."""
     try:
-        return json.loads((Path(directory) / "metrics.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        value = json.loads((Path(directory) / "metrics.json").read_text())
+    except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def problems(directory, run_hash: str) -> list[str]:
+    """What is wrong with the finished result in `directory` for run `run_hash` ([]: whole)."""
+    return check_result(directory, run_hash)
 
 
 def is_done(spec: dict) -> bool:
-    """The run's result is in the store (its metrics.json names the run's hash)."""
-    metrics = read_metrics(spec["output_dir"])
-    return metrics is not None and metrics.get("run_hash") == spec["run_hash"]
+    """The run's result is in the store, complete and well-formed."""
+    out = spec["output_dir"]
+    return has_result(out) and not problems(out, spec["run_hash"])
 
 
 def is_shown(spec: dict) -> bool:
-    """The current view already shows the run's result."""
-    metrics = read_metrics(Path(RESULTS_DIR) / spec["name"])
-    return metrics is not None and metrics.get("run_hash") == spec["run_hash"]
+    """The current view already shows the run's (whole) result."""
+    entry = Path(RESULTS_DIR) / spec["name"]
+    return has_result(entry) and not problems(entry, spec["run_hash"])
+
+
+def set_aside(directory, what: list[str], label: str | None = None,
+              source: str | None = None) -> Path:
+    """Move a damaged result out of the way, into `<results>/damaged/<label>-<time>/` (label:
+    the directory's name), with a note of where it came from and what was wrong; returns
+    where it went. Nothing is deleted."""
+    directory = Path(directory)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = directory.parent.parent / DAMAGED / f"{label or directory.name}-{stamp}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(directory, aside)
+    (aside / REASON).write_text(f"set aside from {source or directory} at {stamp}:\n"
+                                + "".join(f"- {p}\n" for p in what))
+    return aside
+
+
+@dataclass
+class Survey:
+    """What a stage finds for each run before it starts any: each run's state and every
+    damaged result it set aside on the way (`damaged`: (what, where it went, problems))."""
+    state: dict = field(default_factory=dict)     # name -> done | reused | pending | held
+    damaged: list = field(default_factory=list)
+    holders: dict = field(default_factory=dict)   # name -> who holds a held run
+
+    def names(self, state: str) -> list[str]:
+        return [name for name, s in self.state.items() if s == state]
+
+
+def survey(specs: list[dict], view: bool, fetch=None) -> Survey:
+    """Each run's state: `done` (in the store and, with `view`, shown), `reused` (in the
+    store or fetched by `fetch(spec, directory)` from elsewhere, not yet shown), `held` (a
+    process holds its lock: another launcher trains it now) or `pending`. Every count adds
+    up to the grid. A damaged result in the store, the view or a fetch is set aside (under
+    the run's lock, never one another launcher holds) and its run is pending."""
+    found = Survey()
+    for spec in specs:
+        lock = RunLock.of(spec)
+        if not lock.try_acquire():
+            found.state[spec["name"]] = "held"
+            found.holders[spec["name"]] = lock.holder()
+            continue
+        with lock:
+            stored = _check_stored(spec, found)
+            shown = view and _check_shown(spec, found)
+            if not stored and shown:
+                # A view written by an older version may hold the only copy.
+                _publish_copy(Path(RESULTS_DIR) / spec["name"], Path(spec["output_dir"]))
+                stored = True
+            if not stored and fetch is not None:
+                stored = _fetch_checked(spec, fetch, found)
+        found.state[spec["name"]] = ("done" if stored and (shown or not view) else
+                                     "reused" if stored else "pending")
+    return found
+
+
+def _check_stored(spec: dict, found: Survey) -> bool:
+    out = Path(spec["output_dir"])
+    if not has_result(out):
+        return False
+    wrong = problems(out, spec["run_hash"])
+    if wrong:
+        found.damaged.append((f"{out} ({spec['name']})", set_aside(out, wrong), wrong))
+        return False
+    return True
+
+
+def _check_shown(spec: dict, found: Survey) -> bool:
+    entry = Path(RESULTS_DIR) / spec["name"]
+    if not has_result(entry):
+        return False
+    wrong = problems(entry, spec["run_hash"])
+    if wrong:
+        found.damaged.append((str(entry), set_aside(entry, wrong), wrong))
+        return False
+    return True
+
+
+def _fetch_checked(spec: dict, fetch, found: Survey) -> bool:
+    """Fetch a result from elsewhere into a temporary directory beside the store, and keep it
+    only if it is whole; a damaged one is set aside too (its source is left alone)."""
+    out = Path(spec["output_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{spec['run_hash']}-", dir=out.parent))
+    try:
+        source = fetch(spec, tmp)
+        if source is None:
+            return False
+        wrong = problems(tmp, spec["run_hash"])
+        if wrong:
+            aside = set_aside(tmp, wrong, label=f"{spec['run_hash']}-fetched", source=source)
+            found.damaged.append((f"{source} ({spec['name']})", aside, wrong))
+            return False
+        _publish_copy(tmp, out)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_published(results_uri: str, spec: dict, endpoint_url: str | None = None) -> bool:
+    """Copy the run's whole result from `results_uri` (the remote store) into its
+    `output_dir`; False when there is none there, or it is damaged (left where it is, with a
+    warning: the run trains again and publishes over it)."""
+    store = open_store(results_uri.rstrip("/"), endpoint_url)
+    if not store.exists("metrics.json"):
+        return False
+    out = Path(spec["output_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out.parent) as tmp:
+        for name in FILES:
+            if store.exists(name):
+                store.get_file(name, Path(tmp) / name)
+        wrong = problems(tmp, spec["run_hash"])
+        if wrong:
+            print(f"{results_uri} holds a damaged result ({'; '.join(wrong)}): training the "
+                  "run again", flush=True)
+            return False
+        _publish_copy(Path(tmp), out)
+    return True
 
 
 @dataclass
@@ -50,26 +187,22 @@ class Shown:
 
 
 def show(specs: list[dict]) -> Shown:
-    """Make `results/runs/` show exactly the finished runs of `specs`.
+    """Make `results/runs/` show exactly the whole finished runs of `specs`.
 
     An entry whose run left the grid is taken out of the view; its result stays in the
     store. One whose result is not in the store (a view written by an older version of
-    the pipeline) is moved into the store first, so nothing finished is ever lost.
+    the pipeline) is moved into the store first, so nothing finished is ever lost; a
+    damaged one is set aside.
     """
     view = Path(RESULTS_DIR)
     view.mkdir(parents=True, exist_ok=True)
     names = {s["name"] for s in specs}
     hidden = []
     for entry in sorted(view.iterdir()):
-        if entry.name in names or not entry.is_dir():
+        if entry.name in names or not entry.is_dir() or entry.name.startswith("."):
             continue
-        metrics = read_metrics(entry)
-        if metrics and metrics.get("run_hash"):
-            kept = Path(STORE_DIR) / metrics["run_hash"]
-            if read_metrics(kept) is None:
-                _publish_copy(entry, kept)
-        shutil.rmtree(entry)
         hidden.append(entry.name)
+        _retire(entry)
     shown = 0
     for spec in specs:
         if not is_done(spec):
@@ -78,6 +211,28 @@ def show(specs: list[dict]) -> Shown:
         if not is_shown(spec):
             _publish_copy(Path(spec["output_dir"]), view / spec["name"])
     return Shown(shown, hidden)
+
+
+def _retire(entry: Path) -> None:
+    """Take a view entry whose run left the grid out of the view, its result safe in the
+    store: it is a copy of a whole stored result (removed), the only whole copy (moved into
+    the store), or damaged (set aside). One without a result is a partial copy (removed)."""
+    if not has_result(entry):
+        shutil.rmtree(entry)
+        return
+    run_hash = (read_metrics(entry) or {}).get("run_hash")
+    kept = Path(STORE_DIR) / str(run_hash)
+    wrong = problems(entry, run_hash) if isinstance(run_hash, str) else \
+        ["metrics.json: no run_hash"]
+    if isinstance(run_hash, str) and has_result(kept) and not problems(kept, run_hash):
+        shutil.rmtree(entry)
+    elif not wrong:
+        if has_result(kept):
+            set_aside(kept, problems(kept, run_hash))
+        _publish_copy(entry, kept)
+        shutil.rmtree(entry)
+    else:
+        set_aside(entry, wrong)
 
 
 def _publish_copy(src: Path, dest: Path) -> None:
@@ -89,78 +244,16 @@ def _publish_copy(src: Path, dest: Path) -> None:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            # Whatever else a store directory holds (the executor's spec.json, a partial
+            # log) goes along, in the copy that replaces it.
+            for extra in dest.iterdir():
+                if extra.is_file() and not (tmp / extra.name).exists():
+                    shutil.copy2(extra, tmp / extra.name)
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m pipeline gc
-
-
-def add_arguments(parser):
-    from .config import add_params_arguments
-    add_params_arguments(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would be removed, remove nothing")
-    parser.add_argument("--remote", action="store_true",
-                        help="also remove results and checkpoints under storage.remote that "
-                             "no run of this grid uses (the remote may be shared: only with "
-                             "this flag)")
-
-
-def run(args) -> int:
-    """Remove the results and checkpoints that no run of the current grid uses."""
-    from .config import load_params
-    from .execute import check_prepared
-    from .tune import planned_runs
-    params = load_params(args.params, args.set, build_imported=False)
-    # Run hashes include the data's checksum: without it every result would look unused.
-    check_prepared(params, "gc")
-    tuning, final = planned_runs(params)  # the final runs need the tune stage's choice
-    used = {s["run_hash"] for s in tuning + final}
-    verb = "would remove" if args.dry_run else "removed"
-    removed = 0
-    for kind, root in (("result", Path(STORE_DIR)), ("checkpoint", Path(CHECKPOINT_DIR))):
-        for entry in sorted(root.iterdir()) if root.is_dir() else ():
-            if entry.name.startswith(".") or entry.name in used:
-                continue
-            metrics = read_metrics(entry) or {}
-            what = f" ({metrics['name']}, test_acc {metrics['test_acc']:.4f})" \
-                if "name" in metrics and metrics.get("test_acc") is not None else ""
-            print(f"gc: {verb} {kind} {entry}{what}")
-            if not args.dry_run:
-                shutil.rmtree(entry)
-            removed += 1
-    if args.remote:
-        removed += _gc_remote(params, used, args.dry_run, verb)
-    print(f"gc: {verb} {removed} item{'s' if removed != 1 else ''}; the grid's "
-          f"{len(final)} runs and {len(tuning)} tuning runs kept", file=sys.stderr)
-    return 0
-
-
-def _gc_remote(params, used: set, dry_run: bool, verb: str) -> int:
-    from vsgd.spec import ConfigError
-
-    from .storage import open_store
-    remote = params["storage"]["remote"]
-    if not remote:
-        raise ConfigError(["gc --remote: storage.remote is null; allowed: s3://bucket/prefix"])
-    store = open_store(remote, params["storage"]["endpoint_url"])
-    removed = 0
-    for prefix in ("results", "checkpoints"):
-        by_run: dict[str, list[str]] = {}
-        for key in store.list_keys(f"{prefix}/"):
-            parts = key.split("/")
-            if len(parts) >= 3:
-                by_run.setdefault(parts[1], []).append(key)
-        for run_hash, keys in sorted(by_run.items()):
-            if run_hash in used:
-                continue
-            print(f"gc: {verb} {remote.rstrip('/')}/{prefix}/{run_hash}/ ({len(keys)} objects)")
-            if not dry_run:
-                for key in keys:
-                    store.delete(key)
-            removed += 1
-    return removed

@@ -514,9 +514,14 @@ def find_result(params: dict, spec: dict) -> Result | None:
         uri = results_uri(remote, spec["run_hash"])
         raw = open_store(uri, endpoint).get_bytes("metrics.json")
         if raw is not None:
-            metrics = json.loads(raw)
-            if metrics.get("run_hash") == spec["run_hash"]:
-                return Result(spec["run_hash"], "store", uri, metrics)
+            # Anything there is the run's result, to be checked once fetched: a damaged one
+            # is then set aside and the run trained again, not taken for "no result".
+            try:
+                metrics = json.loads(raw)
+            except ValueError:
+                metrics = None
+            return Result(spec["run_hash"], "store", uri,
+                          metrics if isinstance(metrics, dict) else None)
     return _find_in_mlflow(params, spec["run_hash"])
 
 
@@ -555,10 +560,12 @@ def _find_in_mlflow(params: dict, run_hash: str) -> Result | None:
     return None
 
 
-def fetch_result(params: dict, spec: dict, output_dir=None) -> Path:
-    """Copy the finished result of `spec` into `output_dir` (default: the spec's);
-    FileNotFoundError if there is none."""
-    result = find_result(params, spec)
+def fetch_result(params: dict, spec: dict, output_dir=None,
+                 result: Result | None = None) -> Path:
+    """Copy the finished result of `spec` (`result`, else looked up with `find_result`) into
+    `output_dir` (default: the spec's); FileNotFoundError if there is none. The copy is not
+    checked here: `pipeline.results` decides whether it is whole."""
+    result = result or find_result(params, spec)
     if result is None:
         raise FileNotFoundError(f"no finished result for run {spec['run_hash']} "
                                 f"({spec.get('name')}) in the store or MLflow")

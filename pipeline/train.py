@@ -5,8 +5,9 @@
     python -m pipeline.train --dataset cifar100 --arch vgg --optimizer vsgd [--seed 0]
                              [--set key=value ...] [--params params.yaml]
 
-Exit codes: 0 done, 78 invalid configuration (every problem listed, no traceback; also a
-stale image and a GPU requested where CUDA is not available), 1 any other failure, 143
+Exit codes: 0 done (or finished already), 78 invalid configuration (every problem listed,
+no traceback; also a stale image, a GPU requested where CUDA is not available, and prepared
+data that is not what the spec was built on), 1 any other failure, 143
 stopped by SIGTERM, 130 by SIGINT (128 + the signal). Progress is a tqdm bar when stderr is a
 terminal and one plain line per log point otherwise (Kubernetes and executor logs).
 
@@ -15,6 +16,12 @@ SIGINT (Ctrl-C) ask the trainer to stop after the step in flight: it saves a che
 the step it reached and the process exits 143 or 130, so the next start loses no step
 (`StopRequest`). Under DVC (and the local executor) the run also stops so when the process
 that started it dies, since DVC does not pass its own SIGTERM on (`watch_launcher`).
+
+One process per run: before it writes anything of the run, the process holds the run's
+lock on this machine (`pipeline.runlock`; the local executor passes its own on) and, with
+VSGD_RESULTS_URI set, the run's lease in the remote store (`pipeline.lease`). A run held by
+another launcher is waited for; a run that then has a whole result (here, or published to the
+remote store) is not trained again: the process says so and exits 0.
 
 Before training, checks that make a pod fail with 78 rather than train the wrong thing or
 waste a retry: the spec's run hash is recomputed with this installation's code (a mismatch
@@ -38,7 +45,13 @@ import time
 import traceback
 from pathlib import Path
 
+from vsgd.data.errors import DataError
 from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, TRAINING_DEFAULTS, ConfigError
+
+from . import results
+from .lease import Lease
+from .runlock import RunLock, inherited
+from .storage import RESULTS_ENV, endpoint_from_env
 
 # The start of the message of a pod whose code differs from the launcher's; the Kubernetes
 # executor looks for it in the termination message.
@@ -302,6 +315,48 @@ def launched_by_dvc_or_executor() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# one process per run
+
+
+def hold_run(spec: dict, stop: "StopRequest") -> tuple:
+    """Hold the run for this process: its run lock on this machine (inherited from the
+    local executor, or taken here) and, when it publishes to a remote store, its lease
+    there (`pipeline.lease`, renewed until released). Another launcher holding either is
+    waited for, saying who; a signal interrupts the wait. If the lease is ever lost to
+    another launcher, the run stops as on SIGTERM (checkpoint, exit 143)."""
+    held = []
+    if not inherited(spec):
+        lock = RunLock.of(spec)
+        if not lock.try_acquire():
+            print(f"{spec['name']}: another launcher is training it ({lock.holder()}); "
+                  "waiting for it", file=sys.stderr, flush=True)
+            lock.acquire()
+        held.append(lock)
+    uri = os.environ.get(RESULTS_ENV)
+    if uri:
+        lease = Lease(uri, endpoint_from_env())
+        lease.acquire(on_wait=lambda who: print(
+            f"{spec['name']}: another launcher is training it ({who}, lease {lease.uri}); "
+            "waiting for it", file=sys.stderr, flush=True))
+        lease.keep(on_lost=stop.launcher_died)
+        held.append(lease)
+    return tuple(held)
+
+
+def finished_elsewhere(spec: dict) -> str | None:
+    """What to say when the run has a whole result already (finished by the launcher we
+    waited for, or before): in the local store, or published to the remote store (then
+    copied here). None when it has to be trained."""
+    if results.is_done(spec):
+        return f"{spec['name']}: finished already: {spec['output_dir']}; nothing to train"
+    uri = os.environ.get(RESULTS_ENV)
+    if uri and results.fetch_published(uri, spec, endpoint_from_env()):
+        return (f"{spec['name']}: finished by another launcher: {uri}, copied to "
+                f"{spec['output_dir']}; nothing to train")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # the pod's checks, its termination message and its log
 
 
@@ -440,6 +495,7 @@ def main(argv=None) -> int:
     if launched_by_dvc_or_executor():
         watch_launcher(stop.launcher_died)
     tee = progress = None
+    held = ()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -455,6 +511,13 @@ def main(argv=None) -> int:
             raise ConfigError(problems)
         check_code(spec)
         check_cuda(spec)
+        # One process per run, before anything of it is written (its log, checkpoint, MLflow
+        # run): wait for another launcher that holds it, then train only if it is unfinished.
+        held = hold_run(spec, stop)
+        finished = finished_elsewhere(spec)
+        if finished:
+            print(finished, file=sys.stderr)
+            return 0
         # After the checks, which need no torch: a pod that fails them fails in a moment.
         from vsgd.trainer import Stopped, train
         store = open_checkpoint_store(spec.get("checkpoint"))
@@ -476,7 +539,9 @@ def main(argv=None) -> int:
         storage.publish_result(spec["output_dir"])  # to $VSGD_RESULTS_URI when set (pods)
         print(_done_line(spec, metrics), file=sys.stderr)
         return 0
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
+        # A data error (prepared data that is not what the spec was built on, altered or
+        # damaged) is the user's to fix, like a configuration error: retrying cannot help.
         if progress is not None:
             progress.close()
         print(exc, file=sys.stderr)
@@ -496,6 +561,8 @@ def main(argv=None) -> int:
     finally:
         if tee is not None:
             tee.close()
+        for hold in reversed(held):   # the lease, then the lock
+            hold.release()
 
 
 def _done_line(spec: dict, metrics: dict) -> str:

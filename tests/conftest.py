@@ -114,11 +114,7 @@ def store(tmp_path):
     root = tmp_path / "store"
 
     def publish(spec, test_acc=0.5):
-        out = root / "results" / spec["run_hash"]
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(
-            {"name": spec["name"], "run_hash": spec["run_hash"], "test_acc": test_acc}))
-        (out / "curve.csv").write_text("step,test_acc\n3,%s\n" % test_acc)
+        write_result(root / "results" / spec["run_hash"], spec, test_acc=test_acc)
 
     def fetch(params, spec):
         src = root / "results" / spec["run_hash"]
@@ -139,3 +135,68 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "extended" in item.keywords:
             item.add_marker(skip)
+
+
+def write_result(directory, spec: dict | None = None, *, test_acc=0.5, val_acc=None,
+                 diverged=None, beta1=None, curve_steps=None, **settings) -> dict:
+    """A complete, well-formed finished result in `directory`, as the trainer writes one
+    (`vsgd.outputs.check_result` finds nothing wrong with it): config.json (`spec`, or one
+    built from `settings`: name, dataset, arch, arch_key, optimizer, lr, seed, iterations),
+    curve.csv at `curve_steps` (default: half way and the end), rising linearly to
+    `test_acc`, beta1.csv for VSGD (`beta1` rows, else one at the end), metrics.json last. `diverged` ({step, stopped_at}) makes it a
+    diverged run whose last finite evaluation had `test_acc`. Returns the metrics."""
+    import json
+
+    from vsgd.outputs import BETA1_COLUMNS, CURVE_COLUMNS
+    from vsgd.spec import run_hash
+    if spec is None:
+        spec = _result_spec(**settings)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    iterations = spec["schedule"]["iterations"]
+    lr = spec["optimizer"]["lr"]
+    eval_test = spec.get("training", {}).get("eval_test", True)
+    steps_done = diverged["stopped_at"] if diverged else iterations
+    last_step = (diverged["step"] - 1) if diverged else iterations
+    steps = curve_steps or (sorted({max(0, last_step // 2), last_step}) if last_step > 0
+                            else [])
+    curve = [{"step": s, "test_acc": (test_acc if s == last_step else test_acc * s / last_step)
+              if eval_test else None,
+              "test_loss": 1.0 if eval_test else None, "val_acc": val_acc,
+              "train_loss": 0.5, "train_acc": 0.9, "lr": lr} for s in steps]
+    lines = [",".join(CURVE_COLUMNS)] + [
+        ",".join("" if r[c] is None else repr(r[c]) for c in CURVE_COLUMNS) for r in curve]
+    (directory / "curve.csv").write_text("\n".join(lines) + "\n")
+    if spec["optimizer"]["name"] == "vsgd":
+        rows = [[steps_done, 0.6, 0.3, 0.5, 0.6, 0.7, 0.8]] if beta1 is None else beta1
+        (directory / "beta1.csv").write_text("\n".join(
+            [",".join(BETA1_COLUMNS)] + [",".join(str(v) for v in r) for r in rows]) + "\n")
+    (directory / "config.json").write_text(json.dumps(spec, indent=2))
+    assert run_hash(spec) == spec["run_hash"]
+    last = curve[-1] if curve else {}
+    metrics = {
+        "name": spec["name"], "run_hash": spec["run_hash"], "dataset": spec["dataset"],
+        "arch": spec["arch"], "arch_key": spec["arch_key"],
+        "optimizer": spec["optimizer"]["name"], "lr": lr, "seed": spec["seed"],
+        "iterations": iterations, "steps_done": steps_done, "diverged": diverged,
+        **{k: last.get(k) for k in ("test_acc", "test_loss", "train_loss", "train_acc",
+                                    "val_acc")},
+        "seconds_per_iter": settings.get("seconds_per_iter", 0.25),
+        "images_per_sec": 1024.0, "device": "cpu", "device_name": "Test CPU",
+        "mlflow_run_id": None}
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _result_spec(*, name, dataset="cifar100", arch="vgg16", arch_key="vgg", optimizer="sgd",
+                 lr=0.1, seed=0, iterations=30000, **_ignored) -> dict:
+    from vsgd.spec import run_hash
+    spec = {"name": name, "dataset": dataset, "arch_key": arch_key, "arch": arch,
+            "data": {"dir": f"data/prepared/{dataset}", "checksum": f"sum-{dataset}",
+                     "source": "synthetic", "uri": None},
+            "optimizer": {"name": optimizer, "lr": float(lr)},
+            "schedule": {"iterations": iterations, "step_size": max(1, iterations // 3),
+                         "gamma": 0.5},
+            "batch_size": 8, "seed": seed, "training": {}, "output_dir": f"out/{name}"}
+    spec["run_hash"] = run_hash(spec)
+    return spec

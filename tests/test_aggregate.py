@@ -4,10 +4,12 @@ MLflow CSV."""
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import write_result
 from pipeline import aggregate
 from pipeline.config import load_params
 
@@ -18,19 +20,10 @@ PARAMS = ROOT / "params.yaml"
 def fake_run(runs_dir, dataset, arch_key, arch, opt, seed, test_acc, lr=0.1, val_acc=None,
              iterations=30000, diverged=None):
     name = f"{dataset}-{arch}-{opt}-lr{lr}-s{seed}"
-    d = runs_dir / name
-    d.mkdir(parents=True)
-    (d / "metrics.json").write_text(json.dumps({
-        "name": name, "run_hash": "h" + name, "dataset": dataset, "arch": arch,
-        "arch_key": arch_key, "optimizer": opt, "lr": lr, "seed": seed,
-        "iterations": iterations, "test_acc": test_acc, "test_loss": 1.0, "train_loss": 0.5,
-        "train_acc": 0.9, "val_acc": val_acc, "seconds_per_iter": 0.25,
-        "images_per_sec": 1024.0, "device": "cpu", "device_name": "Test CPU",
-        "mlflow_run_id": None, "diverged": diverged}))
-    with (d / "curve.csv").open("w") as f:
-        f.write("step,test_acc,test_loss,val_acc,train_loss,train_acc,lr\n")
-        for step in (0, iterations // 2, iterations):
-            f.write(f"{step},{test_acc * step / iterations},1.0,,0.5,0.9,{lr}\n")
+    write_result(runs_dir / name, name=name, dataset=dataset, arch=arch, arch_key=arch_key,
+                 optimizer=opt, lr=lr, seed=seed, iterations=iterations, test_acc=test_acc,
+                 val_acc=val_acc, diverged=diverged,
+                 curve_steps=None if diverged else (0, iterations // 2, iterations))
 
 
 @pytest.fixture
@@ -93,9 +86,8 @@ def test_claim_within_one_std_and_pinned_caption(results):
     # VGG16 with SGD at 0.695/0.705 (mean 0.700) against VSGD's 0.705, stds 0.007: VSGD is
     # above, but within one std.
     for seed in (0, 1):
-        path = results / "runs" / f"cifar100-vgg16-sgd-lr0.1-s{seed}" / "metrics.json"
-        m = json.loads(path.read_text())
-        path.write_text(json.dumps(dict(m, test_acc=0.695 + seed / 100)))
+        shutil.rmtree(results / "runs" / f"cifar100-vgg16-sgd-lr0.1-s{seed}")
+        fake_run(results / "runs", "cifar100", "vgg", "vgg16", "sgd", seed, 0.695 + seed / 100)
     run_aggregate(results, ["tune.enabled=false"])
     md = (results / "tables" / "table1.md").read_text()
     assert "| CIFAR-100 | VGG16-bn | holds within 1 std | holds |" in md
@@ -370,13 +362,26 @@ def blue_pixels(png):
 
 
 def test_beta1_figure_and_curves_from_the_runs_beta1_csv(results):
-    run_aggregate(results)  # no beta1.csv anywhere yet: the figure exists, with notes
+    # No beta1 values anywhere yet: the figure exists, with notes. (A whole VSGD result has
+    # beta1 rows unless it diverged before its first: such runs stand in meanwhile.)
+    waiting = results.parent / "vsgd-runs"
+    waiting.mkdir()
+    for run in (results / "runs").glob("*-vsgd-*"):
+        m = json.loads((run / "metrics.json").read_text())
+        run.rename(waiting / run.name)
+        write_result(run, name=run.name, arch=m["arch"], arch_key=m["arch_key"],
+                     optimizer="vsgd", lr=m["lr"], seed=m["seed"], beta1=[],
+                     diverged={"step": 1, "stopped_at": 50})
+    run_aggregate(results)
     figure = results / "figures" / "beta1.png"
     assert figure.stat().st_size > 10_000 and (results / "figures" / "beta1.svg").is_file()
     empty, _ = blue_pixels(figure)
     assert list((results / "beta1").glob("*.csv")) == []
-    assert "no beta1 values in the VSGD runs" in (results / "figures" / "beta1.svg").read_text()
+    assert "no finished VSGD run" in (results / "figures" / "beta1.svg").read_text()
 
+    for run in waiting.iterdir():
+        shutil.rmtree(results / "runs" / run.name)
+        run.rename(results / "runs" / run.name)
     plant_beta1(results, "cifar100-vgg16-vsgd-*", lambda seed, step: 0.4 + 0.1 * seed
                 + 0.3 * step / 30000)
     run_aggregate(results)
@@ -389,7 +394,9 @@ def test_beta1_figure_and_curves_from_the_runs_beta1_csv(results):
     assert float(rows[-1]["q10"]) == pytest.approx(0.45)
     assert float(rows[-1]["q90"]) == pytest.approx(0.95)
     assert {r["n"] for r in rows} == {"2"}
-    assert sorted(p.name for p in (results / "beta1").glob("*.csv")) == ["cifar100_vgg.csv"]
+    # One per cell with VSGD runs (the other cells' runs carry the fixture's single row).
+    assert sorted(p.name for p in (results / "beta1").glob("*.csv")) == [
+        "cifar100_convmixer.csv", "cifar100_resnext.csv", "cifar100_vgg.csv"]
     drawn, shape = blue_pixels(figure)
     assert shape[0] > 400 and shape[1] > 1200
     # The median line and both quantile bands of one panel: thousands of VSGD-blue pixels.
@@ -407,12 +414,13 @@ def test_the_view_carries_beta1_csv_into_the_figure(results, tmp_path):
     for name in ("config.json", "curve.csv", "metrics.json"):
         if (run / name).exists():
             (stored / name).write_bytes((run / name).read_bytes())
+    # At a step of its own: the cell's other seed has its row at 30000 only.
     (stored / "beta1.csv").write_text("step,mean,q10,q25,median,q75,q90\n"
-                                      "30000,0.6,0.3,0.5,0.6,0.7,0.8\n")
+                                      "15000,0.6,0.3,0.5,0.6,0.7,0.8\n")
     view._publish_copy(stored, run)
     run_aggregate(results)
     rows = list(csv.DictReader((results / "beta1" / "cifar100_resnext.csv").open()))
-    assert [(r["step"], r["median"], r["n"]) for r in rows] == [("30000", "0.6", "1")]
+    assert [(r["step"], r["median"], r["n"]) for r in rows][0] == ("15000", "0.6", "1")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_result
 from pipeline import grid, results
 from pipeline.__main__ import main
 from pipeline.config import load_params
@@ -35,13 +36,7 @@ def specs_for(*overrides):
 
 def finish(spec, test_acc=0.5):
     """What the trainer leaves in the store for a finished run."""
-    out = Path(spec["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(spec))
-    (out / "curve.csv").write_text("step,test_acc\n3,0.5\n")
-    (out / "metrics.json").write_text(json.dumps({"name": spec["name"],
-                                                  "run_hash": spec["run_hash"],
-                                                  "test_acc": test_acc}))
+    write_result(spec["output_dir"], spec, test_acc=test_acc)
 
 
 def view():
@@ -66,12 +61,10 @@ def test_a_view_entry_not_in_the_store_is_moved_there_not_deleted(workdir):
     """A results/runs/ written by an earlier version held the only copy of its result."""
     [spec] = specs_for("optimizers=[vsgd]")
     legacy = Path(grid.RESULTS_DIR) / "cifar100-vgg16-vsgd-s0-oldhash0"
-    legacy.mkdir(parents=True)
-    (legacy / "metrics.json").write_text(json.dumps({"run_hash": "0ld0ld0ld0ld0ld0",
-                                                     "test_acc": 0.7}))
+    old_hash = write_result(legacy, name=legacy.name, optimizer="vsgd", test_acc=0.7)["run_hash"]
     results.show([spec])
     assert not legacy.exists()
-    kept = Path(grid.STORE_DIR) / "0ld0ld0ld0ld0ld0" / "metrics.json"
+    kept = Path(grid.STORE_DIR) / old_hash / "metrics.json"
     assert json.loads(kept.read_text())["test_acc"] == 0.7
 
 

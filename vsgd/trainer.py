@@ -51,11 +51,10 @@ from .files import atomic_write
 from .optim import VSGD, beta1_summary
 from .spec import TRAINING_DEFAULTS, ConfigError, check_spec
 from .tracking import Tracker
+from .outputs import BETA1_COLUMNS, CURVE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "train_acc", "lr")
-BETA1_COLUMNS = ("step", "mean", "q10", "q25", "median", "q75", "q90")
 
 
 class Stopped(Exception):

@@ -14,6 +14,12 @@ have their own process group, so a terminal's Ctrl-C reaches them only through t
 a second signal would make a run stop at once, without its checkpoint. Further signals while
 stopping are ignored (the grace period bounds the wait). A run stops by itself too when the
 executor dies (`pipeline.train.STOP_WITH_LAUNCHER_ENV`).
+
+One launcher per run: the executor takes a run's lock (`pipeline.runlock`) before it writes
+the run's spec or log and passes it on to the run's process, so a second stage on the same
+workspace (or `python -m pipeline.train` started by hand) never trains it at the same time,
+never writes into its log, and waits for it instead; it starts the run only if the other
+launcher stopped before finishing it.
 """
 
 import collections
@@ -25,6 +31,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import results
+from ..runlock import LOCK_FD_ENV, RunLock
 from ..train import (LOG_NAME, STOP_WITH_LAUNCHER_ENV, TEE_LOG_ENV, signal_main_thread,
                      watch_launcher)
 from . import RunOutcome, spec_path, write_spec
@@ -55,9 +63,6 @@ class LocalExecutor:
     def run(self, specs: list[dict]) -> list[RunOutcome]:
         if not specs:
             return []
-        for spec in specs:
-            if not spec_path(spec).exists():
-                write_spec(spec)
         pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="run")
         previous = self._install_handlers()
         if previous and os.environ.get("DVC_STAGE"):
@@ -100,11 +105,28 @@ class LocalExecutor:
         signal_main_thread(signal.SIGTERM)
 
     def _run_one(self, spec: dict) -> RunOutcome:
+        """The run, holding its run lock from before its log is opened until its process
+        has ended (`pipeline.runlock`); a run another launcher holds is waited for, and only
+        trained here if that launcher stopped without finishing it."""
+        name = spec["name"]
+        lock = RunLock.of(spec)
+        if not lock.try_acquire():
+            self._say(f"[{name}] waiting: another launcher is training it ({lock.holder()})")
+            if not lock.acquire(cancel=self._stopping.is_set):
+                return RunOutcome(name, spec["run_hash"], ok=False, error="not started")
+        with lock:
+            if results.is_done(spec):
+                self._say(f"[{name}] finished by another launcher: {spec['output_dir']}")
+                return RunOutcome(name, spec["run_hash"], ok=True)
+            write_spec(spec)
+            return self._start(spec, lock)
+
+    def _start(self, spec: dict, lock: RunLock) -> RunOutcome:
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.run_env(spec),
-               STOP_WITH_LAUNCHER_ENV: "1"}
+               STOP_WITH_LAUNCHER_ENV: "1", LOCK_FD_ENV: str(lock.fd)}
         env.pop(TEE_LOG_ENV, None)  # we keep the run's log ourselves, in the same file
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
         log_path = spec_path(spec).parent / LOG_NAME
@@ -112,10 +134,12 @@ class LocalExecutor:
             with self._lock:
                 if self._stopping.is_set():
                     return RunOutcome(name, spec["run_hash"], ok=False, error="not started")
-                # Its own process group: see the module docstring.
+                # Its own process group: see the module docstring. The run inherits the
+                # locked descriptor, so the lock outlives us if we die before it.
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, errors="replace",
-                                        bufsize=1, env=env, process_group=0)
+                                        bufsize=1, env=env, process_group=0,
+                                        pass_fds=(lock.fd,))
                 self._procs.add(proc)
             self._say(f"[{name}] start")
             try:
