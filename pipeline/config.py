@@ -9,20 +9,31 @@ the rest.
 Nothing here imports torch for the built-in optimizers: validating must be instant. An
 optimizer named by import path (`optimizer.<key>.class`, `vsgd.imported_optimizers`) is
 imported and built once on a dummy parameter, which is the only way to know that its
-constructor takes the hyperparameters and accepts their values.
+constructor takes the hyperparameters and accepts their values. A tracking URI is checked
+against MLflow's own registry of tracking stores, which imports mlflow (about a second and
+a half, only when a URI is set): the alternative is a run that finds out minutes later and
+trains untracked.
+
+The params file, and every `--set` value, is read through a bounded YAML loader
+(`read_yaml`, `parse_yaml`): a file beyond `MAX_PARAMS_BYTES`, or YAML whose aliases expand
+to more than `MAX_YAML_NODES` nodes, is refused before anything walks it.
 """
 
 import copy
 import re
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 from vsgd.data.registry import DATASETS as DATASET_INFO
 from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
 from vsgd.spec import (ARCHS, DATASETS, DEVICE_RE, EX_CONFIG, MISSING, MODELS, OPTIMIZERS,
-                       SOURCES, TRAINING, Checker, ConfigError, Range, check_optimizer,
-                       check_schedule, check_training, kind)
+                       SEED, SOURCES, TRAINING, Checker, ConfigError, Range, check_finite,
+                       check_optimizer, check_schedule, check_training, kind)
+
+from .redact import redact
 
 __all__ = ["ARCHS", "DATASETS", "EX_CONFIG", "MODELS", "OPTIMIZERS", "ConfigError",
            "load_params", "optimizer_names", "parse_overrides", "resolve_run", "validate"]
@@ -36,6 +47,19 @@ TUNE = ("enabled", "budget", "validation_size", "seed")
 TIMING = ("steps", "warmup", "rounds", "device")
 EXECUTORS = ("local", "kubernetes")
 
+# A params file is read whole and parsed before validation can say anything about it, so it
+# is bounded: 256 KiB is 30 times today's params.yaml, and the pure-Python YAML parser reads
+# even the densest file of that size in a few seconds (about 15 s per MiB of `[0,0,...]` on
+# a 2-core Xeon).
+MAX_PARAMS_BYTES = 256 * 1024
+# YAML aliases share one node among all the places that name it; every later walk (the
+# preset merge, validation, a problem line's repr, the run hash's JSON) sees the expanded
+# tree, which nested aliases make exponentially large ("billion laughs"). Written out, a node
+# costs at least a byte (`{a,b}` is five nodes in five bytes), so this many nodes is as much
+# as any file within MAX_PARAMS_BYTES can hold without aliases: aliases may abbreviate a
+# document, never make it larger than a file of the size bound could be.
+MAX_YAML_NODES = MAX_PARAMS_BYTES
+
 
 def load_params(path="params.yaml", overrides=(), *, build_imported=True) -> dict:
     """Resolved and validated params: file <- preset <- overrides (later wins).
@@ -45,7 +69,9 @@ def load_params(path="params.yaml", overrides=(), *, build_imported=True) -> dic
     optimizer (prepare, aggregate, gc, jobs), checks an imported optimizer's entry without
     importing it (its import path's form only): importing torch costs seconds per stage.
     """
-    raw = _read_yaml(Path(path))
+    raw = read_yaml(Path(path))
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {kind(raw)}"])
     parsed = parse_overrides(overrides)
     problems = []
     # Overrides go in twice: before the preset (so `--set preset=tiny` or a change inside
@@ -72,9 +98,9 @@ def parse_overrides(overrides) -> list[tuple[str, object]]:
             problems.append(f"override {item!r}: expected key.path=value")
             continue
         try:
-            parsed.append((key.strip(), yaml.safe_load(text)))
-        except yaml.YAMLError as exc:
-            problems.append(f"override {item!r}: value is not valid YAML ({exc})")
+            parsed.append((key.strip(), parse_yaml(text, f"override {item!r}")))
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return parsed
@@ -164,7 +190,7 @@ def validate(params: dict, build_imported: bool = True) -> list[str]:
     c.names(p["optimizers"], "optimizers", optimizer_names(params))
     if c.list_of(p["seeds"], "seeds"):
         seeds = p["seeds"]
-        if all([c.integer(seeds, i, f"seeds[{i}]", minimum=0) for i in range(len(seeds))]) \
+        if all([c.integer(seeds, i, f"seeds[{i}]", *SEED) for i in range(len(seeds))]) \
                 and len(set(seeds)) != len(seeds):
             c.problem(f"seeds: duplicates in {seeds!r}; each seed is one run per cell, "
                       "list it once")
@@ -240,6 +266,11 @@ def _check_imported(c, entry, path, base=None, build=True):
         grid = None
     grid = {k: v for k, v in (grid or {}).items() if c.list_of(v, f"{path}.grid.{k}")}
     pinned = {k: v for k, v in full.items() if k not in (CLASS_KEY, "grid")}
+    # What the constructor accepts is its own business (it is built below), but NaN and
+    # infinities are never a setting: many constructors compare `0 <= lr`, which NaN passes
+    # as False and infinity as True.
+    check_finite(c, {k: v for k, v in entry.items() if k not in (CLASS_KEY, "grid")}, path)
+    check_finite(c, grid, f"{path}.grid")
     values = [(path, pinned)] + [(f"{path}.grid.{key}[{i}]", {**pinned, key: value})
                                  for key, vs in grid.items() for i, value in enumerate(vs)]
     for key, vs in grid.items():
@@ -360,7 +391,7 @@ def _check_tune(c, p):
     c.choice(t["enabled"], "tune.enabled", (True, False))
     c.number(t, "budget", "tune.budget", Range(0.0, 1.0, low_open=True))
     c.integer(t, "validation_size", "tune.validation_size", minimum=1)
-    c.integer(t, "seed", "tune.seed", minimum=0)
+    c.integer(t, "seed", "tune.seed", *SEED)
 
 
 def _check_data(c, p):
@@ -396,7 +427,7 @@ def _check_small_sections(c, p):
             c.problems.extend(k8s_config.validate(p.data))
     t = c.mapping(p["tracking"], "tracking", required=("uri", "experiment"))
     if t is not None:
-        c.string(t["uri"], "tracking.uri")
+        _check_tracking(c, t["uri"])
         c.string(t["experiment"], "tracking.experiment")
     s = c.mapping(p["storage"], "storage", required=("remote", "endpoint_url"))
     if s is not None:
@@ -410,6 +441,104 @@ def _check_small_sections(c, p):
                       "http(s)://host:port")
     if p["preset"] not in (None, MISSING) and not isinstance(p["preset"], str):
         c.problem(f"preset: expected a preset name or null, got {p['preset']!r}")
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI (environment variable, overrides tracking.uri)"
+
+
+def _check_tracking(c, configured):
+    """`tracking.uri`: null (untracked, unless the environment names one) or a URI MLflow has
+    a tracking store for; and the URI the runs will use (vsgd.tracking.tracking_uri: the
+    environment's, else this one) must work here: an SQLite database needs a directory it
+    can be created in. Found now, not after a run's first minutes of retries."""
+    if configured is not None and not c.string(configured, "tracking.uri"):
+        return
+    # Imported here, as mlflow below: both belong to the tracking stack (vsgd.tracking
+    # imports filelock), which validating must not need: the launcher validates with
+    # whatever `python` it finds, and its tests run one with PyYAML alone. Without them
+    # nothing tracks here (the trainer says so and trains untracked).
+    try:
+        from vsgd.tracking import tracking_uri
+    except ImportError:
+        return
+    overriding = tracking_uri(None)   # the environment's URI, when one is set
+    if configured is None and overriding is None:
+        return   # untracked: nothing to ask MLflow about
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        from mlflow.utils.uri import (_DATABRICKS_UNITY_CATALOG_SCHEME,
+                                      _OSS_UNITY_CATALOG_SCHEME, get_uri_scheme)
+    except ImportError:
+        return
+    # MLflow's own registry of tracking stores (built-in and plugins), less its scheme-less
+    # entry (a bare path becomes a file store directory; here it is nearly always a URI
+    # mistyped, `mlflow.db` for `sqlite:///mlflow.db`) and Unity Catalog's (whose store this
+    # client refuses to build).
+    usable = [s for s in _tracking_store_registry._registry
+              if s and s not in (_DATABRICKS_UNITY_CATALOG_SCHEME, _OSS_UNITY_CATALOG_SCHEME)]
+
+    def problem(uri, check_files):
+        allowed = (f"allowed: null, or a URI with a scheme MLflow tracks to "
+                   f"({', '.join(usable)}), e.g. sqlite:///mlflow.db or http://host:5000")
+        try:
+            # A bare "databricks" is the default profile's workspace (MLflow's special case).
+            scheme = uri if uri == "databricks" else get_uri_scheme(uri)
+        except MlflowException as exc:
+            return f"{uri!r} is not a tracking URI ({exc.message}); {allowed}"
+        if scheme not in usable:
+            return f"{uri!r} has {f'scheme {scheme!r}' if scheme else 'no scheme'}; {allowed}"
+        if scheme in ("http", "https") and not _url_host(uri):
+            return f"{uri!r} names no host; {allowed}"
+        if scheme == "sqlite" and check_files:
+            return _sqlite_problem(uri)
+        return None
+
+    # The file's value is checked in form always; its files only when it is the one in use.
+    # A URI may carry a password (http://user:password@host): masked in what is shown.
+    if configured is not None and (found := problem(configured, overriding is None)):
+        c.problem(redact(f"tracking.uri: {found}"))
+    if overriding is not None and (found := problem(overriding, True)):
+        c.problem(redact(f"{TRACKING_ENV}: {found}"))
+
+
+def _url_host(uri: str) -> str | None:
+    try:
+        return urlsplit(uri).hostname
+    except ValueError:   # a malformed port or IPv6 address
+        return None
+
+
+def _sqlite_problem(uri: str) -> str | None:
+    """An SQLite tracking store's file: SQLAlchemy's reading of the URI (what MLflow hands
+    it), relative to the current directory as SQLite opens it; the file need not exist, but
+    its directory must, and must take a new file (SQLite creates the database and its
+    journal there)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        database = make_url(uri).database
+    except ArgumentError as exc:
+        return f"{uri!r} is not an SQLite URI ({exc})"
+    if database in (None, "", ":memory:"):
+        return (f"{uri!r} is an in-memory database, gone with each run's process; allowed: "
+                "sqlite:///PATH (relative to the current directory) or sqlite:////ABSOLUTE")
+    path = Path(database)
+    directory = path.parent
+    if not directory.is_dir():
+        return (f"{uri!r}: the database's directory {str(directory)!r} does not exist "
+                f"(relative paths are from the current directory, {Path.cwd()}); create it "
+                "or name another")
+    if path.exists() and not path.is_file():
+        return f"{uri!r}: {str(path)!r} exists and is not a file"
+    try:
+        # The real test: permission bits do not tell (root, read-only mounts, /proc).
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return (f"{uri!r}: cannot create the database in {str(directory)!r} "
+                f"({exc.strerror or exc}); name a writable directory")
+    return None
 
 
 def _check_cross(c, params):
@@ -497,16 +626,100 @@ def _set(tree: dict, dotted: str, value, problems: list):
             node = node[key]
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path) -> object:
+    """A YAML file's data, read through the bounds (`MAX_PARAMS_BYTES`, `MAX_YAML_NODES`);
+    anything in the way (no such file, a directory, no permission, not UTF-8, not YAML) is
+    a ConfigError naming the file."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.is_dir():
+            raise ConfigError([f"{path}: is a directory; expected a YAML file"])
+        with open(path, "rb") as f:
+            # One byte past the bound tells "too large" without reading more of a huge file
+            # (or of an endless one: a FIFO, /dev/zero).
+            data = f.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read it: {exc.strerror or exc}"]) from None
+    if len(data) > MAX_PARAMS_BYTES:
+        size = path.stat().st_size if path.is_file() else None
+        raise ConfigError([f"{path}: {f'{size} bytes' if size else 'endless'}; allowed: at "
+                           f"most {MAX_PARAMS_BYTES} bytes ({MAX_PARAMS_BYTES // 1024} KiB)"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}: "
+                           f"{data[exc.start:exc.start + 1]!r}); save it as UTF-8"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """YAML text as data, through the same bounds as a file; `source` names it in problems."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_PARAMS_BYTES:
+        raise ConfigError([f"{source}: more than {MAX_PARAMS_BYTES} bytes of YAML; allowed: "
+                           f"at most {MAX_PARAMS_BYTES} ({MAX_PARAMS_BYTES // 1024} KiB)"])
+    try:
+        return yaml.load(text, Loader=BoundedLoader)
+    except ConfigError as exc:
+        raise ConfigError([f"{source}: {p}" for p in exc.problems]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {kind(data)}"])
-    return data
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise ConfigError([f"{source}: nested too deeply to be params"]) from None
+    except (ValueError, OverflowError) as exc:
+        # Scalars YAML's patterns match but Python cannot build: a 5000-digit integer, the
+        # date 2024-13-45.
+        reason = str(exc).split(";")[0]   # not Python's advice on raising its own limit
+        raise ConfigError([f"{source}: a value YAML cannot represent here: {reason}"]) from None
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a document whose aliases expand to more than
+    `MAX_YAML_NODES` nodes, or that contains itself (an alias inside its own anchor), before
+    anything is built from it. The composer already shares an aliased node; the count walks
+    each distinct node once, so checking an alias bomb costs what its text does."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root):
+    """Count `root`'s nodes as every later walk will see them, each alias expanded."""
+    sizes = {}          # id(node) -> its node count with aliases expanded
+    entered = set()     # nodes whose children are being counted: an alias to one is a cycle
+    pending = [(root, False)]
+    while pending:      # depth-first, iteratively: the nesting depth is the document's
+        node, children_done = pending.pop()
+        if children_done:
+            entered.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise ConfigError([f"more than {MAX_YAML_NODES} values with its aliases "
+                                   f"expanded (line {node.start_mark.line + 1}); allowed: "
+                                   f"at most {MAX_YAML_NODES}: write the values out, or "
+                                   "alias less"])
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in entered:
+            raise ConfigError([f"an alias at line {node.start_mark.line + 1} refers to a "
+                               "node that contains it (an endless value)"])
+        entered.add(id(node))
+        pending.append((node, True))
+        pending.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _children(node):
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return []
 
 
 def add_params_arguments(parser) -> None:

@@ -11,7 +11,9 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-import yaml
+from vsgd.spec import Checker, ConfigError, Range, View
+
+from .config import read_yaml
 
 # Package data next to this module: an installed package (the image) has it too.
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "job-template.yaml"
@@ -59,11 +61,53 @@ TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Kubernetes' own rules for what it accepts; validation applies them so that a value the API
+# server would refuse is found before any Job is built. Every pattern is matched whole
+# (`fullmatch`: `$` would let a trailing newline through).
+# Names (https://kubernetes.io/docs/concepts/overview/working-with-objects/names/): an RFC
+# 1123 label (namespaces; a Job's name, which becomes its pods' `job-name` label value) is at
+# most 63 lowercase alphanumerics or '-', alphanumeric at both ends; a DNS-1123 subdomain
+# (ServiceAccount, Secret, ConfigMap and PriorityClass names) is such labels joined by '.',
+# at most 253 characters in all.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_LABEL_MAX = 63
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS_SUBDOMAIN_MAX = 253
+# Label keys and values (https://kubernetes.io/docs/concepts/overview/working-with-objects/
+# labels/#syntax-and-character-set): a key is an optional DNS-subdomain prefix and '/', then
+# a name of at most 63 alphanumerics, '-', '_', '.', alphanumeric at both ends; a value is
+# empty or such a name. Annotation keys follow the same rule; their values are any strings,
+# all keys and values of an object together at most 256 KiB
+# (https://kubernetes.io/docs/concepts/overview/working-with-objects/annotations/
+# #syntax-and-character-set).
+LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+LABEL_MAX = 63
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+# The rules above as problem lines say what is allowed.
+DNS_LABEL_RULE = (f"an RFC 1123 label (at most {DNS_LABEL_MAX} lowercase letters, digits, '-', "
+                  "alphanumeric at both ends)")
+DNS_SUBDOMAIN_RULE = (f"a DNS-1123 subdomain (at most {DNS_SUBDOMAIN_MAX} lowercase letters, "
+                      "digits, '-', '.', alphanumeric at both ends of each '.'-separated part)")
+LABEL_VALUE_RULE = (f"a label value (at most {LABEL_MAX} letters, digits, '-', '_', '.', "
+                    "alphanumeric at both ends, or empty)")
+LABEL_KEY_RULE = (f"a label key: an optional DNS-1123 subdomain prefix (at most "
+                  f"{DNS_SUBDOMAIN_MAX}) and '/', then a name of at most {LABEL_MAX} letters, "
+                  "digits, '-', '_', '.', alphanumeric at both ends")
+# What pipeline.k8s_jobs adds to every Job's annotations besides the template's and these:
+# the store URI twice (itself, and the results URI under it) and at most this much more
+# (the keys, the run name, the results path).
+PIPELINE_ANNOTATIONS_BYTES = 1024
+# The API's integer fields are int32 (backoffLimit, ttlSecondsAfterFinished) or int64
+# (activeDeadlineSeconds, a toleration's tolerationSeconds, a log's tailLines)
+# (https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/job-v1/).
+INT32_MAX = 2**31 - 1
+# The executor's own durations (progress_interval, outage_budget, start_grace,
+# unschedulable_limit): seconds, finite, and at most the API's int32 seconds (68 years), so
+# each fits every place it goes: a watch's timeoutSeconds, a socket timeout (Python keeps
+# those as int64 nanoseconds, 292 years), a sleep, a comparison with the monotonic clock.
+EXECUTOR_SECONDS = Range(0, INT32_MAX, low_open=True)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
 _SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
            "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
@@ -102,7 +146,9 @@ def template_path(params: dict) -> Path:
 
 
 def load_template(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    """The Job template, read as the params file is (bounded; a ConfigError naming the file
+    for anything in the way): its path is a params value."""
+    return read_yaml(path)
 
 
 def parse_quantity(text) -> Decimal:
@@ -134,10 +180,12 @@ def validate(params: dict) -> list[str]:
     template = None
     try:
         template = load_template(template_path(params))
-    except (OSError, yaml.YAMLError) as exc:
-        problems.append(f"{base}.template: cannot read the Job template: {exc}")
+    except ConfigError as exc:
+        problems += [f"{base}.template: cannot read the Job template: {p}"
+                     for p in exc.problems]
     if isinstance(template, dict):
         _check_memory(raw, template, base, problems)
+        _check_annotations_size(raw, template, params, base, problems)
     if executor.get("kind") == "kubernetes":
         remote = (params.get("storage") or {}).get("remote")
         if not remote:
@@ -152,23 +200,21 @@ def _check_behaviour(raw, base, problems):
         value = raw.get(key)
         if value is not None and not (isinstance(value, str) and value):
             problems.append(f"{base}.{key}: expected a non-empty string or null, got {value!r}")
-    if "log_tail_lines" in raw and not _int(raw["log_tail_lines"], 1):
-        problems.append(f"{base}.log_tail_lines: expected an integer >= 1, got "
-                        f"{raw['log_tail_lines']!r}")
+    c, view = Checker(), View(raw)
+    if "log_tail_lines" in raw:   # the API's tailLines, an int64
+        c.integer(view, "log_tail_lines", f"{base}.log_tail_lines", minimum=1)
     for key in ("progress_interval", "outage_budget", "start_grace", "unschedulable_limit"):
-        if key not in raw or (key == "unschedulable_limit" and raw[key] is None):
-            continue
-        value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{base}.{key}: expected seconds > 0"
-                            + (" or null" if key == "unschedulable_limit" else "")
-                            + f", got {value!r}")
+        # unschedulable_limit: null waits as long as the Job's activeDeadlineSeconds.
+        if key in raw and not (key == "unschedulable_limit" and raw[key] is None):
+            c.number(view, key, f"{base}.{key}", EXECUTOR_SECONDS)   # seconds
+    problems += c.problems
+    # The owner is a label value on every Job (vsgd-repro/owner) and enters Job names only
+    # through a hash (pipeline.k8s_jobs.job_name), so its label-value rule is all it needs.
     if raw.get("owner") is not None and not _label_value_ok(raw["owner"]):
-        problems.append(f"{base}.owner: {raw['owner']!r}; allowed: null or a label value "
-                        "(letters, digits, '-', '_', '.', at most 63, alphanumeric at both ends)")
+        problems.append(f"{base}.owner: {raw['owner']!r}; allowed: null or {LABEL_VALUE_RULE}")
     if "image_repository" in raw and not (isinstance(raw["image_repository"], str) and
-                                          re.match(r"^[a-z0-9][a-z0-9._/:-]*$",
-                                                   raw["image_repository"] or "")):
+                                          re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*",
+                                                       raw["image_repository"])):
         problems.append(f"{base}.image_repository: {raw['image_repository']!r}; allowed: an "
                         "image repository such as registry.example.com/vsgd-repro")
 
@@ -177,15 +223,15 @@ def _check_job_keys(raw, base, problems):
     def bad(key, allowed):
         problems.append(f"{base}.{key}: {raw[key]!r}; allowed: {allowed}")
 
-    for key in ("namespace",):
-        if key in raw and not _name(raw[key], DNS_LABEL, 63):
-            bad(key, "a DNS label (lowercase letters, digits, '-', at most 63)")
-    for key in ("service_account", "priority_class", "endpoints_config_map",
-                "credentials_secret"):
+    c, view = Checker(), View(raw)
+    if "namespace" in raw and not _dns_label(raw["namespace"]):
+        bad("namespace", DNS_LABEL_RULE)
+    for key, what in (("service_account", "ServiceAccount"), ("priority_class", "PriorityClass"),
+                      ("endpoints_config_map", "ConfigMap"), ("credentials_secret", "Secret")):
         value = raw.get(key)
         nullable = key != "service_account"
-        if key in raw and not ((nullable and value is None) or _name(value, DNS_SUBDOMAIN, 253)):
-            bad(key, "a Kubernetes object name" + (" or null" if nullable else ""))
+        if key in raw and not ((nullable and value is None) or _dns_subdomain(value)):
+            bad(key, f"a {what} name, {DNS_SUBDOMAIN_RULE}" + (", or null" if nullable else ""))
     if "image" in raw and not (isinstance(raw["image"], str) and raw["image"].strip()
                                and raw["image"] == raw["image"].strip()):
         bad("image", "an image reference such as registry.example.com/vsgd-repro:0.1.0")
@@ -193,57 +239,97 @@ def _check_job_keys(raw, base, problems):
         bad("image_pull_policy", ", ".join(PULL_POLICIES))
     if "image_pull_secrets" in raw:
         value = raw["image_pull_secrets"]
-        if not (isinstance(value, list) and all(_name(v, DNS_SUBDOMAIN, 253) for v in value)):
-            bad("image_pull_secrets", "a list of Secret names")
-    if "gpus" in raw and not _int(raw["gpus"], 0):
-        bad("gpus", "an integer >= 0 (GPUs are whole devices)")
-    elif "gpus" in raw and raw["gpus"] > MAX_GPUS:
+        if not isinstance(value, list):
+            bad("image_pull_secrets", f"a list of Secret names, each {DNS_SUBDOMAIN_RULE}")
+        for i, name in enumerate(value if isinstance(value, list) else ()):
+            if not _dns_subdomain(name):
+                problems.append(f"{base}.image_pull_secrets[{i}]: {name!r}; allowed: a Secret "
+                                f"name, {DNS_SUBDOMAIN_RULE}")
+    if "gpus" in raw and c.integer(view, "gpus", f"{base}.gpus", minimum=0) \
+            and raw["gpus"] > MAX_GPUS:
         bad("gpus", f"0 or {MAX_GPUS}: a run trains on one device (no multi-GPU runs yet), so "
                     "more GPUs per Job would sit idle; run more Jobs at once instead "
                     "(executor.max_parallel)")
-    if "gpu_resource" in raw and not (isinstance(raw["gpu_resource"], str) and re.match(
-            r"^[a-z0-9.-]+/[a-z0-9][-a-z0-9_.]*$", raw["gpu_resource"])):
-        bad("gpu_resource", "an extended resource name such as nvidia.com/gpu")
+    # An extended resource is named by a label key with its domain prefix (nvidia.com/gpu).
+    if "gpu_resource" in raw and not (_label_key(raw["gpu_resource"])
+                                      and "/" in raw["gpu_resource"]):
+        bad("gpu_resource", "an extended resource name such as nvidia.com/gpu (a domain "
+                            "prefix, '/', a name)")
     for key in ("cpu", "memory", "shm_size", "scratch_size"):
         if key in raw and not _quantity(raw[key]):
             bad(key, "a positive Kubernetes quantity such as 4, 500m, 16Gi")
     if "node_selector" in raw:
-        value = raw["node_selector"]
-        if not (isinstance(value, dict) and all(
-                _label_key(k) and isinstance(v, str) and LABEL_VALUE.match(v) and len(v) <= 63
-                for k, v in value.items())):
-            bad("node_selector", "a mapping of node label keys to label values (strings)")
+        _check_string_map(raw["node_selector"], f"{base}.node_selector", "a node label", True,
+                          problems)
     if "tolerations" in raw:
         _check_tolerations(raw["tolerations"], f"{base}.tolerations", problems)
-    for key, minimum in (("backoff_limit", 0), ("active_deadline_seconds", 1)):
-        if key in raw and not _int(raw[key], minimum):
-            bad(key, f"an integer >= {minimum}")
-    if "ttl_seconds_after_finished" in raw and not (
-            raw["ttl_seconds_after_finished"] is None or _int(raw["ttl_seconds_after_finished"], 0)):
-        bad("ttl_seconds_after_finished", "an integer >= 0, or null to keep finished Jobs")
+    # The API's integer fields, by their types and its own minimums.
+    if "backoff_limit" in raw:
+        c.integer(view, "backoff_limit", f"{base}.backoff_limit", 0, INT32_MAX)
+    if "active_deadline_seconds" in raw:
+        c.integer(view, "active_deadline_seconds", f"{base}.active_deadline_seconds", 1)
+    if raw.get("ttl_seconds_after_finished") is not None:   # null keeps finished Jobs
+        c.integer(view, "ttl_seconds_after_finished", f"{base}.ttl_seconds_after_finished",
+                  0, INT32_MAX)
+    problems += c.problems
     for key in ("labels", "annotations"):
-        if key not in raw:
-            continue
-        value = raw[key]
-        if not (isinstance(value, dict) and all(
-                _label_key(k) and isinstance(v, str)
-                and (key == "annotations" or _label_value_ok(v)) for k, v in value.items())):
-            bad(key, "a mapping of label keys (prefix/name) to "
-                     + ("label values (strings of at most 63 characters)" if key == "labels"
-                        else "strings"))
-        elif key == "labels" and any(k.startswith("vsgd-repro/") or
-                                     k == "app.kubernetes.io/managed-by" for k in value):
-            bad(key, "labels of your own: vsgd-repro/* and app.kubernetes.io/managed-by are "
-                     "the pipeline's (use `owner` to tell pipelines apart)")
+        if key in raw:
+            _check_string_map(raw[key], f"{base}.{key}",
+                              "a label" if key == "labels" else "an annotation",
+                              key == "labels", problems)
+    if isinstance(raw.get("labels"), dict) and any(
+            isinstance(k, str) and (k.startswith("vsgd-repro/")
+                                    or k == "app.kubernetes.io/managed-by")
+            for k in raw["labels"]):
+        bad("labels", "labels of your own: vsgd-repro/* and app.kubernetes.io/managed-by are "
+                      "the pipeline's (use `owner` to tell pipelines apart)")
     if "suspend" in raw and not isinstance(raw["suspend"], bool):
         bad("suspend", "true (Jobs start suspended: a queue such as Kueue starts them) or false")
     if "env" in raw:
         value = raw["env"]
         if not (isinstance(value, dict) and all(
-                isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, (str, int, float))
-                and not isinstance(v, bool) for k, v in value.items())):
+                isinstance(k, str) and ENV_NAME.fullmatch(k)
+                and (isinstance(v, str) or _finite_number(v)) for k, v in value.items())):
             bad("env", "a mapping of variable names to string values (no secrets: use the "
                        "credentials Secret)")
+
+
+def _check_string_map(value, path, what, values_are_labels, problems):
+    """Labels, annotations, a node selector (`what`: "a label"...): label keys to strings
+    (label values where `values_are_labels`), each bad entry reported at its key path."""
+    if not isinstance(value, dict):
+        problems.append(f"{path}: expected a mapping of {what.split(' ', 1)[1]} keys to "
+                        f"{'label values' if values_are_labels else 'strings'}, got {value!r}")
+        return
+    for key, item in value.items():
+        if not _label_key(key):
+            problems.append(f"{path}.{key}: {key!r} is not {what} key; allowed: "
+                            f"{LABEL_KEY_RULE}")
+        elif values_are_labels and not _label_value_ok(item):
+            problems.append(f"{path}.{key}: {item!r}; allowed: {LABEL_VALUE_RULE}")
+        elif not isinstance(item, str):
+            problems.append(f"{path}.{key}: {item!r}; allowed: a string (quote it in YAML)")
+
+
+def _check_annotations_size(raw, template, params, base, problems):
+    """The Job's annotations, all keys and values together, within the API's limit: the
+    template's, these, and the pipeline's own (PIPELINE_ANNOTATIONS_BYTES)."""
+    given = raw.get("annotations")
+    if not isinstance(given, dict):
+        return
+    remote = (params.get("storage") or {}).get("remote")
+    theirs = (template.get("metadata") or {}).get("annotations") or {}
+    size = (_annotations_bytes({**theirs, **given}) + PIPELINE_ANNOTATIONS_BYTES
+            + 2 * len(str(remote or "").encode()))
+    if size > ANNOTATIONS_MAX_BYTES:
+        problems.append(f"{base}.annotations: the Job's annotations would total {size} bytes "
+                        f"(with the template's and the pipeline's own); allowed: at most "
+                        f"{ANNOTATIONS_MAX_BYTES} ({ANNOTATIONS_MAX_BYTES // 1024} KiB, the "
+                        "API's limit)")
+
+
+def _annotations_bytes(annotations: dict) -> int:
+    return sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items())
 
 
 def _check_tolerations(value, path, problems):
@@ -255,19 +341,28 @@ def _check_tolerations(value, path, problems):
         if not isinstance(tol, dict) or any(k not in TOLERATION_KEYS for k in tol):
             problems.append(f"{where}: {tol!r}; allowed keys: {', '.join(TOLERATION_KEYS)}")
             continue
-        if tol.get("operator", "Equal") not in TOLERATION_OPERATORS:
+        operator = tol.get("operator", "Equal")
+        if operator not in TOLERATION_OPERATORS:
             problems.append(f"{where}.operator: {tol['operator']!r}; allowed: "
                             f"{', '.join(TOLERATION_OPERATORS)}")
         if "effect" in tol and tol["effect"] not in TOLERATION_EFFECTS:
             problems.append(f"{where}.effect: {tol['effect']!r}; allowed: "
                             f"{', '.join(TOLERATION_EFFECTS)}")
-        if "key" in tol and not _label_key(tol["key"]):
-            problems.append(f"{where}.key: {tol['key']!r} is not a label key")
-        if "tolerationSeconds" in tol and not _int(tol["tolerationSeconds"], 0):
-            problems.append(f"{where}.tolerationSeconds: expected an integer >= 0")
-        for key in ("key", "value"):
-            if key in tol and not isinstance(tol[key], str):
-                problems.append(f"{where}.{key}: expected a string, got {tol[key]!r}")
+        # The API: a label key, empty only with operator Exists (which matches every taint);
+        # the value a label value, empty with Exists.
+        if "key" in tol and not (_label_key(tol["key"])
+                                 or (tol["key"] == "" and operator == "Exists")):
+            problems.append(f"{where}.key: {tol['key']!r}; allowed: {LABEL_KEY_RULE} (empty "
+                            "only with operator Exists)")
+        if "value" in tol and not _label_value_ok(tol["value"]):
+            problems.append(f"{where}.value: {tol['value']!r}; allowed: {LABEL_VALUE_RULE}")
+        elif tol.get("value") and operator == "Exists":
+            problems.append(f"{where}.value: {tol['value']!r}; allowed: none with operator "
+                            "Exists")
+        if "tolerationSeconds" in tol:   # int64 in the API
+            c = Checker()
+            c.integer(View(tol), "tolerationSeconds", f"{where}.tolerationSeconds", minimum=0)
+            problems += c.problems
 
 
 def _check_memory(raw, template, base, problems):
@@ -301,8 +396,10 @@ def train_container(job: dict) -> dict:
     raise KeyError(f"the Job template has no container named {TRAIN_CONTAINER!r}")
 
 
-def _int(value, minimum):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _finite_number(value):
+    """A number an env value may be (it is written out as a string): never a bool, NaN or
+    an infinity."""
+    return Checker().number({"value": value}, "value", "value")
 
 
 def _quantity(value):
@@ -314,17 +411,26 @@ def _quantity(value):
         return False
 
 
-def _label_value_ok(value):
-    return isinstance(value, str) and len(value) <= 63 and bool(LABEL_VALUE.match(value))
-
-
+# One definition each of Kubernetes' name rules (see DNS_LABEL and LABEL_NAME above).
 def _name(value, pattern, limit):
-    return isinstance(value, str) and len(value) <= limit and bool(pattern.match(value))
+    return isinstance(value, str) and len(value) <= limit and bool(pattern.fullmatch(value))
+
+
+def _dns_label(value):
+    return _name(value, DNS_LABEL, DNS_LABEL_MAX)
+
+
+def _dns_subdomain(value):
+    return _name(value, DNS_SUBDOMAIN, DNS_SUBDOMAIN_MAX)
+
+
+def _label_value_ok(value):
+    return _name(value, LABEL_VALUE, LABEL_MAX)
 
 
 def _label_key(key):
+    """`[prefix/]name`: the prefix, when there is a '/', must be a non-empty DNS subdomain."""
     if not isinstance(key, str):
         return False
-    prefix, _, name = key.rpartition("/")
-    return (not prefix or _name(prefix, DNS_SUBDOMAIN, 253)) and \
-        len(name) <= 63 and bool(LABEL_NAME.match(name))
+    prefix, slash, name = key.rpartition("/")
+    return (not slash or _dns_subdomain(prefix)) and _name(name, LABEL_NAME, LABEL_MAX)

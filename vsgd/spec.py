@@ -26,6 +26,7 @@ identity either: the code version enters the hash through `run_hash`'s `code` ar
 import difflib
 import hashlib
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -61,10 +62,27 @@ class Range:
 
     def __str__(self):
         return (("(" if self.low_open or self.low is None else "[")
-                + ("-inf" if self.low is None else f"{self.low:g}") + ", "
-                + ("inf" if self.high is None else f"{self.high:g}")
+                + ("-inf" if self.low is None else _bound(self.low)) + ", "
+                + ("inf" if self.high is None else _bound(self.high))
                 + (")" if self.high_open or self.high is None else "]"))
 
+
+def _bound(number) -> str:
+    """An interval's end as written: integers exactly (a seed's bound), floats short."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
+# Integers a run hands to torch and numpy (sizes, counts, step numbers) are int64 there: a
+# larger one is an OverflowError in the middle of a run, so every integer check bounds them.
+INT64 = (-2**63, 2**63 - 1)
+# A run's seed goes to torch.manual_seed and torch.Generator.manual_seed, which take
+# [-2**63, 2**64), and, times 1_000_003 plus the epoch, seeds each epoch's permutation
+# (vsgd.engine.epoch_permutation), which must stay below 2**64 for every epoch a run reaches
+# (with up to 2**63 - 1 iterations: seeds below about 9.2e12). [0, 2**32) is inside both, and
+# is numpy's seed range (np.random.seed, RandomState), the tightest of the generators a seed
+# is commonly handed to (a model or an imported optimizer may seed numpy with it): a seed
+# the grid accepts is one every consumer accepts. It keeps a Job's seed label short, too.
+SEED = (0, 2**32 - 1)
 
 POSITIVE = Range(0.0, low_open=True)
 NON_NEGATIVE = Range(0.0)
@@ -197,7 +215,7 @@ def check_spec(spec: dict) -> list[str]:
     if data is not MISSING and not (isinstance(data, dict) and data.get("dir")):
         c.problem("data.dir: missing (the prepared dataset directory)")
     c.integer(s, "batch_size", "batch_size", minimum=1)
-    c.integer(s, "seed", "seed", minimum=0)
+    c.integer(s, "seed", "seed", *SEED)
     if CODE_VERSION_KEY in spec:
         c.string(spec[CODE_VERSION_KEY], CODE_VERSION_KEY)
     check_schedule(c, s["schedule"], "schedule")
@@ -212,6 +230,10 @@ def check_spec(spec: dict) -> list[str]:
         c.string(opt["name"], "optimizer.name")
         c.string(opt[IMPORTED_CLASS], f"optimizer.{IMPORTED_CLASS}")
         c.string(opt.get(IMPORTED_PACKAGE, MISSING), f"optimizer.{IMPORTED_PACKAGE}")
+        # Its hyperparameters' types are the constructor's business, but a NaN or infinity
+        # (JSON can carry them) is never a setting.
+        check_finite(c, {k: v for k, v in opt.items()
+                         if k not in ("name", IMPORTED_CLASS, IMPORTED_PACKAGE)}, "optimizer")
         if opt["name"] in OPTIMIZERS:
             c.problem(f"optimizer.name: {opt['name']!r} is a built-in; an imported "
                       f"optimizer needs a key of its own")
@@ -233,6 +255,23 @@ def check_test_set_use(c: "Checker", training) -> None:
             and training.get("validation_size", TRAINING_DEFAULTS["validation_size"]) == 0:
         c.problem("training.eval_test: false needs training.validation_size > 0 (a run "
                   "that never sees the test set reports val_acc)")
+
+
+def check_finite(c: "Checker", value, path: str) -> bool:
+    """Every number inside `value` (nested lists and mappings included) is finite: for
+    values of types only the code they are handed to knows, such as an imported optimizer's
+    hyperparameters. Reported at each number's own key path."""
+    ok, pending = True, [(value, path)]
+    while pending:   # a stack, not recursion: nesting depth is the input's
+        value, path = pending.pop()
+        if isinstance(value, dict):
+            pending += reversed([(v, join(path, k)) for k, v in value.items()])
+        elif isinstance(value, (list, tuple)):
+            pending += reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not _finite(value):
+            ok = c.problem(f"{path}: {_shown(value)} is not a finite number")
+    return ok
 
 
 def check_schedule(c: "Checker", schedule, path: str, partial: bool = False) -> None:
@@ -389,7 +428,9 @@ class Checker:
             return value is not MISSING
         return self.problem(f"{path}: expected a non-empty string, got {value!r}")
 
-    def integer(self, parent, key, path, minimum=None):
+    def integer(self, parent, key, path, minimum=INT64[0], maximum=INT64[1]):
+        """An integer in [minimum, maximum]; never a bool (true is not 1), and never beyond
+        int64 (`INT64`), whatever the bounds asked for."""
         value = parent[key]
         if value is MISSING:
             return False
@@ -397,11 +438,15 @@ class Checker:
             value = parent[key] = int(value)  # 3.0e4 from YAML is meant as 30000
         if isinstance(value, bool) or not isinstance(value, int):
             return self.problem(f"{path}: expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            return self.problem(f"{path}: {value} must be >= {minimum}")
+        if value < max(minimum, INT64[0]):
+            return self.problem(f"{path}: {_shown(value)} must be >= {max(minimum, INT64[0])}")
+        if value > min(maximum, INT64[1]):
+            return self.problem(f"{path}: {_shown(value)} must be <= {min(maximum, INT64[1])}")
         return True
 
     def number(self, parent, key, path, allowed: Range = Range()):
+        """A finite number (NaN and infinities never are a setting) within `allowed`; never
+        a bool. A string spelling a number is coerced in place."""
         value = parent[key]
         if value is MISSING:
             return False
@@ -413,9 +458,27 @@ class Checker:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return self.problem(f"{path}: expected a number, got {value!r}")
+        if not _finite(value):
+            return self.problem(f"{path}: {_shown(value)} is not a finite number; allowed: "
+                                f"{allowed}")
         if value not in allowed:
             return self.problem(f"{path}: {value!r} is outside {allowed}")
         return True
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:   # an int beyond any float
+        return False
+
+
+def _shown(number) -> str:
+    """A number for a problem line: an integer too long to read (or to print at all past
+    Python's 4300 digits) by its size."""
+    if isinstance(number, int) and abs(number) >= 10**30:
+        return f"an integer of {number.bit_length()} bits"
+    return repr(number)
 
 
 def kind(value) -> str:
