@@ -6,7 +6,8 @@
     python -m pipeline jobs cancel --all             # stop every Job of this pipeline
 
 "This pipeline" is the store and owner of params.yaml (`pipeline.k8s_jobs.ownership`); Jobs of
-other pipelines in the namespace are never listed or touched. A Job is *stale* when its run is
+other pipelines in the namespace are never listed or touched: `cancel NAME` of one is refused
+(exit 78, saying whose it is) and nothing is cancelled. A Job is *stale* when its run is
 not in the current grid (the tune stage's runs and the final runs of params.yaml): it was
 started for an earlier grid and still uses GPUs. The stages report stale Jobs that are still
 running but never cancel them: only `cancel` does, and only when asked. A cancelled Job's pods
@@ -19,7 +20,7 @@ import sys
 from .config import ConfigError, add_params_arguments, load_params
 from .k8s_config import settings
 from .k8s_jobs import (RUN_HASH_LABEL, RUN_NAME_ANNOTATION, condition, is_ours,
-                       job_namespace, managed_selector)
+                       job_namespace, managed_selector, why_not_ours)
 
 LIST_TIMEOUT = (5, 20)   # the stages' stale-Job check must not hold them up
 
@@ -79,10 +80,35 @@ class Cluster:
         current = {s["run_hash"] for s in grid}
         return [j for j in jobs if _run_hash(j) not in current]
 
-    def cancel(self, name: str) -> None:
+    def job(self, name: str) -> dict | None:
+        """The Job of that name in the namespace, whoever's it is; None if there is none."""
+        from kubernetes.client.exceptions import ApiException
+        try:
+            job = self.batch.read_namespaced_job(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._api.sanitize_for_serialization(job)
+
+    def cancel(self, job: dict) -> bool:
+        """Delete the Job with its pods (Background: the API's default for Jobs would leave
+        them running), only if it is still the Job that was listed (its uid): one created
+        anew meanwhile under the name is not what was asked for. False when it is gone or
+        was replaced."""
         from kubernetes import client
-        self.batch.delete_namespaced_job(
-            name, self.namespace, body=client.V1DeleteOptions(propagation_policy="Background"))
+        from kubernetes.client.exceptions import ApiException
+        try:
+            self.batch.delete_namespaced_job(
+                job["metadata"]["name"], self.namespace,
+                body=client.V1DeleteOptions(
+                    propagation_policy="Background",
+                    preconditions=client.V1Preconditions(uid=job["metadata"]["uid"])))
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
 
 def _run_hash(job):
@@ -164,16 +190,31 @@ def run(args) -> int:
         return 0
     ours = {j["metadata"]["name"]: j for j in jobs}
     if args.names:
-        unknown = [n for n in args.names if n not in ours]
-        if unknown:
-            raise ConfigError([f"jobs cancel: {n}: not a Job of this pipeline in namespace "
-                               f"{cluster.namespace}; see `python -m pipeline jobs list`"
-                               for n in unknown])
-        names = list(args.names)
+        # All or nothing: a name that is not this pipeline's may be a typo for one that is.
+        refused = [_refusal(cluster, params, n) for n in args.names if n not in ours]
+        if refused:
+            raise ConfigError(refused + ["jobs cancel: nothing was cancelled"])
+        names = list(dict.fromkeys(args.names))
     else:
         names = [n for n in ours if args.all or n in stale]
+    cancelled = 0
     for name in names:
-        cluster.cancel(name)
-        print(f"cancelled {name} ({state(ours[name])}, {_run_name(ours[name])})")
-    print(f"{len(names)} Jobs cancelled in namespace {cluster.namespace}")
+        if cluster.cancel(ours[name]):
+            cancelled += 1
+            print(f"cancelled {name} ({state(ours[name])}, {_run_name(ours[name])})")
+        else:
+            print(f"{name}: gone or replaced since it was listed; left alone (see `python -m "
+                  f"pipeline jobs list`)", file=sys.stderr)
+    print(f"{cancelled} Jobs cancelled in namespace {cluster.namespace}")
     return 0
+
+
+def _refusal(cluster: Cluster, params: dict, name: str) -> str:
+    """Why `jobs cancel NAME` will not delete that Job."""
+    job = cluster.job(name)
+    if job is None:
+        return (f"jobs cancel: {name}: no Job of that name in namespace {cluster.namespace}; "
+                f"`python -m pipeline jobs list` shows this pipeline's")
+    why = why_not_ours(job, params) or "it was created after the Jobs were listed (run again)"
+    return (f"jobs cancel: {name}: not a Job of this pipeline: {why}; it was left alone "
+            f"(only the pipeline that submitted it may cancel it)")

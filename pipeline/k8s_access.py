@@ -4,7 +4,9 @@ that the executor's preflight asks the API server about (SelfSubjectAccessReview
 submits anything.
 
 Each entry: (API group, resource, verbs, what for). Names of the ServiceAccount, Secret and
-ConfigMap come from params.yaml; the Role limits them to the defaults with resourceNames.
+ConfigMap come from params.yaml; the Role limits them to the defaults with resourceNames. The
+preflight checks those gets by reading each object the Job refers to, image pull secrets
+included: a name the Role does not list is a 403 there, reported with that name.
 """
 
 ACCESS = (
@@ -16,7 +18,7 @@ ACCESS = (
     ("", "pods/log", ("get",), "the last log lines of a failed or running run"),
     ("", "events", ("list",), "why a Job cannot create its pod, or a pod cannot start"),
     ("", "serviceaccounts", ("get",), "preflight: the pods' ServiceAccount exists"),
-    ("", "secrets", ("get",), "preflight: the credentials Secret exists"),
+    ("", "secrets", ("get",), "preflight: the credentials Secret (and pull secrets) exist"),
     ("", "configmaps", ("get",), "preflight: the endpoints ConfigMap exists"),
 )
 

@@ -52,11 +52,27 @@ def managed_selector(params: dict) -> str:
     return ",".join([MANAGED_SELECTOR, f"{STORE_LABEL}={store_id(params)}"])
 
 
+def why_not_ours(job: dict, params: dict) -> str | None:
+    """Why `job` is not this pipeline's, naming the label that differs; None when it is
+    (its managed-by label, and exactly this pipeline's ownership labels: store and owner)."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        return f"not submitted by this project's launcher (no label {MANAGED_SELECTOR})"
+    if labels.get(STORE_LABEL) != store_id(params):
+        store = (meta.get("annotations") or {}).get(STORE_ANNOTATION) or \
+            f"{STORE_LABEL}={labels.get(STORE_LABEL)}"
+        return (f"it reports to another store ({store}; this pipeline's: "
+                f"{params['storage']['remote']})")
+    owner = settings(params).get("owner")
+    if labels.get(OWNER_LABEL) != owner:
+        return (f"it has another owner ({OWNER_LABEL}: {labels.get(OWNER_LABEL) or 'none'}; "
+                f"this pipeline's: {owner or 'none'})")
+    return None
+
+
 def is_ours(job: dict, params: dict) -> bool:
-    labels = (job.get("metadata") or {}).get("labels") or {}
-    return (labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
-            and all(labels.get(k) == v for k, v in ownership(params).items())
-            and labels.get(OWNER_LABEL) == settings(params).get("owner"))
+    return why_not_ours(job, params) is None
 
 
 def condition(job: dict, kind: str) -> dict | None:

@@ -4,9 +4,11 @@ from the fake's kubeconfig: each test pins one behaviour the executor's tests re
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import urllib3
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -453,3 +455,205 @@ def test_label_selectors(kube, batch):
     assert names("app=t,tier") == ["x", "y"]
     assert names("tier!=a") == ["y", "z"]
     assert _matches({"k": "v"}, "k in (v),k==v,!other")
+
+
+# -- as strict as a real API server ---------------------------------------------------------
+
+def test_dry_run_runs_admission(kube, batch, core):
+    """A dry run is validated and admitted exactly like the create it stands for, and
+    persists nothing (KEP-576): https://kubernetes.io/docs/reference/using-api/api-concepts/#dry-run
+    """
+    invalid = job_body("Bad_Name")
+    invalid["spec"]["template"]["spec"]["restartPolicy"] = "Always"
+    with pytest.raises(ApiException) as caught:
+        batch.create_namespaced_job(NS, invalid, dry_run="All")
+    assert caught.value.status == 422
+    message = json.loads(caught.value.body)["message"]
+    assert message.startswith('Job.batch "Bad_Name" is invalid: [metadata.name: Invalid value: '
+                              '"Bad_Name": a lowercase RFC 1123 subdomain must consist of')
+    assert 'spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: ' \
+           '"OnFailure", "Never"' in message
+
+    # ResourceQuota: checked by a dry run, nothing reserved by one.
+    kube.add_quota("two-jobs", {"count/jobs.batch": 2})
+    batch.create_namespaced_job(NS, job_body("a"))
+    batch.create_namespaced_job(NS, job_body("b"), dry_run="All")
+    batch.create_namespaced_job(NS, job_body("c"), dry_run="All")   # b reserved nothing
+    batch.create_namespaced_job(NS, job_body("b"))
+    for name, dry_run in (("c", "All"), ("c", None), ("a", "All")):   # full; "a" exists too,
+        with pytest.raises(ApiException) as caught:                 # but quota comes first
+            batch.create_namespaced_job(NS, job_body(name), dry_run=dry_run)
+        assert caught.value.status == 403
+        assert json.loads(caught.value.body)["message"] == (
+            f'jobs.batch "{name}" is forbidden: exceeded quota: two-jobs, requested: '
+            f'count/jobs.batch=1, used: count/jobs.batch=2, limited: count/jobs.batch=2')
+    quota = core.read_namespaced_resource_quota("two-jobs", NS)
+    assert quota.status.used == {"count/jobs.batch": "2"}
+    assert sorted(j["metadata"]["name"] for j in kube.jobs()) == ["a", "b"]
+    kube.delete_job("a")
+    kube.delete_job("b")
+
+    # Pod Security: a Job's pod template is warned about (warn mode), its pods refused
+    # (enforce mode applies to pods only).
+    # https://kubernetes.io/docs/concepts/security/pod-security-admission/#workload-resources-and-pod-templates
+    kube.label_namespace(NS, {"pod-security.kubernetes.io/enforce": "restricted",
+                              "pod-security.kubernetes.io/warn": "restricted"})
+    _, code, headers = batch.create_namespaced_job_with_http_info(NS, job_body("p"),
+                                                                  dry_run="All")
+    assert code == 201 and headers["Warning"].startswith(
+        '299 - "would violate PodSecurity \\"restricted:latest\\": ')
+    assert "Privilege Escalation: containers[train]" in headers["Warning"]
+    _, code, headers = batch.create_namespaced_job_with_http_info(NS, job_body("p"))
+    assert code == 201 and "would violate PodSecurity" in headers["Warning"]
+    assert kube.start_pod("p") is None and kube.pods_of("p") == []
+    [event] = core.list_namespaced_event(NS, field_selector="reason=FailedCreate").items
+    assert event.message.startswith('Error creating: pods "p-') and \
+        'is forbidden: violates PodSecurity "restricted:latest": ' in event.message
+
+    # A webhook is told whether the request is a dry run; a dry run stores nothing.
+    seen = []
+    kube.webhook = lambda job, dry_run: seen.append((job["metadata"]["name"], dry_run))
+    batch.create_namespaced_job(NS, job_body("w"), dry_run="All")
+    assert seen == [("w", True)] and kube.job("w") is None
+    assert kube.dry_runs == ["b", "c", "p", "w"]
+
+
+def test_a_pod_over_its_quota_is_refused_with_failed_create(kube, batch, core):
+    """Quota on pods is the Job controller's problem: the Job is admitted, its pod is not.
+    https://kubernetes.io/docs/concepts/policy/resource-quotas/#compute-resource-quota"""
+    kube.add_quota("gpus", {"requests.nvidia.com/gpu": 1, "requests.memory": "16Gi"})
+    for name in ("a", "b"):
+        body = job_body(name)
+        body["spec"]["template"]["spec"]["containers"][0]["resources"] = {
+            "limits": {"nvidia.com/gpu": "1", "memory": "8Gi"}}
+        batch.create_namespaced_job(NS, body)
+    assert kube.start_pod("a") is not None
+    assert kube.start_pod("b") is None
+    [event] = core.list_namespaced_event(NS, field_selector="reason=FailedCreate").items
+    assert event.involved_object.name == "b" and event.message.startswith(
+        'Error creating: pods "b-')
+    assert event.message.endswith(
+        " is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: "
+        "requests.nvidia.com/gpu=1, limited: requests.nvidia.com/gpu=1")
+    assert core.read_namespaced_resource_quota("gpus", NS).status.used == {
+        "requests.nvidia.com/gpu": "1", "requests.memory": "8Gi"}
+
+
+def test_rbac_honours_resource_names(kube, api, batch, core):
+    """A Role grants in its namespace only, and a rule with resourceNames grants requests
+    naming one of them: never a create, a list only with a metadata.name field selector.
+    https://kubernetes.io/docs/reference/access-authn-authz/rbac/#referring-to-resources"""
+    rbac = Path(__file__).resolve().parent.parent / "k8s" / "base" / "launcher-rbac.yaml"
+    [role] = [d for d in yaml.safe_load_all(rbac.read_text()) if d["kind"] == "Role"]
+    kube.add_object("secrets", "regcred")
+    kube.add_object("secrets", "vsgd-credentials", ns="default")
+    kube.bind_role(role["rules"], NS)
+    kube.bind_role([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"],
+                     "resourceNames": ["vsgd-endpoints"]}], NS)
+
+    core.read_namespaced_secret("vsgd-credentials", NS)   # named in the Role
+    core.list_namespaced_config_map(NS, field_selector="metadata.name=vsgd-endpoints")
+    batch.create_namespaced_job(NS, job_body("a"))
+    forbidden = [
+        (lambda: core.list_namespaced_config_map(NS),
+         'configmaps is forbidden: User "fake" cannot list resource "configmaps" in API '
+         'group "" in the namespace "vsgd"'),
+        (lambda: core.read_namespaced_secret("regcred", NS),
+         'secrets "regcred" is forbidden: User "fake" cannot get resource "secrets" in API '
+         'group "" in the namespace "vsgd"'),
+        (lambda: core.list_namespaced_secret(NS),
+         'secrets is forbidden: User "fake" cannot list resource "secrets" in API group "" '
+         'in the namespace "vsgd"'),
+        (lambda: core.read_namespaced_secret("vsgd-credentials", "default"),
+         'secrets "vsgd-credentials" is forbidden: User "fake" cannot get resource "secrets" '
+         'in API group "" in the namespace "default"'),
+        (lambda: batch.list_namespaced_job("default"),
+         'jobs.batch is forbidden: User "fake" cannot list resource "jobs" in API group '
+         '"batch" in the namespace "default"')]
+    for call, message in forbidden:
+        with pytest.raises(ApiException) as caught:
+            call()
+        assert caught.value.status == 403
+        assert json.loads(caught.value.body)["message"] == message
+
+    authz = client.AuthorizationV1Api(api)
+
+    def review(verb, resource, name=None, namespace=NS):
+        body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=namespace, verb=verb, resource=resource, name=name)))
+        return authz.create_self_subject_access_review(body).status.allowed
+
+    assert review("get", "secrets", "vsgd-credentials") is True
+    assert review("get", "secrets", "regcred") is False
+    assert review("get", "secrets") is False
+    assert review("get", "secrets", "vsgd-credentials", "default") is False
+
+
+def test_logs_of_a_waiting_container_are_a_400(kube, batch, core):
+    """The kubelet has no log of a container that has not started, and says why; the API
+    server answers 400 Bad Request with its words (`kubectl logs`: "Error from server
+    (BadRequest): container "train" in pod "x" is waiting to start: ContainerCreating")."""
+    batch.create_namespaced_job(NS, job_body("w"))
+
+    def refusal(pod, **kwargs):
+        with pytest.raises(ApiException) as caught:
+            core.read_namespaced_pod_log(pod, NS, **kwargs)
+        assert caught.value.status == 400
+        body = json.loads(caught.value.body)
+        assert body["reason"] == "BadRequest"
+        return body["message"]
+
+    pod = kube.start_pod("w", phase="Pending")
+    assert refusal(pod, container="train") == \
+        f'container "train" in pod "{pod}" is waiting to start: ContainerCreating'
+    kube.set_waiting(pod, "ErrImagePull", "not found")
+    assert refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: image ' \
+                           f"can't be pulled"
+    kube.set_waiting(pod, "ImagePullBackOff", "Back-off")
+    assert refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: trying ' \
+                           f'and failing to pull image'
+    assert refusal(pod, container="other") == f"container other is not valid for pod {pod}"
+    stuck = kube.unschedulable_pod("w")
+    assert refusal(stuck) == f"pod {stuck} does not have a host assigned"
+    running = kube.start_pod("w", log=["step 1"])
+    assert core.read_namespaced_pod_log(running, NS, container="train") == "step 1\n"
+    kube.end_pod(running, 1)
+    assert core.read_namespaced_pod_log(running, NS) == "step 1\n"   # terminated: kept
+
+
+def test_lists_are_ordered_by_name(kube, batch, core):
+    """Items come back ordered by their storage key, namespace/name, whatever the order of
+    creation. https://kubernetes.io/docs/reference/using-api/api-concepts/#retrieving-large-results-sets-in-chunks
+    """
+    for name in ("m", "z", "a", "k"):
+        batch.create_namespaced_job(NS, job_body(name))
+        kube.add_object("configmaps", f"cm-{name}")
+    assert [j.metadata.name for j in batch.list_namespaced_job(NS).items] == \
+        ["a", "k", "m", "z"]
+    assert [c.metadata.name for c in core.list_namespaced_config_map(NS).items] == \
+        ["cm-a", "cm-k", "cm-m", "cm-z", "vsgd-endpoints"]
+    added = [e["object"].metadata.name for e in watch.Watch().stream(
+        batch.list_namespaced_job, NS, timeout_seconds=1)]
+    assert added == ["a", "k", "m", "z"]
+
+
+def test_delete_preconditions(kube, batch):
+    """DeleteOptions.preconditions: only the object with that uid is deleted, else 409.
+    https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/delete-options/"""
+    old = batch.create_namespaced_job(NS, job_body("d")).metadata.uid
+    kube.delete_job("d")
+    new = batch.create_namespaced_job(NS, job_body("d")).metadata.uid
+    with pytest.raises(ApiException) as caught:
+        batch.delete_namespaced_job("d", NS, body=client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=client.V1Preconditions(uid=old)))
+    assert caught.value.status == 409
+    status = json.loads(caught.value.body)
+    assert status["reason"] == "Conflict" and status["message"].startswith(
+        'Operation cannot be fulfilled on jobs.batch "d": StorageError: invalid object')
+    assert status["message"].endswith(
+        f"Precondition failed: UID in precondition: {old}, UID in object meta: {new}")
+    assert kube.job("d") is not None and kube.deletions == []
+    batch.delete_namespaced_job("d", NS, body=client.V1DeleteOptions(
+        propagation_policy="Background", preconditions=client.V1Preconditions(uid=new)))
+    assert kube.job("d") is None

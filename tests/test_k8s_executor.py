@@ -86,7 +86,11 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
     assert by_opt["sgd"].ok and by_opt["sgd"].error is None
     sgd = next(s for s in specs if s["optimizer"]["name"] == "sgd")
     metrics = json.loads((Path(sgd["output_dir"]) / "metrics.json").read_text())
-    assert metrics == {"name": sgd["name"], "run_hash": sgd["run_hash"], "test_acc": 0.61}
+    # Exactly what the pod published (the store fixture writes a whole result).
+    published = Path("store") / "results" / sgd["run_hash"] / "metrics.json"
+    assert metrics == json.loads(published.read_text())
+    assert (metrics["name"], metrics["run_hash"], metrics["test_acc"]) == (
+        sgd["name"], sgd["run_hash"], 0.61)
     assert "BackoffLimitExceeded" in by_opt["adam"].error
     assert "RuntimeError: CUDA error" in by_opt["adam"].log_tail
     assert "Failed: Error (exit 1)" in by_opt["adam"].log_tail
@@ -194,7 +198,8 @@ def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
 
 
 def test_quota_refusal_is_reported_and_other_runs_go_on(kube, store):
-    params, specs = grid(optimizers="[sgd, adam]")
+    # A quota full of other work is waited for, up to start_grace: kept short here.
+    params, specs = grid("executor.kubernetes.start_grace=1", optimizers="[sgd, adam]")
     refused = job_name(specs[1], params)
     message = (f'jobs.batch "{refused}" is forbidden: exceeded quota: gpu-jobs, requested: '
                f'count/jobs.batch=1, used: count/jobs.batch=4, limited: count/jobs.batch=4')

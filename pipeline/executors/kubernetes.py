@@ -5,8 +5,11 @@ job-template.yaml plus params.yaml's `executor.kubernetes` settings (docs/kubern
 
 Before the first Job is submitted, a preflight checks what can be checked cheaply and reports
 every problem at once, before any GPU is used: a server-side dry-run of one Job (the
-namespace, admission, the schema), the ServiceAccount, Secret and ConfigMap the Job refers
-to, and the launcher's rights (SelfSubjectAccessReview of `pipeline.k8s_access.ACCESS`).
+namespace, admission, the schema), the ServiceAccount, Secrets (image pull secrets too) and
+ConfigMap the Job refers to, and the launcher's rights (SelfSubjectAccessReview of
+`pipeline.k8s_access.ACCESS`). A ResourceQuota that refuses the dry-run is a configuration
+error only when one Job alone exceeds it; one that is full because of what runs now is
+said and waited for (each run for up to `start_grace`).
 
 Then it submits the runs (at most `executor.max_parallel` Jobs active; every run when the Jobs
 go to a Kueue queue) and follows them with a watch on this pipeline's Jobs (resumed from the
@@ -23,13 +26,18 @@ Jobs keep running, and the next start adopts them. A run fails only when its Job
 
 Ownership: Job names are derived from the run hash and the pipeline's store (and
 `executor.kubernetes.owner`), and only Jobs with this pipeline's labels are adopted. Running
-it again adopts the Jobs already there instead of starting them twice; a Job that failed
-before is replaced. A run's pods are found by their Job's controller-uid. A finished run's
-results are copied from `<storage.remote>/results/<run_hash>/` into its `output_dir`.
+it again adopts the Jobs already there instead of starting them twice (also one another
+launcher created a moment ago: its create answers 409); a Job that failed before is
+replaced. Another pipeline's Job is never adopted, replaced or deleted, even one of the same
+name: that run fails, naming it. Deletions carry the uid of the Job meant, so a Job replaced
+meanwhile is never deleted by mistake. A run's pods are found by their Job's controller-uid.
+A finished run's results are copied from `<storage.remote>/results/<run_hash>/` into its
+`output_dir`.
 """
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,10 +49,10 @@ from kubernetes.client.exceptions import ApiException
 from vsgd.spec import ConfigError
 
 from ..k8s_access import ACCESS, NAMED
-from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_parallel, queue_name,
-                          settings, template_path)
+from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_parallel,
+                          parse_quantity, queue_name, settings, template_path)
 from ..k8s_jobs import (RUN_HASH_LABEL, condition, is_ours, managed_selector, render_job,
-                        results_uri, write_jobs)
+                        results_uri, why_not_ours, write_jobs)
 from ..train import STALE_IMAGE   # how a pod whose code is not the launcher's says so
 from . import Detached, RunOutcome
 
@@ -75,8 +83,38 @@ START_FAILURES = {
 }
 
 
+# The ResourceQuota admission plugin's refusal (a 403 Forbidden), in its words.
+# https://kubernetes.io/docs/concepts/policy/resource-quotas/
+QUOTA_REFUSAL = re.compile(r"exceeded quota: (?P<quota>[^,]+), "
+                           r"requested: (?P<requested>\S*), used: (?P<used>\S*), "
+                           r"limited: (?P<limited>\S*)")
+# Admission warnings come back in `Warning` headers: `299 - "<text>"`.
+# https://kubernetes.io/blog/2020/09/03/warnings/
+WARNING = re.compile(r'\d{3} \S+ "((?:[^"\\]|\\.)*)"')
+
+
 class KubernetesError(Exception):
     """The cluster cannot be used at all (no config, no rights to watch, ...)."""
+
+
+@dataclass
+class QuotaRefusal:
+    """A create refused by a ResourceQuota: its name and the amounts of the resources it
+    would have exceeded (resource name -> quantity text)."""
+    quota: str
+    requested: dict
+    used: dict
+    limited: dict
+
+    @property
+    def beyond(self) -> list[str]:
+        """The resources one such object alone asks more of than the quota ever allows: no
+        amount of waiting admits it."""
+        return [k for k, v in self.requested.items()
+                if k in self.limited and parse_quantity(v) > parse_quantity(self.limited[k])]
+
+    def amounts(self, what) -> str:
+        return ",".join(f"{k}={v}" for k, v in getattr(self, what).items())
 
 
 @dataclass
@@ -204,67 +242,96 @@ class KubernetesExecutor:
         problems = []
         ns = self.namespace
         try:
-            self._call(self.batch.create_namespaced_job, ns, client.V1Job.from_dict(job),
-                       dry_run="All")
+            # A dry run goes through validation and admission like a real create (KEP-576):
+            # what would refuse every Job refuses this one, and nothing is stored.
+            _, _, headers = self._call(self.batch.create_namespaced_job_with_http_info, ns,
+                                       client.V1Job.from_dict(job), dry_run="All")
         except ApiException as exc:
+            quota = quota_refusal(exc)
             if exc.status == 404:
                 problems.append(f"executor.kubernetes.namespace: namespace {ns!r} does not "
                                 f"exist (create it: kubectl apply -k k8s/overlays/<local|"
                                 f"cloud>, docs/kubernetes.md)")
+            elif quota and quota.beyond:
+                problems.append(
+                    f"kubernetes: one Job alone exceeds ResourceQuota {quota.quota} of "
+                    f"namespace {ns} (requested {quota.amounts('requested')}, the quota's "
+                    f"hard limit {quota.amounts('limited')}): no Job can ever be admitted; "
+                    f"raise the quota (kubectl -n {ns} describe resourcequota {quota.quota})")
+            elif quota:
+                # Full because of what runs now: that passes. Each run waits for room as a
+                # pod refused by a quota does (FailedCreate), up to start_grace.
+                self._say(f"ResourceQuota {quota.quota} of namespace {ns} is full now (used "
+                          f"{quota.amounts('used')} of {quota.amounts('limited')}): the runs "
+                          f"wait for room, each for up to {self.cfg['start_grace']:.0f} s "
+                          f"(executor.kubernetes.start_grace)")
             elif exc.status != 409:   # 409: the name exists; adoption decides about it
                 problems.append(f"kubernetes: a dry-run of Job {job['metadata']['name']} was "
                                 f"refused: {api_error(exc, 'creating a Job (dry run)')}")
-        pod = job["spec"]["template"]["spec"]
-        container = next(c for c in pod["containers"] if c["name"] == TRAIN_CONTAINER)
-        wanted = [("serviceaccounts", pod.get("serviceAccountName") or "default",
-                   self.core.read_namespaced_service_account)]
-        for ref in container.get("envFrom") or []:
-            if "secretRef" in ref and not ref["secretRef"].get("optional"):
-                wanted.append(("secrets", ref["secretRef"]["name"],
-                               self.core.read_namespaced_secret))
-            if "configMapRef" in ref and not ref["configMapRef"].get("optional"):
-                wanted.append(("configmaps", ref["configMapRef"]["name"],
-                               self.core.read_namespaced_config_map))
-        for pull in pod.get("imagePullSecrets") or []:
-            wanted.append(("secrets", pull["name"], self.core.read_namespaced_secret))
-        for resource, name, read in wanted:
-            try:
-                # Not deserialized: the launcher has no use for a Secret's values.
-                self._call(read, name, ns, _preload_content=False).release_conn()
-            except ApiException as exc:
-                key = NAMED.get(resource, (None,))[0]
-                where = f"executor.kubernetes.{key}" if key else "the Job template"
-                if exc.status == 404:
-                    problems.append(f"{where}: {resource[:-1]} {ns}/{name} does not exist "
-                                    f"(kubectl apply -k k8s/overlays/<local|cloud>, or create "
-                                    f"it; docs/kubernetes.md)")
-                elif exc.status != 403:   # 403: the access review below names the right
-                    problems.append(f"{where}: {api_error(exc, f'reading {resource} {name}')}")
+        else:
+            for warning in admission_warnings(headers):
+                self._say(f"the API server warns about the Job: {warning}"
+                          + (" (Pod Security admission refuses such pods, not the Job, "
+                             "where the namespace enforces that level: every run would fail "
+                             "with FailedCreate)" if "PodSecurity" in warning else ""))
+        problems += self._referenced_objects(job)
         problems += self._missing_rights()
         if problems:
             problems.append("kubernetes: nothing was submitted; fix these, then run the "
                             "stage again")
             raise ConfigError(problems)
         self._checked = True
-        self._say(f"preflight ok: namespace {ns}, {len(wanted)} referenced objects, "
+        self._say(f"preflight ok: namespace {ns}, {len(_referenced(job))} referenced objects, "
                   f"{sum(len(a[2]) for a in ACCESS)} rights")
+
+    def _referenced_objects(self, job) -> list[str]:
+        """Every ServiceAccount, Secret and ConfigMap the Job refers to exists. Reading each
+        by its name is also the check of the launcher's right to: a Role's resourceNames
+        grant one name, not another (an image pull secret is not the credentials Secret)."""
+        problems, ns = [], self.namespace
+        reads = {"serviceaccounts": self.core.read_namespaced_service_account,
+                 "secrets": self.core.read_namespaced_secret,
+                 "configmaps": self.core.read_namespaced_config_map}
+        for resource, name, key in _referenced(job):
+            where = f"executor.kubernetes.{key}"
+            what = f"{resource[:-1]} {ns}/{name}"
+            try:
+                # Not deserialized: the launcher has no use for a Secret's values. Drained
+                # before the connection goes back to the pool: the next request on it would
+                # read this body as its answer.
+                answer = self._call(reads[resource], name, ns, _preload_content=False)
+                answer.drain_conn()
+                answer.release_conn()
+            except ApiException as exc:
+                if exc.status == 404:
+                    problems.append(f"{where}: {what} does not exist (kubectl apply -k "
+                                    f"k8s/overlays/<local|cloud>, or create it; "
+                                    f"docs/kubernetes.md)")
+                elif exc.status == 403:
+                    # Not knowing is not "it exists": a missing one would only show as pods
+                    # that never start, start_grace later, run after run.
+                    problems.append(
+                        f"{where}: cannot verify that {what} exists: the launcher may not "
+                        f"read it ({status_message(exc)}); grant get on it (its name in the "
+                        f"resourceNames of the {resource} rule of the Role in "
+                        f"k8s/base/launcher-rbac.yaml), or check that it exists: kubectl -n "
+                        f"{ns} get {resource[:-1]} {name}")
+                else:
+                    problems.append(f"{where}: {api_error(exc, f'reading {what}')}")
+        return problems
 
     def _missing_rights(self) -> list[str]:
         problems = []
         for group, resource, verbs, why in ACCESS:
             resource, _, sub = resource.partition("/")
-            name = None
             if resource in NAMED:
-                key, default = NAMED[resource]
-                name = self.cfg.get(key, default)
-                if name is None:        # the Job refers to none (e.g. credentials_secret: null)
-                    continue
+                continue   # gets of the referenced objects: _referenced_objects read them
             for verb in verbs:
                 review = client.V1SelfSubjectAccessReview(
                     spec=client.V1SelfSubjectAccessReviewSpec(
                         resource_attributes=client.V1ResourceAttributes(
                             namespace=self.namespace, verb=verb, group=group,
-                            resource=resource, subresource=sub or None, name=name)))
+                            resource=resource, subresource=sub or None)))
                 try:
                     answer = self._call(self.auth.create_self_subject_access_review, review)
                 except ApiException as exc:
@@ -273,7 +340,6 @@ class KubernetesExecutor:
                     return problems
                 if not answer.status.allowed:
                     what = f"{resource}/{sub}" if sub else resource
-                    what += f" {name}" if name else ""
                     problems.append(
                         f"kubernetes: missing right: {verb} {what} in "
                         f"{group or 'core'} API group, namespace {self.namespace} (to {why}); "
@@ -314,10 +380,11 @@ class KubernetesExecutor:
         failed = condition(job, "Failed")
         if failed:
             # Resubmitting a failed run means "try again": replace the old Job (its pods
-            # too: the API's default for Jobs would orphan them).
+            # too: the API's default for Jobs would orphan them). Gone or replaced already
+            # (another launcher): the create then adopts what is there.
             self._say(f"[{run.name}] replacing Job {job['metadata']['name']} that failed "
                       f"before ({failed.get('reason')})")
-            self._delete(job["metadata"]["name"])
+            self._delete(job["metadata"]["name"], job["metadata"]["uid"])
             self._queue.append(run)
             return
         run.uid = job["metadata"]["uid"]
@@ -325,9 +392,20 @@ class KubernetesExecutor:
         self._say(f"[{run.name}] adopting existing Job {job['metadata']['name']}")
         self._observe(run, job)
 
-    def _delete(self, name):
-        self._call(self.batch.delete_namespaced_job, name, self.namespace,
-                   body=client.V1DeleteOptions(propagation_policy="Background"))
+    def _delete(self, name, uid) -> bool:
+        """Delete Job `name` with its pods if it is still the Job with `uid`: one created
+        anew meanwhile under the same name (by another launcher) is not ours to delete.
+        False when it was gone or replaced."""
+        try:
+            self._call(self.batch.delete_namespaced_job, name, self.namespace,
+                       body=client.V1DeleteOptions(propagation_policy="Background",
+                                                   preconditions=client.V1Preconditions(
+                                                       uid=uid)))
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
     def _active(self):
         return sum(1 for r in self._runs.values() if r.uid and not r.outcome)
@@ -336,10 +414,18 @@ class KubernetesExecutor:
         active = self._active()
         while self._queue and (self.max_parallel is None or active < self.max_parallel):
             run = self._queue.pop(0)
-            if self._create(run):
+            created = self._create(run)
+            if created is None:
+                # A full quota: the next ones would be refused too; this one is tried
+                # again first, after the next watch window.
+                self._queue.insert(0, run)
+                return
+            if created:
                 active += 1
 
-    def _create(self, run) -> bool:
+    def _create(self, run) -> bool | None:
+        """Submit the run's Job: True when a Job now runs for it (created or adopted), False
+        when the run has ended (failed), None when a full ResourceQuota refused it for now."""
         for attempt in range(3):
             try:
                 created = self._call(self.batch.create_namespaced_job, self.namespace,
@@ -350,17 +436,22 @@ class KubernetesExecutor:
                     # held while it is deleted): adopt if it is ours and the same run.
                     existing = self._existing(run)
                     if existing is not None and not is_ours(existing, self.params):
-                        self._finish(run, False, f"a Job named {run.name} exists in "
-                                     f"{self.namespace} but is not this pipeline's (other "
-                                     f"labels: store or owner); it was not touched")
+                        self._finish(run, False, self._foreign(existing))
                         return False
                     if existing is not None and not condition(existing, "Failed"):
                         self._adopt(run, existing)
                         return True
                     self._sleep(2 ** attempt)
                     continue
+                quota = quota_refusal(exc)
+                if quota and not quota.beyond:
+                    # Full because of other work: room comes back when it ends. Waited for
+                    # like a pod the quota refuses (FailedCreate), up to start_grace.
+                    self._track(run, ("quota", api_error(exc, f"creating Job {run.name}")))
+                    return False if run.outcome else None
                 self._finish(run, False, api_error(exc, f"creating Job {run.name}"))
                 return False
+            run.trouble = None
             run.uid = created.metadata.uid
             run.created = self._dict(created)["metadata"].get("creationTimestamp") or ""
             run.submitted_at = time.monotonic()
@@ -371,6 +462,18 @@ class KubernetesExecutor:
         self._finish(run, False, f"Job {run.name} exists and cannot be replaced (being "
                                  f"deleted?); run again later")
         return False
+
+    def _foreign(self, job) -> str:
+        """Why the run fails when its name is taken by another pipeline's Job. It is never
+        adopted (its results go to another store) nor deleted (it is someone's work), and
+        waiting could last as long as its TTL: the run fails, naming it, and the others go
+        on."""
+        name = job["metadata"]["name"]
+        return (f"a Job named {name} exists in namespace {self.namespace} but is not this "
+                f"pipeline's: {why_not_ours(job, self.params)}; it was left alone. Delete it "
+                f"if nobody needs it (kubectl -n {self.namespace} delete job {name}), or give "
+                f"this pipeline its own executor.kubernetes.owner (its Jobs then get other "
+                f"names)")
 
     def _existing(self, run):
         try:
@@ -540,11 +643,22 @@ class KubernetesExecutor:
                 return "(no pod left to read a log from)"
             pod = pods[-1]
             head = _pod_state(pod)
-            log = self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
-                             self.namespace, container=TRAIN_CONTAINER, tail_lines=lines)
+            log = self._read_log(pod, lines)
         except ApiException as exc:
             return f"(no log: {api_error(exc, 'reading the pod log')})"
         return f"pod {pod['metadata']['name']}: {head}\n{log.rstrip()}"
+
+    def _read_log(self, pod, lines) -> str:
+        """The last `lines` of the train container's log. A container that has not started
+        (ContainerCreating, ImagePullBackOff, a pod on no node yet) has none: the API server
+        answers 400 with why, which is what is shown instead."""
+        try:
+            return self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
+                              self.namespace, container=TRAIN_CONTAINER, tail_lines=lines)
+        except ApiException as exc:
+            if exc.status != 400:
+                raise
+            return f"(no log yet: {status_message(exc)})"
 
     def _progress(self):
         for run in self._runs.values():
@@ -572,8 +686,7 @@ class KubernetesExecutor:
         pod = pods[-1]
         line = ""
         if pod.get("status", {}).get("phase") == "Running":
-            line = self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
-                              self.namespace, container=TRAIN_CONTAINER, tail_lines=1).strip()
+            line = self._read_log(pod, 1).strip()
         self._say(f"[{run.name}] {_pod_state(pod)}, {minutes:.0f} min"
                   + (f" | {line}" if line else ""))
 
@@ -618,10 +731,11 @@ class KubernetesExecutor:
             return
         grace = self._grace(kind)
         if grace is not None and now - run.trouble[1] >= grace:
-            self._say(f"[{run.name}] giving up after {now - run.trouble[1]:.0f} s; deleting "
-                      f"Job {run.name}")
+            self._say(f"[{run.name}] giving up after {now - run.trouble[1]:.0f} s"
+                      + (f"; deleting Job {run.name}" if run.uid else ""))
             try:
-                self._delete(run.name)
+                if run.uid:
+                    self._delete(run.name, run.uid)
             except ApiException as exc:
                 self._say(f"[{run.name}] (could not delete: {api_error(exc, 'deleting')})")
             self._finish(run, False, f"Job {run.name} could not start for "
@@ -701,14 +815,58 @@ def connect(context=None) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-def api_error(exc: ApiException, doing: str) -> str:
-    """One line from an API error: the Status message the server sent, plus a hint."""
+def _status(exc: ApiException) -> dict:
+    """The Status object of an error answer ({} for a body that is none, e.g. a 429's)."""
     try:
         status = json.loads(exc.body or "{}")
-    except ValueError:
-        status = {}
-    message = status.get("message") or (exc.body or "").strip() or exc.reason
-    reason = status.get("reason") or exc.reason
+    except (ValueError, TypeError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def status_message(exc: ApiException) -> str:
+    """What the API server said: the Status message, else the body, else the reason."""
+    return _status(exc).get("message") or (exc.body or "").strip() or exc.reason or ""
+
+
+def quota_refusal(exc: ApiException) -> QuotaRefusal | None:
+    """The ResourceQuota behind a 403, None for any other refusal (RBAC, a webhook)."""
+    match = QUOTA_REFUSAL.search(status_message(exc)) if exc.status == 403 else None
+    if match is None:
+        return None
+    amounts = [dict(part.split("=", 1) for part in match[what].split(",") if "=" in part)
+               for what in ("requested", "used", "limited")]
+    return QuotaRefusal(match["quota"].strip(), *amounts)
+
+
+def admission_warnings(headers) -> list[str]:
+    """The texts of an answer's `Warning` headers (several arrive joined by commas)."""
+    value = (headers or {}).get("Warning") or ""
+    return [re.sub(r"\\(.)", r"\1", text) for text in WARNING.findall(value)]
+
+
+def _referenced(job: dict) -> list[tuple[str, str, str]]:
+    """(resource, name, params key) of every object the Job's pods need to start: the
+    ServiceAccount, the Secrets and ConfigMaps of the train container's envFrom (unless
+    optional) and the image pull secrets."""
+    pod = job["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == TRAIN_CONTAINER)
+    wanted = [("serviceaccounts", pod.get("serviceAccountName") or "default",
+               NAMED["serviceaccounts"][0])]
+    for ref in container.get("envFrom") or []:
+        if "secretRef" in ref and not ref["secretRef"].get("optional"):
+            wanted.append(("secrets", ref["secretRef"]["name"], NAMED["secrets"][0]))
+        if "configMapRef" in ref and not ref["configMapRef"].get("optional"):
+            wanted.append(("configmaps", ref["configMapRef"]["name"], NAMED["configmaps"][0]))
+    for pull in pod.get("imagePullSecrets") or []:
+        wanted.append(("secrets", pull["name"], "image_pull_secrets"))
+    return wanted
+
+
+def api_error(exc: ApiException, doing: str) -> str:
+    """One line from an API error: the Status message the server sent, plus a hint."""
+    message = status_message(exc)
+    reason = _status(exc).get("reason") or exc.reason
     text = f"API error {doing}: {exc.status} {reason}: {message}"
     if exc.status == 403 and "quota" in str(message):
         text += " (a ResourceQuota of the namespace is full: wait for running Jobs or raise it)"
