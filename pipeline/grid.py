@@ -12,7 +12,7 @@ import itertools
 import json
 from pathlib import Path
 
-from vsgd.spec import OPTIMIZERS, ConfigError, code_version, run_hash
+from vsgd.spec import OPTIMIZERS, STAGE_KEY, ConfigError, code_version, run_hash
 from vsgd.tracking import tracking_uri
 
 from .config import resolve_run, tuned_cells
@@ -86,7 +86,8 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
     """The resolved spec of one run; `values` replace optimizer arguments (a tuned or a
     grid point's values). A tuning run (`tuning`) trains at `tune.budget` of the iterations
     (StepLR milestones scaled alike) on the training split minus `tune.validation_size`
-    images, and never evaluates the test set."""
+    images, and never evaluates the test set. Its `stage` is "tune" for a tuning run, else
+    "train" (the final grid, a run by hand)."""
     run = resolve_run(params, dataset, arch_key, optimizer)
     # Floats throughout, so `lr: 1` and `lr: 1.0` in params.yaml are the same run.
     if optimizer in OPTIMIZERS:
@@ -122,6 +123,8 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
                      "experiment": params["tracking"]["experiment"]},
     }
     spec["run_hash"] = run_hash(spec)
+    # Which stage the run is for, for the MLflow tag: bookkeeping, not identity.
+    spec[STAGE_KEY] = "tune" if tuning else "train"
     # The code the hash was computed with: a pod whose code differs (a stale image) names
     # both versions instead of training a run that is not the one its hash says.
     spec["code_version"] = code_version()
@@ -158,8 +161,9 @@ def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None
     return dataset_uri(data_dir, remote)
 
 
-_ORDER = ("name", "run_hash", "dataset", "arch_key", "arch", "data", "optimizer", "schedule",
-          "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking", "code_version")
+_ORDER = ("name", "run_hash", STAGE_KEY, "dataset", "arch_key", "arch", "data", "optimizer",
+          "schedule", "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking",
+          "code_version")
 
 
 def data_checksum(data_dir: str) -> str | None:

@@ -32,7 +32,7 @@ def test_expand_covers_the_whole_grid(params):
 
 def test_spec_follows_the_contract(params, tmp_path):
     spec = grid.build_spec(params, "cifar100", "vgg", "vsgd", seed=0)
-    assert list(spec) == ["name", "run_hash", "dataset", "arch_key", "arch", "data",
+    assert list(spec) == ["name", "run_hash", "stage", "dataset", "arch_key", "arch", "data",
                           "optimizer", "schedule", "batch_size", "seed", "training",
                           "output_dir", "checkpoint", "tracking", "code_version"]
     from vsgd.spec import code_version, run_hash
@@ -53,6 +53,7 @@ def test_spec_follows_the_contract(params, tmp_path):
     assert spec["output_dir"] == f"results/store/{spec['run_hash']}"
     assert spec["checkpoint"] == f"checkpoints/{spec['run_hash']}"
     assert spec["tracking"] == {"uri": "sqlite:///mlflow.db", "experiment": "vsgd-repro"}
+    assert spec["stage"] == "train"
     adam = grid.build_spec(params, "tinyimagenet", "vgg", "adam", seed=1)
     assert adam["arch"] == "vgg19" and adam["optimizer"]["betas"] == [0.9, 0.999]
     json.dumps(spec)  # plain JSON all the way down
@@ -160,6 +161,22 @@ def test_tuning_runs_have_readable_names(params):
     assert names[0].startswith("tune-cifar100-vgg16-vsgd-lr0.1-tau10.9-s0-")
     assert names[1].startswith("tune-cifar100-vgg16-vsgd-lr0.01-tau10.9-s0-")
     assert names[2].startswith("tune-cifar100-vgg16-sgd-lr0.05-s0-")
+
+
+def test_each_run_names_the_stage_that_asked_for_it(params):
+    """`stage` tags the MLflow run; bookkeeping, so the hash is the one of the spec
+    without it."""
+    from vsgd.spec import run_hash
+    p = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
+                             "optimizer.vsgd.grid={lr: [0.1, 0.01]}", "datasets=[cifar100]",
+                             "archs=[vgg]", "optimizers=[vsgd, sgd]"])
+    tune = grid.tuning_specs(p)
+    final = grid.expand(p, {("cifar100", "vgg", "vsgd"): {"lr": 0.01},
+                            ("cifar100", "vgg", "sgd"): {"lr": 0.05}})
+    assert [s["stage"] for s in tune] == ["tune"] * 4
+    assert [s["stage"] for s in final] == ["train"] * 2 * len(p["seeds"])
+    for spec in tune + final:
+        assert run_hash({k: v for k, v in spec.items() if k != "stage"}) == spec["run_hash"]
 
 
 def test_missing_manifest_gives_no_checksum(params, tmp_path):

@@ -89,3 +89,19 @@ def test_identity_leaves_out_locations_tracking_and_bookkeeping(data_root, tmp_p
     trimmed = dict(spec, training={k: v for k, v in spec["training"].items()
                                    if v != vsgd_spec.TRAINING_DEFAULTS[k]})
     assert vsgd_spec.run_hash(explicit) == vsgd_spec.run_hash(trimmed)
+
+
+def test_the_stage_key_is_not_part_of_the_run_identity(data_root, tmp_path):
+    """`stage` (which stage asked for the run: tune or train) is bookkeeping: the run hash of
+    a spec is the same with it, and older specs without it stay valid."""
+    from conftest import run_spec
+    spec = run_spec(data_root, tmp_path)
+    assert "stage" not in spec and vsgd_spec.check_spec(spec) == []
+    for stage in vsgd_spec.STAGES:
+        staged = dict(spec, stage=stage)
+        assert vsgd_spec.run_hash(staged) == vsgd_spec.run_hash(spec) == spec["run_hash"]
+        assert "stage" not in vsgd_spec.identity(staged)
+        assert vsgd_spec.check_spec(staged) == []
+    [problem] = vsgd_spec.check_spec(dict(spec, stage="finetune"))
+    assert problem.startswith("stage: finetune is not allowed")
+    assert problem.endswith("allowed: tune, train")

@@ -13,7 +13,8 @@ optimizer and every hyperparameter, the schedule, batch size, seed, the training
 change what is computed (`validation_size`, `eval_every`, `test_limit` and `eval_test`, which
 decide which points the curve has and what they are measured on, `eval_batch_size`, `precision`,
 `compile`, `channels_last`, `device`) and the code version. Not in it: the run's name and
-locations (`output_dir`, `checkpoint`, `data.dir`, `data.uri`), the tracking settings, and the
+locations (`output_dir`, `checkpoint`, `data.dir`, `data.uri`), the tracking settings, the
+stage that asked for it (`stage`: who asked does not change what is computed), and the
 keys in `BOOKKEEPING`, which only change how often things are logged or saved (a resumed run
 ends bit-identical whatever they are). The code version is a hash of the modules that compute
 a result, `RESULT_MODULES` (the optimizer, the models, augmentation, and `vsgd.engine`: the
@@ -130,6 +131,12 @@ REQUIRED = ("name", "run_hash", "dataset", "arch", "arch_key", "data", "optimize
 LOCATIONS = ("name", "run_hash", "output_dir", "checkpoint", "tracking")
 # The code version the launcher built the spec with: recorded, not identity (see run_hash).
 CODE_VERSION_KEY = "code_version"
+# The pipeline stage that asked for the run (`pipeline.grid`: the tune stage's grid points or
+# the final grid), for the MLflow tag `stage`; optional (older specs have none).
+STAGE_KEY = "stage"
+STAGES = ("tune", "train")
+# Top-level keys recorded with a run that are neither locations nor identity.
+RECORDED = (CODE_VERSION_KEY, STAGE_KEY)
 DATA_LOCATIONS = ("dir", "uri")
 # The modules whose code computes a result (paths relative to the package).
 RESULT_MODULES = ("optim.py", "models", "data/augment.py", "engine.py")
@@ -157,7 +164,7 @@ class ConfigError(ValueError):
 
 def identity(spec: dict) -> dict:
     """The part of `spec` that determines its result (see the module docstring)."""
-    out = {k: v for k, v in spec.items() if k not in LOCATIONS and k != CODE_VERSION_KEY}
+    out = {k: v for k, v in spec.items() if k not in LOCATIONS and k not in RECORDED}
     if isinstance(spec.get("data"), dict):
         out["data"] = {k: v for k, v in spec["data"].items() if k not in DATA_LOCATIONS}
     if isinstance(spec.get("training"), dict):
@@ -218,6 +225,8 @@ def check_spec(spec: dict) -> list[str]:
     c.integer(s, "seed", "seed", *SEED)
     if CODE_VERSION_KEY in spec:
         c.string(spec[CODE_VERSION_KEY], CODE_VERSION_KEY)
+    if STAGE_KEY in spec:
+        c.choice(spec[STAGE_KEY], STAGE_KEY, STAGES)
     check_schedule(c, s["schedule"], "schedule")
     opt = s["optimizer"]
     if opt is not MISSING and not isinstance(opt, dict):

@@ -9,8 +9,16 @@
   hanging server never holds up training. After a failure the next attempt waits an
   exponentially growing backoff, and `finish` keeps retrying for a while before giving up.
   A run that cannot reach its server at start is created later, at a flush.
-* Params are the flattened spec minus the `tracking` section and anything that looks like a
-  credential; URLs lose their `user:password@` part.
+* Params are the flattened spec minus the `tracking` section, the `stage` (a tag) and
+  anything that looks like a credential; URLs lose their `user:password@` part.
+* Lineage in MLflow's own terms, so its UI shows what a run was trained on: the prepared
+  dataset is the run's dataset input (name, the manifest checksum as digest, where it came
+  from as source; logged once per run), the code is `mlflow.source.git.commit` with the
+  entry point as `mlflow.source.name`, and the stage that asked for the run is the tag
+  `stage`.
+* A SQLite store is created (schema migrations) and its experiment found or created under a
+  file lock next to the database (`ensure_tracking_store`): parallel runs, or two stages
+  started at once, would otherwise run the migrations together and fail.
 """
 
 import collections
@@ -21,9 +29,15 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+
+from filelock import FileLock
+
+from .spec import STAGE_KEY, TRAINING_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +51,16 @@ SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|
 URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # The commit the training image was built from (the image sets it; a checkout has git).
 GIT_COMMIT_ENV = "VSGD_GIT_COMMIT"
+# MLflow keeps a dataset digest in a 36-character column (MAX_DATASET_DIGEST_SIZE); the
+# manifest checksum is a 64-hex sha256, so its prefix is the digest and the whole checksum
+# goes into the dataset's profile and the run's `data_checksum` tag.
+DIGEST_CHARS = 36
+# How long a process waits for another one creating the same SQLite store; past it the
+# attempt fails like any other tracking outage and is retried.
+STORE_LOCK_TIMEOUT = 120.0
+# HTTP statuses of a request the store will never accept (a bad value, an endpoint an older
+# server lacks, not implemented): retrying it would keep the run from ever opening.
+REFUSED = (400, 404, 501)
 
 
 # MLflow's client retries for the pipeline's own calls (result lookups, the export): a few
@@ -68,11 +92,12 @@ def tracking_uri(configured: str | None) -> str | None:
 
 
 def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
-    """Nested spec -> {"optimizer.lr": "0.1", ...}; lists as JSON; no secrets, no tracking."""
+    """Nested spec -> {"optimizer.lr": "0.1", ...}; lists as JSON; no secrets, no tracking,
+    no stage (the tag `stage`: which stage asked for a run is no setting of it)."""
     out = {}
     for key, value in spec.items():
         name = f"{prefix}{key}"
-        if name == "tracking" or SECRET_KEY.search(str(key)):
+        if name in ("tracking", STAGE_KEY) or SECRET_KEY.search(str(key)):
             continue
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
@@ -83,8 +108,9 @@ def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The commit of the code being run (the MLflow tag `git_commit`): $VSGD_GIT_COMMIT (an
-    image has no .git), else the checkout around this package, else "unknown"."""
+    """The commit of the code being run (the MLflow tag `mlflow.source.git.commit`):
+    $VSGD_GIT_COMMIT (an image has no .git), else the checkout around this package, else
+    "unknown"."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
     try:
@@ -93,6 +119,102 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def entry_point() -> str:
+    """What was run, as MLflow's `mlflow.source.name`: the module of `python -m`
+    (`pipeline.train`), else the script's file name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "unknown"
+
+
+def ensure_tracking_store(uri: str, experiment: str = DEFAULT_EXPERIMENT, *,
+                          client=None) -> str:
+    """Open the tracking store at `uri` and get or create `experiment`; its id.
+
+    Safe when several processes start at once: for a SQLite URI the store is opened (which
+    creates and migrates a fresh database) and the experiment created while holding a file
+    lock, `<database>.lock`; without it two processes run MLflow's schema migrations
+    together and fail ("duplicate column name"). An experiment another process creates
+    meanwhile (a server, or a lock that timed out) is found instead. `client`: an
+    MlflowClient already open on `uri` (the tracker's).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    with _store_lock(uri):
+        client = client or MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(experiment)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _store_lock(uri: str):
+    """The file lock guarding the creation of the SQLite database of `uri`; no lock for
+    other stores (a server serialises its own) or an in-memory database."""
+    if not uri.startswith("sqlite:"):
+        return contextlib.nullcontext()
+    from sqlalchemy.engine import make_url
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    return FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT)
+
+
+def dataset_input(spec: dict):
+    """The run's dataset input (an `mlflow.entities.DatasetInput`): the prepared dataset as
+    the run trains on it; None when the spec has no checksum or no location for it.
+
+    name: the dataset; digest: the manifest checksum's first DIGEST_CHARS; source: where the
+    run got it, `data.uri` (a pod staged it from the DVC remote) or the prepared directory,
+    with the manifest's origin (official or synthetic) and its archive's URL; profile: the
+    whole checksum and the split sizes. MLflow keeps one source and profile per name and
+    digest in an experiment (the first run's); the input's tags are the run's own: the
+    context and how many training images it holds out for validation.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    data = spec.get("data") or {}
+    checksum, uri = data.get("checksum"), data.get("uri")
+    if not checksum or not (uri or data.get("dir")):
+        return None
+    scheme = urlparse(uri).scheme if uri else ""
+    if scheme and scheme != "file":
+        location, source_type = uri, scheme             # s3://: the DVC remote's listing
+    else:
+        # A path is shown absolute: a relative one means nothing away from its directory.
+        location = uri if scheme else os.path.abspath(uri or data["dir"])
+        source_type = "local"
+    manifest = _manifest(data.get("dir"))
+    source = {"uri": _redact(location), "origin": data.get("source") or manifest.get("source")}
+    if (manifest.get("archive") or {}).get("url"):
+        source["archive"] = _redact(manifest["archive"]["url"])
+    profile = {"checksum": checksum, "counts": manifest.get("counts"),
+               "image_shape": manifest.get("image_shape"),
+               "classes": len(manifest["classes"]) if manifest.get("classes") else None}
+    training = {**TRAINING_DEFAULTS, **(spec.get("training") or {})}
+    dataset = Dataset(name=spec["dataset"], digest=checksum[:DIGEST_CHARS],
+                      source_type=source_type, source=json.dumps(source),
+                      profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
+    return DatasetInput(dataset, tags=[
+        InputTag(MLFLOW_DATASET_CONTEXT, "training"),
+        InputTag("validation_size", str(training["validation_size"]))])
+
+
+def _manifest(directory) -> dict:
+    """The prepared directory's manifest; {} where there is none to read (the trainer has
+    already checked it against the spec's checksum)."""
+    try:
+        return json.loads((Path(directory) / "manifest.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return {}
 
 
 class Tracker:
@@ -232,9 +354,8 @@ class Tracker:
             ok = bool(fn())
         except Exception as exc:  # noqa: BLE001 - tracking must never end a training run
             self._next_try = time.monotonic() + self._delay
-            first_line = (str(exc).splitlines() or [""])[0][:200]
             log.warning("MLflow unavailable (%s: %s); %d values queued, next try in %.0f s",
-                        type(exc).__name__, _redact(first_line), len(self._queue), self._delay)
+                        type(exc).__name__, _first_line(exc), len(self._queue), self._delay)
             self._delay = min(2 * self._delay, BACKOFF[1])
             return False
         self._delay, self._next_try = BACKOFF[0], 0.0
@@ -282,8 +403,11 @@ class Tracker:
 
     def _open_run(self) -> bool:
         from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        # Creates a fresh SQLite store under its lock; the client made after it finds the
+        # store complete.
+        exp_id = ensure_tracking_store(self.uri, self.experiment, client=self._client)
         if self._client is None:
-            from mlflow.tracking import MlflowClient
             self._client = MlflowClient(tracking_uri=self.uri)
         client, spec = self._client, self._spec
         run = None
@@ -296,8 +420,6 @@ class Tracker:
             if run is not None and run.info.lifecycle_stage != "active":
                 run = None
         if run is None:
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
             found = client.search_runs([exp_id], f"tags.run_hash = '{spec['run_hash']}'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
             run = found[0] if found else client.create_run(exp_id, run_name=spec["name"])
@@ -313,12 +435,15 @@ class Tracker:
             for key, step in held.items():
                 self._last_step[key] = max(step, self._last_step.get(key, -1))
         self._log_params_and_tags(run)
+        self._log_dataset(run)
         self._opened = True
         log.info("MLflow run %s at %s", self.run_id, _redact(self.uri))
         return True
 
     def _log_params_and_tags(self, run) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag, SourceType
+        from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME,
+                                              MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
         spec, held = self._spec, run.data.params
         params = flatten(spec)
         changed = sorted(k for k, v in params.items() if k in held and held[k] != v)
@@ -327,13 +452,38 @@ class Tracker:
         new = [Param(k, v) for k, v in params.items() if k not in held]
         tags = {"dataset": spec["dataset"], "arch": spec["arch"], "arch_key": spec["arch_key"],
                 "optimizer": spec["optimizer"]["name"], "seed": str(spec["seed"]),
-                "run_hash": spec["run_hash"], "git_commit": git_commit(),
+                "run_hash": spec["run_hash"],
                 "data_checksum": str(spec["data"].get("checksum")),
-                "mlflow.runName": spec["name"]}
+                MLFLOW_RUN_NAME: spec["name"], MLFLOW_SOURCE_NAME: entry_point(),
+                MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+        commit = git_commit()
+        if commit != "unknown":  # MLflow's UI would show it as a commit
+            tags[MLFLOW_GIT_COMMIT] = commit
+        if spec.get(STAGE_KEY):  # older specs have none
+            tags[STAGE_KEY] = spec[STAGE_KEY]
         tags = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(new), 1), 100):  # MLflow's limit of params per batch
             self._client.log_batch(self.run_id, params=new[i:i + 100],
                                    tags=tags if i == 0 else [])
+
+    def _log_dataset(self, run) -> None:
+        """The run's dataset input, unless the run holds it already (a resumed run). A store
+        that refuses it (an older server without dataset inputs, a value over its limits)
+        costs only the input, with a warning: the run and its metrics go on. Other failures
+        (unreachable) are retried with the rest of the opening."""
+        from mlflow.exceptions import MlflowException
+        wanted = dataset_input(self._spec)
+        held = run.inputs.dataset_inputs if run.inputs else []
+        if wanted is None or any((i.dataset.name, i.dataset.digest)
+                                 == (wanted.dataset.name, wanted.dataset.digest) for i in held):
+            return
+        try:
+            self._client.log_inputs(self.run_id, datasets=[wanted])
+        except MlflowException as exc:
+            if exc.get_http_status_code() not in REFUSED:
+                raise
+            log.warning("MLflow: the run's dataset input was refused (%s); the run is "
+                        "tracked without it", _first_line(exc))
 
     def _send(self) -> bool:
         # Called with `_io` held: only the training thread changes the queue meanwhile, by
@@ -356,3 +506,8 @@ class Tracker:
 
 def _redact(text: str) -> str:
     return URL_USERINFO.sub("", text)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line, cut short and without URL credentials, for a log line."""
+    return _redact((str(exc).splitlines() or [""])[0][:200])
