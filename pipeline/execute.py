@@ -1,18 +1,29 @@
 """Run a list of specs as a stage: skip what is finished, run the rest through the executor,
 say what happened.
 
-The tune and train stages both go through `run_stage`. A run is finished when its result is
-in the local store (`pipeline.results`) or, with `storage.remote`, in the remote store
-(fetched then, not retrained). A diverged run is finished too. Interrupted runs resume from
-their checkpoints at the next call; failed runs are reported with the tail of their logs.
+The tune and train stages both go through `run_stage`. A run is finished when its whole
+result is in the local store (`pipeline.results`) or, with `storage.remote`, in the remote
+store (fetched then, checked, not retrained). A diverged run is finished too. A damaged result
+is set aside and its run trained again. A run that another launcher holds (its run lock on
+this machine) is left to it and waited for. Interrupted runs resume from their checkpoints at
+the next call; failed runs are reported with the tail of their logs.
 """
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
 
 from vsgd.spec import ConfigError
+from vsgd.tracking import ensure_tracking_store, tracking_uri
 
 from . import results
+from .executors import Detached, get_executor, write_spec
+from .grid import STORE_DIR, data_checksum
+from .jobs import report_stale
+from .runlock import LOCKS_DIR
+from .storage import fetch_result, find_result, push_dataset
 
 
 @dataclass
@@ -24,7 +35,6 @@ class StageReport:
 
 def check_prepared(params: dict, stage: str) -> None:
     """Every dataset of the grid is prepared (run hashes include its checksum)."""
-    from .grid import data_checksum
     unprepared = [ds for ds in params["datasets"]
                   if data_checksum(f"{params['data']['root']}/prepared/{ds}") is None]
     if unprepared:
@@ -34,10 +44,11 @@ def check_prepared(params: dict, stage: str) -> None:
 
 
 def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -> StageReport:
-    """Run every spec without a finished result. With `view`, `results/runs/` is made to
-    show exactly `specs` (the train stage's grid) and the count says which results were
-    already shown ("done") and which came back from the store ("reused")."""
-    from .executors import Detached, get_executor, write_spec
+    """Run every spec without a whole finished result. With `view`, `results/runs/` is made
+    to show exactly `specs` (the train stage's grid) and the count says which results were
+    already shown ("done") and which came back from the store ("reused"). Damaged results
+    are set aside and their runs trained again; a run another launcher is training is left
+    to it and waited for, after the others (`pipeline.runlock`, `pipeline.lease`)."""
     check_prepared(params, stage)
     executor = get_executor(params)
     unfinished = [s for s in specs if not results.is_done(s)]
@@ -45,18 +56,32 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
         # Before any lookup, upload or run: what would fail every run is said at once.
         executor.preflight(unfinished[0])
     if params["executor"]["kind"] == "kubernetes":
-        from .jobs import report_stale
         report_stale(params, stage)
-    shown = {s["name"] for s in specs if view and results.is_shown(s)}
-    pending = [s for s in specs if not (results.is_done(s) or _fetch_remote_result(params, s))]
-    done = len(shown) if view else len(specs) - len(pending)
-    hidden = results.show(specs).hidden if view else []
-    print(f"{stage}: {len(specs)} runs in the grid, {done} done, "
-          f"{len(specs) - len(pending) - done} reused, {len(pending)} to run"
+    fetch = _remote_fetcher(params) if params["storage"]["remote"] else None
+    with view_lock():
+        found = results.survey(specs, view, fetch)
+        hidden = results.show(specs).hidden if view else []
+    for what, aside, wrong in found.damaged:
+        print(f"{stage}: damaged result {what}: {'; '.join(wrong)}; set aside in {aside}, "
+              "the run trains again", file=sys.stderr, flush=True)
+    held = found.names("held")
+    # Held runs last: their launcher may well finish them while we train the others.
+    pending = sorted((s for s in specs if found.state[s["name"]] in ("pending", "held")),
+                     key=lambda s: found.state[s["name"]] == "held")
+    done, reused = len(found.names("done")), len(found.names("reused"))
+    print(f"{stage}: {len(specs)} runs in the grid, {done} done, {reused} reused, "
+          f"{len(pending)} to run"
+          + (f" ({len(found.damaged)} damaged results set aside)" if found.damaged else "")
           + (f"; {len(hidden)} left the grid (results kept in results/store, "
              "`python -m pipeline gc` removes them)" if hidden else ""), flush=True)
+    if held:
+        print(f"{stage}: {len(held)} of them being trained by another launcher "
+              f"({found.holders[held[0]]}{' and others' if len(held) > 1 else ''}): "
+              "waited for after the others, and trained here only if that launcher stops "
+              "without finishing them", flush=True)
     for spec in pending:
-        write_spec(spec)
+        if not held or spec["name"] not in held:
+            write_spec(spec)
     _push_datasets(params, pending)
     if pending:
         _init_tracking(params)
@@ -65,23 +90,20 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     except (KeyboardInterrupt, SystemExit):
         # Say what is kept: results in the store count as done, whatever the run's exit.
         kept = sum(results.is_done(s) for s in pending)
-        if view:
-            results.show(specs)
+        _show(specs, view)
         print(f"{stage}: interrupted; {kept} of {len(pending)} runs finished and kept, "
               f"{len(pending) - kept} to run; run again to continue (interrupted runs "
               f"resume from their last checkpoint)", file=sys.stderr, flush=True)
         raise
     except Detached as exc:
         kept = sum(results.is_done(s) for s in pending)
-        if view:
-            results.show(specs)
+        _show(specs, view)
         print(f"{stage}: the launcher stopped following the runs: {exc}. {kept} of "
               f"{len(pending)} runs finished and kept; the others keep running in the "
               f"cluster, and running the stage again (`dvc repro`) adopts them",
               file=sys.stderr, flush=True)
         raise
-    if view:
-        results.show(specs)
+    _show(specs, view)
     # A run killed while exiting, after its result was written, is done (its metrics.json
     # is what counts, here and at the next `dvc repro`).
     by_name = {s["name"]: s for s in pending}
@@ -96,17 +118,30 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     return StageReport(len(specs), len(pending), [o.name for o in failed])
 
 
-def _fetch_remote_result(params, spec) -> bool:
+def view_lock() -> FileLock:
+    """Held while `results/runs/` is rebuilt: two stages on one workspace take turns."""
+    path = Path(STORE_DIR) / LOCKS_DIR / "view.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path, thread_local=False)
+
+
+def _show(specs: list[dict], view: bool) -> None:
+    if view:
+        with view_lock():
+            results.show(specs)
+
+
+def _remote_fetcher(params):
     """With a remote store, a run finished on any machine (a pod, another laptop) is done:
-    its result is copied into the local store instead of training again."""
-    if not params["storage"]["remote"]:
-        return False
-    from .storage import fetch_result
-    try:
-        fetch_result(params, spec)  # looks the result up once, then copies it
-    except FileNotFoundError:  # no finished result anywhere
-        return False
-    return results.is_done(spec)
+    `fetch(spec, directory)` copies its result there (to be checked) and says from where;
+    None when there is none."""
+    def fetch(spec: dict, directory) -> str | None:
+        found = find_result(params, spec)  # looks the result up once
+        if found is None:
+            return None
+        fetch_result(params, spec, directory, result=found)
+        return found.location if found.source == "store" else f"MLflow run {found.location}"
+    return fetch
 
 
 def _push_datasets(params, specs) -> None:
@@ -115,20 +150,15 @@ def _push_datasets(params, specs) -> None:
     remote = params["storage"]["remote"]
     if not remote:
         return
-    from .storage import push_dataset
     for data_dir in sorted({s["data"]["dir"] for s in specs}):
         push_dataset(data_dir, remote, params["storage"]["endpoint_url"])
 
 
 def _init_tracking(params):
-    """Create the SQLite tracking store and experiment once, before parallel runs would all
-    race to run its schema migrations."""
-    from vsgd.tracking import tracking_uri
+    """Create the tracking store and experiment once, before parallel runs (and another
+    stage starting at the same moment) would all race to run its schema migrations."""
     uri = tracking_uri(params["tracking"]["uri"])
-    if uri is None or not uri.startswith("sqlite:"):
-        return
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=uri)
-    name = params["tracking"]["experiment"]
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name)
+    # A server creates its own schema; an unreachable one must not hold up the stage (the
+    # runs carry on untracked, and say so).
+    if uri is not None and uri.startswith("sqlite:"):
+        ensure_tracking_store(uri, params["tracking"]["experiment"])

@@ -17,8 +17,8 @@ both believe they hold it:
 .../conditional-deletes.html; MinIO, Ceph RGW and moto implement the same headers.)
 
 Expiry is judged on the store's clock alone: a lease is expired when the store's `Date` of a
-read is more than `LEASE_SECONDS` past the object's `Last-Modified`, so machines whose clocks
-disagree still agree on it. A machine that dies loses its lease after `LEASE_SECONDS`, and the
+read is more than its holder's lease time (`LEASE_SECONDS`, recorded in the lease) past the
+object's `Last-Modified`, so machines whose clocks disagree still agree on it. A machine that dies loses its lease after `LEASE_SECONDS`, and the
 run then resumes elsewhere from its checkpoint in the same store.
 """
 
@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 
-from .storage import s3_client, split_s3
+from .storage import endpoint_from_env, s3_client, split_s3
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class Lease:
     def __init__(self, results_uri: str, endpoint_url: str | None = None):
         self.uri = f"{results_uri.rstrip('/')}/{LEASE_NAME}"
         self.bucket, self.key = split_s3(self.uri)
-        self.client = s3_client(endpoint_url)
+        # The endpoint resolved here, not inside the cached client: it is the cache's key.
+        self.client = s3_client(endpoint_url or endpoint_from_env())
         self.token = uuid.uuid4().hex
         self.owner = f"pid {os.getpid()} on {socket.gethostname()}"
         self.etag: str | None = None
@@ -78,7 +79,7 @@ class Lease:
         if body.get("token") == self.token:   # our own write, retried by botocore after a
             self.etag = etag                  # lost response
             return None
-        if age <= LEASE_SECONDS:
+        if age <= _lifetime(body):
             return f"{body.get('owner', 'another launcher')} (renewed {age:.0f} s ago)"
         try:
             self.etag = self._put(IfMatch=etag)
@@ -164,9 +165,18 @@ class Lease:
 def holder(results_uri: str, endpoint_url: str | None = None) -> str | None:
     """Who holds the live lease of a remote result, or None (no lease, or expired)."""
     current = Lease(results_uri, endpoint_url).read()
-    if current is None or current[2] > LEASE_SECONDS:
+    if current is None or current[2] > _lifetime(current[0]):
         return None
     return current[0].get("owner", "another launcher")
+
+
+def _lifetime(body: dict) -> float:
+    """How long the lease lasts after its last renewal: what its holder said it renews
+    within (holders may be configured differently), else ours."""
+    value = body.get("lease_seconds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9:
+        return float(value)
+    return LEASE_SECONDS
 
 
 def _is_client_error(exc) -> bool:

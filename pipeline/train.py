@@ -135,11 +135,15 @@ def load_spec(args) -> dict:
     """The run spec; raises ConfigError for anything the user has to fix."""
     if args.spec or args.spec_json:
         try:
-            text = open(args.spec).read() if args.spec else args.spec_json
+            text = Path(args.spec).read_text(encoding="utf-8") if args.spec \
+                else args.spec_json
             return json.loads(text)
         except OSError as exc:
             raise ConfigError([f"--spec: cannot read {args.spec}: {exc.strerror}"]) from exc
-        except json.JSONDecodeError as exc:
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"--spec: {args.spec} is not UTF-8 text ({exc.reason} at byte "
+                               f"{exc.start})"]) from exc
+        except ValueError as exc:   # JSONDecodeError, or an integer too long to convert
             raise ConfigError([f"spec is not valid JSON: {exc}"]) from exc
     # Imported here: the --spec forms must work without the params.yaml tooling.
     from pipeline.config import load_params
@@ -318,37 +322,45 @@ def launched_by_dvc_or_executor() -> bool:
 # one process per run
 
 
-def hold_run(spec: dict, stop: "StopRequest") -> tuple:
+def hold_run(spec: dict, stop: "StopRequest") -> tuple[tuple, bool]:
     """Hold the run for this process: its run lock on this machine (inherited from the
-    local executor, or taken here) and, when it publishes to a remote store, its lease
-    there (`pipeline.lease`, renewed until released). Another launcher holding either is
-    waited for, saying who; a signal interrupts the wait. If the lease is ever lost to
-    another launcher, the run stops as on SIGTERM (checkpoint, exit 143)."""
-    held = []
+    local executor, or taken here) and, when it publishes to an S3 store, its lease there
+    (`pipeline.lease`, renewed until released). Another launcher holding either is waited
+    for, saying who; a signal interrupts the wait. If the lease is ever lost to another
+    launcher, the run stops as on SIGTERM (checkpoint, exit 143). Returns what is held and
+    whether it had to wait (the run may have been finished meanwhile)."""
+    held, waited = [], False
     if not inherited(spec):
         lock = RunLock.of(spec)
         if not lock.try_acquire():
             print(f"{spec['name']}: another launcher is training it ({lock.holder()}); "
                   "waiting for it", file=sys.stderr, flush=True)
             lock.acquire()
+            waited = True
         held.append(lock)
     uri = os.environ.get(RESULTS_ENV)
-    if uri:
+    if uri and uri.startswith("s3://"):
         lease = Lease(uri, endpoint_from_env())
-        lease.acquire(on_wait=lambda who: print(
-            f"{spec['name']}: another launcher is training it ({who}, lease {lease.uri}); "
-            "waiting for it", file=sys.stderr, flush=True))
+        told = []
+
+        def say(who):
+            told.append(who)
+            print(f"{spec['name']}: another launcher is training it ({who}, lease "
+                  f"{lease.uri}); waiting for it", file=sys.stderr, flush=True)
+        lease.acquire(on_wait=say)
         lease.keep(on_lost=stop.launcher_died)
         held.append(lease)
-    return tuple(held)
+        waited = waited or bool(told)
+    return tuple(held), waited
 
 
 def finished_elsewhere(spec: dict) -> str | None:
-    """What to say when the run has a whole result already (finished by the launcher we
-    waited for, or before): in the local store, or published to the remote store (then
-    copied here). None when it has to be trained."""
+    """After waiting for another launcher: what to say when it finished the run, whose whole
+    result is then in the local store, or published to the remote store (then copied here).
+    None when it has to be trained (the other launcher stopped before the end)."""
     if results.is_done(spec):
-        return f"{spec['name']}: finished already: {spec['output_dir']}; nothing to train"
+        return (f"{spec['name']}: finished by another launcher: {spec['output_dir']}; "
+                "nothing to train")
     uri = os.environ.get(RESULTS_ENV)
     if uri and results.fetch_published(uri, spec, endpoint_from_env()):
         return (f"{spec['name']}: finished by another launcher: {uri}, copied to "
@@ -513,8 +525,8 @@ def main(argv=None) -> int:
         check_cuda(spec)
         # One process per run, before anything of it is written (its log, checkpoint, MLflow
         # run): wait for another launcher that holds it, then train only if it is unfinished.
-        held = hold_run(spec, stop)
-        finished = finished_elsewhere(spec)
+        held, waited = hold_run(spec, stop)
+        finished = finished_elsewhere(spec) if waited else None
         if finished:
             print(finished, file=sys.stderr)
             return 0

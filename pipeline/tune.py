@@ -16,19 +16,24 @@ Outputs (the stage's DVC outs, under results/tuning/):
 """
 
 import csv
+import io
 import math
 import sys
 from pathlib import Path
 
 import yaml
 
+from vsgd.files import atomic_write
+
 from .config import add_params_arguments, load_params, resolve_run, tuned_cells
+from .grid import expand, tuning_specs
 
 TUNING_DIR = Path("results/tuning")
 SELECTED = TUNING_DIR / "selected.yaml"
+POINTS = TUNING_DIR / "tuning.csv"
 # tuning.csv: the cell, then one column per tuned hyperparameter, then the point's outcome.
 CELL_COLUMNS = ("dataset", "arch", "optimizer")
-POINT_COLUMNS = ("val_acc", "diverged", "chosen", "iterations", "run")
+POINT_COLUMNS = ("val_acc", "diverged", "chosen", "iterations", "run", "run_hash")
 
 
 def add_arguments(parser):
@@ -38,7 +43,6 @@ def add_arguments(parser):
 def run(args) -> int:
     """Train every grid point of the tuned cells, pick each cell's values on validation."""
     from .execute import check_prepared, run_stage
-    from .grid import tuning_specs
     params = load_params(args.params, args.set)
     check_prepared(params, "tune")
     specs = tuning_specs(params)
@@ -103,23 +107,34 @@ def _order(values: dict) -> tuple:
 def planned_runs(params: dict) -> tuple[list[dict], list[dict]]:
     """(the tune stage's runs, the grid's final runs); raises ConfigError while a tuned
     cell has no selection yet (the final runs are not known before the tune stage)."""
-    from .grid import expand, tuning_specs
     return tuning_specs(params), expand(params, load_selection(params))
 
 
 def load_selection(params: dict, path: Path = SELECTED) -> dict:
     """(dataset, arch, optimizer) -> chosen values (None: every point diverged), for the
-    tuned cells of `params` found in `path`; {} when the file does not exist yet. A cell
-    whose grid changed since the file was written is left out (it must be tuned again)."""
+    tuned cells of `params` whose choice in `path` was made on the current grid and tuning
+    settings; {} when the file does not exist yet.
+
+    A choice counts only if the tune stage made it among exactly the runs the current params
+    give the cell: the run hashes recorded in tuning.csv beside `path` are those of
+    `grid.tuning_specs` (they hold every grid point, the budget, the held-out split, the
+    seed, the data and the code). A cell whose grid or tuning settings changed since is left
+    out: it must be tuned again, and the train stage refuses until it is (`grid.expand`)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
+        tuned_on = _tuned_runs(Path(path).with_name(POINTS.name))
     except FileNotFoundError:
         return {}
+    current: dict = {}
+    for spec in tuning_specs(params):
+        cell = (spec["dataset"], spec["arch_key"], spec["optimizer"]["name"])
+        current.setdefault(cell, set()).add(spec["run_hash"])
     out = {}
     for cell in tuned_cells(params):
         ds, arch, opt = cell
-        entry = data.get(ds, {}).get(arch, {}).get(opt, "absent")
-        if entry == "absent":
+        entry = (data.get(ds) or {}).get(arch, {}).get(opt, "absent") \
+            if isinstance(data, dict) else "absent"
+        if entry == "absent" or tuned_on.get(cell) != current.get(cell):
             continue
         grid = resolve_run(params, *cell)["optimizer"]["grid"]
         if entry is None:
@@ -127,6 +142,19 @@ def load_selection(params: dict, path: Path = SELECTED) -> dict:
         elif isinstance(entry, dict) and set(entry) == set(grid) and all(
                 any(_same(value, g) for g in grid[key]) for key, value in entry.items()):
             out[cell] = entry
+    return out
+
+
+def _tuned_runs(points_csv: Path) -> dict:
+    """cell -> the run hashes of the points the tune stage chose among (tuning.csv); a file
+    written before it recorded them gives none, so its choices count as not current."""
+    with points_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out: dict = {}
+    for row in rows:
+        if row.get("run_hash"):
+            cell = tuple(row.get(key) for key in CELL_COLUMNS)
+            out.setdefault(cell, set()).add(row["run_hash"])
     return out
 
 
@@ -145,21 +173,24 @@ def write_outputs(params: dict, rows: list[dict], selection: dict) -> None:
     header = ("# Hyperparameters chosen by the tune stage on validation accuracy "
               f"(tune.budget {params['tune']['budget']}, {params['tune']['validation_size']} "
               "held-out images); every point: tuning.csv\n")
-    from vsgd.files import atomic_write
-    atomic_write(SELECTED, header + yaml.safe_dump(tree, sort_keys=True))
-
     keys = sorted({k for r in rows for k in r["values"]}, key=lambda k: (k != "lr", k))
-    fields = [*CELL_COLUMNS, *keys, *POINT_COLUMNS]
-    with open(TUNING_DIR / "tuning.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"dataset": r["cell"][0], "arch": r["cell"][1],
-                             "optimizer": r["cell"][2],
-                             **{k: _csv_value(v) for k, v in r["values"].items()},
-                             "val_acc": r["val_acc"], "diverged": r["diverged"],
-                             "chosen": selection.get(r["cell"]) == r["values"],
-                             "iterations": r["iterations"], "run": r["run"]})
+    points = io.StringIO()
+    writer = csv.DictWriter(points, fieldnames=[*CELL_COLUMNS, *keys, *POINT_COLUMNS],
+                            restval="")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"dataset": r["cell"][0], "arch": r["cell"][1],
+                         "optimizer": r["cell"][2],
+                         **{k: _csv_value(v) for k, v in r["values"].items()},
+                         "val_acc": r["val_acc"], "diverged": r["diverged"],
+                         "chosen": selection.get(r["cell"]) == r["values"],
+                         "iterations": r["iterations"], "run": r["run"],
+                         "run_hash": r["run_hash"]})
+    # The points first: a choice is current only with them (`load_selection`), so a stage
+    # stopped between the two writes leaves a choice that reads as stale, never one that
+    # reads as made on points it was not made on.
+    atomic_write(POINTS, points.getvalue())
+    atomic_write(SELECTED, header + yaml.safe_dump(tree, sort_keys=True))
     md = ["# Tuning: validation accuracy of every grid point", "",
           f"Each point trained {params['tune']['budget']:g} of the iterations on the training "
           f"split minus {params['tune']['validation_size']} held-out validation images "

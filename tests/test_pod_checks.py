@@ -101,7 +101,10 @@ def test_unwritable_termination_log_does_not_mask_the_error(tmp_path):
 
 def test_crash_writes_its_last_line_as_termination_message(data_root, tmp_path):
     spec = run_spec(data_root, tmp_path)
-    spec["data"]["dir"] = str(tmp_path / "no-such-data")
+    # A crash: the run's directory cannot be made, below a file. (Missing data is not one:
+    # like a configuration error, it exits 78 with its message.)
+    (tmp_path / "no-such-data").write_text("a file")
+    spec["output_dir"] = str(tmp_path / "no-such-data" / "out")
     proc, message = run_cli(spec, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" in proc.stderr  # a crash keeps its traceback in the log

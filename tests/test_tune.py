@@ -2,6 +2,9 @@
 never a diverged point; selections read back only for the grid they were made on; the grid
 of any hyperparameter validated like the hyperparameter itself."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,9 +84,20 @@ def test_tuning_off_pins_every_optimizer(tmp_path):
     assert len(grid.expand(p, {})) == 24
 
 
+def chosen(params, path, tree):
+    """selected.yaml with `tree`, and beside it tuning.csv listing the tuning runs that
+    `params` give, as the tune stage writes them after training those runs."""
+    path.write_text(yaml.safe_dump(tree))
+    lines = ["dataset,arch,optimizer,lr,val_acc,diverged,chosen,iterations,run,run_hash"]
+    lines += [f"{s['dataset']},{s['arch_key']},{s['optimizer']['name']},"
+              f"{s['optimizer']['lr']},0.5,False,False,3,{s['name']},{s['run_hash']}"
+              for s in grid.tuning_specs(params)]
+    path.with_name("tuning.csv").write_text("\n".join(lines) + "\n")
+
+
 def test_a_selection_is_read_back_only_for_the_grid_it_was_made_on(params, tmp_path):
     path = tmp_path / "selected.yaml"
-    path.write_text(yaml.safe_dump({"cifar100": {"vgg": {"sgd": {"lr": 0.1}, "vsgd": None}}}))
+    chosen(params, path, {"cifar100": {"vgg": {"sgd": {"lr": 0.1}, "vsgd": None}}})
     assert tune.load_selection(params, path) == {("cifar100", "vgg", "sgd"): {"lr": 0.1},
                                                  ("cifar100", "vgg", "vsgd"): None}
     regridded = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
@@ -116,3 +130,56 @@ def test_a_grid_over_any_hyperparameter_is_tuned(tmp_path):
     points = [(s["optimizer"]["ghattg"], s["optimizer"]["tau1"])
               for s in grid.tuning_specs(p)]
     assert points == [(10.0, 0.81), (10.0, 0.9), (30.0, 0.81), (30.0, 0.9)]
+
+
+@pytest.mark.parametrize("change", [
+    # The chosen lr 0.1 is still in the new grid: the choice looks valid, but it was made
+    # among other points.
+    "optimizer.sgd.grid={lr: [0.1, 0.2]}",
+    "tune.budget=0.5",             # the same grid, tuned at another budget
+    "tune.validation_size=100",    # or on another held-out split
+    "tune.seed=7",
+])
+def test_a_choice_made_on_an_earlier_grid_or_tuning_settings_is_not_used(params, tmp_path,
+                                                                        change):
+    path = tmp_path / "selected.yaml"
+    chosen(params, path, {"cifar100": {"vgg": {"sgd": {"lr": 0.1}}}})
+    assert ("cifar100", "vgg", "sgd") in tune.load_selection(params, path)
+    changed = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}", change])
+    assert ("cifar100", "vgg", "sgd") not in tune.load_selection(changed, path)
+    with pytest.raises(ConfigError, match="run the tune stage"):
+        grid.expand(changed, tune.load_selection(changed, path))
+
+
+def test_a_selection_without_its_tuning_runs_recorded_is_not_used(params, tmp_path):
+    """selected.yaml from before tuning.csv recorded run hashes (or with tuning.csv lost)
+    is not trusted: the stage cannot tell which points it was chosen among."""
+    path = tmp_path / "selected.yaml"
+    chosen(params, path, {"cifar100": {"vgg": {"sgd": {"lr": 0.1}}}})
+    csv_path = path.with_name("tuning.csv")
+    csv_path.write_text("\n".join(",".join(line.split(",")[:-1])
+                                  for line in csv_path.read_text().splitlines()) + "\n")
+    assert tune.load_selection(params, path) == {}
+    csv_path.unlink()
+    assert tune.load_selection(params, path) == {}
+
+
+def test_the_train_stage_refuses_a_stale_choice_with_78(tmp_path):
+    """`python -m pipeline train` on its own after a grid change: no training with the
+    choice made on the old grid; exit 78, run the tune stage."""
+    fake_prepared(tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    common = ["preset=ci", f"data.root={tmp_path / 'data'}", "datasets=[cifar100]",
+              "archs=[vgg]", "optimizers=[sgd]"]
+    (tmp_path / "results" / "tuning").mkdir(parents=True)
+    chosen(load_params(tmp_path / "params.yaml", common),
+           tmp_path / "results" / "tuning" / "selected.yaml",
+           {"cifar100": {"vgg": {"sgd": {"lr": 0.1}}}})
+    sets = [arg for item in common + ["optimizer.sgd.grid={lr: [0.1, 0.2]}"]
+            for arg in ("--set", item)]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *sets], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 78, proc.stderr
+    assert "run the tune stage" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results" / "store").exists()   # nothing trained
