@@ -49,3 +49,28 @@ def test_optimizer_step_runs(tmp_path):
                       "--rounds", "1", "--steps", "1", "--no-fused", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "VSGD" in proc.stdout and "Adam" in proc.stdout
+
+
+def test_data_verification_runs(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = run_script("benchmarks/data_verification.py", "--train", "32", "--test", "8",
+                      "--rounds", "1", "--root", str(tmp_path / "data"), "--json", str(out),
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["counts"] == {"train": 32, "test": 8}
+    assert [(r["way"], r["load"]) for r in report["rows"]] == [
+        (way, load) for way in ("plain", "verified", "digest+load")
+        for load in ("first", "second")]
+    assert all(r["median_s"] > 0 and len(r["rounds"]) == 1 for r in report["rows"])
+    assert "| verified | first |" in proc.stdout
+
+
+def test_launcher_lock_runs(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = run_script("benchmarks/launcher_lock.py", "--runs", "3", "--lease-runs", "2",
+                      "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"lock_ms", "inherited_check_ms", "lease_ms", "renewal_ms"}
+    assert all(value > 0 for value in rows.values())
