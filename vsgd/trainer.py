@@ -13,7 +13,9 @@ Resuming is exact: the checkpoint holds the model, optimizer, scheduler, every R
 data position (epoch, batch), the running sums and the rows recorded so far (curve, beta1), and
 the epoch permutations are derived from (seed, epoch) rather than drawn from a stream. On CPU a
 run killed at any moment and restarted ends bit-identical to one that was never interrupted
-(tests/test_trainer.py).
+(tests/test_trainer.py). Since resuming from any checkpoint of the run is exact, a checkpoint
+that cannot be read back is set aside (kept, renamed) and the run resumes from the one before
+it, or from the start, and still ends bit-identical (`restore`, tests/test_damaged_state.py).
 
 Stopping (`stop`): polled after every training step, after that step's log point where one is
 due. When it asks, the trainer saves a checkpoint at the step reached (with a checkpoint store)
@@ -124,8 +126,9 @@ def _poller(stop):
 
 
 def setup(spec: dict) -> tuple[engine.Run, dict]:
-    """Check the spec, load and verify its data, build the run; also return the training
-    keys with their defaults filled in."""
+    """Check the spec, load its data (every array verified against its manifest's sha256,
+    once per process and file: `load_prepared`) and check it is the spec's (the manifest
+    checksum), build the run; also return the training keys with their defaults filled in."""
     problems = check_spec(spec)
     if problems:
         raise ConfigError(problems)
@@ -138,17 +141,31 @@ def setup(spec: dict) -> tuple[engine.Run, dict]:
     return engine.build(spec, training, data), training
 
 
+# What `restore` reads from a checkpoint (`save_checkpoint` writes them); one without them all
+# is damaged. `window` is not among them: checkpoints of log points, and older ones, have none.
+CHECKPOINT_KEYS = ("run_hash", "step", "seconds", "curve", "beta1", "mlflow_run_id", "data",
+                   "sums", "nonfinite", "model", "optimizer", "scheduler", "rng")
+
+
 def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int, float]]:
-    """A fresh state, or the one in the checkpoint store (modules and RNGs restored too),
-    and the log window it is in: (the step where it started, its training seconds so far)."""
+    """A fresh state, or the one of the newest intact checkpoint in the store (modules and
+    RNGs restored too), and the log window it is in: (the step where it started, its
+    training seconds so far).
+
+    A checkpoint that cannot be read back (truncated, empty, garbage, not the bytes saved)
+    is set aside with a warning and the one before it is tried (`ckpt.newest_intact`): an
+    older checkpoint, or none, only means more steps to take again, and the run still ends
+    bit-identical. A checkpoint of another run is refused instead: it is intact, and
+    finding it means this run was given another run's checkpoint location."""
     state = engine.new_state(run)
-    saved = store.load() if store is not None else None
-    if saved is None:
+    found = ckpt.newest_intact(store, CHECKPOINT_KEYS) if store is not None else None
+    if found is None:
         return state, (0, 0.0)
-    saved = ckpt.from_bytes(saved)
+    saved, candidate = found
     if saved["run_hash"] != spec["run_hash"]:
-        raise RuntimeError(f"checkpoint at {store!r} belongs to run {saved['run_hash']}, "
-                           f"not {spec['run_hash']}")
+        raise RuntimeError(f"checkpoint {candidate.where} at {store!r} belongs to run "
+                           f"{saved['run_hash']}, not {spec['run_hash']}: a wrong checkpoint "
+                           f"location (it is left as it is)")
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])

@@ -7,8 +7,10 @@ written, so readers see either no dataset or a complete one. A re-run whose outp
 """
 
 import fcntl
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ from .download import fetch
 from .errors import DataError
 from .formats import Splits, read_archive
 from .registry import DatasetInfo, get_dataset
-from ..files import file_digest, json_sha256
+from ..files import CHUNK, file_digest, file_identity, hashed_before, json_sha256, note_hashed
 from ..spec import SOURCES
 
 log = logging.getLogger(__name__)
@@ -192,13 +194,27 @@ def _intact_manifest(out: Path) -> dict | None:
 
 
 def load_prepared(directory) -> Prepared:
-    """The arrays and manifest of a prepared dataset directory (not re-hashed: `prepare`
-    verifies; this only checks that shapes agree with the manifest)."""
+    """The arrays and manifest of a prepared dataset directory, verified before anything
+    uses them: the manifest's checksum is that of its `files`, every array's bytes have the
+    sha256 listed there, and shapes and dtypes agree with the manifest. Anything else is a
+    `DataError` that names the file and how to prepare it again.
+
+    Each array is hashed as it is read (one pass over the file, `_read_hashing`), and once
+    per process: a file this process already hashed, with the same `file_identity` since
+    (the timing stage builds many runs from one dataset; a pod's staging hashed the files
+    it fetched), is only loaded. A file changed after `prepare` would otherwise be trained
+    on, and its result stored under the run hash of the data the manifest describes."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
-        arrays = {a: np.load(directory / f"{a}.npy", allow_pickle=False) for a in ARRAYS}
     except (OSError, ValueError) as exc:
+        raise DataError(f"{directory} is not a prepared dataset ({exc}); run "
+                        f"`python -m vsgd.data prepare` first") from exc
+    files = _listed_files(directory, manifest)
+    try:
+        arrays = {a: _load_verified(directory / f"{a}.npy", files[f"{a}.npy"], manifest)
+                  for a in ARRAYS}
+    except OSError as exc:
         raise DataError(f"{directory} is not a prepared dataset ({exc}); run "
                         f"`python -m vsgd.data prepare` first") from exc
     shape = tuple(manifest["image_shape"])
@@ -210,3 +226,81 @@ def load_prepared(directory) -> Prepared:
             raise DataError(f"{directory}: {split} arrays {x.dtype}{x.shape}/{y.dtype}{y.shape} "
                             f"disagree with the manifest ({n} x {shape}); prepare it again")
     return Prepared(**arrays, manifest=manifest)
+
+
+def _listed_files(directory: Path, manifest: dict) -> dict:
+    """The manifest's `files` ({name: sha256}), checked: every array listed, and the
+    checksum (the one in run hashes) the digest of exactly these."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not {f"{a}.npy" for a in ARRAYS} <= set(files):
+        raise DataError(f"{directory}/manifest.json does not list the sha256 of every array "
+                        f"({', '.join(f'{a}.npy' for a in ARRAYS)}). "
+                        f"{_prepare_again(directory, manifest)}")
+    if json_sha256(files) != manifest.get("checksum"):
+        raise DataError(f"{directory}/manifest.json: its checksum {manifest.get('checksum')} "
+                        f"is not the sha256 of its files ({json_sha256(files)}): the manifest "
+                        f"was changed after `prepare`. {_prepare_again(directory, manifest)}")
+    return files
+
+
+def _load_verified(path: Path, expected: str, manifest: dict) -> np.ndarray:
+    """The array in `path`, whose bytes have the sha256 `expected` (else DataError)."""
+    with open(path, "rb", buffering=0) as f:
+        identity = file_identity(os.fstat(f.fileno()))
+        if hashed_before(identity) == expected:
+            return np.load(f, allow_pickle=False)
+        try:
+            array, digest = _read_hashing(f)
+        except ValueError as exc:  # the header: not an array we wrote any more
+            raise DataError(f"{path} is not a readable .npy array ({exc}). "
+                            f"{_prepare_again(path.parent, manifest)}") from exc
+        if digest != expected:
+            raise DataError(f"{path} differs from the data `prepare` wrote: its sha256 is "
+                            f"{digest}, manifest.json lists {expected}. "
+                            f"{_prepare_again(path.parent, manifest)}")
+        if file_identity(os.fstat(f.fileno())) == identity:  # else it changed while read
+            note_hashed(identity, digest)
+    return array
+
+
+def _read_hashing(f) -> tuple[np.ndarray, str]:
+    """The array of the .npy file `f` (at its start) and the sha256 of all of the file's
+    bytes, in one pass: the data is read in chunks straight into the array's memory and
+    each chunk hashed while it is in the CPU's cache. Hashing the file and then loading it
+    reads it twice: 15-25% slower on Tiny ImageNet (benchmarks/data_verification.py)."""
+    digest = hashlib.sha256()
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version}; prepare writes 1.0 or 2.0")
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects")
+    header = f.tell()
+    f.seek(0)
+    digest.update(f.read(header))
+    flat = np.empty(math.prod(shape), dtype)
+    view = memoryview(flat).cast("B")
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:done + CHUNK])
+        if not n:  # truncated: the digest of what is there cannot match
+            break
+        digest.update(view[done:done + n])
+        done += n
+    for block in iter(lambda: f.read(CHUNK), b""):  # bytes after the array: hashed as well
+        digest.update(block)
+    return flat.reshape(shape, order="F" if fortran else "C"), digest.hexdigest()
+
+
+def _prepare_again(directory: Path, manifest) -> str:
+    """How to get the prepared dataset back as `prepare` wrote it."""
+    dataset = manifest.get("dataset", "<dataset>") if isinstance(manifest, dict) \
+        else "<dataset>"
+    return (f"Prepare it again: `python -m pipeline prepare {dataset}` (in the DVC pipeline "
+            f"`dvc repro prepare@{dataset}`; without params.yaml `python -m vsgd.data prepare "
+            f"--dataset {dataset} --source <official|synthetic> --root <root>`), which "
+            f"rewrites {directory}; a copy staged from the remote store (under $VSGD_SCRATCH, "
+            f"by default ~/.cache/vsgd-repro/data) is fetched again once moved aside")
