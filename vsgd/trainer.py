@@ -51,9 +51,9 @@ from . import engine
 from .data import DataError, load_prepared
 from .files import atomic_write
 from .optim import VSGD, beta1_summary
+from .outputs import BETA1_COLUMNS, CURVE_COLUMNS
 from .spec import TRAINING_DEFAULTS, ConfigError, check_spec
 from .tracking import Tracker
-from .outputs import BETA1_COLUMNS, CURVE_COLUMNS
 
 log = logging.getLogger(__name__)
 
