@@ -62,6 +62,7 @@ LEVEL = 0.95  # of every confidence interval in the tables (two-sided)
 DASH = "–"
 BETA1_STATS = ("mean", "q10", "q25", "median", "q75", "q90")  # beta1.csv, besides `step`
 ADAM_BETA1 = 0.9  # Adam's fixed momentum: PyTorch's default, what the paper compares with
+LINEAGE_TAGS = ("mlflow.source.git.commit",)   # kept in mlflow_runs.csv
 REDO = ("re-run `python -m pipeline aggregate` (or `dvc repro --force aggregate`) once the "
         "tracking server is reachable")
 
@@ -978,8 +979,10 @@ def export_mlflow(params, path: Path, fetched: list | None = None) -> int:
                 row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
                        "status": r.info.status, "start_time": r.info.start_time,
                        "end_time": r.info.end_time}
+                # MLflow's own tags are its bookkeeping, except the lineage it shows:
+                # the commit each run's code came from.
                 row.update({f"tags.{k}": v for k, v in r.data.tags.items()
-                            if not k.startswith("mlflow.")})
+                            if not k.startswith("mlflow.") or k in LINEAGE_TAGS})
                 row.update({f"params.{k}": v for k, v in r.data.params.items()})
                 row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
                 rows.append(row)

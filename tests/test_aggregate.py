@@ -145,7 +145,8 @@ def test_mlflow_export(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("vsgd-repro")
     for i in range(3):
-        run = client.create_run(exp, run_name=f"run{i}", tags={"optimizer": "vsgd"})
+        run = client.create_run(exp, run_name=f"run{i}", tags={
+            "optimizer": "vsgd", "mlflow.source.git.commit": "abc123", "mlflow.user": "me"})
         client.log_param(run.info.run_id, "lr", 0.1)
         client.log_metric(run.info.run_id, "test_acc", 0.5 + i / 10, step=10)
         client.set_terminated(run.info.run_id)
@@ -155,6 +156,9 @@ def test_mlflow_export(tmp_path, monkeypatch):
     assert {r["run_name"] for r in rows} == {"run0", "run1", "run2"}
     assert {r["metrics.test_acc"] for r in rows} == {"0.5", "0.6", "0.7"}
     assert rows[0]["params.lr"] == "0.1" and rows[0]["tags.optimizer"] == "vsgd"
+    # The commit the run's code came from stays; MLflow's other bookkeeping does not.
+    assert rows[0]["tags.mlflow.source.git.commit"] == "abc123"
+    assert "tags.mlflow.user" not in rows[0]
 
 
 # ---------------------------------------------------------------------------------------------
