@@ -3,16 +3,8 @@
 Per cell (dataset x architecture) each optimizer has one final test accuracy per seed. Two
 optimizers are compared by Welch's t confidence interval for the difference of their means
 (`welch`): it does not assume equal variances, which two optimizers need not have. The
-Student t quantile it needs is computed here (`t_quantile`), so that the project depends on
-numpy alone, not scipy:
-
-- the t CDF from the regularized incomplete beta function, F(t) = 1 - I_x(df/2, 1/2) / 2
-  for t >= 0 with x = df / (df + t^2) (Abramowitz & Stegun 26.7.1; symmetric below 0);
-- I_x(a, b) by its continued fraction, evaluated with the modified Lentz method (Numerical
-  Recipes, "betacf"), using the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction
-  converges slowly;
-- the quantile by bisection on the CDF, which is monotonic: slow but certain, for any real
-  df > 0 (Welch's df is not an integer).
+Student t quantile it needs (`t_quantile`) and its CDF (`t_cdf`) come from scipy.stats
+(the pipeline extra).
 
 `standing` then says, per cell, which optimizer is best, which are tied within noise and
 which are worse, by the rules in `STANDING`.
@@ -74,6 +66,8 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> Difference:
     va, vb = statistics.variance(a) / n_a, statistics.variance(b) / n_b
     if va == 0 and vb == 0:
         return Difference(diff, diff, diff, None, n_a, n_b, diff != 0, level, POINT)
+    # The same interval as scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(),
+    # which however sees a constant side's rounding error (numpy's variance) as spread.
     se2 = va + vb
     df = se2 ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
     half = t_quantile((1 + level) / 2, df) * math.sqrt(se2)
@@ -108,64 +102,28 @@ def standing(samples: dict[str, list[float]], level: float = 0.95) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # Student t distribution
+#
+# scipy.stats is imported in the functions that use it, not above: its import takes about a
+# second, ten times all of pipeline.aggregate's imports, which likewise leaves matplotlib and
+# mlflow to the functions that need them. Only an interval needs it; later calls find it
+# loaded.
 
 
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with `df` > 0 degrees of freedom."""
-    tail = 0.5 * incomplete_beta(df / 2, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1 - tail if t >= 0 else tail
+    if df <= 0:
+        raise ValueError(f"df must be > 0, not {df}")
+    import scipy.stats
+    return float(scipy.stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, by bisection on `t_cdf` (to 1e-12 relative or absolute)."""
+    """The t with P(T <= t) = p, for Student's t with `df` > 0 degrees of freedom (any real
+    df: Welch's is not an integer)."""
+    # Refused here, where scipy would answer nan (or +-inf at p = 0 or 1).
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), not {p}")
     if df <= 0:
         raise ValueError(f"df must be > 0, not {df}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:  # bracket: heavy tails (df = 1) need a wide one
-        low, high = high, 2 * high
-    while high - low > 1e-12 * max(1.0, high):
-        mid = (low + high) / 2
-        if t_cdf(mid, df) < p:
-            low = mid
-        else:
-            high = mid
-    return (low + high) / 2
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), a, b > 0, 0 <= x <= 1."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    # The continued fraction converges fast for x below (a+1)/(a+b+2); above, the symmetric
-    # form does.
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1 - math.exp(log_front) * _beta_fraction(b, a, 1 - x) / b
-
-
-def _beta_fraction(a: float, b: float, x: float, tol: float = 1e-15,
-                   max_terms: int = 100_000) -> float:
-    """The continued fraction of I_x(a, b) by the modified Lentz method."""
-    tiny = 1e-300  # stands in for a zero denominator, as Lentz's method prescribes
-    c, d = 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, max_terms + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + numerator * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < tol:
-            return h
-    raise ArithmeticError(f"incomplete beta: no convergence for a={a}, b={b}, x={x}")
+    import scipy.stats
+    return float(scipy.stats.t.ppf(p, df))

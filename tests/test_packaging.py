@@ -26,10 +26,10 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "vsgd-repro"
 EXTRAS = {"pipeline", "bench", "dev", "optimizers"}
-PIPELINE_STACK = ("mlflow", "dvc", "boto3", "kubernetes")
+PIPELINE_STACK = ("mlflow", "dvc", "boto3", "kubernetes", "scipy")
 # Everything the pipeline extra brings: the library must import without any of it.
 NOT_FOR_THE_LIBRARY = ("yaml", "mlflow", "dvc", "boto3", "botocore", "kubernetes", "matplotlib",
-                       "tqdm", "PIL", "torchvision")
+                       "scipy", "tqdm", "PIL", "torchvision")
 
 
 def pip(*args, cwd=None):

@@ -30,22 +30,50 @@ def test_t_cdf_inverts_the_quantile():
     assert 2.57058 < stats.t_quantile(0.975, 4.5) < 2.77645
 
 
-def test_incomplete_beta_matches_closed_forms():
+# The t CDF in closed form for small df. F(t) = 1 - I_x(df/2, 1/2) / 2 for t >= 0 with
+# x = df / (df + t^2), so df = 1 is the arcsine law I_x(1/2, 1/2) = (2/pi) asin(sqrt(x)), and
+# each t below is where x takes one of the values 0.01, 0.3, 0.5, 0.9, 0.999.
+T_CDF_CLOSED_FORMS = {
+    1: lambda t: 0.5 + math.atan(t) / math.pi,
+    2: lambda t: 0.5 + t / (2 * math.sqrt(2 + t * t)),
+    3: lambda t: 0.5 + (t / math.sqrt(3) / (1 + t * t / 3)
+                        + math.atan(t / math.sqrt(3))) / math.pi,
+    4: lambda t: 0.5 + 3 / 8 * t / math.sqrt(1 + t * t / 4) * (1 - t * t / (12 * (1 + t * t / 4))),
+}
+
+
+@pytest.mark.parametrize("df", sorted(T_CDF_CLOSED_FORMS))
+def test_t_cdf_matches_closed_forms(df):
+    closed = T_CDF_CLOSED_FORMS[df]
     for x in (0.01, 0.3, 0.5, 0.9, 0.999):
-        assert stats.incomplete_beta(1, 1, x) == pytest.approx(x)
-        assert stats.incomplete_beta(3, 1, x) == pytest.approx(x ** 3)
-        assert stats.incomplete_beta(1, 4, x) == pytest.approx(1 - (1 - x) ** 4)
-        # I_x(1/2, 1/2) = (2/pi) asin(sqrt(x)), the arcsine distribution.
-        assert stats.incomplete_beta(0.5, 0.5, x) == pytest.approx(
-            2 / math.pi * math.asin(math.sqrt(x)))
-    assert stats.incomplete_beta(7.5, 7.5, 0.5) == pytest.approx(0.5)
-    assert stats.incomplete_beta(2, 3, 0) == 0 and stats.incomplete_beta(2, 3, 1) == 1
+        t = math.sqrt(df * (1 - x) / x)
+        assert stats.t_cdf(t, df) == pytest.approx(closed(t))
+        assert stats.t_cdf(-t, df) == pytest.approx(closed(-t))
+        assert stats.t_cdf(t, df) + stats.t_cdf(-t, df) == pytest.approx(1)
+    assert stats.t_cdf(0, 15) == 0.5
+    assert stats.t_cdf(math.inf, df) == 1 and stats.t_cdf(-math.inf, df) == 0
+
+
+def test_t_quantile_matches_closed_forms():
+    for p in (0.001, 0.1, 0.3, 0.5, 0.7, 0.9, 0.975, 0.999):
+        alpha = 4 * p * (1 - p)
+        q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
+        closed = {1: math.tan(math.pi * (p - 0.5)),
+                  2: (2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                  4: math.copysign(2 * math.sqrt(q - 1), p - 0.5)}
+        for df, t in closed.items():
+            assert stats.t_quantile(p, df) == pytest.approx(t, rel=1e-9, abs=1e-12), (p, df)
+    # Plain floats, not numpy scalars: welch's excludes_zero (low > 0 or high < 0) is a bool,
+    # not a numpy.bool_, and summary.json and the CSVs get plain numbers.
+    assert type(stats.t_quantile(0.975, 4.5)) is float and type(stats.t_cdf(1, 4.5)) is float
 
 
 def test_t_quantile_refuses_impossible_arguments():
     for p, df in ((0, 3), (1, 3), (0.5, 0), (0.9, -1)):
         with pytest.raises(ValueError):
             stats.t_quantile(p, df)
+    with pytest.raises(ValueError):
+        stats.t_cdf(1, 0)
 
 
 def test_welch_interval_matches_the_hand_computation():
@@ -53,8 +81,9 @@ def test_welch_interval_matches_the_hand_computation():
     # Difference: 2 - 5.5 = -3.5. se^2 = 1/3 + (5/3)/4 = 1/3 + 5/12 = 3/4.
     # df = (3/4)^2 / ((1/3)^2/2 + (5/12)^2/3) = (9/16) / (1/18 + 25/432) = (9/16)(432/49)
     #    = 243/49 = 4.95918.
-    # t_0.975(243/49) = 2.57696 (scipy.stats.t.ppf, computed once when this test was
-    # written; scipy is not a dependency), between the table's 2.57058 (5) and 2.77645 (4).
+    # t_0.975(243/49) = 2.57696 (scipy.stats.t.ppf, written down once here so that the
+    # interval is checked against numbers, not against itself), between the table's 2.57058
+    # (5) and 2.77645 (4).
     # Half-width: 2.57696 * sqrt(3/4) = 2.23171, so the interval is [-5.73171, -1.26829].
     d = stats.welch([1, 2, 3], [4, 5, 6, 7])
     assert d.mean_diff == pytest.approx(-3.5)
