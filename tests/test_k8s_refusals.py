@@ -24,7 +24,7 @@ from pipeline.config import ConfigError
 from pipeline.executors.kubernetes import KubernetesExecutor
 from pipeline.k8s_jobs import OWNER_LABEL, STORE_LABEL, job_name, render_job
 from test_k8s_cluster import JOBS, created, finish_ok, stale_setup
-from test_k8s_executor import PARAMS, executor, grid, spec_of
+from test_k8s_executor import PARAMS, executor, grid
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ("preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
