@@ -40,6 +40,7 @@ import numpy as np
 
 from vsgd.data import DATASETS, load_prepared, prepare
 from vsgd.files import file_sha256_once
+from vsgd.trainer import device_name
 
 WAYS = ("plain", "verified", "digest+load")
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
@@ -65,13 +66,9 @@ def worker(way: str, directory: str) -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU as the trainer names it in a run's metrics."""
+    import torch   # only for the device; the timed loads run in their own processes
+    return device_name(torch.device("cpu"))
 
 
 def measure(directory: Path, rounds: int) -> list[dict]:
