@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from .config import EX_CONFIG, ConfigError, add_params_arguments, load_params
-from .executors import EX_TEMPFAIL, Detached
+from .contract import EX_TEMPFAIL
+from .executors import Detached
 
 EXAMPLES = """\
 examples:

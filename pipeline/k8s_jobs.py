@@ -14,7 +14,7 @@ import yaml
 from . import storage
 from .k8s_config import (SCRATCH_VOLUME, SHM_VOLUME, load_template, settings, template_path,
                          train_container)
-from .train import REQUIRE_CUDA_ENV
+from .contract import REQUIRE_CUDA_ENV, RESULTS_ENV
 
 MAX_NAME = 63               # Job names become pod label values: DNS label length
 HASH_SUFFIX = 12            # run-hash characters in the name: unique across any real grid
@@ -231,7 +231,7 @@ def _apply_container_settings(container, cfg, results):
         env_from.append({"secretRef": {"name": cfg["credentials_secret"]}})
     _set_or_drop(container, "envFrom", env_from or None)
     extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()},
-             storage.RESULTS_ENV: results}
+             RESULTS_ENV: results}
     if gpus:
         extra[REQUIRE_CUDA_ENV] = "1"   # the pod fails at once without CUDA
     env = [e for e in container.get("env", []) if e["name"] not in extra]

@@ -14,7 +14,8 @@ both believe they hold it:
   two waiters only one wins;
 - release: `DeleteObject` with `If-Match: <our ETag>`, never deleting a successor's lease.
 (https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html and
-.../conditional-deletes.html; MinIO, Ceph RGW and moto implement the same headers.)
+https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-deletes.html; MinIO,
+Ceph RGW and moto implement the same headers.)
 
 Expiry is judged on the store's clock alone: a lease is expired when the store's `Date` of a
 read is more than its holder's lease time (`LEASE_SECONDS`, recorded in the lease) past the

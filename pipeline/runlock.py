@@ -25,8 +25,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout, lock_descriptor
 
+from .contract import LOCK_FD_ENV
+
 LOCKS_DIR = ".locks"                # inside the result store: gc skips dot-entries
-LOCK_FD_ENV = "VSGD_RUN_LOCK_FD"    # the executor's locked descriptor, inherited by the run
 POLL_SECONDS = 1.0
 
 

@@ -34,6 +34,8 @@ from vsgd.checkpoint import Candidate, Damaged, LocalCheckpointStore
 from vsgd.files import file_digest, file_sha256_once, json_sha256, utc_stamp
 from vsgd.tracking import mlflow_http_settings, tracking_uri
 
+from .contract import ENDPOINT_ENV, RESULTS_ENV, SCRATCH_ENV
+
 log = logging.getLogger(__name__)
 
 SHA256_META = "sha256"              # object metadata key (x-amz-meta-sha256)
@@ -44,9 +46,6 @@ RESULTS_PREFIX = "results"
 # A run's result files; metrics.json last: it marks the run done. beta1.csv: VSGD runs only;
 # train.log (pipeline.train.LOG_NAME): the run's log, where the executor or the run kept one.
 RESULT_FILES = ("config.json", "curve.csv", "beta1.csv", "train.log", "metrics.json")
-RESULTS_ENV = "VSGD_RESULTS_URI"    # set per run by the executors (`run_env`, pipeline.k8s_jobs)
-ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
-SCRATCH_ENV = "VSGD_SCRATCH"
 
 
 class IntegrityError(Exception):

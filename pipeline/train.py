@@ -36,43 +36,24 @@ import datetime
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
 from vsgd.data.errors import DataError
-from vsgd.spec import ARCHS, EX_CONFIG, OPTIMIZERS, TRAINING_DEFAULTS, ConfigError
+from vsgd.spec import ARCHS, OPTIMIZERS, TRAINING_DEFAULTS, ConfigError
 
 from . import results
+from .contract import (CUDA_DRIVER, EX_CONFIG, LOG_NAME, REQUIRE_CUDA_ENV, RESULTS_ENV,
+                       STALE_IMAGE, TEE_LOG_ENV, TERMINATION_LOG_ENV, TERMINATION_LOG_LIMIT,
+                       launched_by_dvc_or_executor, signal_main_thread, watch_launcher)
 from .lease import Lease
 from .runlock import RunLock, inherited
-from .storage import RESULTS_ENV, endpoint_from_env
+from .storage import endpoint_from_env
 
-# The start of the message of a pod whose code differs from the launcher's; the Kubernetes
-# executor looks for it in the termination message.
-STALE_IMAGE = "stale image"
-# "1" when the Job requests GPUs (pipeline.k8s_jobs sets it): no CUDA is then a failure.
-REQUIRE_CUDA_ENV = "VSGD_REQUIRE_CUDA"
-# Where to write why the run failed (the Job template: /dev/termination-log).
-TERMINATION_LOG_ENV = "VSGD_TERMINATION_LOG"
-TERMINATION_LOG_LIMIT = 4096  # bytes; Kubernetes keeps no more of a termination message
-# "1": copy everything the run prints into <output_dir>/LOG_NAME (the Job template sets it:
-# a pod's own log is gone with the Job).
-TEE_LOG_ENV = "VSGD_TEE_LOG"
-LOG_NAME = "train.log"        # also the local executor's log of a run, and a result file
-# "1": stop (as on SIGTERM) when the process that started this one dies; set by the local
-# executor for its runs. A run DVC started (DVC_STAGE set) does so too.
-STOP_WITH_LAUNCHER_ENV = "VSGD_STOP_WITH_LAUNCHER"
-# What DVC runs a stage's command through (`$SHELL -c "<cmd>"`, dvc/stage/run.py).
-SHELLS = ("sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox")
-# The driver the image's CUDA 13.0 needs: CUDA 13.0 GA's (its release notes); NVIDIA's CUDA
-# compatibility guide gives >= 580 as the branch for all of CUDA 13.x.
-CUDA_DRIVER = ">= 580.65.06"
 
 
 class StaleImage(ConfigError):
@@ -263,59 +244,6 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
-
-
-def signal_main_thread(signum: int) -> None:
-    """Send `signum` to the main thread, whose handler then runs there: a real signal, unlike
-    `_thread.interrupt_main`, also wakes it from a blocking wait (for a lock, a child)."""
-    signal.pthread_kill(threading.main_thread().ident, signum)
-
-
-def launcher_pid() -> int:
-    """The process that started this one: the parent, or its parent when the parent is a
-    `sh -c` wrapper (DVC runs a stage's command as `$SHELL -c "<cmd>"`; bash and zsh exec a
-    lone command, dash, Debian's /bin/sh, forks it and waits, and it is not signalled when
-    DVC dies)."""
-    parent = os.getppid()
-    try:
-        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-        if os.path.basename(argv[0].decode()) in SHELLS and b"-c" in argv[1:]:
-            stat = Path(f"/proc/{parent}/stat").read_text()
-            return int(stat.rsplit(")", 1)[1].split()[1])  # the field after (comm) state
-    except (OSError, ValueError, IndexError):
-        pass
-    return parent
-
-
-def watch_launcher(on_death) -> bool:
-    """Call `on_death()` from a daemon thread once the launcher (`launcher_pid`) has exited;
-    False where that cannot be watched (no pidfd: not Linux >= 5.3).
-
-    Why: `dvc repro` killed by SIGTERM dies without passing it on to its stage's command,
-    which would train on as an orphan, racing the next `dvc repro` for the same checkpoint.
-    A pidfd rather than PR_SET_PDEATHSIG, which fires only for the direct parent: the
-    launcher may be the shell's parent. And a callback, so that `StopRequest` counts the
-    launcher's death as a request of its own, never as a second signal."""
-    pid = launcher_pid()
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:  # it is gone already
-        fd = None
-    except (AttributeError, OSError):
-        return False
-
-    def wait():
-        if fd is not None:
-            select.select([fd], [], [])
-            os.close(fd)
-        on_death()
-
-    threading.Thread(target=wait, name="launcher-watch", daemon=True).start()
-    return True
-
-
-def launched_by_dvc_or_executor() -> bool:
-    return bool(os.environ.get("DVC_STAGE")) or os.environ.get(STOP_WITH_LAUNCHER_ENV) == "1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import textwrap
 import time
 
 from pipeline.executors import RunOutcome, get_executor, spec_path, write_spec
-from pipeline.executors.local import LOG_NAME, LocalExecutor
+from pipeline.contract import LOG_NAME
+from pipeline.executors.local import LocalExecutor
 
 # Stands in for `python -m pipeline.train`: reads the spec, prints, sleeps, exits as told.
 FAKE_TRAIN = textwrap.dedent("""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_spec
-from pipeline.train import STALE_IMAGE, TERMINATION_LOG_LIMIT
+from pipeline.contract import STALE_IMAGE, TERMINATION_LOG_LIMIT
 from vsgd.spec import code_version, run_hash
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",

@@ -21,7 +21,6 @@ class RunOutcome:
     log_tail: str = ""            # last lines of the run's log
 
 
-EX_TEMPFAIL = 75   # sysexits.h: try again later (the runs go on; the next start adopts them)
 
 
 class Detached(Exception):

@@ -53,7 +53,7 @@ from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_paral
                           parse_quantity, queue_name, settings, template_path)
 from ..k8s_jobs import (RUN_HASH_LABEL, condition, is_ours, managed_selector, render_job,
                         results_uri, why_not_ours, write_jobs)
-from ..train import STALE_IMAGE   # how a pod whose code is not the launcher's says so
+from ..contract import STALE_IMAGE   # how a pod whose code is not the launcher's says so
 from . import Detached, RunOutcome
 
 REQUEST_TIMEOUT = (10, 60)      # connect, read seconds for ordinary API calls

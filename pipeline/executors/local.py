@@ -32,20 +32,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import results
-from ..runlock import LOCK_FD_ENV, RunLock
-from ..train import (LOG_NAME, STOP_WITH_LAUNCHER_ENV, TEE_LOG_ENV, signal_main_thread,
-                     watch_launcher)
+from ..contract import (EXIT_CODES, LOCK_FD_ENV, LOG_NAME, STOP_WITH_LAUNCHER_ENV,
+                        STOPPED_CODES, TEE_LOG_ENV, signal_main_thread, watch_launcher)
+from ..runlock import RunLock
 from . import RunOutcome, spec_path, write_spec
 
 TAIL_LINES = 30
-EXIT_MEANING = {78: "invalid configuration"}
 # How long a stopped run may take to save its checkpoint and exit before it is killed: the
 # Job template's terminationGracePeriodSeconds (pipeline/templates/job-template.yaml), the
 # same budget a run has in a pod.
 GRACE_SECONDS = 120
-# Exit codes of a run that was stopped rather than failed: pipeline.train after SIGINT and
-# SIGTERM (128 + the signal), and death by either signal.
-STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
 class LocalExecutor:
@@ -159,8 +155,9 @@ class LocalExecutor:
         if code < 0:
             error = f"killed by signal {signal.Signals(-code).name}"
         else:
-            error = f"exit code {code}" + (f" ({EXIT_MEANING[code]})" if code in EXIT_MEANING
-                                           else "")
+            # Named where the code says more than "failed" or "stopped" (reported apart).
+            meaning = EXIT_CODES.get(code) if code not in (1, *STOPPED_CODES) else None
+            error = f"exit code {code}" + (f" ({meaning})" if meaning else "")
         # Stopped by us or by a signal of its own (a `kill` of the run): not a failure of the
         # run; the stage says which runs finished anyway.
         stopped = self._stopping.is_set() or code in STOPPED_CODES

@@ -1,0 +1,117 @@
+"""The contract between a launcher and the runs it starts, in one place: what the single-run
+CLI (`python -m pipeline.train`), both executors and the Job renderer agree on.
+
+- Environment variables a launcher sets for a run (`*_ENV`), and the file a run's log is kept
+  in (`LOG_NAME`).
+- Exit codes (`EXIT_CODES`): what each means, and which of them say the run was stopped
+  rather than failed (`STOPPED_CODES`).
+- The messages a launcher recognises: a stale image (`STALE_IMAGE`), the driver a GPU pod
+  needs (`CUDA_DRIVER`).
+- The launcher watch: a run stops (as on SIGTERM) when the process that started it dies
+  (`watch_launcher`), since DVC does not pass its own SIGTERM on.
+
+A leaf: it imports nothing of the project but `vsgd.spec`'s exit code.
+"""
+
+import os
+import select
+import signal
+import threading
+from pathlib import Path
+
+from vsgd.spec import EX_CONFIG
+
+# The start of the message of a pod whose code differs from the launcher's; the Kubernetes
+# executor looks for it in the termination message.
+STALE_IMAGE = "stale image"
+# "1" when the Job requests GPUs (pipeline.k8s_jobs sets it): no CUDA is then a failure.
+REQUIRE_CUDA_ENV = "VSGD_REQUIRE_CUDA"
+# Where to write why the run failed (the Job template: /dev/termination-log).
+TERMINATION_LOG_ENV = "VSGD_TERMINATION_LOG"
+TERMINATION_LOG_LIMIT = 4096  # bytes; Kubernetes keeps no more of a termination message
+# "1": copy everything the run prints into <output_dir>/LOG_NAME (the Job template sets it:
+# a pod's own log is gone with the Job).
+TEE_LOG_ENV = "VSGD_TEE_LOG"
+LOG_NAME = "train.log"        # also the local executor's log of a run, and a result file
+# "1": stop (as on SIGTERM) when the process that started this one dies; set by the local
+# executor for its runs. A run DVC started (DVC_STAGE set) does so too.
+STOP_WITH_LAUNCHER_ENV = "VSGD_STOP_WITH_LAUNCHER"
+# What DVC runs a stage's command through (`$SHELL -c "<cmd>"`, dvc/stage/run.py).
+SHELLS = ("sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox")
+# The driver the image's CUDA 13.0 needs: CUDA 13.0 GA's (its release notes); NVIDIA's CUDA
+# compatibility guide gives >= 580 as the branch for all of CUDA 13.x.
+CUDA_DRIVER = ">= 580.65.06"
+# Where a run publishes its result in the remote store (`<remote>/results/<run_hash>`); set
+# per run by both executors (`pipeline.storage.run_env`, the Job renderer).
+RESULTS_ENV = "VSGD_RESULTS_URI"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
+SCRATCH_ENV = "VSGD_SCRATCH"          # where a run stages a remote dataset
+# The run lock's descriptor the local executor hands its run (`pipeline.runlock`).
+LOCK_FD_ENV = "VSGD_RUN_LOCK_FD"
+
+EX_TEMPFAIL = 75   # sysexits.h: try again later (the runs go on; the next start adopts them)
+# A run's exit code -> what it means (anything else: a failure, with its log's tail).
+EXIT_CODES = {
+    0: "done (or finished by the launcher it waited for)",
+    1: "failed",
+    EX_CONFIG: "invalid configuration",   # also a stale image, no CUDA, data not the spec's
+    EX_TEMPFAIL: "the launcher stopped following its runs; they go on",
+    128 + signal.SIGINT: "stopped by SIGINT, checkpoint saved",
+    128 + signal.SIGTERM: "stopped by SIGTERM, checkpoint saved",
+}
+# Exit codes of a run that was stopped rather than failed: 128 + the signal after a
+# checkpoint, and death by either signal.
+STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+
+
+def signal_main_thread(signum: int) -> None:
+    """Send `signum` to the main thread, whose handler then runs there: a real signal, unlike
+    `_thread.interrupt_main`, also wakes it from a blocking wait (for a lock, a child)."""
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+def launcher_pid() -> int:
+    """The process that started this one: the parent, or its parent when the parent is a
+    `sh -c` wrapper (DVC runs a stage's command as `$SHELL -c "<cmd>"`; bash and zsh exec a
+    lone command, dash, Debian's /bin/sh, forks it and waits, and it is not signalled when
+    DVC dies)."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        if os.path.basename(argv[0].decode()) in SHELLS and b"-c" in argv[1:]:
+            stat = Path(f"/proc/{parent}/stat").read_text()
+            return int(stat.rsplit(")", 1)[1].split()[1])  # the field after (comm) state
+    except (OSError, ValueError, IndexError):
+        pass
+    return parent
+
+
+def watch_launcher(on_death) -> bool:
+    """Call `on_death()` from a daemon thread once the launcher (`launcher_pid`) has exited;
+    False where that cannot be watched (no pidfd: not Linux >= 5.3).
+
+    Why: `dvc repro` killed by SIGTERM dies without passing it on to its stage's command,
+    which would train on as an orphan, racing the next `dvc repro` for the same checkpoint.
+    A pidfd rather than PR_SET_PDEATHSIG, which fires only for the direct parent: the
+    launcher may be the shell's parent. And a callback, so that `StopRequest` counts the
+    launcher's death as a request of its own, never as a second signal."""
+    pid = launcher_pid()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # it is gone already
+        fd = None
+    except (AttributeError, OSError):
+        return False
+
+    def wait():
+        if fd is not None:
+            select.select([fd], [], [])
+            os.close(fd)
+        on_death()
+
+    threading.Thread(target=wait, name="launcher-watch", daemon=True).start()
+    return True
+
+
+def launched_by_dvc_or_executor() -> bool:
+    return bool(os.environ.get("DVC_STAGE")) or os.environ.get(STOP_WITH_LAUNCHER_ENV) == "1"
