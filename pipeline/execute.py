@@ -21,7 +21,6 @@ from vsgd.tracking import ensure_tracking_store, tracking_uri
 from . import results
 from .executors import Detached, get_executor, write_spec
 from .grid import STORE_DIR, data_checksum
-from .jobs import report_stale
 from .runlock import LOCKS_DIR
 from .storage import fetch_result, find_result, push_dataset
 
@@ -51,12 +50,8 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     to it and waited for, after the others (`pipeline.runlock`, `pipeline.lease`)."""
     check_prepared(params, stage)
     executor = get_executor(params)
-    unfinished = [s for s in specs if not results.is_done(s)]
-    if hasattr(executor, "preflight") and unfinished:
-        # Before any lookup, upload or run: what would fail every run is said at once.
-        executor.preflight(unfinished[0])
-    if params["executor"]["kind"] == "kubernetes":
-        report_stale(params, stage)
+    # Before any lookup, upload or run: what would fail every run is said at once.
+    executor.before_stage(stage, [s for s in specs if not results.is_done(s)])
     fetch = _remote_fetcher(params) if params["storage"]["remote"] else None
     with view_lock():
         found = results.survey(specs, view, fetch)

@@ -13,6 +13,7 @@ import pytest
 from conftest import fake_prepared, write_result
 from pipeline import execute, grid, results
 from pipeline.config import load_params
+from pipeline.executors import Executor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
         import shutil
         shutil.rmtree(view)
 
-    class Nothing:           # the stage's executor: records what it was asked to run
+    class Nothing(Executor):   # the stage's executor: records what it was asked to run
         ran = []
 
         def run(self, pending):

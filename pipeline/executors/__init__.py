@@ -1,15 +1,16 @@
 """Executors run a list of resolved run specs somewhere and report how each one ended.
 
-The train stage has already dropped finished runs and written every spec file
+The stage (`pipeline.execute`) has already dropped finished runs and written every spec file
 (`spec_path(spec)`); an executor only runs what it is given, all at once, as parallel as it
-is configured to.
+is configured to. What differs between executors is theirs, behind one interface
+(`Executor`): what to check before any work (`before_stage`: the Kubernetes executor's
+preflight and its report of stale Jobs), and running. The stage never asks which kind it has.
 """
 
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 
 @dataclass
@@ -29,8 +30,16 @@ class Detached(Exception):
     the stage adopts them."""
 
 
-class Executor(Protocol):
-    def run(self, specs: list[dict]) -> list[RunOutcome]: ...
+class Executor:
+    """What every executor does; the defaults do nothing."""
+
+    def before_stage(self, stage: str, unfinished: list[dict]) -> None:
+        """Called by the stage before any lookup, upload or run, with the runs it has not
+        found finished: say at once what would fail every run (raise ConfigError), and what
+        the stage should know (e.g. runs of an earlier grid still running)."""
+
+    def run(self, specs: list[dict]) -> list[RunOutcome]:
+        raise NotImplementedError
 
 
 def spec_path(spec: dict) -> Path:

@@ -54,7 +54,7 @@ from ..k8s_config import (QUEUE_LABEL, TRAIN_CONTAINER, load_template, max_paral
 from ..k8s_jobs import (RUN_HASH_LABEL, condition, is_ours, managed_selector, render_job,
                         results_uri, why_not_ours, write_jobs)
 from ..contract import STALE_IMAGE   # how a pod whose code is not the launcher's says so
-from . import Detached, RunOutcome
+from . import Detached, Executor, RunOutcome
 
 REQUEST_TIMEOUT = (10, 60)      # connect, read seconds for ordinary API calls
 TRANSIENT = (429, 500, 502, 503, 504)
@@ -161,7 +161,7 @@ class _Outage:
         return left
 
 
-class KubernetesExecutor:
+class KubernetesExecutor(Executor):
     def __init__(self, params: dict, *, out=None, fetch_result=None, sleep=time.sleep):
         self.params = params
         self.cfg = settings(params)
@@ -224,6 +224,14 @@ class KubernetesExecutor:
             self.batch = client.BatchV1Api(self._api)
             self.core = client.CoreV1Api(self._api)
             self.auth = client.AuthorizationV1Api(self._api)
+
+    def before_stage(self, stage: str, unfinished: list[dict]) -> None:
+        """The preflight (with one of the unfinished runs' Jobs), then the Jobs of an
+        earlier grid still running."""
+        from ..jobs import report_stale   # jobs imports this module's client
+        if unfinished:
+            self.preflight(unfinished[0])
+        report_stale(self.params, stage)
 
     def preflight(self, spec: dict) -> None:
         """Check the cluster with `spec`'s Job before the stage does any work (the stage

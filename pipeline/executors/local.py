@@ -35,7 +35,7 @@ from .. import results
 from ..contract import (EXIT_CODES, LOCK_FD_ENV, LOG_NAME, STOP_WITH_LAUNCHER_ENV,
                         STOPPED_CODES, TEE_LOG_ENV, signal_main_thread, watch_launcher)
 from ..runlock import RunLock
-from . import RunOutcome, spec_path, write_spec
+from . import Executor, RunOutcome, spec_path, write_spec
 
 TAIL_LINES = 30
 # How long a stopped run may take to save its checkpoint and exit before it is killed: the
@@ -44,7 +44,7 @@ TAIL_LINES = 30
 GRACE_SECONDS = 120
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     def __init__(self, max_parallel: int = 1, command=None, out=None, run_env=None):
         self.max_parallel = max(1, int(max_parallel))
         # spec -> extra environment variables of its process (they win over ours).
