@@ -49,7 +49,7 @@ SCRATCH_ENV = "VSGD_SCRATCH"          # where a run stages a remote dataset
 # The run lock's descriptor the local executor hands its run (`pipeline.runlock`).
 LOCK_FD_ENV = "VSGD_RUN_LOCK_FD"
 
-EX_TEMPFAIL = 75   # sysexits.h: try again later (the runs go on; the next start adopts them)
+EX_TEMPFAIL = 75   # sysexits.h: try again later (`Detached`: the runs go on, a restart adopts them)
 # A run's exit code -> what it means (anything else: a failure, with its log's tail).
 EXIT_CODES = {
     0: "done (or finished by the launcher it waited for)",
@@ -59,6 +59,12 @@ EXIT_CODES = {
     128 + signal.SIGINT: "stopped by SIGINT, checkpoint saved",
     128 + signal.SIGTERM: "stopped by SIGTERM, checkpoint saved",
 }
+class Detached(Exception):
+    """The executor stopped following runs that go on without it (the Kubernetes API was
+    unreachable longer than its outage budget). Not a failure of any run: the next start of
+    the stage adopts them."""
+
+
 # Exit codes of a run that was stopped rather than failed: 128 + the signal after a
 # checkpoint, and death by either signal.
 STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)

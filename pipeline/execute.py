@@ -19,7 +19,8 @@ from vsgd.spec import ConfigError
 from vsgd.tracking import ensure_tracking_store, tracking_uri
 
 from . import results
-from .executors import Detached, get_executor, write_spec
+from .contract import Detached
+from .executors import get_executor, write_spec
 from .grid import STORE_DIR, data_checksum
 from .runlock import LOCKS_DIR
 from .storage import fetch_result, find_result, push_dataset

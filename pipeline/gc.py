@@ -23,7 +23,7 @@ from .grid import CHECKPOINT_DIR, STORE_DIR
 from .results import read_metrics
 from .runlock import RunLock, lock_path
 from .storage import open_store, results_uri
-from .tune import planned_runs
+from .plan import plan
 
 
 def add_arguments(parser):
@@ -41,7 +41,8 @@ def run(args) -> int:
     params = load_params(args.params, args.set, build_imported=False)
     # Run hashes include the data's checksum: without it every result would look unused.
     check_prepared(params, "gc")
-    tuning, final = planned_runs(params)  # the final runs need the tune stage's choice
+    planned = plan(params)  # the final runs need the tune stage's choice
+    tuning, final = planned.tuning, planned.final
     used = {s["run_hash"] for s in tuning + final}
     verb = "would remove" if args.dry_run else "removed"
     removed = kept = 0

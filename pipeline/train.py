@@ -50,7 +50,10 @@ from . import results
 from .contract import (CUDA_DRIVER, EX_CONFIG, LOG_NAME, REQUIRE_CUDA_ENV, RESULTS_ENV,
                        STALE_IMAGE, TEE_LOG_ENV, TERMINATION_LOG_ENV, TERMINATION_LOG_LIMIT,
                        launched_by_dvc_or_executor, signal_main_thread, watch_launcher)
+from .config import load_params
+from .grid import build_spec
 from .lease import Lease
+from .plan import load_selection
 from .runlock import RunLock, inherited
 from .storage import endpoint_from_env
 
@@ -126,9 +129,6 @@ def load_spec(args) -> dict:
                                f"{exc.start})"]) from exc
         except ValueError as exc:   # JSONDecodeError, or an integer too long to convert
             raise ConfigError([f"spec is not valid JSON: {exc}"]) from exc
-    # Imported here: the --spec forms must work without the params.yaml tooling.
-    from pipeline.config import load_params
-    from pipeline.grid import build_spec
     params = load_params(args.params, args.overrides)
     problems = []
     for flag, value, allowed in (("--dataset", args.dataset, params["protocol"]),
@@ -139,7 +139,6 @@ def load_spec(args) -> dict:
     if problems:
         raise ConfigError(problems)
     # The tune stage's choice for this cell where it made one, else the pinned values.
-    from pipeline.tune import load_selection
     values = load_selection(params).get((args.dataset, args.arch, args.optimizer)) or {}
     return build_spec(params, args.dataset, args.arch, args.optimizer, args.seed, values)
 

@@ -19,21 +19,16 @@ import csv
 import io
 import math
 import sys
-from pathlib import Path
 
 import yaml
 
 from vsgd.files import atomic_write
 
-from .config import add_params_arguments, load_params, resolve_run, tuned_cells
-from .grid import expand, tuning_specs
+from .config import add_params_arguments, load_params, resolve_run
+from .execute import check_prepared, run_stage
+from .plan import CELL_COLUMNS, LEAVE_OUT, POINT_COLUMNS, POINTS, SELECTED, TUNING_DIR, plan
+from .results import read_metrics
 
-TUNING_DIR = Path("results/tuning")
-SELECTED = TUNING_DIR / "selected.yaml"
-POINTS = TUNING_DIR / "tuning.csv"
-# tuning.csv: the cell, then one column per tuned hyperparameter, then the point's outcome.
-CELL_COLUMNS = ("dataset", "arch", "optimizer")
-POINT_COLUMNS = ("val_acc", "diverged", "chosen", "iterations", "run", "run_hash")
 
 
 def add_arguments(parser):
@@ -42,10 +37,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     """Train every grid point of the tuned cells, pick each cell's values on validation."""
-    from .execute import check_prepared, run_stage
     params = load_params(args.params, args.set)
     check_prepared(params, "tune")
-    specs = tuning_specs(params)
+    specs = plan(params, LEAVE_OUT).tuning
     report = run_stage(params, specs, "tune")
     if report.failed:
         print("tune: selection not written: every grid point must finish (or diverge) "
@@ -62,7 +56,6 @@ def run(args) -> int:
 
 def points(params: dict, specs: list[dict]) -> list[dict]:
     """One row per grid point: its cell, values, final validation accuracy, divergence."""
-    from .results import read_metrics
     rows = []
     for spec in specs:
         metrics = read_metrics(spec["output_dir"]) or {}
@@ -102,67 +95,6 @@ def _order(values: dict) -> tuple:
     """Smaller first, lr before the other keys (then the grid's order)."""
     keys = sorted(values, key=lambda k: (k != "lr",))
     return tuple(tuple(values[k]) if isinstance(values[k], list) else values[k] for k in keys)
-
-
-def planned_runs(params: dict) -> tuple[list[dict], list[dict]]:
-    """(the tune stage's runs, the grid's final runs); raises ConfigError while a tuned
-    cell has no selection yet (the final runs are not known before the tune stage)."""
-    return tuning_specs(params), expand(params, load_selection(params))
-
-
-def load_selection(params: dict, path: Path = SELECTED) -> dict:
-    """(dataset, arch, optimizer) -> chosen values (None: every point diverged), for the
-    tuned cells of `params` whose choice in `path` was made on the current grid and tuning
-    settings; {} when the file does not exist yet.
-
-    A choice counts only if the tune stage made it among exactly the runs the current params
-    give the cell: the run hashes recorded in tuning.csv beside `path` are those of
-    `grid.tuning_specs` (they hold every grid point, the budget, the held-out split, the
-    seed, the data and the code). A cell whose grid or tuning settings changed since is left
-    out: it must be tuned again, and the train stage refuses until it is (`grid.expand`)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        tuned_on = _tuned_runs(Path(path).with_name(POINTS.name))
-    except FileNotFoundError:
-        return {}
-    current: dict = {}
-    for spec in tuning_specs(params):
-        cell = (spec["dataset"], spec["arch_key"], spec["optimizer"]["name"])
-        current.setdefault(cell, set()).add(spec["run_hash"])
-    out = {}
-    for cell in tuned_cells(params):
-        ds, arch, opt = cell
-        entry = (data.get(ds) or {}).get(arch, {}).get(opt, "absent") \
-            if isinstance(data, dict) else "absent"
-        if entry == "absent" or tuned_on.get(cell) != current.get(cell):
-            continue
-        grid = resolve_run(params, *cell)["optimizer"]["grid"]
-        if entry is None:
-            out[cell] = None
-        elif isinstance(entry, dict) and set(entry) == set(grid) and all(
-                any(_same(value, g) for g in grid[key]) for key, value in entry.items()):
-            out[cell] = entry
-    return out
-
-
-def _tuned_runs(points_csv: Path) -> dict:
-    """cell -> the run hashes of the points the tune stage chose among (tuning.csv); a file
-    written before it recorded them gives none, so its choices count as not current."""
-    with points_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    out: dict = {}
-    for row in rows:
-        if row.get("run_hash"):
-            cell = tuple(row.get(key) for key in CELL_COLUMNS)
-            out.setdefault(cell, set()).add(row["run_hash"])
-    return out
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, list) or isinstance(b, list):
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-            float(x) == float(y) for x, y in zip(a, b))
-    return float(a) == float(b)
 
 
 def write_outputs(params: dict, rows: list[dict], selection: dict) -> None:

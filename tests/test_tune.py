@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import fake_prepared
-from pipeline import grid, tune
-from pipeline.config import ConfigError, load_params
+from pipeline import grid, plan, tune
+from pipeline.config import ConfigError, load_params, tuned_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -66,7 +66,7 @@ def test_tuning_runs_hold_out_validation_scale_the_schedule_and_skip_test(tmp_pa
 def test_final_runs_train_the_selection_and_need_one(params):
     with pytest.raises(ConfigError, match="run the tune stage first"):
         grid.expand(params, {})
-    selection = {cell: {"lr": 0.05} for cell in tune.tuned_cells(params)}
+    selection = {cell: {"lr": 0.05} for cell in tuned_cells(params)}
     selection[("cifar100", "vgg", "vsgd")] = None  # every point diverged: no final runs
     specs = grid.expand(params, selection)
     assert len(specs) == 23
@@ -80,7 +80,7 @@ def test_final_runs_train_the_selection_and_need_one(params):
 
 def test_tuning_off_pins_every_optimizer(tmp_path):
     p = load_params(PARAMS, ["preset=ci", f"data.root={tmp_path}", "tune.enabled=false"])
-    assert grid.tuning_specs(p) == [] and tune.tuned_cells(p) == []
+    assert grid.tuning_specs(p) == [] and tuned_cells(p) == []
     assert len(grid.expand(p, {})) == 24
 
 
@@ -98,11 +98,11 @@ def chosen(params, path, tree):
 def test_a_selection_is_read_back_only_for_the_grid_it_was_made_on(params, tmp_path):
     path = tmp_path / "selected.yaml"
     chosen(params, path, {"cifar100": {"vgg": {"sgd": {"lr": 0.1}, "vsgd": None}}})
-    assert tune.load_selection(params, path) == {("cifar100", "vgg", "sgd"): {"lr": 0.1},
+    assert plan.load_selection(params, path) == {("cifar100", "vgg", "sgd"): {"lr": 0.1},
                                                  ("cifar100", "vgg", "vsgd"): None}
     regridded = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}",
                                      "optimizer.sgd.grid={lr: [0.2, 0.3]}"])
-    assert ("cifar100", "vgg", "sgd") not in tune.load_selection(regridded, path)
+    assert ("cifar100", "vgg", "sgd") not in plan.load_selection(regridded, path)
 
 
 @pytest.mark.parametrize("override,problem", [
@@ -144,11 +144,11 @@ def test_a_choice_made_on_an_earlier_grid_or_tuning_settings_is_not_used(params,
                                                                         change):
     path = tmp_path / "selected.yaml"
     chosen(params, path, {"cifar100": {"vgg": {"sgd": {"lr": 0.1}}}})
-    assert ("cifar100", "vgg", "sgd") in tune.load_selection(params, path)
+    assert ("cifar100", "vgg", "sgd") in plan.load_selection(params, path)
     changed = load_params(PARAMS, ["preset=ci", f"data.root={params['data']['root']}", change])
-    assert ("cifar100", "vgg", "sgd") not in tune.load_selection(changed, path)
+    assert ("cifar100", "vgg", "sgd") not in plan.load_selection(changed, path)
     with pytest.raises(ConfigError, match="run the tune stage"):
-        grid.expand(changed, tune.load_selection(changed, path))
+        grid.expand(changed, plan.load_selection(changed, path))
 
 
 def test_a_selection_without_its_tuning_runs_recorded_is_not_used(params, tmp_path):
@@ -159,9 +159,9 @@ def test_a_selection_without_its_tuning_runs_recorded_is_not_used(params, tmp_pa
     csv_path = path.with_name("tuning.csv")
     csv_path.write_text("\n".join(",".join(line.split(",")[:-1])
                                   for line in csv_path.read_text().splitlines()) + "\n")
-    assert tune.load_selection(params, path) == {}
+    assert plan.load_selection(params, path) == {}
     csv_path.unlink()
-    assert tune.load_selection(params, path) == {}
+    assert plan.load_selection(params, path) == {}
 
 
 def test_the_train_stage_refuses_a_stale_choice_with_78(tmp_path):

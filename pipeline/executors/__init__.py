@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract import Detached  # noqa: F401 - what an executor raises to leave its runs
+
 
 @dataclass
 class RunOutcome:
@@ -22,12 +24,6 @@ class RunOutcome:
     log_tail: str = ""            # last lines of the run's log
 
 
-
-
-class Detached(Exception):
-    """The executor stopped following runs that go on without it (the Kubernetes API was
-    unreachable longer than its outage budget). Not a failure of any run: the next start of
-    the stage adopts them."""
 
 
 class Executor:
