@@ -19,8 +19,11 @@ Ceph RGW and moto implement the same headers.)
 
 Expiry is judged on the store's clock alone: a lease is expired when the store's `Date` of a
 read is more than its holder's lease time (`LEASE_SECONDS`, recorded in the lease) past the
-object's `Last-Modified`, so machines whose clocks disagree still agree on it. A machine that dies loses its lease after `LEASE_SECONDS`, and the
-run then resumes elsewhere from its checkpoint in the same store.
+object's `Last-Modified`, so machines whose clocks disagree still agree on it. A machine that
+dies loses its lease after `LEASE_SECONDS`, and the run then resumes elsewhere from its
+checkpoint in the same store. A holder on this very machine whose process is gone (killed,
+crashed: the lease names its host, boot, pid and the pid's start time) is known to be gone at
+once, and its lease is taken over without waiting for it to expire.
 """
 
 import email.utils
@@ -40,7 +43,7 @@ LEASE_NAME = "LEASE.json"
 # How long a lease outlives its last renewal. Long enough for a stalled store or a busy
 # machine to renew in time; short enough that a dead machine's run resumes elsewhere soon.
 # VSGD_LEASE_SECONDS overrides it (tests; stores with slow renewals).
-LEASE_SECONDS = float(os.environ.get("VSGD_LEASE_SECONDS", "300"))
+LEASE_SECONDS = float(os.environ.get("VSGD_LEASE_SECONDS", "120"))
 WAIT_POLL_SECONDS = min(30.0, LEASE_SECONDS / 4)
 
 
@@ -58,6 +61,7 @@ class Lease:
         self.client = s3_client(endpoint_url or endpoint_from_env())
         self.token = uuid.uuid4().hex
         self.owner = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.process = this_process()
         self.etag: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -80,7 +84,8 @@ class Lease:
         if body.get("token") == self.token:   # our own write, retried by botocore after a
             self.etag = etag                  # lost response
             return None
-        if age <= _lifetime(body):
+        gone = _holder_is_gone(body)
+        if age <= _lifetime(body) and not gone:
             return f"{body.get('owner', 'another launcher')} (renewed {age:.0f} s ago)"
         try:
             self.etag = self._put(IfMatch=etag)
@@ -88,8 +93,8 @@ class Lease:
             if not _precondition_failed(exc):
                 raise
             return "another launcher, which took the expired lease over a moment ago"
-        log.warning("took over the expired lease of %s (%s, last renewed %.0f s ago)",
-                    self.uri, body.get("owner"), age)
+        log.warning("took over the lease of %s (%s, last renewed %.0f s ago): %s", self.uri,
+                    body.get("owner"), age, "its process is gone" if gone else "expired")
         return None
 
     def acquire(self, on_wait=None, cancel=None) -> bool:
@@ -158,7 +163,7 @@ class Lease:
 
     def _put(self, **condition) -> str:
         body = json.dumps({"owner": self.owner, "token": self.token,
-                           "lease_seconds": LEASE_SECONDS}).encode()
+                           "lease_seconds": LEASE_SECONDS, "process": self.process}).encode()
         return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
                                       ContentType="application/json", **condition)["ETag"]
 
@@ -197,3 +202,50 @@ def _precondition_failed(exc) -> bool:
 
 def _missing(exc) -> bool:
     return _code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def this_process() -> dict:
+    """What tells this process apart from any other, ever, on this machine: the host (with
+    its PID namespace: containers may share a hostname), the boot, the pid and the pid's
+    start time (a pid is reused; pid and start time together are not)."""
+    return {"host": _host(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+            "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _holder_is_gone(body: dict) -> bool:
+    """The lease's holder ran on this machine, in this boot, and its process has ended
+    (False whenever that cannot be proved: another machine, no /proc)."""
+    holder, here = body.get("process"), this_process()
+    if not isinstance(holder, dict) or here["boot"] is None or here["start"] is None:
+        return False
+    if (holder.get("host"), holder.get("boot")) != (here["host"], here["boot"]):
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    return _start_time(pid) != holder.get("start")   # None: no such process any more
+
+
+def _host() -> str:
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/pidns:{namespace}"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22)."""
+    stat = _read(f"/proc/{pid}/stat")
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None

@@ -199,6 +199,25 @@ def test_an_expired_lease_is_taken_over_by_one_waiter(s3, monkeypatch):
     assert [a.try_acquire(), b.try_acquire()].count(None) == 1
 
 
+def test_a_killed_holder_on_this_machine_leaves_its_lease_at_once(s3):
+    """A run SIGKILLed (OOM, kill -9) cannot give its lease up; on its own machine its restart
+    sees the holder's process is gone and takes the lease over without waiting it out."""
+    uri = "s3://shared/results/0123456789abcdef"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pipeline.lease import Lease
+        assert Lease({uri!r}).try_acquire() is None
+        print("held", flush=True)
+        time.sleep(600)
+    """)], env={**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert "pid" in leases.Lease(uri).try_acquire()     # alive: held
+    holder.kill()
+    holder.wait()
+    assert leases.Lease(uri).try_acquire() is None       # gone: taken over, no wait
+
+
 def test_a_run_on_a_second_machine_waits_for_the_lease_and_takes_the_result(
         data_root, tmp_path, s3):
     """Two machines (two workspaces) sharing a remote store: the second launcher of a run
@@ -209,7 +228,7 @@ def test_a_run_on_a_second_machine_waits_for_the_lease_and_takes_the_result(
     uri = f"s3://shared/results/{spec['run_hash']}"
     first = leases.Lease(uri)
     assert first.try_acquire() is None
-    # Short polls of the lease in the waiting process (the lease it waits for says 300 s).
+    # Short polls of the lease in the waiting process (the lease it waits for says 120 s).
     env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
            "VSGD_RESULTS_URI": uri, "VSGD_LEASE_SECONDS": "4"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
