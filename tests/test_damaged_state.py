@@ -152,7 +152,7 @@ def test_several_runs_in_one_process_hash_the_prepared_data_once(data_root, tmp_
     shutil.copytree(directory, staged)
     manifest = json.loads((staged / "manifest.json").read_text())
     hashed.clear()
-    storage._check_manifest(staged, manifest["checksum"], rehash=True)
+    storage.datasets.check_manifest(staged, manifest["checksum"], rehash=True)
     load_prepared(staged)
     assert hashed == []
 

@@ -80,7 +80,7 @@ def test_s3_store_round_trip_with_sha256_metadata(s3, prefix, tmp_path):
 def test_large_objects_go_multipart_and_verify(s3, prefix, tmp_path, monkeypatch):
     from boto3.s3.transfer import TransferConfig
     mib = storage.MiB  # S3's smallest part is 5 MiB
-    monkeypatch.setattr(storage, "_transfer_config", lambda: TransferConfig(
+    monkeypatch.setattr(storage.objects, "transfer_config", lambda: TransferConfig(
         multipart_threshold=5 * mib, multipart_chunksize=5 * mib, max_concurrency=2))
     data = os.urandom(12 * mib)
     (tmp_path / "big").write_bytes(data)
@@ -325,7 +325,7 @@ def test_redaction_masks_credential_values_and_url_userinfo(monkeypatch, caplog)
 def test_mlflow_lookups_retry_briefly_without_changing_the_environment(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
-    with storage.mlflow_http_settings():
+    with storage.results.mlflow_http_settings():
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"  # the user's setting wins
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
