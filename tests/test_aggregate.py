@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import write_result
+
 from pipeline import aggregate
 from pipeline.config import load_params
+from pipeline.report import mlflow_export, stats
+from pipeline.report.cells import label
+from pipeline.report.figures import STYLES, style
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -151,7 +154,7 @@ def test_mlflow_export(tmp_path, monkeypatch):
         client.log_metric(run.info.run_id, "test_acc", 0.5 + i / 10, step=10)
         client.set_terminated(run.info.run_id)
     params = load_params(PARAMS, [f"tracking.uri={uri}"])
-    assert aggregate.export_mlflow(params, tmp_path / "runs.csv") == 3
+    assert mlflow_export.export_mlflow(params, tmp_path / "runs.csv") == 3
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert {r["run_name"] for r in rows} == {"run0", "run1", "run2"}
     assert {r["metrics.test_acc"] for r in rows} == {"0.5", "0.6", "0.7"}
@@ -451,7 +454,6 @@ THREE_SEEDS = {
 
 
 def test_differences_name_a_winner_only_beyond_seed_noise(tmp_path):
-    from pipeline import stats
     results = tmp_path / "results"
     plant_cells(results / "runs", THREE_SEEDS)
     run_aggregate(results, ["archs=[vgg,convmixer]"])
@@ -532,17 +534,17 @@ def test_claim_is_not_tested_without_vsgd_or_a_rival_instead_of_failing(results)
 
 def test_unknown_optimizer_keys_get_distinct_stable_styles_and_their_key_as_label():
     grid = ["sgd", "radam", "adam", "my_opt", "vsgd"]
-    assert aggregate.style("sgd", grid) == aggregate.STYLES["sgd"]
-    assert aggregate.style("my_opt", grid) == ("tab:red", "-", "v")  # sorted first
-    assert aggregate.style("radam", grid) == ("tab:brown", "-", "P")
+    assert style("sgd", grid) == STYLES["sgd"]
+    assert style("my_opt", grid) == ("tab:red", "-", "v")  # sorted first
+    assert style("radam", grid) == ("tab:brown", "-", "P")
     # The grid's order and the built-ins around them change nothing.
-    assert aggregate.style("radam", ["my_opt", "radam"]) == aggregate.style("radam", grid)
+    assert style("radam", ["my_opt", "radam"]) == style("radam", grid)
     many = [f"opt{i:02d}" for i in range(12)]
-    looks = {aggregate.style(o, many) for o in many}
+    looks = {style(o, many) for o in many}
     assert len(looks) == 12  # past the colours, the line style tells them apart
-    builtin_colors = {c for c, _, _ in aggregate.STYLES.values()}
+    builtin_colors = {c for c, _, _ in STYLES.values()}
     assert not builtin_colors & {c for c, _, _ in looks}
-    assert aggregate.label("radam") == "radam" and aggregate.label("vsgd") == "VSGD"
+    assert label("radam") == "radam" and label("vsgd") == "VSGD"
 
 
 def colour_pixels(png, rgb):

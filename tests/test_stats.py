@@ -1,12 +1,12 @@
-"""Welch's t intervals and the best / tied / worse standing (pipeline/stats.py), on planted
+"""Welch's t intervals and the best / tied / worse standing (pipeline/report/stats.py), on planted
 numbers whose answer is known: published t table values and intervals worked out by hand."""
 
 import math
 
 import pytest
 
-from pipeline import stats
-from pipeline.stats import BEST, NOT_ENOUGH, POINT, TIED, WORSE
+from pipeline.report import stats
+from pipeline.report.stats import BEST, NOT_ENOUGH, POINT, TIED, WORSE
 
 
 # Student t critical values as printed in t tables (NIST/SEMATECH e-Handbook of Statistical

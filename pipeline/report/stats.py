@@ -104,9 +104,9 @@ def standing(samples: dict[str, list[float]], level: float = 0.95) -> dict[str, 
 # Student t distribution
 #
 # scipy.stats is imported in the functions that use it, not above: its import takes about a
-# second, ten times all of pipeline.aggregate's imports, which likewise leaves matplotlib and
-# mlflow to the functions that need them. Only an interval needs it; later calls find it
-# loaded.
+# second, five times all of pipeline.aggregate's imports, which likewise leave matplotlib,
+# pandas and mlflow to the functions that need them. Only an interval needs it; later calls
+# find it loaded.
 
 
 def t_cdf(t: float, df: float) -> float:
