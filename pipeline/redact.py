@@ -11,13 +11,14 @@ import re
 import sys
 import traceback
 
+from vsgd.lineage import URL_USERINFO
+
 MASK = "***"
 # Standard variables that carry a credential value (the AWS SDK's and MLflow's client auth).
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
               "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # Any other variable whose name says it holds a secret.
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY", re.I)
-URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # Shorter values are too likely to occur by chance (and to mangle ordinary text).
 MIN_LEN = 6
 

@@ -15,10 +15,12 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT,
                                       MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
+import vsgd.lineage as lineage
 import vsgd.tracking as tracking
 from conftest import crash_at, run_spec
 from vsgd.checkpoint import LocalCheckpointStore
-from vsgd.tracking import Tracker, dataset_input, ensure_tracking_store
+from vsgd.lineage import dataset_input
+from vsgd.tracking import Tracker, ensure_tracking_store
 from vsgd.trainer import train
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -82,7 +84,7 @@ def test_a_pods_dataset_input_is_the_remote_it_was_staged_from(tmp_path):
 
 def test_the_code_is_mlflow_source_git_commit(data_root, tmp_path, monkeypatch):
     """An image has no .git: the commit it was built from comes from its environment."""
-    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, COMMIT)
+    monkeypatch.setenv(lineage.GIT_COMMIT_ENV, COMMIT)
     uri = sqlite(tmp_path)
     client = MlflowClient(tracking_uri=uri)
 
@@ -95,7 +97,7 @@ def test_the_code_is_mlflow_source_git_commit(data_root, tmp_path, monkeypatch):
     tags = tags_of_a_run(0)
     assert tags[MLFLOW_GIT_COMMIT] == COMMIT
     assert tags[MLFLOW_SOURCE_TYPE] == "LOCAL"
-    assert tags[MLFLOW_SOURCE_NAME] == tracking.entry_point()   # `python -m` module or script
+    assert tags[MLFLOW_SOURCE_NAME] == lineage.entry_point()   # `python -m` module or script
     assert "git_commit" not in tags  # one place for the commit
     # A commit nobody knows is left out rather than shown as one.
     monkeypatch.setattr(tracking, "git_commit", lambda: "unknown")
