@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError
+from vsgd.spec import ConfigError
+
 from .contract import EX_CONFIG, EX_TEMPFAIL, Detached
 
 EXAMPLES = """\
@@ -37,10 +38,9 @@ COMMANDS = {
     "aggregate": ("pipeline.aggregate", "tables, figures and MLflow export (DVC aggregate "
                                         "stage)"),
     "gc": ("pipeline.gc", "remove results and checkpoints no run of the grid uses"),
-    "render-jobs": ("pipeline.executors.kubernetes", "write the grid's Kubernetes Jobs as "
-                                                     "YAML files"),
-    "jobs": ("pipeline.jobs", "list this pipeline's Kubernetes Jobs, or cancel them (those of "
-                              "an earlier grid with --stale)"),
+    "render-jobs": ("pipeline.k8s.render", "write the grid's Kubernetes Jobs as YAML files"),
+    "jobs": ("pipeline.k8s.jobs", "list this pipeline's Kubernetes Jobs, or cancel them (those "
+                                  "of an earlier grid with --stale)"),
     "image": ("pipeline.image", "the training image's reference: tagged with the code version "
                                 "(`make image` builds it)"),
     "services": ("pipeline.services", "start/stop a local MLflow server and S3 store"),

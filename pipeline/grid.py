@@ -15,7 +15,7 @@ from pathlib import Path
 from vsgd.spec import OPTIMIZERS, STAGE_KEY, ConfigError, code_version, run_hash
 from vsgd.tracking import tracking_uri
 
-from .config import resolve_run, tuned_cells
+from .cells import resolve_run, tuned_cells
 
 RESULTS_DIR = "results/runs"     # the current grid, one directory per run name
 STORE_DIR = "results/store"      # every finished result, by run hash
@@ -25,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 def expand(params: dict, selection: dict | None = None) -> list[dict]:
     """The final runs: every dataset x arch x optimizer x seed, in that order.
 
-    A tuned cell (`pipeline.config.tuned_cells`) trains the values the tune stage chose,
+    A tuned cell (`pipeline.cells.tuned_cells`) trains the values the tune stage chose,
     `selection[(dataset, arch, optimizer)]` (see `pipeline.tune.load_selection`); a cell
     whose every grid point diverged (selection None) has no final runs. Without a selection
     for a tuned cell, raises ConfigError: the tune stage has to run first.

@@ -2,7 +2,7 @@
 `plan`, for every caller (the tune and train stages, validate, gc, the jobs and render-jobs
 commands, a run built by hand).
 
-A tuned cell (`pipeline.config.tuned_cells`) trains the values the tune stage chose; a choice
+A tuned cell (`pipeline.cells.tuned_cells`) trains the values the tune stage chose; a choice
 counts only for the tuning runs it was made among (`load_selection`). Until there is one, the
 cell is `undecided`: callers that need the final runs refuse (ConfigError: run the tune stage),
 callers that only list them take the cell's pinned values or leave it out.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import resolve_run, tuned_cells
+from .cells import resolve_run, tuned_cells
 from .grid import expand, tuning_specs
 
 TUNING_DIR = Path("results/tuning")

@@ -8,8 +8,9 @@ import sys
 from vsgd.data.download import DownloadError
 from vsgd.data.errors import DataError
 from vsgd.data.prepared import prepare
+from vsgd.spec import ConfigError
 
-from .config import ConfigError, add_params_arguments, load_params
+from .config import add_params_arguments, load_params
 
 
 def add_arguments(parser):

@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from vsgd.files import atomic_write
+from vsgd.spec import ConfigError
 
-from .config import ConfigError, add_params_arguments, load_params
+from .config import add_params_arguments, load_params
 
 OUT = Path("results/timing")
 # The training keys that change what a step computes (the rest decide when to evaluate, log

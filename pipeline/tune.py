@@ -1,6 +1,6 @@
 """The tune stage: each tuned cell's hyperparameters, chosen on validation accuracy.
 
-For every (dataset, arch, optimizer) with a `grid` (`pipeline.config.tuned_cells`), one run
+For every (dataset, arch, optimizer) with a `grid` (`pipeline.cells.tuned_cells`), one run
 per grid point (`pipeline.grid.tuning_specs`): trained on the training split minus
 `tune.validation_size` held-out images, for `tune.budget` of the iterations (StepLR
 milestones scaled alike), with seed `tune.seed`, never evaluating the test set. The point
@@ -24,7 +24,8 @@ import yaml
 
 from vsgd.files import atomic_write
 
-from .config import add_params_arguments, load_params, resolve_run
+from .cells import resolve_run
+from .config import add_params_arguments, load_params
 from .execute import check_prepared, run_stage
 from .plan import CELL_COLUMNS, LEAVE_OUT, POINT_COLUMNS, POINTS, SELECTED, TUNING_DIR, plan
 from .results import read_metrics

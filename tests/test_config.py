@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (ARCHS, DATASETS, EX_CONFIG, OPTIMIZERS, ConfigError,
-                             load_params, resolve_run)
+from pipeline.cells import resolve_run
+from pipeline.config import load_params
+from vsgd.spec import ARCHS, DATASETS, EX_CONFIG, OPTIMIZERS, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -104,7 +105,7 @@ def test_every_problem_is_listed_with_its_path_and_allowed_values():
 
 
 def test_grid_of_an_optimizer_and_the_tuned_cells():
-    from pipeline.config import tuned_cells
+    from pipeline.cells import tuned_cells
     p = load_params(PARAMS, ["optimizer.vsgd.grid={lr: [0.1, 0.01]}"])
     assert resolve_run(p, "cifar100", "vgg", "vsgd")["optimizer"]["grid"] == {"lr": [0.1, 0.01]}
     assert len(tuned_cells(p)) == 24  # every optimizer has a grid by default

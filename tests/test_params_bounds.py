@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import MAX_PARAMS_BYTES, MAX_YAML_NODES, ConfigError, load_params
+from pipeline.config import load_params
+from pipeline.params_file import MAX_PARAMS_BYTES, MAX_YAML_NODES
+from vsgd.spec import ConfigError
 from vsgd.spec import check_spec
 
 ROOT = Path(__file__).resolve().parents[1]

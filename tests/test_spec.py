@@ -22,11 +22,13 @@ def test_spec_imports_without_torch_or_numpy():
 
 
 def test_pipeline_config_uses_the_library_definitions():
-    from pipeline import config
+    from pipeline import config, contract, params_check
     from vsgd.data import registry
     from vsgd.models import MODELS
-    for name in ("DATASETS", "MODELS", "ARCHS", "OPTIMIZERS", "ConfigError", "EX_CONFIG"):
-        assert getattr(config, name) is getattr(vsgd_spec, name)
+    for name in ("DATASETS", "MODELS", "ARCHS", "OPTIMIZERS"):
+        assert getattr(params_check, name) is getattr(vsgd_spec, name)
+    assert config.ConfigError is vsgd_spec.ConfigError
+    assert contract.EX_CONFIG is vsgd_spec.EX_CONFIG
     assert MODELS is vsgd_spec.MODELS
     assert vsgd_spec.DATASETS == tuple(registry.DATASETS)
 

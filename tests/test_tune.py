@@ -12,7 +12,8 @@ import yaml
 
 from conftest import fake_prepared
 from pipeline import grid, plan, tune
-from pipeline.config import ConfigError, load_params, tuned_cells
+from pipeline.cells import tuned_cells
+from pipeline.config import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"

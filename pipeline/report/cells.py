@@ -8,7 +8,7 @@ at a non-finite loss has no final accuracy to average."""
 import statistics
 from collections import defaultdict
 
-from ..config import tuned_cells
+from ..cells import tuned_cells
 from .table import DASH
 
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "vsgd": "VSGD",
