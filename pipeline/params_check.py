@@ -33,7 +33,7 @@ from vsgd.spec import (
 from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
 
 from .cells import dataset_sizes, grid_cells, optimizer_names, resolve_run, tuned_cells, valid_names
-from .params_file import read_yaml
+from .k8s import schema as k8s_schema
 from .tracking_check import check_tracking
 
 OPTIMIZER_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # a run name part and a label value
@@ -290,8 +290,7 @@ def _check_small_sections(c, p):
         # The Kubernetes executor owns its section; a local run with none set needs no Job
         # template, so it is not checked then.
         if e["kind"] == "kubernetes" or e["kubernetes"] not in (None, MISSING, {}):
-            from .k8s import schema as k8s_schema
-            c.problems.extend(k8s_schema.validate(p.data, read_yaml))
+            c.problems.extend(k8s_schema.validate(p.data))
     t = c.mapping(p["tracking"], "tracking", required=("uri", "experiment"))
     if t is not None:
         check_tracking(c, t["uri"])

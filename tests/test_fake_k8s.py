@@ -1,5 +1,7 @@
-"""The fake API server (tests/fake_k8s.py) driven by the official client only, configured
-from the fake's kubeconfig: each test pins one behaviour the executor's tests rely on."""
+"""The fake API server (tests/fake_k8s/) driven by the official client only, configured
+from the fake's kubeconfig: each test pins one behaviour the executor's tests rely on. The
+server keeps real time here (watch timeouts through urllib3 included), except where a test
+says otherwise."""
 
 import json
 import threading
@@ -9,10 +11,10 @@ from pathlib import Path
 import pytest
 import urllib3
 import yaml
+from fake_k8s import FakeKube, ScaledClock
+from fake_k8s.selectors import matches
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-
-from fake_k8s import FakeKube, _matches
 
 NS = "vsgd"
 
@@ -151,6 +153,27 @@ def test_refused_then_listening_again_on_the_same_port(kube, batch):
     eventually(kube.outage_over)
     assert [j.metadata.name for j in batch.list_namespaced_job(NS, _request_timeout=2).items] \
         == ["a"]
+
+
+def test_its_clock_times_faults_and_watches():
+    """Faults of N seconds and a watch's timeoutSeconds last N seconds of the server's clock:
+    here one that runs 20 times faster than real time."""
+    clock = ScaledClock(20)
+    fake = FakeKube(clock=clock)
+    api = config.new_client_from_config_dict(fake.kubeconfig(fake.start()))
+    batch = client.BatchV1Api(api)
+    try:
+        fake.outage("503", seconds=4)
+        assert not fake.outage_over()
+        clock.sleep(4)
+        assert fake.outage_over()
+        started = time.monotonic()
+        assert list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=4,
+                                         _request_timeout=10)) == []
+        assert time.monotonic() - started < 2   # 4 s of its clock, 0.2 s of real time
+    finally:
+        api.close()
+        fake.stop()
 
 
 # -- watches --------------------------------------------------------------------------------
@@ -454,7 +477,7 @@ def test_label_selectors(kube, batch):
     assert names("!tier") == ["z"]
     assert names("app=t,tier") == ["x", "y"]
     assert names("tier!=a") == ["y", "z"]
-    assert _matches({"k": "v"}, "k in (v),k==v,!other")
+    assert matches({"k": "v"}, "k in (v),k==v,!other")
 
 
 # -- as strict as a real API server ---------------------------------------------------------

@@ -1,8 +1,8 @@
 """What a real GPU cluster does to the kubernetes executor, against the test API server
-(tests/fake_k8s.py, driven by the official client): pods that cannot start, API outages,
-stale images, Jobs of other pipelines and of earlier grids, Kueue queues, and the preflight
-that finds every problem before a GPU is used. Each test is named after the failure it
-guards against.
+(tests/fake_k8s/, driven by the official client, on its faster clock `kube.clock`): pods
+that cannot start, API outages, stale images, Jobs of other pipelines and of earlier grids,
+Kueue queues, and the preflight that finds every problem before a GPU is used. Each test is
+named after the failure it guards against.
 """
 
 import io
@@ -10,17 +10,16 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from test_k8s_executor import PARAMS, api_delete, executor, grid, spec_of
 
 from pipeline.config import ConfigError
 from pipeline.executors import Detached
-from pipeline.jobs import report_stale
-from pipeline.k8s_config import QUEUE_LABEL
-from pipeline.k8s_jobs import OWNER_LABEL, STORE_LABEL, job_name, render_job
-from test_k8s_executor import PARAMS, executor, grid, spec_of
+from pipeline.k8s.jobs import report_stale
+from pipeline.k8s.render import OWNER_LABEL, STORE_LABEL, job_name, render_job
+from pipeline.k8s.schema import QUEUE_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = "/apis/batch/v1/namespaces/vsgd/jobs"
@@ -31,13 +30,6 @@ def created(kube):
     return [r for r in kube.requests if r == ("POST", JOBS)][len(kube.dry_runs):]
 
 
-def api_delete(name, namespace="vsgd"):
-    """Delete a Job through the API as `kubectl`-less clients do: no propagationPolicy."""
-    from kubernetes import client
-    from pipeline.executors.kubernetes import connect
-    client.BatchV1Api(connect()).delete_namespaced_job(name, namespace)
-
-
 def finish_ok(kube, store, specs):
     """A cluster where every Job's pod runs and completes."""
     def cluster(job):
@@ -45,7 +37,7 @@ def finish_ok(kube, store, specs):
         if job["spec"].get("suspend"):
             return
         kube.start_pod(name)
-        time.sleep(0.2)
+        kube.clock.sleep(0.2)
         store(spec_of(job, specs))
         kube.complete(name)
     return cluster
@@ -67,7 +59,7 @@ def test_a_stale_image_is_reported_as_stale_and_not_retried(kube, store):
                   "exit code 78 matching FailJob rule at index 1")
 
     kube.on_create = cluster
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok
     assert outcome.error.startswith("image is stale: rebuild and push")
     assert "0123456789ab" in outcome.error and "89abcdef0123" in outcome.error
@@ -107,12 +99,12 @@ def test_a_pod_that_cannot_start_fails_its_run_after_the_grace_period(kube, stor
         name = job["metadata"]["name"]
         pod = kube.start_pod(name, waiting=reasons[0])
         for reason in reasons[1:]:
-            time.sleep(0.5)
+            kube.clock.sleep(0.5)
             kube.set_waiting(pod, *reason)
 
     kube.on_create = cluster
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert not outcome.ok and "could not start" in outcome.error
     assert expected in outcome.error
     # Given up on: its Job is deleted with its pods, not left pulling or holding quota.
@@ -126,7 +118,7 @@ def test_a_job_whose_pods_are_refused_fails_with_the_failed_create_event(kube, s
     refusal = ('Error creating: pods "x-abcde" is forbidden: error looking up service account '
                'vsgd/vsgd-train: serviceaccount "vsgd-train" not found')
     kube.on_create = lambda job: kube.refuse_pods(job["metadata"]["name"], refusal)
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok
     assert "FailedCreate" in outcome.error and 'serviceaccount "vsgd-train" not found' in \
         outcome.error
@@ -141,13 +133,13 @@ def test_an_unschedulable_pod_waits_within_its_limit_and_fails_beyond_it(kube, s
         name = job["metadata"]["name"]
         kube.unschedulable_pod(name)
         if spec_of(job, specs) is waiting:   # a GPU frees up within the limit
-            time.sleep(1.5)
+            kube.clock.sleep(1.5)
             kube.start_pod(name)
             store(waiting)
             kube.complete(name)
 
     kube.on_create = cluster
-    ok, failed = executor(params, store, io.StringIO()).run(specs)
+    ok, failed = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert ok.ok, ok.error
     assert not failed.ok and "Unschedulable" in failed.error
     assert "Insufficient nvidia.com/gpu" in failed.error
@@ -160,7 +152,7 @@ def test_preflight_reports_every_problem_before_any_job_is_submitted(kube, store
     kube.denied.add(("delete", "batch", "jobs"))
     kube.denied.add(("get", "", "pods/log"))
     with pytest.raises(ConfigError) as err:
-        executor(params, store, io.StringIO()).run(specs)
+        executor(params, store, io.StringIO(), kube.clock).run(specs)
     text = str(err.value)
     assert "serviceaccount vsgd/vsgd-train does not exist" in text
     assert "secret vsgd/vsgd-credentials does not exist" in text
@@ -172,11 +164,12 @@ def test_preflight_reports_every_problem_before_any_job_is_submitted(kube, store
 def test_a_missing_namespace_is_found_by_the_dry_run(kube, store):
     params, specs = grid("executor.kubernetes.namespace=nowhere", optimizers="[vsgd]")
     with pytest.raises(ConfigError) as err:
-        executor(params, store, io.StringIO()).run(specs)
+        executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert "namespace 'nowhere' does not exist" in str(err.value)
     assert kube.jobs() == []
 
 
+@pytest.mark.real_time   # the executor runs in a subprocess, on the real clock
 def test_the_stage_exits_78_when_the_preflight_fails(kube, tmp_path):
     """Through `python -m pipeline train`: a cluster problem is a configuration problem."""
     from conftest import fake_prepared
@@ -206,16 +199,16 @@ def test_an_api_outage_within_the_budget_fails_no_run(kube, store, fault):
     def cluster(job):
         name = job["metadata"]["name"]
         kube.start_pod(name, log=["step 1/3"])
-        time.sleep(0.3)
+        kube.clock.sleep(0.3)
         if spec_of(job, specs) is specs[0]:
             kube.outage(fault, seconds=2, **({"retry_after": 1} if fault == "429" else {}))
-        time.sleep(3)
+        kube.clock.sleep(3)
         store(spec_of(job, specs))
         kube.complete(name)
 
     kube.on_create = cluster
     out = io.StringIO()
-    outcomes = KubernetesExecutorWithRealSleep(params, store, out).run(specs)
+    outcomes = executor(params, store, out, kube.clock).run(specs)
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     # A refused connection never reaches the server; the others are counted there.
     assert kube.faulted or fault == "refused", "the outage did not happen"
@@ -232,20 +225,14 @@ def test_an_eight_second_outage_of_list_pods_fails_no_run(kube, store):
         name = job["metadata"]["name"]
         kube.start_pod(name, log=["step 1/3"])
         kube.outage("503", seconds=8, match=lambda method, path: path.endswith("/pods"))
-        time.sleep(9)
+        kube.clock.sleep(9)
         store(spec_of(job, specs))
         kube.complete(name)
 
     kube.on_create = cluster
-    [outcome] = KubernetesExecutorWithRealSleep(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert outcome.ok, outcome.error
     assert any(path.endswith("/pods") for _, path, _ in kube.faulted)
-
-
-def KubernetesExecutorWithRealSleep(params, store, out):
-    from pipeline.executors.kubernetes import KubernetesExecutor
-    return KubernetesExecutor(params, out=out, fetch_result=store.fetch,
-                              sleep=lambda s: time.sleep(min(s, 0.5)))
 
 
 def test_an_outage_beyond_the_budget_leaves_the_jobs_running_for_the_next_start(kube, store):
@@ -254,22 +241,22 @@ def test_an_outage_beyond_the_budget_leaves_the_jobs_running_for_the_next_start(
 
     def cluster(job):
         kube.start_pod(name, log=["step 1/3"])
-        time.sleep(0.3)
+        kube.clock.sleep(0.3)
         kube.outage("503", seconds=4)
 
     kube.on_create = cluster
     out = io.StringIO()
     with pytest.raises(Detached):
-        KubernetesExecutorWithRealSleep(params, store, out).run(specs)
+        executor(params, store, out, kube.clock).run(specs)
     assert kube.job(name) is not None and kube.deletions == []   # nothing marked or stopped
     assert "keep running" in out.getvalue() and "adopt" in out.getvalue()
     while not kube.outage_over():
-        time.sleep(0.2)
+        kube.clock.sleep(0.2)
     # The next start adopts the Job instead of submitting it again.
     kube.on_create = None
-    threading.Timer(1.0, lambda: (store(specs[0]), kube.complete(name))).start()
+    kube.clock.timer(1.0, lambda: (store(specs[0]), kube.complete(name)))
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok and f"adopting existing Job {name}" in out.getvalue()
     assert len(created(kube)) == 1
 
@@ -286,7 +273,7 @@ def test_a_job_of_another_pipeline_on_the_same_run_is_never_adopted(kube, store)
     kube.create_job(render_job(specs[0], owned))   # same store, an owned pipeline
     kube.on_create = finish_ok(kube, store, specs)
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok and "adopting" not in out.getvalue()
     assert len(created(kube)) == 1
     names = {j["metadata"]["name"] for j in kube.jobs()}
@@ -311,7 +298,7 @@ def test_the_log_of_a_failed_run_comes_from_its_own_job_not_an_older_one(kube, s
         kube.fail(name, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
 
     kube.on_create = cluster
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok and "new pod: RuntimeError" in outcome.log_tail
     assert old not in outcome.log_tail and "old pod" not in outcome.log_tail
 
@@ -324,14 +311,14 @@ def test_a_failure_target_is_not_final_while_the_pods_still_terminate(kube, stor
         name = job["metadata"]["name"]
         pod = kube.start_pod(name)
         kube.fail(name, "PodFailurePolicy", "exit code 78", terminal=False)
-        time.sleep(2.5)    # more than one watch window
+        kube.clock.sleep(2.5)    # more than one watch window
         seen["finished early"] = "FAILED" in out.getvalue()
         kube.pod_failed(name, pod, exit_code=78)
         kube.finalize(name)
 
     kube.on_create = cluster
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert seen == {"finished early": False}
     assert not outcome.ok and "PodFailurePolicy" in outcome.error
 
@@ -342,17 +329,17 @@ def test_the_watch_survives_bookmarks_and_a_410_in_mid_stream(kube, store):
     def cluster(job):
         name = job["metadata"]["name"]
         kube.start_pod(name)
-        time.sleep(0.3)
+        kube.clock.sleep(0.3)
         kube.bookmark()
-        time.sleep(0.3)
+        kube.clock.sleep(0.3)
         kube.expire_watches()
-        time.sleep(0.5)
+        kube.clock.sleep(0.5)
         store(spec_of(job, specs))
         kube.complete(name)
 
     kube.on_create = cluster
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok, outcome.error
     assert "410 Gone" in out.getvalue()
 
@@ -363,7 +350,7 @@ def test_a_replaced_failed_job_takes_its_pods_with_it(kube, store):
     kube.create_job(render_job(specs[0], params))
     kube.fail(name, "BackoffLimitExceeded", "old failure")
     kube.on_create = finish_ok(kube, store, specs)
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert outcome.ok and kube.deletions == [(name, "Background")]
 
 
@@ -388,6 +375,7 @@ def test_jobs_of_an_earlier_grid_are_reported_by_the_stage_and_left_alone(kube, 
     assert kube.deletions == []
 
 
+@pytest.mark.real_time   # the jobs command runs in a subprocess, on the real clock
 def test_jobs_cancel_stale_stops_only_the_earlier_grid(kube, store, tmp_path):
     params, specs, earlier = stale_setup(kube, store, tmp_path)
     args = ["--params", str(PARAMS)] + [a for kv in (
@@ -423,15 +411,15 @@ def test_kueue_queued_jobs_are_all_submitted_and_shown_as_queued(kube, store):
 
     def admit_later():
         while len(kube.jobs()) < 3:
-            time.sleep(0.1)
-        time.sleep(1.5)    # a progress window while queued
+            kube.clock.sleep(0.1)
+        kube.clock.sleep(1.5)    # a progress window while queued
         for job in kube.jobs():
             kube.admit(job["metadata"]["name"])
             finish(kube.job(job["metadata"]["name"]))
 
     threading.Thread(target=admit_later, daemon=True).start()
     out = io.StringIO()
-    outcomes = executor(params, store, out).run(specs)
+    outcomes = executor(params, store, out, kube.clock).run(specs)
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert len(created(kube)) == 3
     text = out.getvalue()

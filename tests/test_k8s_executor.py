@@ -1,5 +1,7 @@
-"""The kubernetes executor against a fake API server over real HTTP (tests/fake_k8s.py), with
-the official client configured from a kubeconfig the test writes, as a user's would be.
+"""The kubernetes executor against a fake API server over real HTTP (tests/fake_k8s/), with
+the official client configured from a kubeconfig the test writes, as a user's would be. The
+executor, the server and the tests' hooks keep one clock, `kube.clock`, faster than real time
+(tests/conftest.py) except in tests marked `real_time`.
 
 A real cluster: tests/test_k8s_real_cluster.py (opt-in).
 """
@@ -10,7 +12,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from pipeline.config import load_params
 from pipeline.executors import get_executor
 from pipeline.executors.kubernetes import KubernetesExecutor
 from pipeline.grid import expand
-from pipeline.k8s_jobs import RUN_HASH_LABEL, job_name, render_job, write_jobs
+from pipeline.k8s.render import RUN_HASH_LABEL, job_name, render_job, write_jobs
 
 PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 OPT_LABEL = "vsgd-repro/optimizer"
@@ -39,8 +40,18 @@ def spec_of(job, specs):
     return next(s for s in specs if s["run_hash"] == job["metadata"]["labels"][RUN_HASH_LABEL])
 
 
-def executor(params, store, out):
-    return KubernetesExecutor(params, out=out, fetch_result=store.fetch, sleep=lambda s: None)
+def api_delete(name, namespace="vsgd"):
+    """Delete a Job through the API as `kubectl`-less clients do: no propagationPolicy (the
+    API's default for a Job orphans its pods)."""
+    from kubernetes import client
+
+    from pipeline.k8s.client import connect
+    client.BatchV1Api(connect()).delete_namespaced_job(name, namespace)
+
+
+def executor(params, store, out, clock):
+    """The executor under test, on the test API server's clock (`kube.clock`)."""
+    return KubernetesExecutor(params, out=out, fetch_result=store.fetch, clock=clock)
 
 
 def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
@@ -53,9 +64,9 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
         with lock:
             active.add(name)
             most[0] = max(most[0], len(active))
-        time.sleep(0.2)
+        kube.clock.sleep(0.2)
         pod = kube.start_pod(name, log=[f"{spec['name']} step 1/3 loss 4.6"])
-        time.sleep(0.3)
+        kube.clock.sleep(0.3)
         optimizer = job["metadata"]["labels"][OPT_LABEL]
         if optimizer == "sgd":
             store(spec, test_acc=0.61)
@@ -79,7 +90,7 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
 
     kube.on_create = cluster
     out = io.StringIO()
-    outcomes = executor(params, store, out).run(specs)
+    outcomes = executor(params, store, out, kube.clock).run(specs)
 
     by_opt = {o.name.split("-")[2]: o for o in outcomes}
     assert [o.name for o in outcomes] == [s["name"] for s in specs]   # input order
@@ -112,7 +123,7 @@ def test_jobs_carry_the_run_and_match_rendered_yaml(kube, store, tmp_path):
     params, specs = grid(optimizers="[vsgd]")
     kube.on_create = lambda job: (store(spec_of(job, specs)), kube.complete(
         job["metadata"]["name"]))
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert outcome.ok
     [job] = kube.jobs()
     [path] = write_jobs(specs, params, tmp_path / "rendered")
@@ -147,13 +158,13 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
     kube.on_create = cluster
 
     def finish_running():
-        time.sleep(1.0)
+        kube.clock.sleep(1.0)
         store(running)
         kube.complete(job_name(running, params))
 
     threading.Thread(target=finish_running, daemon=True).start()
     out = io.StringIO()
-    outcomes = executor(params, store, out).run(specs)
+    outcomes = executor(params, store, out, kube.clock).run(specs)
 
     assert [o.ok for o in outcomes] == [True, True, True], [o.error for o in outcomes]
     posts = [r for r in kube.requests if r[0] == "POST" and "jobs" in r[1]][len(kube.dry_runs):]
@@ -168,32 +179,41 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
 
 
 def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
-    params, specs = grid("executor.max_parallel=1", optimizers="[sgd, adam]")
+    # Watch windows longer than the test: each watch ends by what the scenario does to it.
+    params, specs = grid("executor.max_parallel=1", "executor.kubernetes.progress_interval=60",
+                         optimizers="[sgd, adam]")
     first, second = specs
 
     def cluster(job):
         spec = spec_of(job, specs)
         name = job["metadata"]["name"]
         kube.start_pod(name)
-        time.sleep(0.4)
         if spec is first:
+            kube.await_watch(1)
             kube.compact()        # history gone: resuming the watch must fail with 410
             kube.cut_watches()
+            kube.await_watch(3)   # the resumed watch got 410; after a new list, a third
         else:
+            kube.await_watch(4)
             kube.cut_watches()    # network blip: resume from the last resourceVersion
-        time.sleep(0.4)
+            kube.await_watch(5)
         store(spec)
         kube.complete(name)
 
     kube.on_create = cluster
     out = io.StringIO()
-    outcomes = executor(params, store, out).run(specs)
+    outcomes = executor(params, store, out, kube.clock).run(specs)
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     text = out.getvalue()
     assert "410 Gone" in text and "listing the Jobs again" in text
     assert "watch connection lost" in text
-    lists = [r for r in kube.requests if r == ("GET", "/apis/batch/v1/namespaces/vsgd/jobs")]
-    assert len(lists) >= 3   # the first list, the re-list after 410, and watches
+    jobs = "/apis/batch/v1/namespaces/vsgd/jobs"
+    gets = [r for r in kube.requests if r == ("GET", jobs)]   # lists and watches
+    watches = [path for path in kube.watches if path == jobs]
+    # Nothing polled: the first list and the re-list after 410; for the first Job a watch
+    # cut, its resumption (410) and one after the re-list, for the second a watch cut and
+    # its resumption.
+    assert len(watches) == 5 and len(gets) - len(watches) == 2
     assert all(rv > 0 for rv in kube.watch_starts)   # every watch resumed from a version
 
 
@@ -208,7 +228,7 @@ def test_quota_refusal_is_reported_and_other_runs_go_on(kube, store):
     kube.on_create = lambda job: (store(spec_of(job, specs)),
                                   kube.complete(job["metadata"]["name"]))
     out = io.StringIO()
-    ok, quota = executor(params, store, out).run(specs)
+    ok, quota = executor(params, store, out, kube.clock).run(specs)
     assert ok.ok
     assert not quota.ok
     assert "403 Forbidden" in quota.error and "exceeded quota: gpu-jobs" in quota.error
@@ -222,28 +242,30 @@ def test_a_job_deleted_midway_fails_its_run_with_the_log(kube, store):
     def cluster(job):
         name = job["metadata"]["name"]
         kube.start_pod(name, log=["step 1/3 loss 4.6"])
-        time.sleep(0.3)
-        kube.delete_job(name)
+        kube.clock.sleep(0.3)
+        api_delete(name)   # its pod is left behind, with the log
 
     kube.on_create = cluster
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok and "deleted before it finished" in outcome.error
+    assert "step 1/3 loss 4.6" in outcome.log_tail
 
 
+@pytest.mark.real_time   # the watch windows end by the server's timeoutSeconds, in real time
 def test_progress_shows_pod_state_and_last_log_line(kube, store):
     params, specs = grid(optimizers="[sgd]")
 
     def cluster(job):
         name = job["metadata"]["name"]
         pod = kube.start_pod(name, log=["step 2/3 loss 3.9 test_acc 0.12"])
-        time.sleep(2.5)    # more than one progress interval
+        kube.clock.sleep(2.5)    # more than one progress interval
         kube.log(pod, "done")
         store(spec_of(job, specs))
         kube.complete(name)
 
     kube.on_create = cluster
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok
     assert "Running, 0 min | step 2/3 loss 3.9 test_acc 0.12" in out.getvalue()
 

@@ -18,11 +18,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline import image, k8s_access, k8s_config
+from pipeline import image
 from pipeline.config import load_params
 from pipeline.grid import expand
-from pipeline.k8s_config import parse_quantity
-from pipeline.k8s_jobs import MAX_NAME, RUN_HASH_LABEL, job_name, render_job
+from pipeline.k8s import access as k8s_access
+from pipeline.k8s import schema as k8s_schema
+from pipeline.k8s.render import MAX_NAME, RUN_HASH_LABEL, job_name, load_template, render_job
+from pipeline.k8s.schema import parse_quantity
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -236,7 +238,7 @@ def test_overlay_builds_and_validates(overlay):
 
 
 def test_launcher_role_grants_exactly_what_the_launcher_does():
-    """The Role is pipeline.k8s_access.ACCESS, nothing missing (a 403 mid-grid) and nothing
+    """The Role is pipeline.k8s.access.ACCESS, nothing missing (a 403 mid-grid) and nothing
     unused (rights nobody needs); the named objects' gets are limited to their defaults."""
     docs = list(yaml.safe_load_all((K8S / "base" / "launcher-rbac.yaml").read_text()))
     [role] = [d for d in docs if d["kind"] == "Role"]
@@ -312,7 +314,7 @@ def test_restricted_check_catches_each_violation(control, path, value):
 
 
 def test_job_template_and_rendered_jobs_meet_the_restricted_profile(jobs):
-    template = k8s_config.load_template(k8s_config.DEFAULT_TEMPLATE)
+    template = load_template(k8s_schema.DEFAULT_TEMPLATE)
     for job in [template, jobs[0], jobs[-1]]:
         [(where, meta, pod)] = pod_templates(job)
         assert restricted_violations(pod, meta) == [], where
@@ -359,8 +361,8 @@ def test_cloud_overlay_never_ships_credentials():
 def test_job_template_is_not_a_kustomize_resource():
     """Applying the base must not start a run without a spec: the Job template is package
     data of `pipeline`, and no manifest under k8s/ that kustomize applies is a training Job."""
-    assert k8s_config.DEFAULT_TEMPLATE == ROOT / "pipeline" / "templates" / "job-template.yaml"
-    assert k8s_config.load_template(k8s_config.DEFAULT_TEMPLATE)["kind"] == "Job"
+    assert k8s_schema.DEFAULT_TEMPLATE == ROOT / "pipeline" / "templates" / "job-template.yaml"
+    assert load_template(k8s_schema.DEFAULT_TEMPLATE)["kind"] == "Job"
     assert not list(K8S.rglob("job-template.yaml"))
     for kustomization in K8S.rglob("kustomization.yaml"):
         for resource in yaml.safe_load(kustomization.read_text()).get("resources", []):
@@ -585,7 +587,7 @@ def test_labels_are_valid_and_on_job_and_pods(jobs):
         for key, value in labels.items():
             assert isinstance(value, str) and len(value) <= 63 and LABEL_VALUE.match(value), \
                 (key, value)
-            assert k8s_config._label_key(key)
+            assert k8s_schema._label_key(key)
 
 
 def test_production_job_spec(jobs):
@@ -621,9 +623,9 @@ def test_production_job_spec(jobs):
 def test_job_template_gives_the_trainer_time_and_a_place_to_report(jobs):
     """On SIGTERM the trainer checkpoints and uploads before SIGKILL; a failure's reason is
     in the termination message (the trainer's, or the log's tail); the full log is kept."""
-    for job in [k8s_config.load_template(k8s_config.DEFAULT_TEMPLATE), jobs[0]]:
+    for job in [load_template(k8s_schema.DEFAULT_TEMPLATE), jobs[0]]:
         pod = job["spec"]["template"]["spec"]
-        container = k8s_config.train_container(job)
+        container = k8s_schema.train_container(job)
         assert pod["terminationGracePeriodSeconds"] == 120
         assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -639,8 +641,8 @@ def test_scratch_volume_is_requested_from_the_node(override):
     job = render_job(expand(params)[0], params)
     validate_strictly(job)
     pod = job["spec"]["template"]["spec"]
-    [scratch] = [v for v in pod["volumes"] if v["name"] == k8s_config.SCRATCH_VOLUME]
-    requests = k8s_config.train_container(job)["resources"]["requests"]
+    [scratch] = [v for v in pod["volumes"] if v["name"] == k8s_schema.SCRATCH_VOLUME]
+    requests = k8s_schema.train_container(job)["resources"]["requests"]
     assert requests["ephemeral-storage"] == scratch["emptyDir"]["sizeLimit"]
     assert scratch["emptyDir"]["sizeLimit"] == ("50Gi" if override else "20Gi")
 
@@ -725,15 +727,15 @@ def test_validation_reports_each_bad_setting(override, problem):
     section = raw.setdefault("executor", {}).get("kubernetes") or {}
     section[key.rsplit(".", 1)[1]] = yaml.safe_load(value)
     raw["executor"]["kubernetes"] = section
-    problems = k8s_config.validate(raw)
+    problems = k8s_schema.validate(raw)
     assert any(problem in p for p in problems), problems
 
 
 def test_validation_of_the_defaults_and_the_remote():
     raw = yaml.safe_load(PARAMS.read_text())
-    assert k8s_config.validate(raw) == []
+    assert k8s_schema.validate(raw) == []
     raw["executor"] = {**raw["executor"], "kind": "kubernetes"}
     raw["storage"] = {**raw["storage"], "remote": None}
-    assert any(p.startswith("storage.remote") for p in k8s_config.validate(raw))
+    assert any(p.startswith("storage.remote") for p in k8s_schema.validate(raw))
     raw["executor"]["kubernetes"] = "big"
-    assert k8s_config.validate(raw) == ["executor.kubernetes: expected a mapping, got str"]
+    assert k8s_schema.validate(raw) == ["executor.kubernetes: expected a mapping, got str"]

@@ -65,8 +65,10 @@ def run_stage(params, specs):
 
 def test_preflight_grid_preemption_and_jobs_list_on_a_real_cluster(workdir):
     from kubernetes import client
-    from pipeline.executors.kubernetes import KubernetesExecutor, connect
-    from pipeline.k8s_jobs import job_name
+
+    from pipeline.executors.kubernetes import KubernetesExecutor
+    from pipeline.k8s.client import connect
+    from pipeline.k8s.render import job_name
     # Long enough to delete its pod mid-run; only the SIGTERM checkpoint exists.
     params = cluster_params("training.checkpoint_every=100000", iterations=400)
     [spec] = expand(params)

@@ -1,8 +1,8 @@
-"""The paths that destroy or refuse, against the test API server (tests/fake_k8s.py, driven by
-the official client): cancelling Jobs, a Job name already taken, a full or too small
-ResourceQuota, the launcher leaving after an outage, an image pull secret the launcher may
-not read, and the log of a pod that has not started. Each test is named after the failure it
-prevents.
+"""The paths that destroy or refuse, against the test API server (tests/fake_k8s/, driven by
+the official client, on its faster clock `kube.clock`): cancelling Jobs, a Job name already
+taken, a full or too small ResourceQuota, the launcher leaving after an outage, an image pull
+secret the launcher may not read, and the log of a pod that has not started. Each test is
+named after the failure it prevents.
 """
 
 import copy
@@ -11,20 +11,18 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import fake_prepared
-from pipeline import storage
-from pipeline.config import ConfigError
-from pipeline.executors.kubernetes import KubernetesExecutor
-from pipeline.k8s_jobs import OWNER_LABEL, STORE_LABEL, job_name, render_job
 from test_k8s_cluster import JOBS, created, finish_ok, stale_setup
 from test_k8s_executor import PARAMS, executor, grid
+
+from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.k8s.render import OWNER_LABEL, STORE_LABEL, job_name, render_job
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ("preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
@@ -54,6 +52,7 @@ def others(kube, specs):
 
 # -- jobs cancel --------------------------------------------------------------------------
 
+@pytest.mark.real_time   # the jobs command runs in a subprocess, on the real clock
 def test_cancel_refuses_a_job_of_another_pipeline(kube, store, tmp_path):
     params, specs, _ = stale_setup(kube, store, tmp_path)
     ours = job_name(specs[0], params)
@@ -72,6 +71,7 @@ def test_cancel_refuses_a_job_of_another_pipeline(kube, store, tmp_path):
     assert all(kube.job(n) for n in (ours, theirs, owned))
 
 
+@pytest.mark.real_time   # the jobs command runs in a subprocess, on the real clock
 def test_cancel_all_leaves_another_pipelines_jobs(kube, store, tmp_path):
     params, specs, earlier = stale_setup(kube, store, tmp_path)
     theirs = others(kube, specs)
@@ -83,7 +83,7 @@ def test_cancel_all_leaves_another_pipelines_jobs(kube, store, tmp_path):
     assert "2 Jobs cancelled in namespace vsgd" in result.stdout
     for name in theirs:
         assert kube.job(name) is not None and kube.pod(pods[name]) is not None
-    time.sleep(kube.gc_delay * 4)   # the garbage collector took our Jobs' pods
+    kube.clock.sleep(kube.gc_delay * 4)   # the garbage collector took our Jobs' pods
     assert all(kube.pods_of(n) == [] for n in mine)
 
 
@@ -98,12 +98,12 @@ def test_a_job_created_by_another_launcher_is_adopted_not_duplicated(kube, store
         # It creates the same Job between this launcher's list and its create.
         if not dry_run and not other:
             other.update(kube.create_job(copy.deepcopy(job)))
-            threading.Timer(0.5, lambda: (kube.start_pod(name), store(specs[0]),
-                                          kube.complete(name))).start()
+            kube.clock.timer(0.5, lambda: (kube.start_pod(name), store(specs[0]),
+                                           kube.complete(name)))
 
     kube.webhook = another_launcher
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok, outcome.error
     assert f"adopting existing Job {name}" in out.getvalue()
     assert "submitted Job" not in out.getvalue()
@@ -123,7 +123,7 @@ def test_another_pipelines_job_of_the_same_name_is_left_alone(kube, store):
     kube.start_pod(name)
     before = kube.job(name)
     kube.on_create = finish_ok(kube, store, specs)
-    ok, refused = executor(params, store, io.StringIO()).run(specs)
+    ok, refused = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert ok.ok, ok.error   # the other runs go on
     assert not refused.ok
     assert f"a Job named {name} exists in namespace vsgd but is not this pipeline's: it " \
@@ -144,10 +144,16 @@ def test_a_full_quota_at_stage_start_waits_instead_of_failing_the_grid(kube, sto
     other, _ = grid("storage.remote=s3://other/store", optimizers="[vsgd]")
     busy = render_job(specs[0], other)["metadata"]["name"]
     kube.create_job(render_job(specs[0], other))   # another pipeline's Job holds the quota
-    threading.Timer(1.5, kube.delete_job, [busy]).start()   # ... until it ends
+    ends = []
+
+    def busy_ends_later(job, dry_run):   # ... until it ends, after the stage's first create
+        if not dry_run and not ends:
+            ends.append(kube.clock.timer(1.5, kube.delete_job, busy))
+
+    kube.webhook = busy_ends_later
     kube.on_create = finish_ok(kube, store, specs)
     out = io.StringIO()
-    [outcome] = executor(params, store, out).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert outcome.ok, outcome.error
     text = out.getvalue()
     assert "ResourceQuota gpu-jobs of namespace vsgd is full now (used " \
@@ -160,7 +166,7 @@ def test_a_request_beyond_the_quota_hard_limit_is_a_configuration_error(kube, st
     params, specs = grid(optimizers="[vsgd]")
     kube.add_quota("no-jobs", {"count/jobs.batch": 0})
     with pytest.raises(ConfigError) as err:
-        executor(params, store, io.StringIO()).run(specs)
+        executor(params, store, io.StringIO(), kube.clock).run(specs)
     problem = next(p for p in err.value.problems if "ResourceQuota" in p)
     assert problem == ("kubernetes: one Job alone exceeds ResourceQuota no-jobs of namespace "
                        "vsgd (requested count/jobs.batch=1, the quota's hard limit "
@@ -177,8 +183,7 @@ def test_a_quota_that_stays_full_fails_the_run_after_start_grace(kube, store):
     other, _ = grid("storage.remote=s3://other/store", optimizers="[vsgd]")
     kube.create_job(render_job(specs[0], other))
     out = io.StringIO()
-    [outcome] = KubernetesExecutor(params, out=out, fetch_result=store.fetch,
-                                   sleep=lambda s: None).run(specs)
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert not outcome.ok and "could not start" in outcome.error
     assert "exceeded quota: gpu-jobs" in outcome.error and kube.deletions == []
 
@@ -188,7 +193,7 @@ def test_a_quota_that_stays_full_fails_the_run_after_start_grace(kube, store):
 @pytest.fixture
 def s3(monkeypatch):
     """A moto S3 server on 127.0.0.1 with the bucket of GRID's remote; yields its URL."""
-    from moto.server import ThreadedMotoServer   # heavy: only for the test that needs it
+    from moto.server import ThreadedMotoServer  # heavy: only for the test that needs it
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -205,6 +210,7 @@ def s3(monkeypatch):
     storage.s3_client.cache_clear()
 
 
+@pytest.mark.real_time   # the stage runs in a subprocess: its outage budget is real time
 def test_the_stage_exits_75_after_an_outage_beyond_its_budget(kube, s3, tmp_path):
     fake_prepared(tmp_path / "data")
     _, specs = grid(optimizers="[vsgd]")
@@ -243,7 +249,7 @@ def test_a_forbidden_pull_secret_is_reported(kube, store):
     [role] = [d for d in docs if d["kind"] == "Role"]
     kube.bind_role(role["rules"], "vsgd")
     with pytest.raises(ConfigError) as err:
-        executor(params, store, io.StringIO()).run(specs)
+        executor(params, store, io.StringIO(), kube.clock).run(specs)
     [problem, last] = err.value.problems
     assert problem.startswith("executor.kubernetes.image_pull_secrets: cannot verify that "
                               "secret vsgd/regcred exists: the launcher may not read it "
@@ -262,7 +268,7 @@ def test_a_run_failing_while_its_pod_waits_shows_why_there_is_no_log(kube, store
         kube.fail(name, "DeadlineExceeded", "Job was active longer than specified deadline")
 
     kube.on_create = cluster
-    [outcome] = executor(params, store, io.StringIO()).run(specs)
+    [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok and "DeadlineExceeded" in outcome.error
     assert "Pending: ImagePullBackOff" in outcome.log_tail
     assert 'is waiting to start: trying and failing to pull image' in outcome.log_tail

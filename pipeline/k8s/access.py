@@ -1,7 +1,7 @@
 """What the launcher does through the Kubernetes API, as RBAC rules: the one list that the
 Role in k8s/base/launcher-rbac.yaml grants (tests/test_k8s_manifests.py compares them) and
-that the executor's preflight asks the API server about (SelfSubjectAccessReview) before it
-submits anything.
+that the preflight (`pipeline.k8s.preflight`) asks the API server about
+(SelfSubjectAccessReview) before anything is submitted.
 
 Each entry: (API group, resource, verbs, what for). Names of the ServiceAccount, Secret and
 ConfigMap come from params.yaml; the Role limits them to the defaults with resourceNames. The

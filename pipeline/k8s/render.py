@@ -1,6 +1,10 @@
 """Run spec -> the `batch/v1` Job that trains it: the Job template plus the run plus
-params.yaml's `executor.kubernetes` settings. The executor submits exactly what
-`render_job` returns, and `render-jobs` writes the same objects as YAML.
+params.yaml's `executor.kubernetes` settings. The executor submits exactly what `render_job`
+returns, and `python -m pipeline render-jobs --out DIR` writes the same objects as YAML, one
+file per run of the grid, for `kubectl apply -f`.
+
+A Job's name and labels say whose it is: the run (its hash) and the pipeline (its store and
+`executor.kubernetes.owner`); `is_ours` is the one test of that.
 """
 
 import copy
@@ -11,10 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from . import storage
-from .k8s_config import (SCRATCH_VOLUME, SHM_VOLUME, load_template, settings, template_path,
-                         train_container)
-from .contract import REQUIRE_CUDA_ENV, RESULTS_ENV
+from vsgd.spec import ConfigError
+
+from .. import storage
+from ..config import load_params
+from ..contract import REQUIRE_CUDA_ENV, RESULTS_ENV
+from ..image import image_ref
+from ..params_file import read_yaml
+from ..plan import LEAVE_OUT, plan
+from .schema import SCRATCH_VOLUME, SHM_VOLUME, settings, template_path, train_container
 
 MAX_NAME = 63               # Job names become pod label values: DNS label length
 HASH_SUFFIX = 12            # run-hash characters in the name: unique across any real grid
@@ -75,12 +84,15 @@ def is_ours(job: dict, params: dict) -> bool:
     return why_not_ours(job, params) is None
 
 
-def condition(job: dict, kind: str) -> dict | None:
-    """The Job's condition of type `kind` when it is True (Complete, Failed, Suspended...)."""
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return cond
-    return None
+def name_taken(job: dict, params: dict) -> str:
+    """Why a run fails whose Job name another pipeline's `job` holds. That Job is never
+    adopted (its results go to another store) nor deleted (it is someone's work), and waiting
+    could last as long as its TTL: the run fails, naming it, and the others go on."""
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    return (f"a Job named {name} exists in namespace {namespace} but is not this "
+            f"pipeline's: {why_not_ours(job, params)}; it was left alone. Delete it if nobody "
+            f"needs it (kubectl -n {namespace} delete job {name}), or give this pipeline its "
+            f"own executor.kubernetes.owner (its Jobs then get other names)")
 
 
 def job_name(spec: dict, params: dict | None = None) -> str:
@@ -118,6 +130,12 @@ def run_labels(spec: dict) -> dict:
         f"{LABEL_PREFIX}/optimizer": _label_value(spec["optimizer"]["name"]),
         f"{LABEL_PREFIX}/seed": str(spec["seed"]),
     }
+
+
+def load_template(path: Path) -> dict:
+    """The Job template, read as the params file is (bounded; a ConfigError naming the file
+    for anything in the way): its path is a params value."""
+    return read_yaml(path)
 
 
 def job_namespace(params: dict, template: dict | None = None) -> str:
@@ -198,7 +216,6 @@ def _apply_container_settings(container, cfg, results):
     if cfg.get("image"):
         container["image"] = cfg["image"]
     else:
-        from .image import image_ref
         container["image"] = image_ref(cfg["image_repository"])
     if "image_pull_policy" in cfg:
         container["imagePullPolicy"] = cfg["image_pull_policy"]
@@ -266,3 +283,38 @@ def write_jobs(specs: list[dict], params: dict, out_dir) -> list[Path]:
         path.write_text(to_yaml(job))
         paths.append(path)
     return paths
+
+
+# -- `python -m pipeline render-jobs` -------------------------------------------------------
+
+def grid_specs(params: dict) -> tuple[list[dict], bool]:
+    """The runs of the current grid: the tune stage's and, once the tune stage has chosen
+    for every tuned cell (results/tuning/selected.yaml), the final runs; `complete` is False
+    without them."""
+    planned = plan(params, LEAVE_OUT)
+    if planned.undecided:   # the final runs' values come from the tune stage
+        return planned.tuning, False
+    return planned.tuning + planned.final, True
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="directory for the Job YAML files")
+    parser.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. executor.kubernetes.image=... (repeatable)")
+
+
+def run(args) -> int:
+    params = load_params(args.params, args.set)
+    if not params["storage"]["remote"]:
+        raise ConfigError(["storage.remote: rendering Jobs needs an s3:// remote (pods reach "
+                           "their data, checkpoints and results through it)"])
+    specs, complete = grid_specs(params)
+    if not complete:
+        print(f"the grid's final runs need the tune stage's choice "
+              f"(results/tuning/selected.yaml): rendering its {len(specs)} tuning runs only")
+    paths = write_jobs(specs, params, args.out)
+    for spec, path in zip(specs, paths):
+        print(f"{path}  ({spec['name']})")
+    print(f"{len(paths)} Jobs in {args.out}; submit one with `kubectl apply -f <file>`")
+    return 0

@@ -2,7 +2,7 @@
 
 Every key is optional. Job settings left out keep the value of the Job template
 (`pipeline/templates/job-template.yaml`), so the template is the one place defaults live;
-the keys below only say what may be overridden. `pipeline.config.validate` calls
+the keys below only say what may be overridden. `pipeline.params_check.validate` calls
 `validate(params)`. Light on purpose (no kubernetes client import): validation must stay
 instant.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 
 from vsgd.spec import Checker, ConfigError, Range, View
 
-from .config import read_yaml
+from ..params_file import read_yaml
 
-# Package data next to this module: an installed package (the image) has it too.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "job-template.yaml"
+# Package data of `pipeline`: an installed package (the image) has it too.
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "job-template.yaml"
 TRAIN_CONTAINER = "train"   # the template's container that runs the trainer
 SHM_VOLUME = "dshm"
 SCRATCH_VOLUME = "scratch"
@@ -94,7 +94,7 @@ LABEL_VALUE_RULE = (f"a label value (at most {LABEL_MAX} letters, digits, '-', '
 LABEL_KEY_RULE = (f"a label key: an optional DNS-1123 subdomain prefix (at most "
                   f"{DNS_SUBDOMAIN_MAX}) and '/', then a name of at most {LABEL_MAX} letters, "
                   "digits, '-', '_', '.', alphanumeric at both ends")
-# What pipeline.k8s_jobs adds to every Job's annotations besides the template's and these:
+# What pipeline.k8s.render adds to every Job's annotations besides the template's and these:
 # the store URI twice (itself, and the results URI under it) and at most this much more
 # (the keys, the run name, the results path).
 PIPELINE_ANNOTATIONS_BYTES = 1024
@@ -108,7 +108,8 @@ INT32_MAX = 2**31 - 1
 # those as int64 nanoseconds, 292 years), a sleep, a comparison with the monotonic clock.
 EXECUTOR_SECONDS = Range(0, INT32_MAX, low_open=True)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
+                      r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
 _SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
            "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
            "Pi": 2**50, "Ei": 2**60}
@@ -145,12 +146,6 @@ def template_path(params: dict) -> Path:
     return Path(path) if path else DEFAULT_TEMPLATE
 
 
-def load_template(path: Path) -> dict:
-    """The Job template, read as the params file is (bounded; a ConfigError naming the file
-    for anything in the way): its path is a params value."""
-    return read_yaml(path)
-
-
 def parse_quantity(text) -> Decimal:
     """A Kubernetes resource quantity ("16Gi", "500m", 4) as a number; ValueError if not one."""
     match = QUANTITY.match(str(text).strip())
@@ -163,7 +158,8 @@ def parse_quantity(text) -> Decimal:
 
 
 def validate(params: dict) -> list[str]:
-    """Problems of `executor.kubernetes` (and what the kubernetes executor needs elsewhere)."""
+    """Problems of `executor.kubernetes` (and what the kubernetes executor needs elsewhere).
+    The Job template is read as the params file is (its path is a params value)."""
     executor = params.get("executor") or {}
     raw = executor.get("kubernetes")
     if raw is None:
@@ -179,7 +175,7 @@ def validate(params: dict) -> list[str]:
     _check_job_keys(raw, base, problems)
     template = None
     try:
-        template = load_template(template_path(params))
+        template = read_yaml(template_path(params))
     except ConfigError as exc:
         problems += [f"{base}.template: cannot read the Job template: {p}"
                      for p in exc.problems]
@@ -209,7 +205,7 @@ def _check_behaviour(raw, base, problems):
             c.number(view, key, f"{base}.{key}", EXECUTOR_SECONDS)   # seconds
     problems += c.problems
     # The owner is a label value on every Job (vsgd-repro/owner) and enters Job names only
-    # through a hash (pipeline.k8s_jobs.job_name), so its label-value rule is all it needs.
+    # through a hash (pipeline.k8s.render.job_name), so its label-value rule is all it needs.
     if raw.get("owner") is not None and not _label_value_ok(raw["owner"]):
         problems.append(f"{base}.owner: {raw['owner']!r}; allowed: null or {LABEL_VALUE_RULE}")
     if "image_repository" in raw and not (isinstance(raw["image_repository"], str) and

@@ -5,9 +5,9 @@
     python -m pipeline jobs cancel NAME [NAME ...]   # stop these Jobs
     python -m pipeline jobs cancel --all             # stop every Job of this pipeline
 
-"This pipeline" is the store and owner of params.yaml (`pipeline.k8s_jobs.ownership`); Jobs of
-other pipelines in the namespace are never listed or touched: `cancel NAME` of one is refused
-(exit 78, saying whose it is) and nothing is cancelled. A Job is *stale* when its run is
+"This pipeline" is the store and owner of params.yaml (`pipeline.k8s.render.ownership`); Jobs
+of other pipelines in the namespace are never listed or touched: `cancel NAME` of one is
+refused (exit 78, saying whose it is) and nothing is cancelled. A Job is *stale* when its run is
 not in the current grid (the tune stage's runs and the final runs of params.yaml): it was
 started for an earlier grid and still uses GPUs. The stages report stale Jobs that are still
 running but never cancel them: only `cancel` does, and only when asked. A cancelled Job's pods
@@ -17,62 +17,37 @@ Background: its pods go too, which the API's default for Jobs would leave behind
 
 import sys
 
-from .config import ConfigError, add_params_arguments, load_params
-from .k8s_config import settings
-from .k8s_jobs import (RUN_HASH_LABEL, RUN_NAME_ANNOTATION, condition, is_ours,
-                       job_namespace, managed_selector, why_not_ours)
+from vsgd.spec import ConfigError
+
+from ..config import add_params_arguments, load_params
+from .client import Api
+from .render import (
+    RUN_HASH_LABEL,
+    RUN_NAME_ANNOTATION,
+    grid_specs,
+    is_ours,
+    job_namespace,
+    managed_selector,
+    why_not_ours,
+)
+from .schema import settings
+from .status import finished, state
 
 LIST_TIMEOUT = (5, 20)   # the stages' stale-Job check must not hold them up
-
-
-def grid_specs(params: dict) -> tuple[list[dict], bool]:
-    """The specs of the current grid: the tune stage's runs and, once the tune stage has
-    chosen (results/tuning/selected.yaml), the final runs; `complete` is False without them."""
-    from .grid import expand, tuning_specs
-    from .tune import load_selection
-    specs = tuning_specs(params)
-    try:
-        return specs + expand(params, load_selection(params)), True
-    except ConfigError:   # the final runs' values come from the tune stage
-        return specs, False
-
-
-def state(job: dict) -> str:
-    """queued, pending, running, done, failed, deleting."""
-    status = job.get("status") or {}
-    if (job.get("metadata") or {}).get("deletionTimestamp"):
-        return "deleting"
-    if condition(job, "Complete"):
-        return "done"
-    if condition(job, "Failed"):
-        return "failed"
-    if (job.get("spec") or {}).get("suspend"):
-        return "queued"
-    return "running" if status.get("active") else "pending"
-
-
-def finished(job: dict) -> bool:
-    return state(job) in ("done", "failed")
 
 
 class Cluster:
     """This pipeline's Jobs in its namespace."""
 
     def __init__(self, params: dict, request_timeout=None):
-        from kubernetes import client
-        from .executors.kubernetes import connect
         self.params = params
-        cfg = settings(params)
         self.namespace = job_namespace(params)
-        self._api = connect(cfg["context"])
-        self.batch = client.BatchV1Api(self._api)
-        self.timeout = request_timeout
+        self.api = Api(settings(params)["context"], request_timeout=request_timeout)
 
     def jobs(self) -> list[dict]:
-        kwargs = {"_request_timeout": self.timeout} if self.timeout else {}
-        listing = self.batch.list_namespaced_job(
-            self.namespace, label_selector=managed_selector(self.params), **kwargs)
-        jobs = [self._api.sanitize_for_serialization(j) for j in listing.items]
+        listing = self.api.call(self.api.batch.list_namespaced_job, self.namespace,
+                                label_selector=managed_selector(self.params))
+        jobs = [self.api.to_dict(j) for j in listing.items]
         return sorted((j for j in jobs if is_ours(j, self.params)),
                       key=lambda j: j["metadata"]["name"])
 
@@ -82,33 +57,13 @@ class Cluster:
 
     def job(self, name: str) -> dict | None:
         """The Job of that name in the namespace, whoever's it is; None if there is none."""
-        from kubernetes.client.exceptions import ApiException
-        try:
-            job = self.batch.read_namespaced_job(name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return self._api.sanitize_for_serialization(job)
+        return self.api.read_job(name, self.namespace)
 
     def cancel(self, job: dict) -> bool:
-        """Delete the Job with its pods (Background: the API's default for Jobs would leave
-        them running), only if it is still the Job that was listed (its uid): one created
-        anew meanwhile under the name is not what was asked for. False when it is gone or
-        was replaced."""
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-        try:
-            self.batch.delete_namespaced_job(
-                job["metadata"]["name"], self.namespace,
-                body=client.V1DeleteOptions(
-                    propagation_policy="Background",
-                    preconditions=client.V1Preconditions(uid=job["metadata"]["uid"])))
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise
-        return True
+        """Delete the Job with its pods, only if it is still the Job that was listed (its
+        uid). False when it is gone or was replaced."""
+        return self.api.delete_job(job["metadata"]["name"], self.namespace,
+                                   job["metadata"]["uid"])
 
 
 def _run_hash(job):
