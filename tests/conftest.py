@@ -22,6 +22,47 @@ def data_root(tmp_path_factory):
     return root
 
 
+def _pip(*args):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory):
+    """(source tree, wheel): a snapshot of what the Docker build context holds of the code
+    (pyproject.toml, README.md, the shipped packages; so no stale `build/` in the checkout
+    and no edit made to it while the tests run leaks in) and the project's wheel built from
+    it without build isolation (seconds, no index). Built once per session for
+    tests/test_packaging.py and tests/test_image.py."""
+    import shutil
+
+    from pipeline import image
+    src = tmp_path_factory.mktemp("build") / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in image.PACKAGES:
+        shutil.copytree(ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path_factory.mktemp("wheel")
+    _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src))
+    [wheel] = out.glob("vsgd_repro-*.whl")
+    return src, wheel
+
+
+@pytest.fixture(scope="session")
+def installed_project(project_wheel, tmp_path_factory):
+    """`project_wheel`'s wheel installed non-editable into a directory of its own (to put
+    on PYTHONPATH), as in the image; once per session."""
+    target = tmp_path_factory.mktemp("site")
+    _pip("install", "--no-deps", "--no-index", "--target", str(target), str(project_wheel[1]))
+    return target
+
+
 def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", optimizer=None,
              iterations=4, batch_size=8, seed=0, tracking_uri=None, **training) -> dict:
     """A complete, valid run spec on the prepared synthetic data, writing under `out`.
@@ -88,27 +129,13 @@ def mlflow_server(tmp_path_factory):
         services.stop(service, proc)
 
 
-# How much faster than real time the `kube` fixture's clock runs: the test API server's, the
-# executor's under test (given `kube.clock`) and the tests' own waits (`kube.clock.sleep`).
-KUBE_SPEED = 10
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "real_time: the `kube` fixture keeps real time (its "
-                                       "executor runs in a subprocess, or real waits are what "
-                                       "the test is about)")
-
-
 @pytest.fixture
-def kube(tmp_path, monkeypatch, request):
-    """The test API server (tests/fake_k8s/) with a kubeconfig pointing at it in
-    KUBECONFIG, as a user's would; cwd is tmp_path (specs' output_dirs are relative). Its
-    `clock` runs KUBE_SPEED times faster than real time, unless the test is marked
-    `real_time`."""
+def kube(tmp_path, monkeypatch):
+    """The test API server (tests/fake_k8s.py) with a kubeconfig pointing at it in
+    KUBECONFIG, as a user's would; cwd is tmp_path (specs' output_dirs are relative)."""
     import yaml
-    from fake_k8s import REAL_TIME, FakeKube, ScaledClock
-    real = request.node.get_closest_marker("real_time") is not None
-    fake = FakeKube(clock=REAL_TIME if real else ScaledClock(KUBE_SPEED))
+    from fake_k8s import FakeKube
+    fake = FakeKube()
     url = fake.start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(fake.kubeconfig(url)))

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import image
-from test_packaging import pip
 
 ROOT = Path(__file__).resolve().parents[1]
 # Docker's tag grammar: [\w][\w.-]{0,127}
@@ -42,17 +41,11 @@ def source_copy(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(project_wheel, installed_project):
     """(source tree, the wheel built from it installed non-editable into a directory of its
-    own, as in the image). The wheel is built like tests/test_packaging.py's, from a snapshot
-    of its own, so that the two trees are the same code."""
-    src = source_copy(tmp_path_factory.mktemp("build"))
-    out = tmp_path_factory.mktemp("wheel")
-    pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src))
-    [wheel] = out.glob("vsgd_repro-*.whl")
-    target = tmp_path_factory.mktemp("site")
-    pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel))
-    return src, target
+    own, as in the image): tests/conftest.py's, built and installed once per session (the
+    wheel tests/test_packaging.py checks), so that the two trees are the same code."""
+    return project_wheel[0], installed_project
 
 
 def in_installed(installed, *args, code=None, env=None, cwd):

@@ -3,7 +3,8 @@ stack comes with the `pipeline` extra, an installed (non-editable) package finds
 files (the Kubernetes Job template, the published reference numbers), and requirements.lock
 pins exactly what `.[pipeline,bench,dev]` installs.
 
-The wheel is built from a copy of what the Docker build context holds (pyproject.toml,
+The wheel is built once per session (tests/conftest.py, `project_wheel`, shared with
+tests/test_image.py) from a copy of what the Docker build context holds (pyproject.toml,
 README.md, vsgd/, pipeline/), so no stale `build/` in the checkout can leak into it.
 """
 
@@ -32,26 +33,10 @@ NOT_FOR_THE_LIBRARY = ("yaml", "mlflow", "dvc", "boto3", "botocore", "kubernetes
                        "scipy", "tqdm", "PIL", "torchvision")
 
 
-def pip(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """The project's wheel, built without build isolation (seconds, no index)."""
-    src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    for name in ("vsgd", "pipeline"):
-        shutil.copytree(ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    out = tmp_path_factory.mktemp("wheel")
-    pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src))
-    [path] = out.glob("vsgd_repro-*.whl")
-    return path
+def wheel(project_wheel):
+    """The project's wheel (tests/conftest.py: built once per session, from a snapshot)."""
+    return project_wheel[1]
 
 
 def metadata(wheel_path):
@@ -123,21 +108,20 @@ def test_package_data_lists_exactly_the_data_files():
 RENDERED = """
 import json, sys
 import pipeline, pipeline.aggregate
-from pipeline.k8s import render, schema
+from pipeline import k8s_config
 refs = pipeline.aggregate.load_references()
-template = schema.template_path({})
+template = k8s_config.template_path({})
 print(json.dumps({"pipeline": pipeline.__file__, "template": str(template),
-                  "kind": render.load_template(template)["kind"], "references": len(refs)}))
+                  "kind": k8s_config.load_template(template)["kind"], "references": len(refs)}))
 """
 
 
-def test_installed_package_renders_jobs(wheel, tmp_path):
+def test_installed_package_renders_jobs(installed_project, tmp_path):
     """A non-editable install (as in the image) shadows the checkout; from a directory outside
     the repository it renders Jobs through `python -m pipeline render-jobs` (the executor's
     code path) and loads the reference numbers."""
-    target, work = tmp_path / "site", tmp_path / "work"
+    target, work = installed_project, tmp_path / "work"
     work.mkdir()
-    pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel))
     shutil.copy2(ROOT / "params.yaml", work / "params.yaml")   # the user's own params file
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
 
