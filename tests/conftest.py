@@ -129,13 +129,27 @@ def mlflow_server(tmp_path_factory):
         services.stop(service, proc)
 
 
+# How much faster than real time the `kube` fixture's clock runs: the test API server's, the
+# executor's under test (given `kube.clock`) and the tests' own waits (`kube.clock.sleep`).
+KUBE_SPEED = 10
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_time: the `kube` fixture keeps real time (its "
+                                       "executor runs in a subprocess, or real waits are what "
+                                       "the test is about)")
+
+
 @pytest.fixture
-def kube(tmp_path, monkeypatch):
-    """The test API server (tests/fake_k8s.py) with a kubeconfig pointing at it in
-    KUBECONFIG, as a user's would; cwd is tmp_path (specs' output_dirs are relative)."""
+def kube(tmp_path, monkeypatch, request):
+    """The test API server (tests/fake_k8s/) with a kubeconfig pointing at it in
+    KUBECONFIG, as a user's would; cwd is tmp_path (specs' output_dirs are relative). Its
+    `clock` runs KUBE_SPEED times faster than real time, unless the test is marked
+    `real_time`."""
     import yaml
-    from fake_k8s import FakeKube
-    fake = FakeKube()
+    from fake_k8s import REAL_TIME, FakeKube, ScaledClock
+    real = request.node.get_closest_marker("real_time") is not None
+    fake = FakeKube(clock=REAL_TIME if real else ScaledClock(KUBE_SPEED))
     url = fake.start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(fake.kubeconfig(url)))

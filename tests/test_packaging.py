@@ -108,11 +108,11 @@ def test_package_data_lists_exactly_the_data_files():
 RENDERED = """
 import json, sys
 import pipeline, pipeline.aggregate
-from pipeline import k8s_config
+from pipeline.k8s import render, schema
 refs = pipeline.aggregate.load_references()
-template = k8s_config.template_path({})
+template = schema.template_path({})
 print(json.dumps({"pipeline": pipeline.__file__, "template": str(template),
-                  "kind": k8s_config.load_template(template)["kind"], "references": len(refs)}))
+                  "kind": render.load_template(template)["kind"], "references": len(refs)}))
 """
 
 
