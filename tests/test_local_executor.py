@@ -17,9 +17,24 @@ FAKE_TRAIN = textwrap.dedent("""
     print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
     print("remote", os.environ.get("VSGD_RESULTS_URI"), os.environ.get("AWS_ENDPOINT_URL_S3"),
           flush=True)
+    def alive(change):
+        # How many fake runs are alive now (and the most ever), in a file under a lock.
+        import fcntl
+        with open(behaviour["alive"], "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            now, most = map(int, (f.read() or "0 0").split())
+            now += change
+            f.seek(0)
+            f.truncate()
+            f.write(f"{now} {max(now, most)}")
+    if behaviour.get("alive"):
+        alive(+1)
     for i in range(behaviour.get("lines", 3)):
         print(f"step {i}", flush=True)
     time.sleep(behaviour.get("sleep", 0))
+    if behaviour.get("alive"):
+        alive(-1)
     if behaviour.get("exit", 0):
         print("Traceback: something broke", file=sys.stderr, flush=True)
         sys.exit(behaviour["exit"])
@@ -82,6 +97,19 @@ def test_runs_in_parallel_up_to_max_parallel(tmp_path):
     assert all(o.ok for o in ex.run(specs))
     # Four 1 s runs side by side; one after another would take > 4 s.
     assert time.monotonic() - start < 3.5
+
+
+def test_never_more_than_max_parallel_runs_at_once(tmp_path):
+    """More runs than slots: the slots are all used, and never more. Each fake run counts
+    itself in and out of a shared counter for as long as its body runs (inside its
+    process's lifetime, so the count never exceeds the processes alive)."""
+    counter = tmp_path / "alive"
+    specs = [make_spec(tmp_path, f"run{i}", sleep=1.0, lines=1, alive=str(counter))
+             for i in range(5)]
+    ex, _ = executor(tmp_path, max_parallel=3)
+    assert all(o.ok for o in ex.run(specs))
+    now, most = map(int, counter.read_text().split())
+    assert (now, most) == (0, 3)
 
 
 def test_spec_files_and_factory(tmp_path):
