@@ -63,6 +63,27 @@ def installed_project(project_wheel, tmp_path_factory):
     return target
 
 
+@pytest.fixture
+def place_prepared(data_root):
+    """`place_prepared(root, *datasets)` (default: both) copies the session's prepared
+    datasets (`data_root`) to `<root>/prepared/<dataset>`: what `python -m pipeline prepare
+    <dataset>` writes under a workspace's `data.root` with the ci preset (synthetic data of
+    the same sizes: the same files, the same checksum), without a prepare process per
+    test."""
+    import shutil
+
+    import yaml
+    ci = yaml.safe_load((ROOT / "params.yaml").read_text())["presets"]["ci"]["data"]
+    assert ci == {"source": "synthetic", "synthetic_sizes": SYNTHETIC_SIZES}, \
+        f"the ci preset's data is not data_root's: {ci}"
+
+    def place(root, *datasets):
+        for dataset in datasets or ("cifar100", "tinyimagenet"):
+            shutil.copytree(Path(data_root) / "prepared" / dataset,
+                            Path(root) / "prepared" / dataset)
+    return place
+
+
 def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", optimizer=None,
              iterations=4, batch_size=8, seed=0, tracking_uri=None, **training) -> dict:
     """A complete, valid run spec on the prepared synthetic data, writing under `out`.

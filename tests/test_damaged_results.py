@@ -175,7 +175,7 @@ def test_aggregate_refuses_a_damaged_result_rather_than_printing_it(workdir):
     assert not (workdir / "results" / "tables" / "table1.md").exists()
 
 
-def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path):
+def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path, place_prepared):
     """End to end: a finished run's metrics.json edited after the fact; the next train stage
     names it, sets it aside, trains the run again, and the tables see the new result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -187,7 +187,7 @@ def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path):
     def stage(*cmd):
         return subprocess.run([sys.executable, "-m", "pipeline", *cmd, *sets], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300, env=env)
-    assert stage("prepare", "cifar100").returncode == 0
+    place_prepared(tmp_path / "data", "cifar100")   # what `prepare cifar100` makes here
     assert stage("train").returncode == 0
     # Both copies: the store's, and the view's (a whole view copy would be taken back).
     [metrics] = (tmp_path / "results" / "store").glob("*/metrics.json")

@@ -33,11 +33,11 @@ def sets(items):
 
 
 @pytest.fixture
-def workspace(tmp_path):
-    """A project directory with params.yaml and the grid's dataset prepared."""
+def workspace(tmp_path, place_prepared):
+    """A project directory with params.yaml and the grid's dataset prepared (the session's
+    copy: what `python -m pipeline prepare cifar100` makes at the ci preset)."""
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    subprocess.run([sys.executable, "-m", "pipeline", "prepare", "cifar100", *sets(GRID)],
-                   cwd=tmp_path, env=ENV, check=True, capture_output=True)
+    place_prepared(tmp_path / "data", "cifar100")
     return tmp_path
 
 

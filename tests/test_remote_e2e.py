@@ -194,7 +194,7 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
 
 
 @pytest.mark.slow
-def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
+def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch, place_prepared):
     """`python -m pipeline train` with `storage.remote` and `storage.endpoint_url` set in the
     params only (the environment has credentials, no endpoint): the runs started by the local
     executor stage their data from, checkpoint to and publish their results in the store; a
@@ -221,7 +221,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
 
-    stage("prepare", "cifar100")
+    place_prepared(work / "data", "cifar100")   # what `prepare cifar100` makes here
     out = stage("train")
     assert "2 runs in the grid, 0 done, 0 reused, 2 to run" in out, out
 
