@@ -61,7 +61,7 @@ COPY pipeline ./pipeline
 # by default), with the lock's pins for whatever they share with the project (torch, numpy).
 # Then the build-time check, from / so that only the installed package is seen (not these
 # sources): the trainer imports, a Job renders from the packaged template through the executor's code
-# path (k8s_config.template_path -> load_template -> k8s_jobs.render_job), the published
+# path (schema.template_path -> render.load_template -> render.render_job), the published
 # reference numbers load, and the installed code is the code IMAGE_TAG names (a build from
 # another tree than the tag says fails here, not in the cluster).
 RUN if grep -qvE '^[[:space:]]*(#|$)' pipeline/requirements-optimizers.txt; then \
@@ -70,17 +70,18 @@ RUN if grep -qvE '^[[:space:]]*(#|$)' pipeline/requirements-optimizers.txt; then
  && rm -rf build ./*.egg-info \
  && cd / && python -c "\
 import os, vsgd, pipeline.train, pipeline.executors.kubernetes; \
-from pipeline import aggregate, image, k8s_config, k8s_jobs; \
-assert not k8s_jobs.__file__.startswith('/app/'), k8s_jobs.__file__; \
+from pipeline import aggregate, image; \
+from pipeline.k8s import render, schema; \
+assert not render.__file__.startswith('/app/'), render.__file__; \
 tag, built = os.environ.get('VSGD_IMAGE_TAG'), image.image_tag(); \
 assert not tag or built == tag, f'the installed code is {built}, not IMAGE_TAG {tag}'; \
 params = {'storage': {'remote': 's3://vsgd/check'}}; \
 spec = {'name': 'check', 'run_hash': '0123456789abcdef', 'dataset': 'cifar100', \
         'arch': 'vgg16', 'optimizer': {'name': 'vsgd'}, 'seed': 0}; \
-job = k8s_jobs.render_job(spec, params, k8s_config.load_template(k8s_config.template_path(params))); \
-assert job['kind'] == 'Job' and k8s_config.train_container(job)['args'][0] == '--spec-json', job; \
+job = render.render_job(spec, params, render.load_template(schema.template_path(params))); \
+assert job['kind'] == 'Job' and schema.train_container(job)['args'][0] == '--spec-json', job; \
 assert aggregate.load_references(); \
-print('installed package renders Jobs:', k8s_config.template_path(params), built)"
+print('installed package renders Jobs:', schema.template_path(params), built)"
 
 USER 10001:10001
 WORKDIR /scratch

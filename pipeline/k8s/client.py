@@ -104,7 +104,7 @@ class Api:
     Retry-After) for up to that many seconds, then `Detached`; without one, once. Other
     ApiExceptions (404, 403, 409, ...) propagate."""
 
-    def __init__(self, context=None, *, outage_budget=None, say=None, clock=SYSTEM_CLOCK,
+    def __init__(self, context=None, *, outage_budget=None, say=print, clock=SYSTEM_CLOCK,
                  request_timeout=REQUEST_TIMEOUT):
         self.client = connect(context)
         self.batch = client.BatchV1Api(self.client)

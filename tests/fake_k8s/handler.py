@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 from .discovery import DISCOVERY, OPENAPI_BATCH_V1
 from .job_writes import JobWrites
 from .objects import READ_ONLY_KINDS, error_status
+from .scenario import log_refusal
 from .selectors import field_terms, field_value, matches
 
 JOB_PATH = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(/(?P<name>[^/]+))?$")
@@ -243,7 +244,7 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
                                            {"name": name, "kind": "pods"}))
         if not log:
             return self._send(200, pod)
-        if refusal := _log_refusal(pod, query.get("container")):
+        if refusal := log_refusal(pod, query.get("container")):
             return self._send(400, error_status(400, "BadRequest", refusal))
         if "tailLines" in query:
             lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) else []
@@ -326,19 +327,10 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
                                 "metadata": {"resourceVersion": rv}, "items": items})
 
     def _watch(self, kind, ns, query):
-        kube = self.kube
-        with kube.cond:
-            kube.watch_starts.append(int(query.get("resourceVersion") or 0))
-            kube.open_watches += 1
-            kube.cond.notify_all()
-        try:
-            return self._stream(kind, ns, query)
-        finally:
-            with kube.cond:
-                kube.open_watches -= 1
-                kube.cond.notify_all()
-
-    def _stream(self, kind, ns, query):
+        """Stream events as chunks until the timeout, a cut, or an expiry. The watch counts
+        as open (`open_watches`) from the moment it took note of the cuts, bookmarks and
+        expiries so far, under the lock: one a test sees open (`await_watch`) gets the
+        next."""
         kube = self.kube
         timeout = float(query.get("timeoutSeconds") or 1800)
         since = int(query.get("resourceVersion") or 0)
@@ -352,46 +344,60 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             generation = kube.cut_generation
             bookmark_generation = kube.bookmark_generation
             expire_generation = kube.expire_generation
-            if since and since < kube.compacted_rv:
+            kube.watch_starts.append(since)
+            kube.open_watches += 1
+            kube.cond.notify_all()
+            try:
+                return self._stream(kind, ns, query, since, deadline, bookmarks,
+                                    (generation, bookmark_generation, expire_generation))
+            finally:
+                kube.open_watches -= 1
+                kube.cond.notify_all()
+
+    def _stream(self, kind, ns, query, since, deadline, bookmarks, generations):
+        """The events of a watch, with the lock held (waits release it)."""
+        kube = self.kube
+        generation, bookmark_generation, expire_generation = generations
+        if since and since < kube.compacted_rv:
+            self._chunk({"type": "ERROR", "object": error_status(
+                410, "Expired", f"too old resource version: {since} ({kube.compacted_rv})")})
+            return self._end()
+        if not since:   # "0"/unset: the current state first, as ADDED events
+            pending = [(kube.rv, kind, "ADDED", o)
+                       for _, o in sorted(kube.objects[kind].items())]
+            since = kube.rv
+        else:
+            pending = []
+        while True:
+            pending += [e for e in kube.history if e[0] > since and e[1] == kind]
+            for rv, _, event, obj in pending:
+                since = max(since, rv)
+                if obj["metadata"]["namespace"] == ns and matches(
+                        obj["metadata"].get("labels", {}), query.get("labelSelector")):
+                    self._chunk({"type": event, "object": obj})
+            pending = []
+            if kube.expire_generation != expire_generation:
                 self._chunk({"type": "ERROR", "object": error_status(
-                    410, "Expired", f"too old resource version: {since} ({kube.compacted_rv})")})
+                    410, "Expired", f"too old resource version: {since} "
+                                    f"({kube.compacted_rv})")})
                 return self._end()
-            if not since:   # "0"/unset: the current state first, as ADDED events
-                pending = [(kube.rv, kind, "ADDED", o)
-                           for _, o in sorted(kube.objects[kind].items())]
-                since = kube.rv
-            else:
-                pending = []
-            while True:
-                pending += [e for e in kube.history if e[0] > since and e[1] == kind]
-                for rv, _, event, obj in pending:
-                    since = max(since, rv)
-                    if obj["metadata"]["namespace"] == ns and matches(
-                            obj["metadata"].get("labels", {}), query.get("labelSelector")):
-                        self._chunk({"type": event, "object": obj})
-                pending = []
-                if kube.expire_generation != expire_generation:
-                    self._chunk({"type": "ERROR", "object": error_status(
-                        410, "Expired", f"too old resource version: {since} "
-                                        f"({kube.compacted_rv})")})
-                    return self._end()
-                if kube.bookmark_generation != bookmark_generation:
-                    bookmark_generation = kube.bookmark_generation
-                    if bookmarks:
-                        since = max(since, kube.rv)
-                        self._chunk({"type": "BOOKMARK", "object": {
-                            "kind": "Job" if kind == "jobs" else "Pod",
-                            "apiVersion": "batch/v1" if kind == "jobs" else "v1",
-                            "metadata": {"resourceVersion": str(since)}}})
-                left = deadline - kube.clock.monotonic()
-                if kube.cut_generation != generation:
-                    self.close_connection = True
-                    self.wfile.flush()
-                    self.connection.shutdown(2)   # no final chunk: the client sees a cut
-                    return None
-                if left <= 0:
-                    return self._end()
-                kube.clock.wait(kube.cond, min(left, 0.5))
+            if kube.bookmark_generation != bookmark_generation:
+                bookmark_generation = kube.bookmark_generation
+                if bookmarks:
+                    since = max(since, kube.rv)
+                    self._chunk({"type": "BOOKMARK", "object": {
+                        "kind": "Job" if kind == "jobs" else "Pod",
+                        "apiVersion": "batch/v1" if kind == "jobs" else "v1",
+                        "metadata": {"resourceVersion": str(since)}}})
+            left = deadline - kube.clock.monotonic()
+            if kube.cut_generation != generation:
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(2)   # no final chunk: the client sees a cut
+                return None
+            if left <= 0:
+                return self._end()
+            kube.clock.wait(kube.cond, min(left, 0.5))
 
     def _chunk(self, event):
         data = (json.dumps(event) + "\n").encode()
@@ -401,40 +407,6 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
     def _end(self):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-
-
-def _log_refusal(pod, container):
-    """Why the log of `container` cannot be read (a 400 Bad Request), or None: the API
-    server's own checks (a pod not yet on a node, a container it does not have), then the
-    kubelet's (validateContainerLogStatus), whose error the API server passes on as a 400:
-    `kubectl logs` shows it as "Error from server (BadRequest): container "train" in pod
-    "x" is waiting to start: ContainerCreating".
-    https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#get-read-log-of-the-specified-pod
-    """
-    name = pod["metadata"]["name"]
-    names = [c["name"] for c in pod["spec"].get("containers") or []]
-    if container is None:
-        if len(names) != 1:
-            return (f"a container name must be specified for pod {name}, choose one of: "
-                    f"[{' '.join(names)}]")
-        container = names[0]
-    elif container not in names:
-        return f"container {container} is not valid for pod {name}"
-    if not pod["spec"].get("nodeName"):
-        return f"pod {name} does not have a host assigned"
-    status = next((s for s in (pod.get("status") or {}).get("containerStatuses") or []
-                   if s.get("name") == container), None)
-    if status is None:
-        return f'container "{container}" in pod "{name}" is not available'
-    state, last = status.get("state") or {}, status.get("lastState") or {}
-    if state.get("running") or state.get("terminated") or last.get("terminated"):
-        return None
-    reason = (state.get("waiting") or {}).get("reason")
-    if reason is None:
-        return f'container "{container}" in pod "{name}" is waiting to start - no logs yet'
-    why = {"ErrImagePull": "image can't be pulled",
-           "ImagePullBackOff": "trying and failing to pull image"}.get(reason, reason)
-    return f'container "{container}" in pod "{name}" is waiting to start: {why}'
 
 
 def serve(kube, port=0) -> ThreadingHTTPServer:

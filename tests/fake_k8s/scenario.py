@@ -1,7 +1,7 @@
 """What a Job controller, the scheduler, the kubelet and the garbage collector would do,
 as methods the tests call (there is no controller): pods that start, wait, fail or cannot be
 scheduled, Jobs that complete or fail (with the 1.31+ conditions), suspend and resume,
-events, and deletion with its propagation policies."""
+events, deletion with its propagation policies, and why there is no log of a container yet."""
 
 import copy
 import time
@@ -390,3 +390,36 @@ class Scenario:
                     and (uid is None or p["metadata"]["labels"].get("controller-uid",
                                                                     uid) == uid)]
 
+
+def log_refusal(pod, container):
+    """Why the log of `container` cannot be read (a 400 Bad Request), or None: the API
+    server's own checks (a pod not yet on a node, a container it does not have), then the
+    kubelet's (validateContainerLogStatus), whose error the API server passes on as a 400:
+    `kubectl logs` shows it as "Error from server (BadRequest): container "train" in pod
+    "x" is waiting to start: ContainerCreating".
+    https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#get-read-log-of-the-specified-pod
+    """
+    name = pod["metadata"]["name"]
+    names = [c["name"] for c in pod["spec"].get("containers") or []]
+    if container is None:
+        if len(names) != 1:
+            return (f"a container name must be specified for pod {name}, choose one of: "
+                    f"[{' '.join(names)}]")
+        container = names[0]
+    elif container not in names:
+        return f"container {container} is not valid for pod {name}"
+    if not pod["spec"].get("nodeName"):
+        return f"pod {name} does not have a host assigned"
+    status = next((s for s in (pod.get("status") or {}).get("containerStatuses") or []
+                   if s.get("name") == container), None)
+    if status is None:
+        return f'container "{container}" in pod "{name}" is not available'
+    state, last = status.get("state") or {}, status.get("lastState") or {}
+    if state.get("running") or state.get("terminated") or last.get("terminated"):
+        return None
+    reason = (state.get("waiting") or {}).get("reason")
+    if reason is None:
+        return f'container "{container}" in pod "{name}" is waiting to start - no logs yet'
+    why = {"ErrImagePull": "image can't be pulled",
+           "ImagePullBackOff": "trying and failing to pull image"}.get(reason, reason)
+    return f'container "{container}" in pod "{name}" is waiting to start: {why}'
