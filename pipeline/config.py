@@ -4,7 +4,8 @@ once: `load_params` is what every command calls."""
 
 from pathlib import Path
 
-from vsgd.spec import ConfigError, kind
+from vsgd.checker import kind
+from vsgd.spec import ConfigError
 
 from .params_check import validate
 from .params_file import apply_preset, parse_overrides, read_yaml, set_key

@@ -13,18 +13,16 @@ constructor takes the hyperparameters and accepts their values.
 
 import re
 
+from vsgd.checker import MISSING, Checker, Range
 from vsgd.spec import (
     ARCHS,
     DATASETS,
     DEVICE_RE,
-    MISSING,
     MODELS,
     OPTIMIZERS,
     SEED,
     SOURCES,
     TRAINING,
-    Checker,
-    Range,
     check_finite,
     check_optimizer,
     check_schedule,

@@ -11,7 +11,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from vsgd.spec import Checker, ConfigError, Range, View
+from vsgd.checker import Checker, Range, View
+from vsgd.spec import ConfigError
 
 from ..params_file import read_yaml
 
