@@ -23,7 +23,10 @@ from kubernetes.client.exceptions import ApiException
 
 from vsgd.spec import ConfigError
 
-from ..contract import STALE_IMAGE  # how a pod whose code is not the launcher's says so
+from ..contract import (
+    STALE_IMAGE,  # how a pod whose code is not the launcher's says so
+    Detached,
+)
 from ..k8s.client import (
     SYSTEM_CLOCK,
     TRANSIENT,
@@ -48,7 +51,7 @@ from ..k8s.render import (
 from ..k8s.schema import QUEUE_LABEL, max_parallel, queue_name, settings, template_path
 from ..k8s.status import condition, failure
 from ..storage import fetch_result
-from . import Detached, Executor, RunOutcome
+from .base import Executor, RunOutcome
 
 
 @dataclass

@@ -32,10 +32,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import results
-from ..contract import (EXIT_CODES, LOCK_FD_ENV, LOG_NAME, STOP_WITH_LAUNCHER_ENV,
-                        STOPPED_CODES, TEE_LOG_ENV, signal_main_thread, watch_launcher)
+from ..contract import (
+    EXIT_CODES,
+    LOCK_FD_ENV,
+    LOG_NAME,
+    STOP_WITH_LAUNCHER_ENV,
+    STOPPED_CODES,
+    TEE_LOG_ENV,
+    signal_main_thread,
+    watch_launcher,
+)
 from ..runlock import RunLock
-from . import Executor, RunOutcome, spec_path, write_spec
+from .base import Executor, RunOutcome, spec_path, write_spec
 
 TAIL_LINES = 30
 # How long a stopped run may take to save its checkpoint and exit before it is killed: the

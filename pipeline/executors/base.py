@@ -1,0 +1,53 @@
+"""What every executor is: the interface (`Executor`), how a run ended (`RunOutcome`), and
+where a run's spec file lives. Executors run a list of resolved run specs somewhere and
+report how each one ended.
+
+The stage (`pipeline.execute`) has already dropped finished runs and written every spec file
+(`spec_path(spec)`); an executor only runs what it is given, all at once, as parallel as it
+is configured to. What differs between executors is theirs, behind one interface
+(`Executor`): what to check before any work (`before_stage`: the Kubernetes executor's
+preflight and its report of stale Jobs), and running. The stage never asks which kind it has.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    run_hash: str
+    ok: bool
+    error: str | None = None      # one line: exit code / Job reason
+    log_tail: str = ""            # last lines of the run's log
+
+
+
+
+class Executor:
+    """What every executor does; the defaults do nothing."""
+
+    def before_stage(self, stage: str, unfinished: list[dict]) -> None:
+        """Called by the stage before any lookup, upload or run, with the runs it has not
+        found finished: say at once what would fail every run (raise ConfigError), and what
+        the stage should know (e.g. runs of an earlier grid still running)."""
+
+    def run(self, specs: list[dict]) -> list[RunOutcome]:
+        raise NotImplementedError
+
+
+def spec_path(spec: dict) -> Path:
+    """Where a run's spec file lives: next to its results, so a failed run's directory
+    still says what it was."""
+    return Path(spec["output_dir"]) / "spec.json"
+
+
+def write_spec(spec: dict) -> Path:
+    path = spec_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.replace(path)
+    return path
