@@ -14,7 +14,7 @@ from .report.runs import load_references, load_runs
 from .report.summary import build_summary, write_json
 from .report.table1 import build_table1
 from .report.table2 import build_table2
-from .timing import load as load_timing
+from .timing_results import load as load_timing
 
 RESULTS = Path("results")
 

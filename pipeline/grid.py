@@ -12,10 +12,12 @@ import itertools
 import json
 from pathlib import Path
 
+from vsgd.imported_optimizers import CLASS_KEY, PACKAGE_KEY, provider
 from vsgd.spec import OPTIMIZERS, STAGE_KEY, ConfigError, code_version, run_hash
 from vsgd.tracking import tracking_uri
 
 from .cells import resolve_run, tuned_cells
+from .storage import dataset_uri
 
 RESULTS_DIR = "results/runs"     # the current grid, one directory per run name
 STORE_DIR = "results/store"      # every finished result, by run hash
@@ -142,7 +144,6 @@ def _imported_args(entry: dict, values: dict | None) -> dict:
     (both part of the run identity) and its hyperparameters as written, except that `lr` is
     a float (1 and 1.0 are one run); other values keep their type: a constructor may want an
     int."""
-    from vsgd.imported_optimizers import CLASS_KEY, PACKAGE_KEY, provider
     args = {k: v for k, v in entry.items() if k not in (CLASS_KEY, "grid")}
     args.update(values or {})
     if isinstance(args.get("lr"), (int, float)) and not isinstance(args["lr"], bool):
@@ -157,7 +158,6 @@ def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None
     checksum is part of the cache key so a re-prepared dataset is hashed again)."""
     if not remote or checksum is None:
         return None
-    from .storage import dataset_uri   # boto3 only when a remote is configured
     return dataset_uri(data_dir, remote)
 
 

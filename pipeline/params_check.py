@@ -13,6 +13,7 @@ constructor takes the hyperparameters and accepts their values.
 
 import re
 
+from vsgd import imported_optimizers
 from vsgd.checker import MISSING, Checker, Range
 from vsgd.spec import (
     ARCHS,
@@ -122,7 +123,6 @@ def _check_imported(c, entry, path, base=None, build=True):
     """An imported optimizer's entry (merged over `base`, its `optimizer:` entry, for an
     experiment's override): the class imports and is an optimizer, every hyperparameter and
     grid key is a constructor argument, and the pinned values and every grid value build."""
-    from vsgd import imported_optimizers
     full = {**(base or {}), **entry}
     grid = full.get("grid")
     if grid is not None and not isinstance(grid, dict):

@@ -24,26 +24,26 @@ Writes `<out>/timing.csv` (one row per configuration) and `<out>/timing.json` (t
 rows with every round's seconds, and the settings and device).
 """
 
-import csv
-import io
-import json
 import statistics
 import time
 from pathlib import Path
 
-from vsgd.files import atomic_write
-from vsgd.spec import ConfigError
+import torch
+
+from vsgd import engine
+from vsgd.data.prepared import load_prepared
+from vsgd.spec import TRAINING_DEFAULTS, ConfigError
+from vsgd.trainer import device_name
 
 from .config import add_params_arguments, load_params
+from .grid import build_spec
+from .timing_results import write
 
 OUT = Path("results/timing")
 # The training keys that change what a step computes (the rest decide when to evaluate, log
 # or save, and which images are held out or evaluated): the spec's values are timed, the
 # others take their defaults (no validation split, one test image on the device).
 TIMED_TRAINING = ("precision", "compile", "channels_last")
-COLUMNS = ("dataset", "arch", "model", "optimizer", "batch_size", "seconds_per_step",
-           "images_per_sec", "ratio_to_sgd", "rounds", "steps", "warmup", "device",
-           "device_name", "precision", "torch_version")
 
 
 def add_arguments(parser):
@@ -76,7 +76,6 @@ class _Config:
 
 def configurations(params: dict) -> list[_Config]:
     """Every dataset x architecture x optimizer of the grid, in the grid's order."""
-    from .grid import build_spec
     # The spec's location of a dataset in a remote store plays no part here (and would
     # hash every file of it).
     local = {**params, "storage": {**params["storage"], "remote": None}}
@@ -93,24 +92,19 @@ def configurations(params: dict) -> list[_Config]:
 
 
 def resolve_device(name: str):
-    from vsgd import engine
     try:
         device = engine.resolve_device(name)
     except ConfigError:
         raise ConfigError([f"timing.device: {name!r} but CUDA is not available here; "
                            "allowed: auto, cpu, cuda, cuda:N, mps"]) from None
     if device.type == "cuda" and device.index is None:
-        import torch
-        device = torch.device("cuda", torch.cuda.current_device())
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
 def measure(params: dict, log=None) -> dict:
     """Time every configuration (see the module docstring); the rows and settings."""
-    import torch
 
-    from vsgd import engine
-    from vsgd.trainer import device_name
 
     log = log or (lambda text: None)
     settings = params["timing"]
@@ -165,9 +159,6 @@ def measure(params: dict, log=None) -> dict:
 def _build(spec, device, shared):
     """The run of `spec` on `device` and its fresh state, with the training images of its
     dataset shared with the configurations built before (`shared`, filled here)."""
-    from vsgd import engine
-    from vsgd.data import load_prepared
-    from vsgd.spec import TRAINING_DEFAULTS
 
     ds = spec["dataset"]
     if ds in shared:
@@ -204,7 +195,6 @@ def _static_compiles(n: int) -> None:
 
 
 def _sync(device) -> None:
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -219,24 +209,3 @@ def _summary(rows) -> str:
         lines.append(f"{row['dataset']:<13} {row['model']:<16} {row['optimizer']:<9} "
                      f"{row['batch_size']:>5} {row['seconds_per_step']:>9.4f} {ratio:>6}")
     return "\n".join(lines)
-
-
-def write(result: dict, out: Path) -> None:
-    """`timing.csv` (COLUMNS) and `timing.json` (everything) under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in result["rows"]:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
-    atomic_write(out / "timing.csv", text.getvalue())
-    atomic_write(out / "timing.json", json.dumps(result, indent=2) + "\n")
-
-
-def load(directory: Path) -> dict | None:
-    """What `write` wrote under `directory`; None when it is absent or unreadable."""
-    try:
-        return json.loads((Path(directory) / "timing.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None

@@ -286,7 +286,7 @@ TIMED = {"sgd": 1.0, "adam": 1.1, "adamw": 1.12, "vsgd": 1.25}  # seconds per st
 def plant_timing(results, skip=()):
     """What the timing stage writes, for CIFAR-100's three architectures: SGD's step takes
     0.1 s (VGG16), 0.2 s (ConvMixer), 0.4 s (ResNeXt-18) on one GPU."""
-    from pipeline import timing
+    from pipeline import timing_results
     sgd = {"vgg": 0.1, "convmixer": 0.2, "resnext": 0.4}
     models = {"vgg": "vgg16", "convmixer": "convmixer_256_8", "resnext": "resnext18"}
     batch = {"vgg": 256, "convmixer": 256, "resnext": 128}
@@ -297,7 +297,7 @@ def plant_timing(results, skip=()):
              "device_name": "Timing GPU", "precision": "fp32", "torch_version": "9.9",
              "round_seconds": [sgd[arch] * ratio] * 3}
             for arch in sgd for opt, ratio in TIMED.items() if (arch, opt) not in skip]
-    timing.write({"device": "cuda:0", "device_name": "Timing GPU", "precision": "fp32",
+    timing_results.write({"device": "cuda:0", "device_name": "Timing GPU", "precision": "fp32",
                   "torch_version": "9.9", "steps": 50, "warmup": 10, "rounds": 3,
                   "rows": rows}, results / "timing")
 

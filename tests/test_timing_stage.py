@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import timing
+from pipeline import timing_results
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, load_params
 
@@ -52,7 +52,7 @@ def test_every_configuration_is_timed_interleaved_in_one_process_on_one_device(
     assert len({b[0][1] for b in blocks[:4]}) == 1 and len({b[0][1] for b in blocks[4:]}) == 1
 
     text = (out / "timing.csv").read_text()
-    assert text.splitlines()[0] == ",".join(timing.COLUMNS)
+    assert text.splitlines()[0] == ",".join(timing_results.COLUMNS)
     rows = list(csv.DictReader(text.splitlines()))
     assert [(r["dataset"], r["arch"], r["optimizer"]) for r in rows] == [
         (ds, "convmixer", opt) for ds in ("cifar100", "tinyimagenet") for opt in OPTIMIZERS]
@@ -81,7 +81,7 @@ def test_every_configuration_is_timed_interleaved_in_one_process_on_one_device(
         assert len(row["round_seconds"]) == rounds
         assert row["seconds_per_step"] == pytest.approx(sorted(row["round_seconds"])[0] / 2
                                                         + sorted(row["round_seconds"])[1] / 2)
-    assert timing.load(out) == result
+    assert timing_results.load(out) == result
     assert "timing: 8 configurations" in capsys.readouterr().out
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .spec import IMPORTED_CLASS as CLASS_KEY      # params.yaml / spec key of the import path
 from .spec import IMPORTED_PACKAGE as PACKAGE_KEY  # spec key: the providing distribution
+from .spec import ConfigError
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # Arguments every optimizer of the grid needs: the schedule scales lr, the tables show it.
 REQUIRED = ("lr",)
@@ -154,7 +155,6 @@ def try_build(cls: type, args: dict) -> str | None:
 def make(spec_optimizer: dict, params):
     """The optimizer of a spec's `optimizer` section with a `class`: checks that this
     installation provides the same package version the spec was built with."""
-    from .spec import ConfigError
     path = spec_optimizer[CLASS_KEY]
     try:
         cls = load_class(path)

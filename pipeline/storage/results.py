@@ -12,6 +12,7 @@ from pathlib import Path
 from vsgd.tracking import mlflow_http_settings, tracking_uri
 
 from ..contract import ENDPOINT_ENV, RESULTS_ENV
+from ..redact import redact
 from .objects import open_store
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def _find_in_mlflow(params: dict, run_hash: str) -> Result | None:
                        for a in client.list_artifacts(run.info.run_id)):
                     return Result(run_hash, "mlflow", run.info.run_id)
     except Exception as exc:  # noqa: BLE001 - a tracking outage only means "not known there"
-        from .redact import redact
         log.warning("MLflow lookup of run %s failed (%s); treating it as not finished",
                     run_hash, redact(str(exc).splitlines()[0] if str(exc) else repr(exc)))
     return None
