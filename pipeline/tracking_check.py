@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from vsgd.tracking import tracking_uri
+
 from .redact import redact
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI (environment variable, overrides tracking.uri)"
@@ -18,14 +20,6 @@ def check_tracking(c, configured):
     environment's, else this one) must work here: an SQLite database needs a directory it
     can be created in. Found now, not after a run's first minutes of retries."""
     if configured is not None and not c.string(configured, "tracking.uri"):
-        return
-    # Imported here, as mlflow below: both belong to the tracking stack (vsgd.tracking
-    # imports filelock), which validating must not need: the launcher validates with
-    # whatever `python` it finds, and its tests run one with PyYAML alone. Without them
-    # nothing tracks here (the trainer says so and trains untracked).
-    try:
-        from vsgd.tracking import tracking_uri
-    except ImportError:
         return
     overriding = tracking_uri(None)   # the environment's URI, when one is set
     if configured is None and overriding is None:

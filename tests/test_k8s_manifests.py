@@ -471,7 +471,10 @@ def launch(tmp_path):
     (bin_dir / "dvc").write_text('#!/bin/sh\necho "$*" >> "$DVC_LOG"\n'
                                  '[ "$1" != init ] || mkdir .dvc\n')
     (bin_dir / "dvc").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # A wrapper, not a symlink: Python finds its venv from the path it was started by, and
+    # a symlink outside the venv would start the base interpreter without the packages.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     params = tmp_path / "params.yaml"
 
     def run():
