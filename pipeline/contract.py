@@ -41,6 +41,9 @@ SHELLS = ("sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox")
 # The driver the image's CUDA 13.0 needs: CUDA 13.0 GA's (its release notes); NVIDIA's CUDA
 # compatibility guide gives >= 580 as the branch for all of CUDA 13.x.
 CUDA_DRIVER = ">= 580.65.06"
+# What a launcher runs for one run: `python -m RUN_MODULE --spec <file>` (the local executor)
+# or `--spec-json` (the Job template's command).
+RUN_MODULE = "pipeline.train"
 # Where a run publishes its result in the remote store (`<remote>/results/<run_hash>`); set
 # per run by both executors (`pipeline.storage.run_env`, the Job renderer).
 RESULTS_ENV = "VSGD_RESULTS_URI"

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import image
 from pipeline.config import load_params
+from pipeline.contract import RUN_MODULE
 from pipeline.grid import expand
 from pipeline.k8s import access as k8s_access
 from pipeline.k8s import schema as k8s_schema
@@ -616,7 +617,7 @@ def test_production_job_spec(jobs):
         assert {"configMapRef": {"name": "vsgd-endpoints"}} in container["envFrom"]
         assert not [e for e in container["env"] if "SECRET" in e["name"] or "KEY" in e["name"]]
         # The run: the single-run CLI with the spec, checkpointing to the store.
-        assert container["command"] == ["python", "-m", "pipeline.train"]
+        assert container["command"] == ["python", "-m", RUN_MODULE]
         run = json.loads(container["args"][1])
         assert container["args"][0] == "--spec-json"
         assert run["checkpoint"].startswith("s3://vsgd/grid/checkpoints/")

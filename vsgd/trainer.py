@@ -48,7 +48,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import engine
-from .data import DataError, load_prepared
+from .data.errors import DataError
+from .data.prepared import load_prepared
 from .files import atomic_write
 from .optim import VSGD, beta1_summary
 from .outputs import BETA1_COLUMNS, CURVE_COLUMNS

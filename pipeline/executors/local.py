@@ -13,7 +13,7 @@ reached and exits; the executor waits up to GRACE_SECONDS for them before SIGKIL
 have their own process group, so a terminal's Ctrl-C reaches them only through the executor:
 a second signal would make a run stop at once, without its checkpoint. Further signals while
 stopping are ignored (the grace period bounds the wait). A run stops by itself too when the
-executor dies (`pipeline.train.STOP_WITH_LAUNCHER_ENV`).
+executor dies (`pipeline.contract.STOP_WITH_LAUNCHER_ENV`).
 
 One launcher per run: the executor takes a run's lock (`pipeline.runlock`) before it writes
 the run's spec or log and passes it on to the run's process, so a second stage on the same
@@ -36,6 +36,7 @@ from ..contract import (
     EXIT_CODES,
     LOCK_FD_ENV,
     LOG_NAME,
+    RUN_MODULE,
     STOP_WITH_LAUNCHER_ENV,
     STOPPED_CODES,
     TEE_LOG_ENV,
@@ -58,7 +59,7 @@ class LocalExecutor(Executor):
         # spec -> extra environment variables of its process (they win over ours).
         self.run_env = run_env or (lambda spec: {})
         # The single-run CLI; `--spec <file>` is appended. Tests substitute a stand-in.
-        self.command = list(command or [sys.executable, "-m", "pipeline.train"])
+        self.command = list(command or [sys.executable, "-m", RUN_MODULE])
         self.out = out or sys.stdout
         self._lock = threading.Lock()
         self._procs = set()
