@@ -17,7 +17,7 @@ from test_k8s_executor import PARAMS, api_delete, executor, grid, spec_of
 
 from pipeline.config import ConfigError
 from pipeline.contract import Detached
-from pipeline.k8s.jobs import report_stale
+from pipeline.k8s.cluster import report_stale
 from pipeline.k8s.render import OWNER_LABEL, STORE_LABEL, job_name, render_job
 from pipeline.k8s.schema import QUEUE_LABEL
 

@@ -36,7 +36,7 @@ from ..k8s.client import (
     quota_refusal,
     retry_after,
 )
-from ..k8s.jobs import report_stale
+from ..k8s.cluster import report_stale
 from ..k8s.pods import Pods, pod_state
 from ..k8s.preflight import preflight
 from ..k8s.render import (
