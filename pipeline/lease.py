@@ -47,10 +47,6 @@ LEASE_SECONDS = float(os.environ.get("VSGD_LEASE_SECONDS", "120"))
 WAIT_POLL_SECONDS = min(30.0, LEASE_SECONDS / 4)
 
 
-class LeaseLost(Exception):
-    """Another launcher took the lease over: this process no longer owns the run."""
-
-
 class Lease:
     """The lease of the run whose remote results go to `results_uri` (s3://...)."""
 

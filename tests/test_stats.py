@@ -21,37 +21,9 @@ def test_t_quantiles_match_the_published_table(p, df, table):
     assert stats.t_quantile(1 - p, df) == pytest.approx(-stats.t_quantile(p, df))
 
 
-def test_t_cdf_inverts_the_quantile():
-    for df in (0.7, 1, 3.3, 4.959, 50):
-        for p in (0.6, 0.9, 0.975, 0.999):
-            assert stats.t_cdf(stats.t_quantile(p, df), df) == pytest.approx(p, abs=1e-10)
-    assert stats.t_cdf(0, 5) == 0.5
-    # Non-integer df falls between its integer neighbours (fewer df: heavier tails).
+def test_non_integer_df_falls_between_its_integer_neighbours():
+    # Fewer df: heavier tails.
     assert 2.57058 < stats.t_quantile(0.975, 4.5) < 2.77645
-
-
-# The t CDF in closed form for small df. F(t) = 1 - I_x(df/2, 1/2) / 2 for t >= 0 with
-# x = df / (df + t^2), so df = 1 is the arcsine law I_x(1/2, 1/2) = (2/pi) asin(sqrt(x)), and
-# each t below is where x takes one of the values 0.01, 0.3, 0.5, 0.9, 0.999.
-T_CDF_CLOSED_FORMS = {
-    1: lambda t: 0.5 + math.atan(t) / math.pi,
-    2: lambda t: 0.5 + t / (2 * math.sqrt(2 + t * t)),
-    3: lambda t: 0.5 + (t / math.sqrt(3) / (1 + t * t / 3)
-                        + math.atan(t / math.sqrt(3))) / math.pi,
-    4: lambda t: 0.5 + 3 / 8 * t / math.sqrt(1 + t * t / 4) * (1 - t * t / (12 * (1 + t * t / 4))),
-}
-
-
-@pytest.mark.parametrize("df", sorted(T_CDF_CLOSED_FORMS))
-def test_t_cdf_matches_closed_forms(df):
-    closed = T_CDF_CLOSED_FORMS[df]
-    for x in (0.01, 0.3, 0.5, 0.9, 0.999):
-        t = math.sqrt(df * (1 - x) / x)
-        assert stats.t_cdf(t, df) == pytest.approx(closed(t))
-        assert stats.t_cdf(-t, df) == pytest.approx(closed(-t))
-        assert stats.t_cdf(t, df) + stats.t_cdf(-t, df) == pytest.approx(1)
-    assert stats.t_cdf(0, 15) == 0.5
-    assert stats.t_cdf(math.inf, df) == 1 and stats.t_cdf(-math.inf, df) == 0
 
 
 def test_t_quantile_matches_closed_forms():
@@ -65,15 +37,13 @@ def test_t_quantile_matches_closed_forms():
             assert stats.t_quantile(p, df) == pytest.approx(t, rel=1e-9, abs=1e-12), (p, df)
     # Plain floats, not numpy scalars: welch's excludes_zero (low > 0 or high < 0) is a bool,
     # not a numpy.bool_, and summary.json and the CSVs get plain numbers.
-    assert type(stats.t_quantile(0.975, 4.5)) is float and type(stats.t_cdf(1, 4.5)) is float
+    assert type(stats.t_quantile(0.975, 4.5)) is float
 
 
 def test_t_quantile_refuses_impossible_arguments():
     for p, df in ((0, 3), (1, 3), (0.5, 0), (0.9, -1)):
         with pytest.raises(ValueError):
             stats.t_quantile(p, df)
-    with pytest.raises(ValueError):
-        stats.t_cdf(1, 0)
 
 
 def test_welch_interval_matches_the_hand_computation():

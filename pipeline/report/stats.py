@@ -3,7 +3,7 @@
 Per cell (dataset x architecture) each optimizer has one final test accuracy per seed. Two
 optimizers are compared by Welch's t confidence interval for the difference of their means
 (`welch`): it does not assume equal variances, which two optimizers need not have. The
-Student t quantile it needs (`t_quantile`) and its CDF (`t_cdf`) come from scipy.stats
+Student t quantile it needs (`t_quantile`) comes from scipy.stats
 (the pipeline extra).
 
 `standing` then says, per cell, which optimizer is best, which are tied within noise and
@@ -107,14 +107,6 @@ def standing(samples: dict[str, list[float]], level: float = 0.95) -> dict[str, 
 # second, five times all of pipeline.aggregate's imports, which likewise leave matplotlib,
 # pandas and mlflow to the functions that need them. Only an interval needs it; later calls
 # find it loaded.
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` > 0 degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"df must be > 0, not {df}")
-    import scipy.stats
-    return float(scipy.stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
