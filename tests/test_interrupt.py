@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -363,11 +364,22 @@ def dvc_env(shell: str) -> dict:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def dvc_repo(tmp_path, spec_file, env) -> Path:
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def dvc_initialised(tmp_path_factory) -> Path:
+    """A git repository with DVC initialised in it (`git init`, `dvc init`), made once for
+    the module: each test's repository is a copy of it."""
+    repo = tmp_path_factory.mktemp("dvc-init") / "repo"
     repo.mkdir()
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(cmd, cwd=repo, env=dvc_env("/bin/sh"), check=True, capture_output=True,
+                       timeout=120)
+    return repo
+
+
+def dvc_repo(tmp_path, spec_file, initialised: Path) -> Path:
+    """A copy of `initialised` whose one stage trains `spec_file`."""
+    repo = tmp_path / "repo"
+    shutil.copytree(initialised, repo, symlinks=True)
     (repo / "dvc.yaml").write_text(
         f"stages:\n  train:\n    cmd: python -m pipeline.train --spec {spec_file}\n")
     return repo
@@ -396,11 +408,11 @@ def trainer_pids(spec_file) -> list[int]:
     ("ctrl-c", "/bin/bash"),   # SIGINT to its process group, as a terminal's Ctrl-C
 ])
 def test_dvc_repro_stopped_mid_training_loses_no_step(data_root, tmp_path, reference, how,
-                                                      shell):
+                                                      shell, dvc_initialised):
     env = dvc_env(shell)
     spec = run_spec(data_root, tmp_path, **CLI_RUN)
     spec_file = write_spec(spec, tmp_path / "spec.json")
-    repo = dvc_repo(tmp_path, spec_file, env)
+    repo = dvc_repo(tmp_path, spec_file, dvc_initialised)
     log = tmp_path / "repro.log"
     with log.open("w") as f:
         dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=f,
