@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, run_spec
 from pipeline import services, storage
+from pipeline.contract import RESULTS_ENV
 
 BUCKET = "vsgd-e2e"
 SENTINEL = "SENTINEL-secret-7f3a9c1e5b"        # AWS_SECRET_ACCESS_KEY of the run
@@ -32,13 +33,16 @@ UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
 
 
 class Services:
+    """The moto S3 server with the bucket; the `mlflow server` (artifacts proxied to the
+    bucket) once `start_mlflow` is called, by the tests that track to it."""
+
     def __init__(self, root: Path):
         self.root = root
         self.s3, self._s3_proc = services.start_s3(root / "s3")
         services.create_bucket(self.s3.url, BUCKET)
         self.backend = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
         self.mlflow_port = services.free_port()
-        self.start_mlflow()
+        self.mlflow = self._mlflow_proc = None
 
     def start_mlflow(self):
         self.mlflow, self._mlflow_proc = services.start_mlflow(
@@ -51,15 +55,25 @@ class Services:
         self._mlflow_proc.wait(10)
 
     def stop(self):
-        services.stop(self.mlflow, self._mlflow_proc)
+        if self.mlflow is not None:
+            services.stop(self.mlflow, self._mlflow_proc)
         services.stop(self.s3, self._s3_proc)
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory):
+def s3_remote(tmp_path_factory):
+    """The services with the S3 server alone (the train-stage test tracks to SQLite)."""
     svc = Services(tmp_path_factory.mktemp("services"))
     yield svc
     svc.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(s3_remote):
+    """The services with the MLflow tracking server up too."""
+    if s3_remote.mlflow is None:
+        s3_remote.start_mlflow()
+    return s3_remote
 
 
 def _env(svc, tmp_path) -> dict:
@@ -108,11 +122,11 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
     pod = tmp_path / "pod-scratch"
     pod.mkdir()
     env = {**_env(remote, tmp_path),
-           storage.RESULTS_ENV: storage.results_uri(prefix, spec["run_hash"])}
+           RESULTS_ENV: storage.results_uri(prefix, spec["run_hash"])}
     logs = []
 
     # An uninterrupted local run, for the expected result.
-    ref_env = {k: v for k, v in env.items() if k != storage.RESULTS_ENV}
+    ref_env = {k: v for k, v in env.items() if k != RESULTS_ENV}
     p = _train(ref, ref_env, tmp_path)
     logs.append(p.communicate(timeout=180)[0])
     assert p.returncode == 0, logs[-1]
@@ -194,7 +208,7 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
 
 
 @pytest.mark.slow
-def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch, place_prepared):
+def test_train_stage_with_remote_in_params(s3_remote, tmp_path, monkeypatch, place_prepared):
     """`python -m pipeline train` with `storage.remote` and `storage.endpoint_url` set in the
     params only (the environment has credentials, no endpoint): the runs started by the local
     executor stage their data from, checkpoint to and publish their results in the store; a
@@ -205,7 +219,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch, place_
     prefix = f"s3://{BUCKET}/stage"
     sets = ["preset=ci", "datasets=[cifar100]", "archs=[convmixer]", "optimizers=[sgd, vsgd]",
             "tune.enabled=false",
-            f"storage.remote={prefix}", f"storage.endpoint_url={remote.s3.url}",
+            f"storage.remote={prefix}", f"storage.endpoint_url={s3_remote.s3.url}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
@@ -234,7 +248,7 @@ def test_train_stage_with_remote_in_params(remote, tmp_path, monkeypatch, place_
     for k, v in services.MOTO_CREDENTIALS.items():
         monkeypatch.setenv(k, v)
     storage.s3_client.cache_clear()
-    bucket = storage.open_store(f"s3://{BUCKET}", remote.s3.url)
+    bucket = storage.open_store(f"s3://{BUCKET}", s3_remote.s3.url)
     for spec in specs:
         local = json.loads((work / spec["output_dir"] / "metrics.json").read_text())
         published = json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/"
