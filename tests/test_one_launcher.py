@@ -155,15 +155,24 @@ def test_gc_keeps_what_a_running_run_holds(tmp_path, monkeypatch, capsys):
 # two machines sharing a remote store
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 with a bucket; yields its endpoint URL."""
-    import boto3
+@pytest.fixture(scope="module")
+def moto_server():
+    """A moto S3 server on 127.0.0.1 for the module's tests (each test empties it: `s3`);
+    yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """The moto S3 server with a bucket, in this process's environment; yields its
+    endpoint URL."""
+    import boto3
+    url = moto_server
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}.items():
         monkeypatch.setenv(key, value)
@@ -172,7 +181,6 @@ def s3(monkeypatch):
     # moto keeps its buckets per process, whatever server served them: start the next
     # test empty.
     urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"))
-    server.stop()
 
 
 def test_the_lease_is_taken_by_one_writer_only(s3):
