@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	dvc repro
 
+# Lint, format and the architecture's import contracts first: they take seconds.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: setup

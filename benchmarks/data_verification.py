@@ -48,6 +48,7 @@ ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 def worker(way: str, directory: str) -> dict:
     """Load the dataset twice in this process the way `way` says; the two times in seconds."""
+
     def load():
         if way == "verified":
             return load_prepared(directory)
@@ -67,7 +68,8 @@ def worker(way: str, directory: str) -> dict:
 
 def cpu_name() -> str:
     """The CPU as the trainer names it in a run's metrics."""
-    import torch   # only for the device; the timed loads run in their own processes
+    import torch  # only for the device; the timed loads run in their own processes
+
     return device_name(torch.device("cpu"))
 
 
@@ -75,25 +77,41 @@ def measure(directory: Path, rounds: int) -> list[dict]:
     samples = {way: {"first": [], "second": []} for way in WAYS}
     for _ in range(rounds):
         for way in WAYS:
-            out = subprocess.run([sys.executable, __file__, "--worker", way, str(directory)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", way, str(directory)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             for key, value in json.loads(out.stdout.splitlines()[-1]).items():
                 samples[way][key].append(value)
-    return [{"way": way, "load": key, "median_s": statistics.median(values),
-             "min_s": min(values), "rounds": values}
-            for way in WAYS for key, values in samples[way].items()]
+    return [
+        {
+            "way": way,
+            "load": key,
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "rounds": values,
+        }
+        for way in WAYS
+        for key, values in samples[way].items()
+    ]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="tinyimagenet", choices=("cifar100", "tinyimagenet"))
-    p.add_argument("--train", type=int, default=None,
-                   help="training images (default: the official number)")
-    p.add_argument("--test", type=int, default=None,
-                   help="test images (default: the official number)")
-    p.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "vsgd-bench-data"),
-                   help="where the synthetic dataset is prepared and kept (default: "
-                        "%(default)s)")
+    p.add_argument(
+        "--train", type=int, default=None, help="training images (default: the official number)"
+    )
+    p.add_argument(
+        "--test", type=int, default=None, help="test images (default: the official number)"
+    )
+    p.add_argument(
+        "--root",
+        default=str(Path(tempfile.gettempdir()) / "vsgd-bench-data"),
+        help="where the synthetic dataset is prepared and kept (default: %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--worker", nargs=2, metavar=("WAY", "DIR"), help=argparse.SUPPRESS)
@@ -111,21 +129,38 @@ def main(argv=None) -> int:
     manifest = prepare(args.dataset, "synthetic", args.root, synthetic_sizes=sizes)
     directory = Path(args.root) / "prepared" / args.dataset
     size = sum((directory / f"{a}.npy").stat().st_size for a in ARRAYS)
-    print(f"{args.dataset} synthetic {manifest['counts']}: {size / 1e9:.3f} GB in {directory} "
-          f"(prepared or checked in {time.perf_counter() - start:.1f} s; kept)")
+    print(
+        f"{args.dataset} synthetic {manifest['counts']}: {size / 1e9:.3f} GB in {directory} "
+        f"(prepared or checked in {time.perf_counter() - start:.1f} s; kept)"
+    )
     rows = measure(directory, args.rounds)
-    print(f"\n{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"{args.rounds} rounds, warm page cache; seconds to load all four arrays\n")
+    print(
+        f"\n{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{args.rounds} rounds, warm page cache; seconds to load all four arrays\n"
+    )
     print("| way | load | median s | min s | GB/s (median) |")
     print("|---|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['way']} | {row['load']} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
-              f"{size / 1e9 / row['median_s']:.2f} |")
+        print(
+            f"| {row['way']} | {row['load']} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
+            f"{size / 1e9 / row['median_s']:.2f} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"dataset": args.dataset, "counts": manifest["counts"], "bytes": size,
-             "cpu": cpu_name(), "cpus": os.cpu_count(), "rows": rows,
-             "official_counts": DATASETS[args.dataset].counts}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "dataset": args.dataset,
+                    "counts": manifest["counts"],
+                    "bytes": size,
+                    "cpu": cpu_name(),
+                    "cpus": os.cpu_count(),
+                    "rows": rows,
+                    "official_counts": DATASETS[args.dataset].counts,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

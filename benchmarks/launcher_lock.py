@@ -51,9 +51,12 @@ def lock_rows(runs: int, root: Path) -> dict:
 
     def check_inherited(i):
         assert runlock.inherited(spec)
+
     try:
-        return {"lock_ms": median_ms(take_and_release, runs),
-                "inherited_check_ms": median_ms(check_inherited, runs)}
+        return {
+            "lock_ms": median_ms(take_and_release, runs),
+            "inherited_check_ms": median_ms(check_inherited, runs),
+        }
     finally:
         os.environ.pop(runlock.LOCK_FD_ENV)
         held.release()
@@ -62,12 +65,16 @@ def lock_rows(runs: int, root: Path) -> dict:
 def lease_rows(runs: int) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(key, value)
     try:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
@@ -81,18 +88,21 @@ def lease_rows(runs: int) -> dict:
 
         def renewal(i):
             renew.etag = renew._put(IfMatch=renew.etag)
-        return {"lease_ms": median_ms(take_and_release, runs),
-                "renewal_ms": median_ms(renewal, runs)}
+
+        return {
+            "lease_ms": median_ms(take_and_release, runs),
+            "renewal_ms": median_ms(renewal, runs),
+        }
     finally:
         server.stop()
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=200, help="runs timed for the lock rows")
-    parser.add_argument("--lease-runs", type=int, default=50,
-                        help="runs timed for the lease rows")
+    parser.add_argument("--lease-runs", type=int, default=50, help="runs timed for the lease rows")
     parser.add_argument("--no-lease", action="store_true", help="skip the lease rows")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)

@@ -51,8 +51,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vsgd.data import DATASETS, prepare  # noqa: E402
-from vsgd.data import augment  # noqa: E402
+from vsgd.data import (  # noqa: E402
+    DATASETS,
+    augment,  # noqa: E402
+    prepare,
+)
 from vsgd.models import build_model  # noqa: E402
 from vsgd.spec import TRAINING_DEFAULTS  # noqa: E402
 from vsgd.trainer import train  # noqa: E402
@@ -65,15 +68,19 @@ CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
 def paper_configs() -> dict:
     """{"dataset:arch": batch size} of the paper's six configurations (params.yaml)."""
     protocol = yaml.safe_load((ROOT / "params.yaml").read_text())["protocol"]
-    return {f"{ds}:{arch}": p["batch_size"][key]
-            for ds, p in protocol.items() for key, arch in p["models"].items()}
+    return {
+        f"{ds}:{arch}": p["batch_size"][key]
+        for ds, p in protocol.items()
+        for key, arch in p["models"].items()
+    }
 
 
 def eval_ratio(config: str) -> float:
     """Test images per training image in the paper's protocol for `config`."""
     dataset = config.split(":")[0]
-    return (DATASETS[dataset].counts["test"]
-            / (TRAINING_DEFAULTS["eval_every"] * paper_configs()[config]))
+    return DATASETS[dataset].counts["test"] / (
+        TRAINING_DEFAULTS["eval_every"] * paper_configs()[config]
+    )
 
 
 def write_cifar_pickles(data_dir: Path, out: Path) -> Path:
@@ -84,8 +91,9 @@ def write_cifar_pickles(data_dir: Path, out: Path) -> Path:
         x = np.load(data_dir / f"{split}_x.npy")
         y = np.load(data_dir / f"{split}_y.npy")
         with open(base / split, "wb") as f:
-            pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),
-                         "fine_labels": y.tolist()}, f)
+            pickle.dump(
+                {"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1), "fine_labels": y.tolist()}, f
+            )
     return out
 
 
@@ -113,6 +121,7 @@ def authors_datasets(dataset: str, data_dir: Path, tmp: Path):
     norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     crop_flip = [T.RandomCrop(info.image_size, padding=augment.PAD), T.RandomHorizontalFlip()]
     if dataset == "cifar100":
+
         class CIFAR100(torchvision.datasets.CIFAR100):
             # Our synthetic pickles do not have the official md5s, nor a meta file.
             def _check_integrity(self):
@@ -127,11 +136,16 @@ def authors_datasets(dataset: str, data_dir: Path, tmp: Path):
     root = write_image_folders(data_dir, tmp / "imagefolder")
     train_tf = crop_flip + [
         T.RandomAffine(augment.DEGREES, translate=(augment.TRANSLATE,) * 2, scale=augment.SCALE),
-        T.ColorJitter(brightness=augment.JITTER, contrast=augment.JITTER,
-                      saturation=augment.JITTER)]
+        T.ColorJitter(
+            brightness=augment.JITTER, contrast=augment.JITTER, saturation=augment.JITTER
+        ),
+    ]
     test = torchvision.datasets.ImageFolder(root / "test", T.Compose(norm))
-    return (torchvision.datasets.ImageFolder(root / "train", T.Compose(train_tf + norm)),
-            test, test)
+    return (
+        torchvision.datasets.ImageFolder(root / "train", T.Compose(train_tf + norm)),
+        test,
+        test,
+    )
 
 
 def build(dataset, arch, device, memory_format=torch.contiguous_format):
@@ -148,14 +162,16 @@ def baseline(datasets, config, batch, warmup, iters, device) -> float:
     dataset, arch = config.split(":")
     train_set, val_set, test_set = datasets
     loader_args = dict(batch_size=batch, num_workers=1, pin_memory=device.type == "cuda")
-    loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True,
-                                         persistent_workers=True, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=True, drop_last=True,
-                                             persistent_workers=True, **loader_args)
+    loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=True, persistent_workers=True, **loader_args
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, shuffle=True, drop_last=True, persistent_workers=True, **loader_args
+    )
     test_images = max(1, round(eval_ratio(config) * iters * batch))
     test_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(test_set, range(min(test_images, len(test_set)))),
-        **loader_args)
+        torch.utils.data.Subset(test_set, range(min(test_images, len(test_set)))), **loader_args
+    )
     model, opt = build(dataset, arch, device)
     batches, val_batches = _forever(loader), _forever(val_loader)
     stats = []  # what the authors' loop reads back every step
@@ -179,8 +195,12 @@ def baseline(datasets, config, batch, warmup, iters, device) -> float:
             vx, vy = next(val_batches)
             vx, vy = vx.to(device, non_blocking=True), vy.to(device, non_blocking=True)
             vlogits = model(vx)
-            stats.append((F.cross_entropy(vlogits, vy).item(),
-                          (vlogits.argmax(1) == vy).float().mean().item()))
+            stats.append(
+                (
+                    F.cross_entropy(vlogits, vy).item(),
+                    (vlogits.argmax(1) == vy).float().mean().item(),
+                )
+            )
     stats.append(_authors_test(model, test_loader, device))
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -211,7 +231,8 @@ def ceiling(dataset, arch, batch, warmup, iters, device) -> float:
     info = DATASETS[dataset]
     model, opt = build(dataset, arch, device, torch.channels_last)
     x = torch.randn(batch, 3, info.image_size, info.image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     y = torch.randint(0, info.num_classes, (batch,), device=device)
     for i in range(warmup + iters):
         if i == warmup:
@@ -231,24 +252,40 @@ def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) 
     window, so that the evaluation's first-call costs (torch.compile of the eval graph on
     CUDA) stay out of it, as they would in a long run."""
     from vsgd.spec import run_hash
+
     dataset, arch = config.split(":")
     total = warmup + iters
     start = -(-warmup // log_every) * log_every
     evals = len(set(range(2 * start, total + 1, start)) | {total})  # inside the window
     spec = {
-        "name": f"bench-{dataset}-{arch}", "dataset": dataset, "arch": arch,
+        "name": f"bench-{dataset}-{arch}",
+        "dataset": dataset,
+        "arch": arch,
         "arch_key": arch.split("_")[0].rstrip("0123456789"),
-        "data": {"dir": str(data_root / "prepared" / dataset), "checksum": None,
-                 "source": "synthetic", "uri": None},
-        "optimizer": OPTIMIZER, "batch_size": batch, "seed": seed,
+        "data": {
+            "dir": str(data_root / "prepared" / dataset),
+            "checksum": None,
+            "source": "synthetic",
+            "uri": None,
+        },
+        "optimizer": OPTIMIZER,
+        "batch_size": batch,
+        "seed": seed,
         "schedule": {"iterations": total, "step_size": total, "gamma": 0.5},
-        "training": {"eval_every": start, "checkpoint_every": total, "log_every": log_every,
-                     "validation_size": 0, "precision": "fp32", "compile": "auto",
-                     "channels_last": "auto", "device": str(device),
-                     "eval_batch_size": 1000, "beta1_every": 500,
-                     # 0 would mean the whole test set
-                     "test_limit": max(1, round(eval_ratio(config) * (total - start) * batch
-                                                / evals))},
+        "training": {
+            "eval_every": start,
+            "checkpoint_every": total,
+            "log_every": log_every,
+            "validation_size": 0,
+            "precision": "fp32",
+            "compile": "auto",
+            "channels_last": "auto",
+            "device": str(device),
+            "eval_batch_size": 1000,
+            "beta1_every": 500,
+            # 0 would mean the whole test set
+            "test_limit": max(1, round(eval_ratio(config) * (total - start) * batch / evals)),
+        },
         "output_dir": str(tmp / "runs" / f"{dataset}-{arch}-{seed}"),
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "bench"},
     }
@@ -270,13 +307,24 @@ def _sync(device):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     known = paper_configs()
-    p.add_argument("--configs", nargs="+", default=None, metavar="DATASET:ARCH",
-                   help=f"default: {' '.join(CPU_TARGETS)}; one of {', '.join(known)}")
-    p.add_argument("--paper", action="store_true",
-                   help="all six paper configurations, each at the paper's batch size")
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch size of every configuration (default 64, or the paper's "
-                        "with --paper)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        metavar="DATASET:ARCH",
+        help=f"default: {' '.join(CPU_TARGETS)}; one of {', '.join(known)}",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="all six paper configurations, each at the paper's batch size",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size of every configuration (default 64, or the paper's with --paper)",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
@@ -289,13 +337,14 @@ def parse_args(argv):
     args.configs = list(known) if args.paper else (args.configs or CPU_TARGETS)
     unknown = [c for c in args.configs if c not in known]
     if unknown:
-        p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from "
-                f"{', '.join(known)}")
+        p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     first_log = -(-args.warmup // args.log_every) * args.log_every
     if args.warmup < 1 or first_log >= args.warmup + args.iters:
-        p.error(f"row (c) is timed between the trainer's log points: no log point (every "
-                f"--log-every {args.log_every}) falls after --warmup {args.warmup} (>= 1) "
-                f"and before the end; raise --iters or lower --log-every")
+        p.error(
+            f"row (c) is timed between the trainer's log points: no log point (every "
+            f"--log-every {args.log_every}) falls after --warmup {args.warmup} (>= 1) "
+            f"and before the end; raise --iters or lower --log-every"
+        )
     args.batches = {c: args.batch or (known[c] if args.paper else 64) for c in args.configs}
     return args
 
@@ -305,38 +354,72 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     rows = []
-    print(f"{args.device} ({torch.get_num_threads()} threads), fp32, SGD momentum; best of "
-          f"{args.rounds} rounds of {args.iters} timed iterations after {args.warmup}")
-    print(f"{'configuration':<30} {'batch':>5} {'(a) baseline':>13} {'(b) ceiling':>12} "
-          f"{'(c) ours':>9} {'c/b':>6} {'c/a':>6}")
+    print(
+        f"{args.device} ({torch.get_num_threads()} threads), fp32, SGD momentum; best of "
+        f"{args.rounds} rounds of {args.iters} timed iterations after {args.warmup}"
+    )
+    print(
+        f"{'configuration':<30} {'batch':>5} {'(a) baseline':>13} {'(b) ceiling':>12} "
+        f"{'(c) ours':>9} {'c/b':>6} {'c/a':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_root = tmp / "data"
         for dataset in dict.fromkeys(c.split(":")[0] for c in args.configs):
             n_train = (args.warmup + args.iters + 1) * max(
-                b for c, b in args.batches.items() if c.startswith(dataset + ":"))
-            prepare(dataset, "synthetic", data_root,
-                    synthetic_sizes={"train": max(n_train, 2048), "test": 2048})
+                b for c, b in args.batches.items() if c.startswith(dataset + ":")
+            )
+            prepare(
+                dataset,
+                "synthetic",
+                data_root,
+                synthetic_sizes={"train": max(n_train, 2048), "test": 2048},
+            )
         authors = {}
         for config in args.configs:
             dataset, arch = config.split(":")
             batch = args.batches[config]
             if dataset not in authors:
-                authors[dataset] = authors_datasets(dataset, data_root / "prepared" / dataset,
-                                                    tmp / dataset)
+                authors[dataset] = authors_datasets(
+                    dataset, data_root / "prepared" / dataset, tmp / dataset
+                )
             runs = {"a": [], "b": [], "c": []}
             for r in range(args.rounds):
-                runs["a"].append(baseline(authors[dataset], config, batch, args.warmup,
-                                          args.iters, device))
+                runs["a"].append(
+                    baseline(authors[dataset], config, batch, args.warmup, args.iters, device)
+                )
                 runs["b"].append(ceiling(dataset, arch, batch, args.warmup, args.iters, device))
-                runs["c"].append(ours(config, data_root, tmp, batch, args.warmup, args.iters,
-                                      device, args.log_every, seed=r))
+                runs["c"].append(
+                    ours(
+                        config,
+                        data_root,
+                        tmp,
+                        batch,
+                        args.warmup,
+                        args.iters,
+                        device,
+                        args.log_every,
+                        seed=r,
+                    )
+                )
             a, b, c = (max(runs[k]) for k in "abc")
-            rows.append({"dataset": dataset, "arch": arch, "batch": batch,
-                         "device": args.device, "baseline": a, "ceiling": b, "ours": c,
-                         "rounds": runs})
-            print(f"{config:<30} {batch:>5} {a:>13.1f} {b:>12.1f} {c:>9.1f} {c / b:>6.2f} "
-                  f"{c / a:>6.2f}", flush=True)
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "arch": arch,
+                    "batch": batch,
+                    "device": args.device,
+                    "baseline": a,
+                    "ceiling": b,
+                    "ours": c,
+                    "rounds": runs,
+                }
+            )
+            print(
+                f"{config:<30} {batch:>5} {a:>13.1f} {b:>12.1f} {c:>9.1f} {c / b:>6.2f} "
+                f"{c / a:>6.2f}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

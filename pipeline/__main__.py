@@ -28,33 +28,44 @@ examples:
 # name -> (module with add_arguments(parser) and run(args) -> int, summary)
 COMMANDS = {
     "validate": ("pipeline.validate", "check params.yaml and list the runs of its grid"),
-    "prepare": ("pipeline.prepare", "download, verify and convert a dataset (DVC prepare "
-                                    "stage)"),
+    "prepare": ("pipeline.prepare", "download, verify and convert a dataset (DVC prepare stage)"),
     "tune": ("pipeline.tune", "choose hyperparameters on validation accuracy (DVC tune stage)"),
-    "train": ("pipeline.train_stage", "train every run of the grid without a result (DVC "
-                                      "train stage)"),
-    "timing": ("pipeline.timing", "time every configuration's training step in one process "
-                                  "(DVC timing stage)"),
-    "aggregate": ("pipeline.aggregate", "tables, figures and MLflow export (DVC aggregate "
-                                        "stage)"),
+    "train": (
+        "pipeline.train_stage",
+        "train every run of the grid without a result (DVC train stage)",
+    ),
+    "timing": (
+        "pipeline.timing",
+        "time every configuration's training step in one process (DVC timing stage)",
+    ),
+    "aggregate": ("pipeline.aggregate", "tables, figures and MLflow export (DVC aggregate stage)"),
     "gc": ("pipeline.gc", "remove results and checkpoints no run of the grid uses"),
     "render-jobs": ("pipeline.k8s.render", "write the grid's Kubernetes Jobs as YAML files"),
-    "jobs": ("pipeline.k8s.jobs", "list this pipeline's Kubernetes Jobs, or cancel them (those "
-                                  "of an earlier grid with --stale)"),
-    "image": ("pipeline.image", "the training image's reference: tagged with the code version "
-                                "(`make image` builds it)"),
+    "jobs": (
+        "pipeline.k8s.jobs",
+        "list this pipeline's Kubernetes Jobs, or cancel them (those "
+        "of an earlier grid with --stale)",
+    ),
+    "image": (
+        "pipeline.image",
+        "the training image's reference: tagged with the code version (`make image` builds it)",
+    ),
     "services": ("pipeline.services", "start/stop a local MLflow server and S3 store"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The reproduction pipeline: the commands behind dvc.yaml's stages, and "
-                    "tools around them.", epilog=EXAMPLES)
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True,
-                                title="commands")
-    for name, (command, summary) in COMMANDS.items():
+        "tools around them.",
+        epilog=EXAMPLES,
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="<command>", required=True, title="commands"
+    )
+    for name, (_, summary) in COMMANDS.items():
         sub.add_parser(name, help=summary, add_help=False)
     return parser
 
@@ -65,8 +76,10 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_usage(sys.stderr)
-            print(f"python -m pipeline: unknown command {argv[0]!r}; allowed: "
-                  f"{', '.join(COMMANDS)}", file=sys.stderr)
+            print(
+                f"python -m pipeline: unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
             return EX_CONFIG
         parser.print_help()
         return 0
@@ -74,9 +87,11 @@ def main(argv=None) -> int:
     command, summary = COMMANDS[name]
     if isinstance(command, str):
         command = importlib.import_module(command)
-    sub = argparse.ArgumentParser(prog=f"python -m pipeline {name}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                  description=(command.__doc__ or summary).strip())
+    sub = argparse.ArgumentParser(
+        prog=f"python -m pipeline {name}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(command.__doc__ or summary).strip(),
+    )
     command.add_arguments(sub)
     try:
         args = sub.parse_args(rest)
@@ -88,7 +103,7 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return EX_CONFIG
     except Detached:
-        return EX_TEMPFAIL   # said by the stage; the runs go on, the next start adopts them
+        return EX_TEMPFAIL  # said by the stage; the runs go on, the next start adopts them
     except KeyboardInterrupt:
         # Finished runs are kept and interrupted ones resume: the next call continues.
         print(f"{name}: interrupted", file=sys.stderr)

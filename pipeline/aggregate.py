@@ -20,17 +20,29 @@ RESULTS = Path("results")
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml",
-                        help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. datasets=[cifar100] (repeatable)")
-    parser.add_argument("--results", default=str(RESULTS),
-                        help="results directory: runs are read from <results>/runs, tables, "
-                             "figures, curves, summary.json and mlflow_runs.csv are written "
-                             f"there (default: {RESULTS})")
-    parser.add_argument("--no-mlflow", action="store_true",
-                        help="skip the MLflow export (summary.json records it as skipped; "
-                             "mlflow_runs.csv is left as it is)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. datasets=[cifar100] (repeatable)",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="results directory: runs are read from <results>/runs, tables, "
+        "figures, curves, summary.json and mlflow_runs.csv are written "
+        f"there (default: {RESULTS})",
+    )
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="skip the MLflow export (summary.json records it as skipped; "
+        "mlflow_runs.csv is left as it is)",
+    )
 
 
 def run(args) -> int:
@@ -39,17 +51,22 @@ def run(args) -> int:
     runs = load_runs(root / "runs", params)
     cells = build_cells(runs, params)
     refs = load_references()
-    for table in (build_table1(cells, params, refs), build_differences(cells, params),
-                  build_standing(cells, params),
-                  build_table2(cells, params, load_timing(root / "timing"))):
+    for table in (
+        build_table1(cells, params, refs),
+        build_differences(cells, params),
+        build_standing(cells, params),
+        build_table2(cells, params, load_timing(root / "timing")),
+    ):
         table.write(root / "tables")
     write_sensitivity(params, root / "tuning" / "tuning.csv", root / "figures")
     write_curves(cells, root / "curves")
     write_test_acc(cells, params, refs, root / "figures")
     write_beta1(cells, params, root / "beta1", root / "figures")
     summary = build_summary(cells, params, refs)
-    print(f"aggregate: {len(runs)} runs, {sum(1 for c in cells.values() if c['n'])} cells; "
-          f"VSGD best in {summary['claim']['holds']} of {summary['claim']['rows']} rows")
+    print(
+        f"aggregate: {len(runs)} runs, {sum(1 for c in cells.values() if c['n'])} cells; "
+        f"VSGD best in {summary['claim']['holds']} of {summary['claim']['rows']} rows"
+    )
     if args.no_mlflow:
         summary["mlflow_export"] = {"complete": False, "skipped": True, "reason": "--no-mlflow"}
         write_json(root / "summary.json", summary)

@@ -3,8 +3,6 @@ optimizer) cell with its experiments applied (`resolve_run`), the optimizers a g
 the cells whose hyperparameters the tune stage chooses, a dataset's split sizes. Read-only
 queries of validated (or partly validated) params."""
 
-
-
 from vsgd.data.registry import DATASETS as DATASET_INFO
 from vsgd.spec import ARCHS, DATASETS, OPTIMIZERS
 from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
@@ -43,9 +41,15 @@ def optimizer_names(params: dict) -> tuple:
     """The optimizers a grid may list: the built-ins, then the entries of `optimizer:` that
     name a class by import path (in their params.yaml order)."""
     section = params.get("optimizer") if isinstance(params, dict) else None
-    custom = tuple(k for k, v in (section or {}).items() if isinstance(v, dict)
-                   and CLASS_KEY in v and k not in OPTIMIZERS) if isinstance(section, dict) \
+    custom = (
+        tuple(
+            k
+            for k, v in (section or {}).items()
+            if isinstance(v, dict) and CLASS_KEY in v and k not in OPTIMIZERS
+        )
+        if isinstance(section, dict)
         else ()
+    )
     return tuple(OPTIMIZERS) + custom
 
 
@@ -58,9 +62,14 @@ def tuned_cells(params: dict) -> list[tuple[str, str, str]]:
 
 
 def grid_cells(params):
-    names = [valid_names(params.get(k), allowed) for k, allowed in
-             (("datasets", DATASETS), ("archs", ARCHS),
-              ("optimizers", optimizer_names(params)))]
+    names = [
+        valid_names(params.get(k), allowed)
+        for k, allowed in (
+            ("datasets", DATASETS),
+            ("archs", ARCHS),
+            ("optimizers", optimizer_names(params)),
+        )
+    ]
     return [(d, a, o) for d in names[0] for a in names[1] for o in names[2]]
 
 

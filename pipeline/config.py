@@ -41,8 +41,17 @@ def load_params(path="params.yaml", overrides=(), *, build_imported=True) -> dic
 
 def add_params_arguments(parser) -> None:
     """`--params` and `--set`, as every command that reads params.yaml takes them."""
-    parser.add_argument("--params", default="params.yaml", metavar="FILE",
-                        help="the params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param for this call, e.g. optimizer.vsgd.lr=0.05 or "
-                             "'seeds=[0,1,2]' (YAML value; repeatable)")
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        metavar="FILE",
+        help="the params file (default: params.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this call, e.g. optimizer.vsgd.lr=0.05 or "
+        "'seeds=[0,1,2]' (YAML value; repeatable)",
+    )

@@ -32,7 +32,7 @@ TERMINATION_LOG_LIMIT = 4096  # bytes; Kubernetes keeps no more of a termination
 # "1": copy everything the run prints into <output_dir>/LOG_NAME (the Job template sets it:
 # a pod's own log is gone with the Job).
 TEE_LOG_ENV = "VSGD_TEE_LOG"
-LOG_NAME = "train.log"        # also the local executor's log of a run, and a result file
+LOG_NAME = "train.log"  # also the local executor's log of a run, and a result file
 # "1": stop (as on SIGTERM) when the process that started this one dies; set by the local
 # executor for its runs. A run DVC started (DVC_STAGE set) does so too.
 STOP_WITH_LAUNCHER_ENV = "VSGD_STOP_WITH_LAUNCHER"
@@ -48,20 +48,22 @@ RUN_MODULE = "pipeline.train"
 # per run by both executors (`pipeline.storage.run_env`, the Job renderer).
 RESULTS_ENV = "VSGD_RESULTS_URI"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
-SCRATCH_ENV = "VSGD_SCRATCH"          # where a run stages a remote dataset
+SCRATCH_ENV = "VSGD_SCRATCH"  # where a run stages a remote dataset
 # The run lock's descriptor the local executor hands its run (`pipeline.runlock`).
 LOCK_FD_ENV = "VSGD_RUN_LOCK_FD"
 
-EX_TEMPFAIL = 75   # sysexits.h: try again later (`Detached`: the runs go on, a restart adopts them)
+EX_TEMPFAIL = 75  # sysexits.h: try again later (`Detached`: the runs go on, a restart adopts them)
 # A run's exit code -> what it means (anything else: a failure, with its log's tail).
 EXIT_CODES = {
     0: "done (or finished by the launcher it waited for)",
     1: "failed",
-    EX_CONFIG: "invalid configuration",   # also a stale image, no CUDA, data not the spec's
+    EX_CONFIG: "invalid configuration",  # also a stale image, no CUDA, data not the spec's
     EX_TEMPFAIL: "the launcher stopped following its runs; they go on",
     128 + signal.SIGINT: "stopped by SIGINT, checkpoint saved",
     128 + signal.SIGTERM: "stopped by SIGTERM, checkpoint saved",
 }
+
+
 class Detached(Exception):
     """The executor stopped following runs that go on without it (the Kubernetes API was
     unreachable longer than its outage budget). Not a failure of any run: the next start of

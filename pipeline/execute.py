@@ -16,7 +16,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from vsgd.spec import ConfigError
-from vsgd.tracking import ensure_tracking_store, tracking_uri
+from vsgd.tracking import tracking_uri
+from vsgd.tracking_store import ensure_tracking_store
 
 from . import results
 from .contract import Detached
@@ -30,17 +31,24 @@ from .storage import fetch_result, find_result, push_dataset
 class StageReport:
     total: int
     pending: int
-    failed: list     # names of runs that failed (not finished)
+    failed: list  # names of runs that failed (not finished)
 
 
 def check_prepared(params: dict, stage: str) -> None:
     """Every dataset of the grid is prepared (run hashes include its checksum)."""
-    unprepared = [ds for ds in params["datasets"]
-                  if data_checksum(f"{params['data']['root']}/prepared/{ds}") is None]
+    unprepared = [
+        ds
+        for ds in params["datasets"]
+        if data_checksum(f"{params['data']['root']}/prepared/{ds}") is None
+    ]
     if unprepared:
-        raise ConfigError([f"{stage}: no prepared data for {', '.join(unprepared)}; run "
-                           "`dvc repro` (its prepare stage) or `python -m pipeline "
-                           f"prepare {unprepared[0]}` first"])
+        raise ConfigError(
+            [
+                f"{stage}: no prepared data for {', '.join(unprepared)}; run "
+                "`dvc repro` (its prepare stage) or `python -m pipeline "
+                f"prepare {unprepared[0]}` first"
+            ]
+        )
 
 
 def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -> StageReport:
@@ -58,23 +66,39 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
         found = results.survey(specs, view, fetch)
         hidden = results.show(specs).hidden if view else []
     for what, aside, wrong in found.damaged:
-        print(f"{stage}: damaged result {what}: {'; '.join(wrong)}; set aside in {aside}, "
-              "the run trains again", file=sys.stderr, flush=True)
+        print(
+            f"{stage}: damaged result {what}: {'; '.join(wrong)}; set aside in {aside}, "
+            "the run trains again",
+            file=sys.stderr,
+            flush=True,
+        )
     held = found.names("held")
     # Held runs last: their launcher may well finish them while we train the others.
-    pending = sorted((s for s in specs if found.state[s["name"]] in ("pending", "held")),
-                     key=lambda s: found.state[s["name"]] == "held")
+    pending = sorted(
+        (s for s in specs if found.state[s["name"]] in ("pending", "held")),
+        key=lambda s: found.state[s["name"]] == "held",
+    )
     done, reused = len(found.names("done")), len(found.names("reused"))
-    print(f"{stage}: {len(specs)} runs in the grid, {done} done, {reused} reused, "
-          f"{len(pending)} to run"
-          + (f" ({len(found.damaged)} damaged results set aside)" if found.damaged else "")
-          + (f"; {len(hidden)} left the grid (results kept in results/store, "
-             "`python -m pipeline gc` removes them)" if hidden else ""), flush=True)
+    print(
+        f"{stage}: {len(specs)} runs in the grid, {done} done, {reused} reused, "
+        f"{len(pending)} to run"
+        + (f" ({len(found.damaged)} damaged results set aside)" if found.damaged else "")
+        + (
+            f"; {len(hidden)} left the grid (results kept in results/store, "
+            "`python -m pipeline gc` removes them)"
+            if hidden
+            else ""
+        ),
+        flush=True,
+    )
     if held:
-        print(f"{stage}: {len(held)} of them being trained by another launcher "
-              f"({found.holders[held[0]]}{' and others' if len(held) > 1 else ''}): "
-              "waited for after the others, and trained here only if that launcher stops "
-              "without finishing them", flush=True)
+        print(
+            f"{stage}: {len(held)} of them being trained by another launcher "
+            f"({found.holders[held[0]]}{' and others' if len(held) > 1 else ''}): "
+            "waited for after the others, and trained here only if that launcher stops "
+            "without finishing them",
+            flush=True,
+        )
     for spec in pending:
         if not held or spec["name"] not in held:
             write_spec(spec)
@@ -87,17 +111,24 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
         # Say what is kept: results in the store count as done, whatever the run's exit.
         kept = sum(results.is_done(s) for s in pending)
         _show(specs, view)
-        print(f"{stage}: interrupted; {kept} of {len(pending)} runs finished and kept, "
-              f"{len(pending) - kept} to run; run again to continue (interrupted runs "
-              f"resume from their last checkpoint)", file=sys.stderr, flush=True)
+        print(
+            f"{stage}: interrupted; {kept} of {len(pending)} runs finished and kept, "
+            f"{len(pending) - kept} to run; run again to continue (interrupted runs "
+            f"resume from their last checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
     except Detached as exc:
         kept = sum(results.is_done(s) for s in pending)
         _show(specs, view)
-        print(f"{stage}: the launcher stopped following the runs: {exc}. {kept} of "
-              f"{len(pending)} runs finished and kept; the others keep running in the "
-              f"cluster, and running the stage again (`dvc repro`) adopts them",
-              file=sys.stderr, flush=True)
+        print(
+            f"{stage}: the launcher stopped following the runs: {exc}. {kept} of "
+            f"{len(pending)} runs finished and kept; the others keep running in the "
+            f"cluster, and running the stage again (`dvc repro`) adopts them",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
     _show(specs, view)
     # A run killed while exiting, after its result was written, is done (its metrics.json
@@ -105,12 +136,17 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     by_name = {s["name"]: s for s in pending}
     failed = [o for o in outcomes if not o.ok and not results.is_done(by_name[o.name])]
     for o in failed:
-        print(f"\nFAILED {o.name}: {o.error}\n--- last lines of its log ---\n"
-              f"{o.log_tail}\n---", file=sys.stderr)
+        print(
+            f"\nFAILED {o.name}: {o.error}\n--- last lines of its log ---\n{o.log_tail}\n---",
+            file=sys.stderr,
+        )
     if failed:
-        print(f"{stage}: {len(failed)} of {len(pending)} runs failed: "
-              f"{', '.join(o.name for o in failed)}; finished runs are kept, run again "
-              f"to retry the rest", file=sys.stderr)
+        print(
+            f"{stage}: {len(failed)} of {len(pending)} runs failed: "
+            f"{', '.join(o.name for o in failed)}; finished runs are kept, run again "
+            f"to retry the rest",
+            file=sys.stderr,
+        )
     return StageReport(len(specs), len(pending), [o.name for o in failed])
 
 
@@ -131,12 +167,14 @@ def _remote_fetcher(params):
     """With a remote store, a run finished on any machine (a pod, another laptop) is done:
     `fetch(spec, directory)` copies its result there (to be checked) and says from where;
     None when there is none."""
+
     def fetch(spec: dict, directory) -> str | None:
         found = find_result(params, spec)  # looks the result up once
         if found is None:
             return None
         fetch_result(params, spec, directory, result=found)
         return found.location if found.source == "store" else f"MLflow run {found.location}"
+
     return fetch
 
 

@@ -20,20 +20,24 @@ from . import lease
 from .config import add_params_arguments, load_params
 from .execute import check_prepared
 from .grid import CHECKPOINT_DIR, STORE_DIR
+from .plan import plan
 from .results import read_metrics
 from .runlock import RunLock, lock_path
 from .storage import open_store, results_uri
-from .plan import plan
 
 
 def add_arguments(parser):
     add_params_arguments(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would be removed, remove nothing")
-    parser.add_argument("--remote", action="store_true",
-                        help="also remove results and checkpoints under storage.remote that "
-                             "no run of this grid uses (the remote may be shared: only with "
-                             "this flag)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="also remove results and checkpoints under storage.remote that "
+        "no run of this grid uses (the remote may be shared: only with "
+        "this flag)",
+    )
 
 
 def run(args) -> int:
@@ -63,10 +67,12 @@ def run(args) -> int:
     if args.remote:
         r, k = _gc_remote(params, used, args.dry_run, verb)
         removed, kept = removed + r, kept + k
-    print(f"gc: {verb} {removed} item{'s' if removed != 1 else ''}"
-          + (f", kept {kept} that a running run holds" if kept else "")
-          + f"; the grid's {len(final)} runs and {len(tuning)} tuning runs kept",
-          file=sys.stderr)
+    print(
+        f"gc: {verb} {removed} item{'s' if removed != 1 else ''}"
+        + (f", kept {kept} that a running run holds" if kept else "")
+        + f"; the grid's {len(final)} runs and {len(tuning)} tuning runs kept",
+        file=sys.stderr,
+    )
     return 0
 
 

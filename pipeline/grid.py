@@ -19,8 +19,8 @@ from vsgd.tracking import tracking_uri
 from .cells import resolve_run, tuned_cells
 from .storage import dataset_uri
 
-RESULTS_DIR = "results/runs"     # the current grid, one directory per run name
-STORE_DIR = "results/store"      # every finished result, by run hash
+RESULTS_DIR = "results/runs"  # the current grid, one directory per run name
+STORE_DIR = "results/store"  # every finished result, by run hash
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -35,10 +35,14 @@ def expand(params: dict, selection: dict | None = None) -> list[dict]:
     tuned = set(tuned_cells(params))
     missing = sorted(cell for cell in tuned if cell not in (selection or {}))
     if missing:
-        raise ConfigError([f"tune: no selection for {'/'.join(missing[0])}"
-                           f"{f' and {len(missing) - 1} more cells' if len(missing) > 1 else ''}"
-                           "; run the tune stage first (`dvc repro` or `python -m pipeline "
-                           "tune`)"])
+        raise ConfigError(
+            [
+                f"tune: no selection for {'/'.join(missing[0])}"
+                f"{f' and {len(missing) - 1} more cells' if len(missing) > 1 else ''}"
+                "; run the tune stage first (`dvc repro` or `python -m pipeline "
+                "tune`)"
+            ]
+        )
     specs = []
     for dataset in params["datasets"]:
         for arch in params["archs"]:
@@ -77,14 +81,23 @@ def _refuse_duplicates(specs: list[dict]) -> None:
     for spec in specs:
         other = first.setdefault(spec["run_hash"], spec)
         if other is not spec:
-            problems.append(f"grid: {other['name']} and {spec['name']} are the same run "
-                            "(identical settings); list each seed and lr once")
+            problems.append(
+                f"grid: {other['name']} and {spec['name']} are the same run "
+                "(identical settings); list each seed and lr once"
+            )
     if problems:
         raise ConfigError(problems)
 
 
-def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: int,
-               values: dict | None = None, tuning: bool = False) -> dict:
+def build_spec(
+    params: dict,
+    dataset: str,
+    arch_key: str,
+    optimizer: str,
+    seed: int,
+    values: dict | None = None,
+    tuning: bool = False,
+) -> dict:
     """The resolved spec of one run; `values` replace optimizer arguments (a tuned or a
     grid point's values). A tuning run (`tuning`) trains at `tune.budget` of the iterations
     (StepLR milestones scaled alike) on the training split minus `tune.validation_size`
@@ -97,16 +110,17 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
         args.update({key: _floats(value) for key, value in (values or {}).items()})
     else:
         args = _imported_args(run["optimizer"], values)
-    schedule = {"iterations": int(run["schedule"]["iterations"]),
-                "step_size": int(run["schedule"]["step_size"]),
-                "gamma": float(run["schedule"]["gamma"])}
+    schedule = {
+        "iterations": int(run["schedule"]["iterations"]),
+        "step_size": int(run["schedule"]["step_size"]),
+        "gamma": float(run["schedule"]["gamma"]),
+    }
     training = dict(params["training"])
     if tuning:
         budget = float(params["tune"]["budget"])
         schedule["iterations"] = max(1, round(schedule["iterations"] * budget))
         schedule["step_size"] = max(1, round(schedule["step_size"] * budget))
-        training.update(validation_size=int(params["tune"]["validation_size"]),
-                        eval_test=False)
+        training.update(validation_size=int(params["tune"]["validation_size"]), eval_test=False)
     data_dir = f"{params['data']['root']}/prepared/{dataset}"
     checksum = data_checksum(data_dir)
     remote = (params["storage"]["remote"] or "").rstrip("/")
@@ -114,15 +128,21 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
         "dataset": dataset,
         "arch_key": arch_key,
         "arch": run["model"],
-        "data": {"dir": data_dir, "checksum": checksum, "source": params["data"]["source"],
-                 "uri": _dataset_uri(data_dir, remote, checksum)},
+        "data": {
+            "dir": data_dir,
+            "checksum": checksum,
+            "source": params["data"]["source"],
+            "uri": _dataset_uri(data_dir, remote, checksum),
+        },
         "optimizer": {"name": optimizer, **args},
         "schedule": schedule,
         "batch_size": int(run["batch_size"]),
         "seed": int(seed),
         "training": training,
-        "tracking": {"uri": tracking_uri(params["tracking"]["uri"]),
-                     "experiment": params["tracking"]["experiment"]},
+        "tracking": {
+            "uri": tracking_uri(params["tracking"]["uri"]),
+            "experiment": params["tracking"]["experiment"],
+        },
     }
     spec["run_hash"] = run_hash(spec)
     # Which stage the run is for, for the MLflow tag: bookkeeping, not identity.
@@ -131,11 +151,16 @@ def build_spec(params: dict, dataset: str, arch_key: str, optimizer: str, seed: 
     # both versions instead of training a run that is not the one its hash says.
     spec["code_version"] = code_version()
     point = "".join(f"-{key}{_short(args[key])}" for key in values or {}) if tuning else ""
-    spec["name"] = (f"{'tune-' if tuning else ''}{dataset}-{run['model']}-{optimizer}{point}"
-                    f"-s{seed}-{spec['run_hash'][:8]}")
+    spec["name"] = (
+        f"{'tune-' if tuning else ''}{dataset}-{run['model']}-{optimizer}{point}"
+        f"-s{seed}-{spec['run_hash'][:8]}"
+    )
     spec["output_dir"] = f"{STORE_DIR}/{spec['run_hash']}"
-    spec["checkpoint"] = (f"{remote}/checkpoints/{spec['run_hash']}" if remote
-                          else f"{CHECKPOINT_DIR}/{spec['run_hash']}")
+    spec["checkpoint"] = (
+        f"{remote}/checkpoints/{spec['run_hash']}"
+        if remote
+        else f"{CHECKPOINT_DIR}/{spec['run_hash']}"
+    )
     return dict(sorted(spec.items(), key=lambda kv: _ORDER.index(kv[0])))
 
 
@@ -151,7 +176,7 @@ def _imported_args(entry: dict, values: dict | None) -> dict:
     return {CLASS_KEY: entry[CLASS_KEY], PACKAGE_KEY: provider(entry[CLASS_KEY]), **args}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None:
     """Where a pod stages the dataset from: its `.dir` object in the DVC remote under
     `storage.remote` (md5s of every file, so computed once per prepared dataset; the
@@ -161,9 +186,24 @@ def _dataset_uri(data_dir: str, remote: str, checksum: str | None) -> str | None
     return dataset_uri(data_dir, remote)
 
 
-_ORDER = ("name", "run_hash", STAGE_KEY, "dataset", "arch_key", "arch", "data", "optimizer",
-          "schedule", "batch_size", "seed", "training", "output_dir", "checkpoint", "tracking",
-          "code_version")
+_ORDER = (
+    "name",
+    "run_hash",
+    STAGE_KEY,
+    "dataset",
+    "arch_key",
+    "arch",
+    "data",
+    "optimizer",
+    "schedule",
+    "batch_size",
+    "seed",
+    "training",
+    "output_dir",
+    "checkpoint",
+    "tracking",
+    "code_version",
+)
 
 
 def data_checksum(data_dir: str) -> str | None:

@@ -17,7 +17,7 @@ import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-DISTRIBUTION = "vsgd-repro"        # [project] name in pyproject.toml
+DISTRIBUTION = "vsgd-repro"  # [project] name in pyproject.toml
 DEFAULT_REPOSITORY = "vsgd-repro"
 # The importable packages the distribution ships ([tool.setuptools.packages.find] include;
 # tests/test_image.py checks the two agree).
@@ -25,7 +25,7 @@ PACKAGES = ("vsgd", "pipeline")
 TAG_LENGTH = 12
 BYTECODE = (".pyc", ".pyo")
 
-_IMPORTED: list = []   # image_version() of the imported packages, once computed
+_IMPORTED: list = []  # image_version() of the imported packages, once computed
 
 
 def image_version(root=None) -> str:
@@ -59,9 +59,11 @@ def shipped_files(root=None) -> list[tuple[Path, str]]:
         if pyproject.is_file():
             found = _source_files(base, package, _package_data(pyproject))
         else:
-            found = {p.relative_to(base).as_posix() for p in (base / package).rglob("*")
-                     if p.is_file() and p.suffix not in BYTECODE
-                     and "__pycache__" not in p.parts}
+            found = {
+                p.relative_to(base).as_posix()
+                for p in (base / package).rglob("*")
+                if p.is_file() and p.suffix not in BYTECODE and "__pycache__" not in p.parts
+            }
         files += [(base, path) for path in found]
     return files
 
@@ -94,13 +96,16 @@ def _location(package) -> Path:
     """The directory holding `package`, found without importing it (vsgd imports torch)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
-        raise RuntimeError(f"package {package!r} not found: install the project "
-                           f"({DISTRIBUTION}) or run from its checkout")
+        raise RuntimeError(
+            f"package {package!r} not found: install the project "
+            f"({DISTRIBUTION}) or run from its checkout"
+        )
     return Path(spec.origin).resolve().parent.parent
 
 
 def _toml(path):
-    import tomllib   # stdlib from Python 3.11 on; only source trees need it
+    import tomllib  # stdlib from Python 3.11 on; only source trees need it
+
     return tomllib.loads(Path(path).read_text())
 
 
@@ -119,20 +124,29 @@ def _source_files(base, package, package_data) -> set[str]:
         files |= {p.relative_to(base).as_posix() for p in directory.glob("*.py") if p.is_file()}
         for key, patterns in package_data.items():
             if key in ("", "*") or fnmatchcase(dotted, key):
-                files |= {p.relative_to(base).as_posix() for pattern in patterns
-                          for p in directory.glob(pattern) if p.is_file()}
+                files |= {
+                    p.relative_to(base).as_posix()
+                    for pattern in patterns
+                    for p in directory.glob(pattern)
+                    if p.is_file()
+                }
         pending += [d for d in directory.iterdir() if d.is_dir() and d.name != "__pycache__"]
     return files
 
 
 # -- `python -m pipeline image` --------------------------------------------------------------
 
+
 def add_arguments(parser):
-    parser.add_argument("--repository", default=None,
-                        help=f"image repository, e.g. registry.example.com/vsgd-repro "
-                             f"(default: {DEFAULT_REPOSITORY}, a local name as on kind)")
-    parser.add_argument("--tag", action="store_true",
-                        help="print only the tag (<project version>-<code hash>)")
+    parser.add_argument(
+        "--repository",
+        default=None,
+        help=f"image repository, e.g. registry.example.com/vsgd-repro "
+        f"(default: {DEFAULT_REPOSITORY}, a local name as on kind)",
+    )
+    parser.add_argument(
+        "--tag", action="store_true", help="print only the tag (<project version>-<code hash>)"
+    )
 
 
 def run(args) -> int:

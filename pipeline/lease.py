@@ -67,6 +67,7 @@ class Lease:
     def try_acquire(self) -> str | None:
         """Take the lease if it is free or expired: None when taken, else who holds it."""
         from botocore.exceptions import ClientError
+
         try:
             self.etag = self._put(IfNoneMatch="*")
             return None
@@ -74,11 +75,11 @@ class Lease:
             if not _precondition_failed(exc):
                 raise
         current = self.read()
-        if current is None:   # released in between: try again at once
+        if current is None:  # released in between: try again at once
             return self.try_acquire()
         body, etag, age = current
-        if body.get("token") == self.token:   # our own write, retried by botocore after a
-            self.etag = etag                  # lost response
+        if body.get("token") == self.token:  # our own write, retried by botocore after a
+            self.etag = etag  # lost response
             return None
         gone = _holder_is_gone(body)
         if age <= _lifetime(body) and not gone:
@@ -89,8 +90,13 @@ class Lease:
             if not _precondition_failed(exc):
                 raise
             return "another launcher, which took the expired lease over a moment ago"
-        log.warning("took over the lease of %s (%s, last renewed %.0f s ago): %s", self.uri,
-                    body.get("owner"), age, "its process is gone" if gone else "expired")
+        log.warning(
+            "took over the lease of %s (%s, last renewed %.0f s ago): %s",
+            self.uri,
+            body.get("owner"),
+            age,
+            "its process is gone" if gone else "expired",
+        )
         return None
 
     def acquire(self, on_wait=None, cancel=None) -> bool:
@@ -111,6 +117,7 @@ class Lease:
 
     def keep(self, on_lost) -> None:
         """Renew the lease every quarter of its life until `release`."""
+
         def renew():
             while not self._stop.wait(LEASE_SECONDS / 4):
                 try:
@@ -122,6 +129,7 @@ class Lease:
                         return
                     # A store outage: keep trying; the lease lasts LEASE_SECONDS.
                     log.warning("could not renew the lease %s (%s); retrying", self.uri, exc)
+
         self._renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
         self._renewer.start()
 
@@ -131,6 +139,7 @@ class Lease:
         if self.etag is None:
             return
         from botocore.exceptions import ClientError
+
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         except ClientError as exc:
@@ -143,6 +152,7 @@ class Lease:
     def read(self) -> tuple[dict, str, float] | None:
         """(its body, ETag, seconds since its last write by the store's clock), or None."""
         from botocore.exceptions import ClientError
+
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self.key)
         except ClientError as exc:
@@ -153,15 +163,21 @@ class Lease:
             body = json.loads(r["Body"].read())
         except ValueError:
             body = {}
-        now = email.utils.parsedate_to_datetime(
-            r["ResponseMetadata"]["HTTPHeaders"]["date"])
+        now = email.utils.parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
         return body, r["ETag"], (now - r["LastModified"]).total_seconds()
 
     def _put(self, **condition) -> str:
-        body = json.dumps({"owner": self.owner, "token": self.token,
-                           "lease_seconds": LEASE_SECONDS, "process": self.process}).encode()
-        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
-                                      ContentType="application/json", **condition)["ETag"]
+        body = json.dumps(
+            {
+                "owner": self.owner,
+                "token": self.token,
+                "lease_seconds": LEASE_SECONDS,
+                "process": self.process,
+            }
+        ).encode()
+        return self.client.put_object(
+            Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/json", **condition
+        )["ETag"]
 
 
 def holder(results_uri: str, endpoint_url: str | None = None) -> str | None:
@@ -183,6 +199,7 @@ def _lifetime(body: dict) -> float:
 
 def _is_client_error(exc) -> bool:
     from botocore.exceptions import ClientError
+
     return isinstance(exc, ClientError)
 
 
@@ -204,8 +221,12 @@ def this_process() -> dict:
     """What tells this process apart from any other, ever, on this machine: the host (with
     its PID namespace: containers may share a hostname), the boot, the pid and the pid's
     start time (a pid is reused; pid and start time together are not)."""
-    return {"host": _host(), "boot": _read("/proc/sys/kernel/random/boot_id"),
-            "pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {
+        "host": _host(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pid": os.getpid(),
+        "start": _start_time(os.getpid()),
+    }
 
 
 def _holder_is_gone(body: dict) -> bool:
@@ -219,7 +240,7 @@ def _holder_is_gone(body: dict) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    return _start_time(pid) != holder.get("start")   # None: no such process any more
+    return _start_time(pid) != holder.get("start")  # None: no such process any more
 
 
 def _host() -> str:

@@ -35,14 +35,30 @@ from .cells import dataset_sizes, grid_cells, optimizer_names, resolve_run, tune
 from .k8s import schema as k8s_schema
 from .tracking_check import check_tracking
 
-OPTIMIZER_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # a run name part and a label value
+OPTIMIZER_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # a run name part and a label value
 
-TOP_LEVEL = ("preset", "presets", "datasets", "archs", "optimizers", "seeds", "protocol",
-             "optimizer", "experiments", "tune", "training", "timing", "data", "executor",
-             "tracking", "storage")
+TOP_LEVEL = (
+    "preset",
+    "presets",
+    "datasets",
+    "archs",
+    "optimizers",
+    "seeds",
+    "protocol",
+    "optimizer",
+    "experiments",
+    "tune",
+    "training",
+    "timing",
+    "data",
+    "executor",
+    "tracking",
+    "storage",
+)
 TUNE = ("enabled", "budget", "validation_size", "seed")
 TIMING = ("steps", "warmup", "rounds", "device")
 EXECUTORS = ("local", "kubernetes")
+
 
 def validate(params: dict, build_imported: bool = True) -> list[str]:
     """Every problem of resolved params, in key order; empty when valid. Imported optimizers
@@ -56,10 +72,12 @@ def validate(params: dict, build_imported: bool = True) -> list[str]:
     c.names(p["optimizers"], "optimizers", optimizer_names(params))
     if c.list_of(p["seeds"], "seeds"):
         seeds = p["seeds"]
-        if all([c.integer(seeds, i, f"seeds[{i}]", *SEED) for i in range(len(seeds))]) \
-                and len(set(seeds)) != len(seeds):
-            c.problem(f"seeds: duplicates in {seeds!r}; each seed is one run per cell, "
-                      "list it once")
+        if all([c.integer(seeds, i, f"seeds[{i}]", *SEED) for i in range(len(seeds))]) and len(
+            set(seeds)
+        ) != len(seeds):
+            c.problem(
+                f"seeds: duplicates in {seeds!r}; each seed is one run per cell, list it once"
+            )
     _check_protocol(c, p)
     _check_optimizers(c, p, build_imported)
     _check_experiments(c, p, build_imported)
@@ -73,8 +91,9 @@ def validate(params: dict, build_imported: bool = True) -> list[str]:
 
 
 def _check_protocol(c, p):
-    protocol = c.mapping(p["protocol"], "protocol", optional=DATASETS,
-                         required=valid_names(p["datasets"], DATASETS))
+    protocol = c.mapping(
+        p["protocol"], "protocol", optional=DATASETS, required=valid_names(p["datasets"], DATASETS)
+    )
     if protocol is None:
         return
     archs = valid_names(p["archs"], ARCHS)
@@ -86,8 +105,7 @@ def _check_protocol(c, p):
         models = c.mapping(entry["models"], f"{base}.models", required=archs, optional=ARCHS)
         for arch in models or ():
             c.choice(models[arch], f"{base}.models.{arch}", MODELS)
-        batch = c.mapping(entry["batch_size"], f"{base}.batch_size", required=archs,
-                          optional=ARCHS)
+        batch = c.mapping(entry["batch_size"], f"{base}.batch_size", required=archs, optional=ARCHS)
         for arch in batch or ():
             c.integer(batch, arch, f"{base}.batch_size.{arch}", minimum=1)
         check_schedule(c, entry["schedule"], f"{base}.schedule")
@@ -98,24 +116,33 @@ def _check_optimizers(c, p, build_imported=True):
     names = optimizer_names({"optimizer": raw})
     for key, entry in raw.items():
         if key in OPTIMIZERS and isinstance(entry, dict) and CLASS_KEY in entry:
-            c.problem(f"optimizer.{key}.{CLASS_KEY}: {key} is a built-in optimizer; give an "
-                      f"imported one a key of its own (e.g. optimizer.my_{key})")
+            c.problem(
+                f"optimizer.{key}.{CLASS_KEY}: {key} is a built-in optimizer; give an "
+                f"imported one a key of its own (e.g. optimizer.my_{key})"
+            )
         elif key not in OPTIMIZERS and not OPTIMIZER_KEY.match(str(key)):
-            c.problem(f"optimizer.{key}: not a built-in ({', '.join(OPTIMIZERS)}); an imported "
-                      f"optimizer's key must be lowercase letters, digits and '_' (at most 32, "
-                      f"starting with a letter)")
+            c.problem(
+                f"optimizer.{key}: not a built-in ({', '.join(OPTIMIZERS)}); an imported "
+                f"optimizer's key must be lowercase letters, digits and '_' (at most 32, "
+                f"starting with a letter)"
+            )
         elif key not in OPTIMIZERS and not (isinstance(entry, dict) and CLASS_KEY in entry):
-            c.problem(f"optimizer.{key}: unknown optimizer; allowed: "
-                      f"{', '.join(OPTIMIZERS)}, or an imported one: "
-                      f"{{{CLASS_KEY}: module:Class, lr: ..., ...}}")
-    section = c.mapping(p["optimizer"], "optimizer", optional=names + tuple(
-                            k for k in raw if k not in names),
-                        required=valid_names(p["optimizers"], names))
+            c.problem(
+                f"optimizer.{key}: unknown optimizer; allowed: "
+                f"{', '.join(OPTIMIZERS)}, or an imported one: "
+                f"{{{CLASS_KEY}: module:Class, lr: ..., ...}}"
+            )
+    section = c.mapping(
+        p["optimizer"],
+        "optimizer",
+        optional=names + tuple(k for k in raw if k not in names),
+        required=valid_names(p["optimizers"], names),
+    )
     used = set(valid_names(p["optimizers"], names))
     for name in [n for n in section or () if n in names]:
         if name in OPTIMIZERS:
             _check_optimizer_args(c, name, section[name], f"optimizer.{name}", partial=False)
-        elif name in used:   # imported and built only when the grid uses it
+        elif name in used:  # imported and built only when the grid uses it
             _check_imported(c, section[name], f"optimizer.{name}", build=build_imported)
 
 
@@ -126,8 +153,9 @@ def _check_imported(c, entry, path, base=None, build=True):
     full = {**(base or {}), **entry}
     grid = full.get("grid")
     if grid is not None and not isinstance(grid, dict):
-        c.problem(f"{path}.grid: expected a mapping of hyperparameters to lists of values, "
-                  f"got {grid!r}")
+        c.problem(
+            f"{path}.grid: expected a mapping of hyperparameters to lists of values, got {grid!r}"
+        )
         grid = None
     grid = {k: v for k, v in (grid or {}).items() if c.list_of(v, f"{path}.grid.{k}")}
     pinned = {k: v for k, v in full.items() if k not in (CLASS_KEY, "grid")}
@@ -136,15 +164,20 @@ def _check_imported(c, entry, path, base=None, build=True):
     # as False and infinity as True.
     check_finite(c, {k: v for k, v in entry.items() if k not in (CLASS_KEY, "grid")}, path)
     check_finite(c, grid, f"{path}.grid")
-    values = [(path, pinned)] + [(f"{path}.grid.{key}[{i}]", {**pinned, key: value})
-                                 for key, vs in grid.items() for i, value in enumerate(vs)]
+    values = [(path, pinned)] + [
+        (f"{path}.grid.{key}[{i}]", {**pinned, key: value})
+        for key, vs in grid.items()
+        for i, value in enumerate(vs)
+    ]
     for key, vs in grid.items():
         if len({repr(v) for v in vs}) != len(vs):
             c.problem(f"{path}.grid.{key}: values must be unique, got {vs!r}")
     if not build:
         if not imported_optimizers.IMPORT_PATH.match(str(full.get(CLASS_KEY))):
-            c.problem(f"{path}.{CLASS_KEY}: {full.get(CLASS_KEY)!r} is not an import path; "
-                      "allowed: module:Class, e.g. torch.optim:RAdam")
+            c.problem(
+                f"{path}.{CLASS_KEY}: {full.get(CLASS_KEY)!r} is not an import path; "
+                "allowed: module:Class, e.g. torch.optim:RAdam"
+            )
         return
     c.problems += imported_optimizers.check(path, full, grid_keys=tuple(grid), values=values)
 
@@ -167,15 +200,23 @@ def _check_optimizer_args(c, name, args, path, partial):
         for i, value in enumerate(values):
             probe, sub = {key: value}, Checker()
             check_optimizer(sub, name, probe, f"{path}.grid.{key}[{i}]", partial=True)
-            c.problems += [p.replace(f"{path}.grid.{key}[{i}].{key}",
-                                     f"{path}.grid.{key}[{i}]") for p in sub.problems]
+            c.problems += [
+                p.replace(f"{path}.grid.{key}[{i}].{key}", f"{path}.grid.{key}[{i}]")
+                for p in sub.problems
+            ]
             values[i] = probe[key]
-        spelled = [repr(tuple(v)) if isinstance(v, list) else repr(float(v))
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)
-                   for v in values]
+        spelled = [
+            repr(tuple(v))
+            if isinstance(v, list)
+            else repr(float(v))
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            else repr(v)
+            for v in values
+        ]
         if len(set(spelled)) != len(spelled):
-            c.problem(f"{path}.grid.{key}: values must be unique (1 and 1.0 are one run), "
-                      f"got {values!r}")
+            c.problem(
+                f"{path}.grid.{key}: values must be unique (1 and 1.0 are one run), got {values!r}"
+            )
 
 
 def _check_experiments(c, p, build_imported=True):
@@ -189,8 +230,9 @@ def _check_experiments(c, p, build_imported=True):
     allowed = {"dataset": DATASETS, "arch": ARCHS, "optimizer": names}
     for i, exp in enumerate(experiments):
         path = f"experiments[{i}]"
-        exp = c.mapping(exp, path, required=("match",),
-                        optional=("optimizer", "batch_size", "schedule"))
+        exp = c.mapping(
+            exp, path, required=("match",), optional=("optimizer", "batch_size", "schedule")
+        )
         if exp is None:
             continue
         match = c.mapping(exp["match"], f"{path}.match", optional=tuple(allowed))
@@ -204,16 +246,25 @@ def _check_experiments(c, p, build_imported=True):
         if "optimizer" in exp:
             target = match["optimizer"] if match is not None else MISSING
             if target in OPTIMIZERS:
-                _check_optimizer_args(c, target, exp["optimizer"], f"{path}.optimizer",
-                                      partial=True)
+                _check_optimizer_args(
+                    c, target, exp["optimizer"], f"{path}.optimizer", partial=True
+                )
             elif target in names and isinstance(exp["optimizer"], dict):
-                _check_imported(c, exp["optimizer"], f"{path}.optimizer",
-                                base=p["optimizer"][target], build=build_imported)
-            elif c.mapping(exp["optimizer"], f"{path}.optimizer",
-                           optional=("lr", "weight_decay", "grid")) is not None:
+                _check_imported(
+                    c,
+                    exp["optimizer"],
+                    f"{path}.optimizer",
+                    base=p["optimizer"][target],
+                    build=build_imported,
+                )
+            elif (
+                c.mapping(
+                    exp["optimizer"], f"{path}.optimizer", optional=("lr", "weight_decay", "grid")
+                )
+                is not None
+            ):
                 # Without match.optimizer only the arguments every optimizer has apply.
-                _check_optimizer_args(c, "sgd", exp["optimizer"], f"{path}.optimizer",
-                                      partial=True)
+                _check_optimizer_args(c, "sgd", exp["optimizer"], f"{path}.optimizer", partial=True)
 
 
 # Training keys that the pipeline sets, not params.yaml: only the tune stage's runs skip the
@@ -230,8 +281,10 @@ def _check_training(c, p):
                 c.problem(f"training.{key}: missing")
         for key in PIPELINE_TRAINING:
             if key in t:
-                c.problem(f"training.{key}: set by the pipeline (the tune stage's runs never "
-                          "evaluate the test set, the grid's always do); remove it")
+                c.problem(
+                    f"training.{key}: set by the pipeline (the tune stage's runs never "
+                    "evaluate the test set, the grid's always do); remove it"
+                )
 
 
 def _check_timing(c, p):
@@ -245,8 +298,9 @@ def _check_timing(c, p):
     c.integer(t, "rounds", "timing.rounds", minimum=1)
     device = t["device"]
     if device is not MISSING and not (isinstance(device, str) and DEVICE_RE.match(device)):
-        c.problem(f"timing.device: {device!r} is not a device; allowed: auto, cpu, cuda, "
-                  "cuda:N, mps")
+        c.problem(
+            f"timing.device: {device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps"
+        )
 
 
 def _check_tune(c, p):
@@ -266,10 +320,12 @@ def _check_data(c, p):
     c.choice(d["source"], "data.source", SOURCES)
     c.string(d["root"], "data.root")
     mirror = d["mirror"]
-    if mirror not in (None, MISSING) and not (isinstance(mirror, str) and
-                                              re.match(r"^(https?|file)://", mirror)):
-        c.problem(f"data.mirror: {mirror!r} is not a URL; allowed: null or http(s)://... "
-                  "or file://...")
+    if mirror not in (None, MISSING) and not (
+        isinstance(mirror, str) and re.match(r"^(https?|file)://", mirror)
+    ):
+        c.problem(
+            f"data.mirror: {mirror!r} is not a URL; allowed: null or http(s)://... or file://..."
+        )
     sizes = c.mapping(d["synthetic_sizes"], "data.synthetic_sizes", required=("train", "test"))
     if sizes is not None:
         for key in ("train", "test"):
@@ -277,8 +333,9 @@ def _check_data(c, p):
 
 
 def _check_small_sections(c, p):
-    e = c.mapping(p["executor"], "executor", required=("kind", "max_parallel"),
-                  optional=("kubernetes",))
+    e = c.mapping(
+        p["executor"], "executor", required=("kind", "max_parallel"), optional=("kubernetes",)
+    )
     if e is not None:
         c.choice(e["kind"], "executor.kind", EXECUTORS)
         # null: the executor's own default (one at a time; on Kubernetes with a Kueue
@@ -296,13 +353,14 @@ def _check_small_sections(c, p):
     s = c.mapping(p["storage"], "storage", required=("remote", "endpoint_url"))
     if s is not None:
         remote, endpoint = s["remote"], s["endpoint_url"]
-        if remote not in (None, MISSING) and not (isinstance(remote, str)
-                                                  and remote.startswith("s3://")):
+        if remote not in (None, MISSING) and not (
+            isinstance(remote, str) and remote.startswith("s3://")
+        ):
             c.problem(f"storage.remote: {remote!r}; allowed: null or s3://bucket/prefix")
-        if endpoint not in (None, MISSING) and not (isinstance(endpoint, str) and
-                                                    re.match(r"^https?://", endpoint)):
-            c.problem(f"storage.endpoint_url: {endpoint!r}; allowed: null or "
-                      "http(s)://host:port")
+        if endpoint not in (None, MISSING) and not (
+            isinstance(endpoint, str) and re.match(r"^https?://", endpoint)
+        ):
+            c.problem(f"storage.endpoint_url: {endpoint!r}; allowed: null or http(s)://host:port")
     if p["preset"] not in (None, MISSING) and not isinstance(p["preset"], str):
         c.problem(f"preset: expected a preset name or null, got {p['preset']!r}")
 
@@ -344,5 +402,7 @@ def _check_cross(c, params):
     for (ds, arch, batch, train), opts in too_big.items():
         every = len(opts) == len(valid_names(params["optimizers"], optimizer_names(params)))
         which = "" if every else f" (runs with {', '.join(opts)}, see experiments)"
-        c.problem(f"protocol.{ds}.batch_size.{arch}: {batch} is larger than the {train} "
-                  f"training images of {ds}{which}")
+        c.problem(
+            f"protocol.{ds}.batch_size.{arch}: {batch} is larger than the {train} "
+            f"training images of {ds}{which}"
+        )

@@ -107,21 +107,33 @@ def read_yaml(path) -> object:
         raise ConfigError([f"{path}: cannot read it: {exc.strerror or exc}"]) from None
     if len(data) > MAX_PARAMS_BYTES:
         size = path.stat().st_size if path.is_file() else None
-        raise ConfigError([f"{path}: {f'{size} bytes' if size else 'endless'}; allowed: at "
-                           f"most {MAX_PARAMS_BYTES} bytes ({MAX_PARAMS_BYTES // 1024} KiB)"])
+        raise ConfigError(
+            [
+                f"{path}: {f'{size} bytes' if size else 'endless'}; allowed: at "
+                f"most {MAX_PARAMS_BYTES} bytes ({MAX_PARAMS_BYTES // 1024} KiB)"
+            ]
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}: "
-                           f"{data[exc.start:exc.start + 1]!r}); save it as UTF-8"]) from None
+        raise ConfigError(
+            [
+                f"{path}: not UTF-8 text (byte {exc.start}: "
+                f"{data[exc.start : exc.start + 1]!r}); save it as UTF-8"
+            ]
+        ) from None
     return parse_yaml(text, str(path))
 
 
 def parse_yaml(text: str, source: str) -> object:
     """YAML text as data, through the same bounds as a file; `source` names it in problems."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_PARAMS_BYTES:
-        raise ConfigError([f"{source}: more than {MAX_PARAMS_BYTES} bytes of YAML; allowed: "
-                           f"at most {MAX_PARAMS_BYTES} ({MAX_PARAMS_BYTES // 1024} KiB)"])
+        raise ConfigError(
+            [
+                f"{source}: more than {MAX_PARAMS_BYTES} bytes of YAML; allowed: "
+                f"at most {MAX_PARAMS_BYTES} ({MAX_PARAMS_BYTES // 1024} KiB)"
+            ]
+        )
     try:
         return yaml.load(text, Loader=BoundedLoader)
     except ConfigError as exc:
@@ -134,7 +146,7 @@ def parse_yaml(text: str, source: str) -> object:
     except (ValueError, OverflowError) as exc:
         # Scalars YAML's patterns match but Python cannot build: a 5000-digit integer, the
         # date 2024-13-45.
-        reason = str(exc).split(";")[0]   # not Python's advice on raising its own limit
+        reason = str(exc).split(";")[0]  # not Python's advice on raising its own limit
         raise ConfigError([f"{source}: a value YAML cannot represent here: {reason}"]) from None
 
 
@@ -153,25 +165,33 @@ class BoundedLoader(yaml.SafeLoader):
 
 def _check_expansion(root):
     """Count `root`'s nodes as every later walk will see them, each alias expanded."""
-    sizes = {}          # id(node) -> its node count with aliases expanded
-    entered = set()     # nodes whose children are being counted: an alias to one is a cycle
+    sizes = {}  # id(node) -> its node count with aliases expanded
+    entered = set()  # nodes whose children are being counted: an alias to one is a cycle
     pending = [(root, False)]
-    while pending:      # depth-first, iteratively: the nesting depth is the document's
+    while pending:  # depth-first, iteratively: the nesting depth is the document's
         node, children_done = pending.pop()
         if children_done:
             entered.discard(id(node))
             sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
             if sizes[id(node)] > MAX_YAML_NODES:
-                raise ConfigError([f"more than {MAX_YAML_NODES} values with its aliases "
-                                   f"expanded (line {node.start_mark.line + 1}); allowed: "
-                                   f"at most {MAX_YAML_NODES}: write the values out, or "
-                                   "alias less"])
+                raise ConfigError(
+                    [
+                        f"more than {MAX_YAML_NODES} values with its aliases "
+                        f"expanded (line {node.start_mark.line + 1}); allowed: "
+                        f"at most {MAX_YAML_NODES}: write the values out, or "
+                        "alias less"
+                    ]
+                )
             continue
         if id(node) in sizes:
             continue
         if id(node) in entered:
-            raise ConfigError([f"an alias at line {node.start_mark.line + 1} refers to a "
-                               "node that contains it (an endless value)"])
+            raise ConfigError(
+                [
+                    f"an alias at line {node.start_mark.line + 1} refers to a "
+                    "node that contains it (an endless value)"
+                ]
+            )
         entered.add(id(node))
         pending.append((node, True))
         pending.extend((child, False) for child in _children(node) if id(child) not in sizes)

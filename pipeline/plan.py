@@ -33,9 +33,9 @@ REFUSE, PINNED, LEAVE_OUT = "refuse", "pinned", "leave out"
 
 @dataclass
 class Plan:
-    tuning: list[dict]                              # the tune stage's runs
-    final: list[dict]                               # the train stage's runs
-    undecided: list[tuple] = field(default_factory=list)   # tuned cells without a choice
+    tuning: list[dict]  # the tune stage's runs
+    final: list[dict]  # the train stage's runs
+    undecided: list[tuple] = field(default_factory=list)  # tuned cells without a choice
 
     def stage(self, name: str) -> list[dict]:
         return self.tuning if name == "tune" else self.final
@@ -76,15 +76,21 @@ def load_selection(params: dict, path: Path = SELECTED) -> dict:
     out = {}
     for cell in tuned_cells(params):
         ds, arch, opt = cell
-        entry = (data.get(ds) or {}).get(arch, {}).get(opt, "absent") \
-            if isinstance(data, dict) else "absent"
+        entry = (
+            (data.get(ds) or {}).get(arch, {}).get(opt, "absent")
+            if isinstance(data, dict)
+            else "absent"
+        )
         if entry == "absent" or tuned_on.get(cell) != current.get(cell):
             continue
         grid = resolve_run(params, *cell)["optimizer"]["grid"]
         if entry is None:
             out[cell] = None
-        elif isinstance(entry, dict) and set(entry) == set(grid) and all(
-                any(_same(value, g) for g in grid[key]) for key, value in entry.items()):
+        elif (
+            isinstance(entry, dict)
+            and set(entry) == set(grid)
+            and all(any(_same(value, g) for g in grid[key]) for key, value in entry.items())
+        ):
             out[cell] = entry
     return out
 
@@ -104,6 +110,10 @@ def _tuned_runs(points_csv: Path) -> dict:
 
 def _same(a, b) -> bool:
     if isinstance(a, list) or isinstance(b, list):
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-            float(x) == float(y) for x, y in zip(a, b, strict=True))
+        return (
+            isinstance(a, list)
+            and isinstance(b, list)
+            and len(a) == len(b)
+            and all(float(x) == float(y) for x, y in zip(a, b, strict=True))
+        )
     return float(a) == float(b)

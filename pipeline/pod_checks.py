@@ -25,15 +25,22 @@ def check_code(spec: dict) -> None:
         return
     theirs, here = spec.get("code_version"), code_version()
     if theirs == here:
-        raise ConfigError([f"run_hash: {expected} is not the hash of this spec ({ours}, with "
-                           f"the same code version {here[:12]}): the spec was changed after "
-                           "it was built; build it again"])
-    raise StaleImage([
-        f"{STALE_IMAGE}: the spec was built by code version "
-        f"{theirs[:12] if theirs else 'unknown'} (run hash {expected}), this image has code "
-        f"version {here[:12]} (run hash {ours}): it would not train the run its hash names. "
-        "Rebuild and push the image (`make image`) from the launcher's checkout, then start "
-        "the run again"])
+        raise ConfigError(
+            [
+                f"run_hash: {expected} is not the hash of this spec ({ours}, with "
+                f"the same code version {here[:12]}): the spec was changed after "
+                "it was built; build it again"
+            ]
+        )
+    raise StaleImage(
+        [
+            f"{STALE_IMAGE}: the spec was built by code version "
+            f"{theirs[:12] if theirs else 'unknown'} (run hash {expected}), this image has code "
+            f"version {here[:12]} (run hash {ours}): it would not train the run its hash names. "
+            "Rebuild and push the image (`make image`) from the launcher's checkout, then start "
+            "the run again"
+        ]
+    )
 
 
 def check_cuda(spec: dict) -> None:
@@ -44,18 +51,21 @@ def check_cuda(spec: dict) -> None:
     problems = []
     device = {**TRAINING_DEFAULTS, **(spec.get("training") or {})}["device"]
     if device in ("cpu", "mps"):
-        problems.append(f"training.device: {device!r}, but the Job requests a GPU "
-                        f"({REQUIRE_CUDA_ENV}=1): set training.device to auto or cuda, or "
-                        "request no GPU")
+        problems.append(
+            f"training.device: {device!r}, but the Job requests a GPU "
+            f"({REQUIRE_CUDA_ENV}=1): set training.device to auto or cuda, or "
+            "request no GPU"
+        )
     import torch
+
     if not torch.cuda.is_available():
-        built = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
-                 else "a CPU-only build")
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         problems.append(
             "GPU requested but CUDA is not available: driver/device plugin (the node needs "
             f"an NVIDIA driver {CUDA_DRIVER} for the image's CUDA 13.0, and the NVIDIA device "
             "plugin or the GPU Operator must give this pod its nvidia.com/gpu; check "
             "`nvidia-smi` on the node and `kubectl describe node`; PyTorch "
-            f"{torch.__version__} here is {built})")
+            f"{torch.__version__} here is {built})"
+        )
     if problems:
         raise ConfigError(problems)

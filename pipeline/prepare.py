@@ -21,24 +21,36 @@ def add_arguments(parser):
 def run(args) -> int:
     params = load_params(args.params, args.set, build_imported=False)
     if args.dataset not in params["datasets"]:
-        raise ConfigError([f"prepare: dataset {args.dataset!r} is not in datasets; "
-                           f"allowed: {', '.join(params['datasets'])}"])
+        raise ConfigError(
+            [
+                f"prepare: dataset {args.dataset!r} is not in datasets; "
+                f"allowed: {', '.join(params['datasets'])}"
+            ]
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     data = params["data"]
     # Each source takes only its own settings (prepare refuses the other's).
-    options = ({"synthetic_sizes": data["synthetic_sizes"]} if data["source"] == "synthetic"
-               else {"mirror": data["mirror"]})
+    options = (
+        {"synthetic_sizes": data["synthetic_sizes"]}
+        if data["source"] == "synthetic"
+        else {"mirror": data["mirror"]}
+    )
     try:
         manifest = prepare(args.dataset, data["source"], data["root"], **options)
     except DownloadError as exc:
-        print(f"prepare {args.dataset}: {exc}\n  without network access: set data.mirror "
-              "to a server or file:// directory holding the archive, place the archive "
-              f"in {data['root']}/downloads/ yourself, or try the pipeline on synthetic "
-              "data: dvc exp run -S preset=tiny", file=sys.stderr)
+        print(
+            f"prepare {args.dataset}: {exc}\n  without network access: set data.mirror "
+            "to a server or file:// directory holding the archive, place the archive "
+            f"in {data['root']}/downloads/ yourself, or try the pipeline on synthetic "
+            "data: dvc exp run -S preset=tiny",
+            file=sys.stderr,
+        )
         return 1
     except DataError as exc:  # checksum, archive: the message says what to do
         print(f"prepare {args.dataset}: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.dataset}: {manifest['counts']} ({manifest['source']}), "
-          f"checksum {manifest['checksum'][:12]}")
+    print(
+        f"{args.dataset}: {manifest['counts']} ({manifest['source']}), "
+        f"checksum {manifest['checksum'][:12]}"
+    )
     return 0

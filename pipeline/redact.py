@@ -15,8 +15,14 @@ from vsgd.lineage import URL_USERINFO
 
 MASK = "***"
 # Standard variables that carry a credential value (the AWS SDK's and MLflow's client auth).
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-              "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 # Any other variable whose name says it holds a secret.
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY", re.I)
 # Shorter values are too likely to occur by chance (and to mangle ordinary text).
@@ -26,8 +32,11 @@ MIN_LEN = 6
 def secret_values(environ=None) -> list[str]:
     """Credential values of the environment, longest first (so overlaps mask fully)."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items()
-              if v and len(v) >= MIN_LEN and (k in SECRET_ENV or SECRET_NAME.search(k))}
+    values = {
+        v
+        for k, v in environ.items()
+        if v and len(v) >= MIN_LEN and (k in SECRET_ENV or SECRET_NAME.search(k))
+    }
     return sorted(values, key=len, reverse=True)
 
 

@@ -30,7 +30,7 @@ from .runlock import RunLock
 from .storage import RESULT_FILES as FILES  # copied where present; metrics.json last
 from .storage import open_store
 
-DAMAGED = "damaged"     # beside the store and the view: results/damaged/
+DAMAGED = "damaged"  # beside the store and the view: results/damaged/
 REASON = "DAMAGED.txt"  # in each set-aside directory: where it was and what was wrong
 
 
@@ -61,8 +61,9 @@ def is_shown(spec: dict) -> bool:
     return has_result(entry) and not problems(entry, spec["run_hash"])
 
 
-def set_aside(directory, what: list[str], label: str | None = None,
-              source: str | None = None) -> Path:
+def set_aside(
+    directory, what: list[str], label: str | None = None, source: str | None = None
+) -> Path:
     """Move a damaged result out of the way, into `<results>/damaged/<label>-<time>/` (label:
     the directory's name), with a note of where it came from and what was wrong; returns
     where it went. Nothing is deleted."""
@@ -71,8 +72,9 @@ def set_aside(directory, what: list[str], label: str | None = None,
     aside = directory.parent.parent / DAMAGED / f"{label or directory.name}-{stamp}"
     aside.parent.mkdir(parents=True, exist_ok=True)
     os.replace(directory, aside)
-    (aside / REASON).write_text(f"set aside from {source or directory} at {stamp}:\n"
-                                + "".join(f"- {p}\n" for p in what))
+    (aside / REASON).write_text(
+        f"set aside from {source or directory} at {stamp}:\n" + "".join(f"- {p}\n" for p in what)
+    )
     return aside
 
 
@@ -80,9 +82,10 @@ def set_aside(directory, what: list[str], label: str | None = None,
 class Survey:
     """What a stage finds for each run before it starts any: each run's state and every
     damaged result it set aside on the way (`damaged`: (what, where it went, problems))."""
-    state: dict = field(default_factory=dict)     # name -> done | reused | pending | held
+
+    state: dict = field(default_factory=dict)  # name -> done | reused | pending | held
     damaged: list = field(default_factory=list)
-    holders: dict = field(default_factory=dict)   # name -> who holds a held run
+    holders: dict = field(default_factory=dict)  # name -> who holds a held run
 
     def names(self, state: str) -> list[str]:
         return [name for name, s in self.state.items() if s == state]
@@ -110,8 +113,9 @@ def survey(specs: list[dict], view: bool, fetch=None) -> Survey:
                 stored = True
             if not stored and fetch is not None:
                 stored = _fetch_checked(spec, fetch, found)
-        found.state[spec["name"]] = ("done" if stored and (shown or not view) else
-                                     "reused" if stored else "pending")
+        found.state[spec["name"]] = (
+            "done" if stored and (shown or not view) else "reused" if stored else "pending"
+        )
     return found
 
 
@@ -173,8 +177,11 @@ def fetch_published(results_uri: str, spec: dict, endpoint_url: str | None = Non
                 store.get_file(name, Path(tmp) / name)
         wrong = problems(tmp, spec["run_hash"])
         if wrong:
-            print(f"{results_uri} holds a damaged result ({'; '.join(wrong)}): training the "
-                  "run again", flush=True)
+            print(
+                f"{results_uri} holds a damaged result ({'; '.join(wrong)}): training the "
+                "run again",
+                flush=True,
+            )
             return False
         _publish_copy(Path(tmp), out)
     return True
@@ -182,8 +189,8 @@ def fetch_published(results_uri: str, spec: dict, endpoint_url: str | None = Non
 
 @dataclass
 class Shown:
-    runs: int           # finished runs of the grid in the view
-    hidden: list        # view entries of runs that left the grid (their results stay stored)
+    runs: int  # finished runs of the grid in the view
+    hidden: list  # view entries of runs that left the grid (their results stay stored)
 
 
 def show(specs: list[dict]) -> Shown:
@@ -222,8 +229,9 @@ def _retire(entry: Path) -> None:
         return
     run_hash = (read_metrics(entry) or {}).get("run_hash")
     kept = Path(STORE_DIR) / str(run_hash)
-    wrong = problems(entry, run_hash) if isinstance(run_hash, str) else \
-        ["metrics.json: no run_hash"]
+    wrong = (
+        problems(entry, run_hash) if isinstance(run_hash, str) else ["metrics.json: no run_hash"]
+    )
     if isinstance(run_hash, str) and has_result(kept) and not problems(kept, run_hash):
         shutil.rmtree(entry)
     elif not wrong:

@@ -30,8 +30,10 @@ class Progress:
             return
         rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
         eta = _hms((total - step) / rate) if step > self.step0 else "?"
-        line = (f"step {step}/{total} loss {info['loss']:.4f} acc {info['acc']:.4f} "
-                f"lr {info['lr']:.4g} {info['images_per_sec']:.0f} img/s eta {eta}")
+        line = (
+            f"step {step}/{total} loss {info['loss']:.4f} acc {info['acc']:.4f} "
+            f"lr {info['lr']:.4g} {info['images_per_sec']:.0f} img/s eta {eta}"
+        )
         if "test_acc" in info:
             line += f" | test_acc {info['test_acc']:.4f} test_loss {info['test_loss']:.4f}"
         if info.get("val_acc") is not None:  # also the tune stage's runs, which skip test
@@ -41,8 +43,10 @@ class Progress:
     def _bar(self, step, total, info):
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=step, desc=self.name, unit="it",
-                            dynamic_ncols=True)
+
+            self.bar = tqdm(
+                total=total, initial=step, desc=self.name, unit="it", dynamic_ncols=True
+            )
         self.bar.update(step - self.bar.n)
         post = {"loss": f"{info['loss']:.3f}", "acc": f"{info['acc']:.3f}"}
         for key in ("test_acc", "val_acc"):
@@ -109,8 +113,10 @@ class TeeLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8", errors="replace")
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.file.write(f"==== {now} {socket.gethostname()}: python -m pipeline.train "
-                        f"(pid {os.getpid()}) ====\n")
+        self.file.write(
+            f"==== {now} {socket.gethostname()}: python -m pipeline.train "
+            f"(pid {os.getpid()}) ====\n"
+        )
         self.file.flush()
         self.streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout, lock_descriptor
 
 from .contract import LOCK_FD_ENV
 
-LOCKS_DIR = ".locks"                # inside the result store: gc skips dot-entries
+LOCKS_DIR = ".locks"  # inside the result store: gc skips dot-entries
 POLL_SECONDS = 1.0
 
 
@@ -44,10 +44,11 @@ class RunLock:
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = None   # the locked descriptor while held (borrowed from filelock)
+        self.fd: int | None = None  # the locked descriptor while held (borrowed from filelock)
         # thread_local=False: a launcher's worker threads each hold their own RunLock.
-        self._lock = FileLock(self.path, thread_local=False, preserve_lock_file=True,
-                              on_acquired=self._record_holder)
+        self._lock = FileLock(
+            self.path, thread_local=False, preserve_lock_file=True, on_acquired=self._record_holder
+        )
 
     @classmethod
     def of(cls, spec: dict) -> "RunLock":

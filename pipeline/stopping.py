@@ -22,7 +22,7 @@ class StopRequest:
     """
 
     def __init__(self):
-        self.signum: int | None = None   # the first request's signal
+        self.signum: int | None = None  # the first request's signal
         self.polled = False
         self._calls = 0
         self._launcher_died = False

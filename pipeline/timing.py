@@ -48,8 +48,9 @@ TIMED_TRAINING = ("precision", "compile", "channels_last")
 
 def add_arguments(parser):
     add_params_arguments(parser)
-    parser.add_argument("--out", default=str(OUT),
-                        help=f"directory for timing.csv and timing.json (default: {OUT})")
+    parser.add_argument(
+        "--out", default=str(OUT), help=f"directory for timing.csv and timing.json (default: {OUT})"
+    )
 
 
 def run(args) -> int:
@@ -79,15 +80,21 @@ def configurations(params: dict) -> list[_Config]:
     # The spec's location of a dataset in a remote store plays no part here (and would
     # hash every file of it).
     local = {**params, "storage": {**params["storage"], "remote": None}}
-    configs = [_Config(build_spec(local, ds, arch, opt, 0))
-               for ds in params["datasets"] for arch in params["archs"]
-               for opt in params["optimizers"]]
-    unprepared = sorted({c.spec["dataset"] for c in configs
-                         if c.spec["data"]["checksum"] is None})
+    configs = [
+        _Config(build_spec(local, ds, arch, opt, 0))
+        for ds in params["datasets"]
+        for arch in params["archs"]
+        for opt in params["optimizers"]
+    ]
+    unprepared = sorted({c.spec["dataset"] for c in configs if c.spec["data"]["checksum"] is None})
     if unprepared:
-        raise ConfigError([f"timing: no prepared data for {', '.join(unprepared)}; run "
-                           "`dvc repro` (its prepare stage) or `python -m pipeline prepare "
-                           f"{unprepared[0]}` first"])
+        raise ConfigError(
+            [
+                f"timing: no prepared data for {', '.join(unprepared)}; run "
+                "`dvc repro` (its prepare stage) or `python -m pipeline prepare "
+                f"{unprepared[0]}` first"
+            ]
+        )
     return configs
 
 
@@ -95,16 +102,19 @@ def resolve_device(name: str):
     try:
         device = engine.resolve_device(name)
     except ConfigError:
-        raise ConfigError([f"timing.device: {name!r} but CUDA is not available here; "
-                           "allowed: auto, cpu, cuda, cuda:N, mps"]) from None
+        raise ConfigError(
+            [
+                f"timing.device: {name!r} but CUDA is not available here; "
+                "allowed: auto, cpu, cuda, cuda:N, mps"
+            ]
+        ) from None
     if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
 def measure(params: dict, log=None) -> dict:
     """Time every configuration (see the module docstring); the rows and settings."""
-
 
     log = log or (lambda text: None)
     settings = params["timing"]
@@ -113,8 +123,10 @@ def measure(params: dict, log=None) -> dict:
     device = resolve_device(settings["device"])
     name = device_name(device)
     _static_compiles(len(configs))
-    log(f"timing: {len(configs)} configurations on {device} ({name}), {rounds} round(s) of "
-        f"{steps} timed steps after {warmup} warm-up steps each, interleaved")
+    log(
+        f"timing: {len(configs)} configurations on {device} ({name}), {rounds} round(s) of "
+        f"{steps} timed steps after {warmup} warm-up steps each, interleaved"
+    )
     shared = {}  # dataset -> its training images and labels on the device
     for r in range(rounds):
         start = time.perf_counter()
@@ -139,21 +151,39 @@ def measure(params: dict, log=None) -> dict:
         ds, arch, opt = c.key
         sgd = median.get((ds, arch, "sgd"))
         seconds = median[c.key]
-        rows.append({
-            "dataset": ds, "arch": arch, "model": c.spec["arch"], "optimizer": opt,
-            "batch_size": c.spec["batch_size"], "seconds_per_step": seconds,
-            "images_per_sec": c.spec["batch_size"] / seconds,
-            "ratio_to_sgd": None if sgd is None else seconds / sgd,
-            "rounds": rounds, "steps": steps, "warmup": warmup, "device": str(device),
-            "device_name": name, "precision": c.spec["training"]["precision"],
-            "torch_version": torch.__version__, "round_seconds": list(c.seconds)})
+        rows.append(
+            {
+                "dataset": ds,
+                "arch": arch,
+                "model": c.spec["arch"],
+                "optimizer": opt,
+                "batch_size": c.spec["batch_size"],
+                "seconds_per_step": seconds,
+                "images_per_sec": c.spec["batch_size"] / seconds,
+                "ratio_to_sgd": None if sgd is None else seconds / sgd,
+                "rounds": rounds,
+                "steps": steps,
+                "warmup": warmup,
+                "device": str(device),
+                "device_name": name,
+                "precision": c.spec["training"]["precision"],
+                "torch_version": torch.__version__,
+                "round_seconds": list(c.seconds),
+            }
+        )
     for c in configs:  # free the models before the caller goes on
         c.run = c.state = None
     log(_summary(rows))
-    return {"device": str(device), "device_name": name,
-            "precision": ", ".join(sorted({row["precision"] for row in rows})),
-            "torch_version": torch.__version__, "steps": steps, "warmup": warmup,
-            "rounds": rounds, "rows": rows}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "precision": ", ".join(sorted({row["precision"] for row in rows})),
+        "torch_version": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "rows": rows,
+    }
 
 
 def _build(spec, device, shared):
@@ -166,8 +196,13 @@ def _build(spec, device, shared):
     else:
         data = load_prepared(spec["data"]["dir"])
     timed = {k: spec["training"][k] for k in TIMED_TRAINING if k in spec["training"]}
-    training = {**TRAINING_DEFAULTS, **timed, "device": str(device), "validation_size": 0,
-                "test_limit": 1}
+    training = {
+        **TRAINING_DEFAULTS,
+        **timed,
+        "device": str(device),
+        "validation_size": 0,
+        "test_limit": 1,
+    }
     run = engine.build(spec, training, data)
     if ds in shared:
         # One copy of the images per dataset on the device; this run's own copy is freed.
@@ -202,10 +237,13 @@ def _sync(device) -> None:
 
 
 def _summary(rows) -> str:
-    lines = [f"{'dataset':<13} {'model':<16} {'optimizer':<9} {'batch':>5} "
-             f"{'s/step':>9} {'x SGD':>6}"]
+    lines = [
+        f"{'dataset':<13} {'model':<16} {'optimizer':<9} {'batch':>5} {'s/step':>9} {'x SGD':>6}"
+    ]
     for row in rows:
         ratio = "" if row["ratio_to_sgd"] is None else f"{row['ratio_to_sgd']:.2f}"
-        lines.append(f"{row['dataset']:<13} {row['model']:<16} {row['optimizer']:<9} "
-                     f"{row['batch_size']:>5} {row['seconds_per_step']:>9.4f} {ratio:>6}")
+        lines.append(
+            f"{row['dataset']:<13} {row['model']:<16} {row['optimizer']:<9} "
+            f"{row['batch_size']:>5} {row['seconds_per_step']:>9.4f} {ratio:>6}"
+        )
     return "\n".join(lines)

@@ -9,17 +9,30 @@ from pathlib import Path
 
 from vsgd.files import atomic_write
 
-COLUMNS = ("dataset", "arch", "model", "optimizer", "batch_size", "seconds_per_step",
-           "images_per_sec", "ratio_to_sgd", "rounds", "steps", "warmup", "device",
-           "device_name", "precision", "torch_version")
+COLUMNS = (
+    "dataset",
+    "arch",
+    "model",
+    "optimizer",
+    "batch_size",
+    "seconds_per_step",
+    "images_per_sec",
+    "ratio_to_sgd",
+    "rounds",
+    "steps",
+    "warmup",
+    "device",
+    "device_name",
+    "precision",
+    "torch_version",
+)
 
 
 def write(result: dict, out: Path) -> None:
     """`timing.csv` (COLUMNS) and `timing.json` (everything) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore",
-                            lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in result["rows"]:
         writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})

@@ -21,9 +21,9 @@ def check_tracking(c, configured):
     can be created in. Found now, not after a run's first minutes of retries."""
     if configured is not None and not c.string(configured, "tracking.uri"):
         return
-    overriding = tracking_uri(None)   # the environment's URI, when one is set
+    overriding = tracking_uri(None)  # the environment's URI, when one is set
     if configured is None and overriding is None:
-        return   # untracked: nothing to ask MLflow about
+        return  # untracked: nothing to ask MLflow about
     try:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
@@ -38,12 +38,17 @@ def check_tracking(c, configured):
     # entry (a bare path becomes a file store directory; here it is nearly always a URI
     # mistyped, `mlflow.db` for `sqlite:///mlflow.db`) and Unity Catalog's (whose store this
     # client refuses to build).
-    usable = [s for s in _tracking_store_registry._registry
-              if s and s not in (_DATABRICKS_UNITY_CATALOG_SCHEME, _OSS_UNITY_CATALOG_SCHEME)]
+    usable = [
+        s
+        for s in _tracking_store_registry._registry
+        if s and s not in (_DATABRICKS_UNITY_CATALOG_SCHEME, _OSS_UNITY_CATALOG_SCHEME)
+    ]
 
     def problem(uri, check_files):
-        allowed = (f"allowed: null, or a URI with a scheme MLflow tracks to "
-                   f"({', '.join(usable)}), e.g. sqlite:///mlflow.db or http://host:5000")
+        allowed = (
+            f"allowed: null, or a URI with a scheme MLflow tracks to "
+            f"({', '.join(usable)}), e.g. sqlite:///mlflow.db or http://host:5000"
+        )
         try:
             # A bare "databricks" is the default profile's workspace (MLflow's special case).
             scheme = uri if uri == "databricks" else get_uri_scheme(uri)
@@ -68,7 +73,7 @@ def check_tracking(c, configured):
 def _url_host(uri: str) -> str | None:
     try:
         return urlsplit(uri).hostname
-    except ValueError:   # a malformed port or IPv6 address
+    except ValueError:  # a malformed port or IPv6 address
         return None
 
 
@@ -79,19 +84,24 @@ def _sqlite_problem(uri: str) -> str | None:
     journal there)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
+
     try:
         database = make_url(uri).database
     except ArgumentError as exc:
         return f"{uri!r} is not an SQLite URI ({exc})"
     if database in (None, "", ":memory:"):
-        return (f"{uri!r} is an in-memory database, gone with each run's process; allowed: "
-                "sqlite:///PATH (relative to the current directory) or sqlite:////ABSOLUTE")
+        return (
+            f"{uri!r} is an in-memory database, gone with each run's process; allowed: "
+            "sqlite:///PATH (relative to the current directory) or sqlite:////ABSOLUTE"
+        )
     path = Path(database)
     directory = path.parent
     if not directory.is_dir():
-        return (f"{uri!r}: the database's directory {str(directory)!r} does not exist "
-                f"(relative paths are from the current directory, {Path.cwd()}); create it "
-                "or name another")
+        return (
+            f"{uri!r}: the database's directory {str(directory)!r} does not exist "
+            f"(relative paths are from the current directory, {Path.cwd()}); create it "
+            "or name another"
+        )
     if path.exists() and not path.is_file():
         return f"{uri!r}: {str(path)!r} exists and is not a file"
     try:
@@ -99,6 +109,8 @@ def _sqlite_problem(uri: str) -> str | None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        return (f"{uri!r}: cannot create the database in {str(directory)!r} "
-                f"({exc.strerror or exc}); name a writable directory")
+        return (
+            f"{uri!r}: cannot create the database in {str(directory)!r} "
+            f"({exc.strerror or exc}); name a writable directory"
+        )
     return None

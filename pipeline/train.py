@@ -61,8 +61,9 @@ def open_checkpoint_store(uri: str | None):
     if not uri:
         return None
     if "://" in uri and not uri.startswith("s3://"):
-        raise ConfigError([f"checkpoint: {uri!r}; allowed: a local directory or "
-                           "s3://bucket/prefix"])
+        raise ConfigError(
+            [f"checkpoint: {uri!r}; allowed: a local directory or s3://bucket/prefix"]
+        )
     return storage.open_checkpoint_store(uri)
 
 
@@ -74,27 +75,41 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m pipeline.train", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m pipeline.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", metavar="FILE", help="resolved run spec file (JSON)")
     src.add_argument("--spec-json", metavar="JSON", help="resolved run spec as a JSON string")
-    src.add_argument("--dataset", help="build the spec from params.yaml (with --arch, "
-                     "--optimizer)")
+    src.add_argument("--dataset", help="build the spec from params.yaml (with --arch, --optimizer)")
     p.add_argument("--arch", help=f"architecture key of params.yaml: {', '.join(ARCHS)}")
     p.add_argument("--optimizer", help=f"optimizer key of params.yaml: {', '.join(OPTIMIZERS)}")
     p.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a params.yaml key (repeatable)")
-    p.add_argument("--params", default="params.yaml", metavar="FILE",
-                   help="the params file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key (repeatable)",
+    )
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        metavar="FILE",
+        help="the params file (default: params.yaml)",
+    )
     try:
         args = p.parse_args(argv)
         if args.dataset and not (args.arch and args.optimizer):
             p.error("--dataset needs --arch and --optimizer")
         if not args.dataset and (args.arch or args.optimizer or args.overrides):
-            p.error("--arch/--optimizer/--set build a spec from params.yaml: use them with "
-                    "--dataset, not with --spec/--spec-json")
+            p.error(
+                "--arch/--optimizer/--set build a spec from params.yaml: use them with "
+                "--dataset, not with --spec/--spec-json"
+            )
     except SystemExit as exc:  # --help; any other exit of argparse is a bad flag
         raise SystemExit(EX_CONFIG if exc.code else 0) from None
     return args
@@ -104,21 +119,23 @@ def load_spec(args) -> dict:
     """The run spec; raises ConfigError for anything the user has to fix."""
     if args.spec or args.spec_json:
         try:
-            text = Path(args.spec).read_text(encoding="utf-8") if args.spec \
-                else args.spec_json
+            text = Path(args.spec).read_text(encoding="utf-8") if args.spec else args.spec_json
             return json.loads(text)
         except OSError as exc:
             raise ConfigError([f"--spec: cannot read {args.spec}: {exc.strerror}"]) from exc
         except UnicodeDecodeError as exc:
-            raise ConfigError([f"--spec: {args.spec} is not UTF-8 text ({exc.reason} at byte "
-                               f"{exc.start})"]) from exc
-        except ValueError as exc:   # JSONDecodeError, or an integer too long to convert
+            raise ConfigError(
+                [f"--spec: {args.spec} is not UTF-8 text ({exc.reason} at byte {exc.start})"]
+            ) from exc
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
             raise ConfigError([f"spec is not valid JSON: {exc}"]) from exc
     params = load_params(args.params, args.overrides)
     problems = []
-    for flag, value, allowed in (("--dataset", args.dataset, params["protocol"]),
-                                 ("--arch", args.arch, ARCHS),
-                                 ("--optimizer", args.optimizer, params["optimizer"])):
+    for flag, value, allowed in (
+        ("--dataset", args.dataset, params["protocol"]),
+        ("--arch", args.arch, ARCHS),
+        ("--optimizer", args.optimizer, params["optimizer"]),
+    ):
         if value not in allowed:
             problems.append(f"{flag}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
     if problems:
@@ -143,8 +160,12 @@ def hold_run(spec: dict, stop: "StopRequest") -> tuple[tuple, bool]:
     if not inherited(spec):
         lock = RunLock.of(spec)
         if not lock.try_acquire():
-            print(f"{spec['name']}: another launcher is training it ({lock.holder()}); "
-                  "waiting for it", file=sys.stderr, flush=True)
+            print(
+                f"{spec['name']}: another launcher is training it ({lock.holder()}); "
+                "waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
             lock.acquire()
             waited = True
         held.append(lock)
@@ -155,8 +176,13 @@ def hold_run(spec: dict, stop: "StopRequest") -> tuple[tuple, bool]:
 
         def say(who):
             told.append(who)
-            print(f"{spec['name']}: another launcher is training it ({who}, lease "
-                  f"{lease.uri}); waiting for it", file=sys.stderr, flush=True)
+            print(
+                f"{spec['name']}: another launcher is training it ({who}, lease "
+                f"{lease.uri}); waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
+
         lease.acquire(on_wait=say)
         lease.keep(on_lost=stop.launcher_died)
         held.append(lease)
@@ -169,12 +195,15 @@ def finished_elsewhere(spec: dict) -> str | None:
     result is then in the local store, or published to the remote store (then copied here).
     None when it has to be trained (the other launcher stopped before the end)."""
     if results.is_done(spec):
-        return (f"{spec['name']}: finished by another launcher: {spec['output_dir']}; "
-                "nothing to train")
+        return (
+            f"{spec['name']}: finished by another launcher: {spec['output_dir']}; nothing to train"
+        )
     uri = os.environ.get(RESULTS_ENV)
     if uri and results.fetch_published(uri, spec, storage.endpoint_from_env()):
-        return (f"{spec['name']}: finished by another launcher: {uri}, copied to "
-                f"{spec['output_dir']}; nothing to train")
+        return (
+            f"{spec['name']}: finished by another launcher: {uri}, copied to "
+            f"{spec['output_dir']}; nothing to train"
+        )
     return None
 
 
@@ -192,8 +221,11 @@ def main(argv=None) -> int:
     held = ()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         for noisy in ("mlflow", "alembic", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         redact.install()  # no credential value in this run's log
@@ -218,10 +250,16 @@ def main(argv=None) -> int:
         try:
             metrics = train(spec, checkpoint_store=store, progress=progress, stop=stop)
         except Stopped as exc:
-            return _stopped(stop, progress,
-                            f"stopped by {stop.name} at step {exc.step}/{exc.iterations}: " + (
-                                "checkpoint saved, run again to resume" if exc.checkpointed
-                                else "no checkpoint store, a new start begins at step 0"))
+            return _stopped(
+                stop,
+                progress,
+                f"stopped by {stop.name} at step {exc.step}/{exc.iterations}: "
+                + (
+                    "checkpoint saved, run again to resume"
+                    if exc.checkpointed
+                    else "no checkpoint store, a new start begins at step 0"
+                ),
+            )
         stop.done()
         progress.close()
         if tee is not None:
@@ -238,9 +276,13 @@ def main(argv=None) -> int:
         write_termination_message(str(exc))
         return EX_CONFIG
     except KeyboardInterrupt:
-        return _stopped(stop, progress, f"interrupted by {stop.name} before it could save a "
-                                        "checkpoint; the last one (if any) is kept, run again "
-                                        "to resume")
+        return _stopped(
+            stop,
+            progress,
+            f"interrupted by {stop.name} before it could save a "
+            "checkpoint; the last one (if any) is kept, run again "
+            "to resume",
+        )
     except Exception as exc:  # noqa: BLE001 - reported as a crash would be, plus the message
         if progress is not None:
             progress.close()
@@ -250,17 +292,26 @@ def main(argv=None) -> int:
     finally:
         if tee is not None:
             tee.close()
-        for hold in reversed(held):   # the lease, then the lock
+        for hold in reversed(held):  # the lease, then the lock
             hold.release()
 
 
 def _done_line(spec: dict, metrics: dict) -> str:
-    shown = " ".join(f"{key} {metrics[key]:.4f}" for key in ("test_acc", "test_loss", "val_acc")
-                     if metrics.get(key) is not None) or "no finite evaluation"
-    diverged = (f"diverged at step {metrics['diverged']['step']}; "
-                if metrics.get("diverged") else "")
-    return (f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) "
-            f"-> {spec['output_dir']}")
+    shown = (
+        " ".join(
+            f"{key} {metrics[key]:.4f}"
+            for key in ("test_acc", "test_loss", "val_acc")
+            if metrics.get(key) is not None
+        )
+        or "no finite evaluation"
+    )
+    diverged = (
+        f"diverged at step {metrics['diverged']['step']}; " if metrics.get("diverged") else ""
+    )
+    return (
+        f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) "
+        f"-> {spec['output_dir']}"
+    )
 
 
 def _stopped(stop: StopRequest, progress, message: str) -> int:

@@ -35,7 +35,8 @@ def write_summary(path: Path, specs: list[dict]) -> None:
         if m is None:
             continue
         # Few keys on purpose: `dvc metrics show` / `dvc exp show` print one column each.
-        runs[spec["name"]] = {k: m[k] for k in ("test_acc", "val_acc", "seconds_per_iter")
-                              if m.get(k) is not None}
+        runs[spec["name"]] = {
+            k: m[k] for k in ("test_acc", "val_acc", "seconds_per_iter") if m.get(k) is not None
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(runs, indent=2, sort_keys=True) + "\n")

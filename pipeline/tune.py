@@ -31,7 +31,6 @@ from .plan import CELL_COLUMNS, LEAVE_OUT, POINT_COLUMNS, POINTS, SELECTED, TUNI
 from .results import read_metrics
 
 
-
 def add_arguments(parser):
     add_params_arguments(parser)
 
@@ -43,8 +42,11 @@ def run(args) -> int:
     specs = plan(params, LEAVE_OUT).tuning
     report = run_stage(params, specs, "tune")
     if report.failed:
-        print("tune: selection not written: every grid point must finish (or diverge) "
-              "before a cell's values are chosen", file=sys.stderr)
+        print(
+            "tune: selection not written: every grid point must finish (or diverge) "
+            "before a cell's values are chosen",
+            file=sys.stderr,
+        )
         return 1
     rows = points(params, specs)
     selection = select(rows)
@@ -60,16 +62,20 @@ def points(params: dict, specs: list[dict]) -> list[dict]:
     rows = []
     for spec in specs:
         metrics = read_metrics(spec["output_dir"]) or {}
-        grid = resolve_run(params, spec["dataset"], spec["arch_key"],
-                           spec["optimizer"]["name"])["optimizer"]["grid"]
-        rows.append({
-            "cell": (spec["dataset"], spec["arch_key"], spec["optimizer"]["name"]),
-            "values": {key: spec["optimizer"][key] for key in grid},
-            "val_acc": metrics.get("val_acc"),
-            "diverged": bool(metrics.get("diverged")),
-            "run": spec["name"], "run_hash": spec["run_hash"],
-            "iterations": spec["schedule"]["iterations"],
-        })
+        grid = resolve_run(params, spec["dataset"], spec["arch_key"], spec["optimizer"]["name"])[
+            "optimizer"
+        ]["grid"]
+        rows.append(
+            {
+                "cell": (spec["dataset"], spec["arch_key"], spec["optimizer"]["name"]),
+                "values": {key: spec["optimizer"][key] for key in grid},
+                "val_acc": metrics.get("val_acc"),
+                "diverged": bool(metrics.get("diverged")),
+                "run": spec["name"],
+                "run_hash": spec["run_hash"],
+                "iterations": spec["schedule"]["iterations"],
+            }
+        )
     return rows
 
 
@@ -81,8 +87,11 @@ def select(rows: list[dict]) -> dict:
         by_cell.setdefault(row["cell"], []).append(row)
     chosen = {}
     for cell, cell_rows in by_cell.items():
-        finished = [r for r in cell_rows if not r["diverged"] and r["val_acc"] is not None
-                    and math.isfinite(r["val_acc"])]
+        finished = [
+            r
+            for r in cell_rows
+            if not r["diverged"] and r["val_acc"] is not None and math.isfinite(r["val_acc"])
+        ]
         if not finished:
             chosen[cell] = None
             continue
@@ -103,45 +112,66 @@ def write_outputs(params: dict, rows: list[dict], selection: dict) -> None:
     tree: dict = {}
     for (ds, arch, opt), values in sorted(selection.items()):
         tree.setdefault(ds, {}).setdefault(arch, {})[opt] = values
-    header = ("# Hyperparameters chosen by the tune stage on validation accuracy "
-              f"(tune.budget {params['tune']['budget']}, {params['tune']['validation_size']} "
-              "held-out images); every point: tuning.csv\n")
+    header = (
+        "# Hyperparameters chosen by the tune stage on validation accuracy "
+        f"(tune.budget {params['tune']['budget']}, {params['tune']['validation_size']} "
+        "held-out images); every point: tuning.csv\n"
+    )
     keys = sorted({k for r in rows for k in r["values"]}, key=lambda k: (k != "lr", k))
     points = io.StringIO()
-    writer = csv.DictWriter(points, fieldnames=[*CELL_COLUMNS, *keys, *POINT_COLUMNS],
-                            restval="")
+    writer = csv.DictWriter(points, fieldnames=[*CELL_COLUMNS, *keys, *POINT_COLUMNS], restval="")
     writer.writeheader()
     for r in rows:
-        writer.writerow({"dataset": r["cell"][0], "arch": r["cell"][1],
-                         "optimizer": r["cell"][2],
-                         **{k: _csv_value(v) for k, v in r["values"].items()},
-                         "val_acc": r["val_acc"], "diverged": r["diverged"],
-                         "chosen": selection.get(r["cell"]) == r["values"],
-                         "iterations": r["iterations"], "run": r["run"],
-                         "run_hash": r["run_hash"]})
+        writer.writerow(
+            {
+                "dataset": r["cell"][0],
+                "arch": r["cell"][1],
+                "optimizer": r["cell"][2],
+                **{k: _csv_value(v) for k, v in r["values"].items()},
+                "val_acc": r["val_acc"],
+                "diverged": r["diverged"],
+                "chosen": selection.get(r["cell"]) == r["values"],
+                "iterations": r["iterations"],
+                "run": r["run"],
+                "run_hash": r["run_hash"],
+            }
+        )
     # The points first: a choice is current only with them (`load_selection`), so a stage
     # stopped between the two writes leaves a choice that reads as stale, never one that
     # reads as made on points it was not made on.
     atomic_write(POINTS, points.getvalue())
     atomic_write(SELECTED, header + yaml.safe_dump(tree, sort_keys=True))
-    md = ["# Tuning: validation accuracy of every grid point", "",
-          f"Each point trained {params['tune']['budget']:g} of the iterations on the training "
-          f"split minus {params['tune']['validation_size']} held-out validation images "
-          f"(seed {params['tune']['seed']}); the test set was not evaluated. Chosen: the best "
-          "validation accuracy (ties: the smaller values); a diverged point is never chosen.",
-          "", "| dataset | arch | optimizer | values | val acc | |", "|---|---|---|---|---|---|"]
+    md = [
+        "# Tuning: validation accuracy of every grid point",
+        "",
+        f"Each point trained {params['tune']['budget']:g} of the iterations on the training "
+        f"split minus {params['tune']['validation_size']} held-out validation images "
+        f"(seed {params['tune']['seed']}); the test set was not evaluated. Chosen: the best "
+        "validation accuracy (ties: the smaller values); a diverged point is never chosen.",
+        "",
+        "| dataset | arch | optimizer | values | val acc | |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        mark = ("chosen" if selection.get(r["cell"]) == r["values"] else
-                "diverged" if r["diverged"] else "")
+        mark = (
+            "chosen"
+            if selection.get(r["cell"]) == r["values"]
+            else "diverged"
+            if r["diverged"]
+            else ""
+        )
         acc = "–" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
-        md.append(f"| {r['cell'][0]} | {r['cell'][1]} | {r['cell'][2]} | "
-                  f"{_values_text(r['values'])} | {acc} | {mark} |")
+        md.append(
+            f"| {r['cell'][0]} | {r['cell'][1]} | {r['cell'][2]} | "
+            f"{_values_text(r['values'])} | {acc} | {mark} |"
+        )
     atomic_write(TUNING_DIR / "tuning.md", "\n".join(md) + "\n")
 
 
 def _csv_value(value):
-    return "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, list) \
-        else f"{value:g}"
+    return (
+        "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, list) else f"{value:g}"
+    )
 
 
 def _values_text(values: dict) -> str:

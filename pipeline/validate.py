@@ -13,11 +13,15 @@ def add_arguments(parser):
 def run(args) -> int:
     params = load_params(args.params, args.set)
     planned = plan(params, PINNED)
-    print(f"params OK (preset: {params.get('preset') or 'none'}): "
-          f"{len(planned.tuning)} tuning runs, {len(planned.final)} runs in the grid")
+    print(
+        f"params OK (preset: {params.get('preset') or 'none'}): "
+        f"{len(planned.tuning)} tuning runs, {len(planned.final)} runs in the grid"
+    )
     for spec in planned.tuning + planned.final:
         print(f"  {spec['name']}")
     if planned.undecided:
-        print(f"({len(planned.undecided)} tuned cells are listed with their pinned values "
-              "until the tune stage has chosen theirs)")
+        print(
+            f"({len(planned.undecided)} tuned cells are listed with their pinned values "
+            "until the tune stage has chosen theirs)"
+        )
     return 0

@@ -16,6 +16,7 @@ def data_root(tmp_path_factory):
     """`<root>/prepared/{cifar100,tinyimagenet}` from the synthetic source, 256 train and
     64 test images each (prepared once per session)."""
     from vsgd.data import prepare
+
     root = tmp_path_factory.mktemp("data")
     for dataset in ("cifar100", "tinyimagenet"):
         prepare(dataset, "synthetic", root, synthetic_sizes=SYNTHETIC_SIZES)
@@ -25,8 +26,10 @@ def data_root(tmp_path_factory):
 def _pip(*args):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True,
-                          text=True, timeout=300)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -41,13 +44,15 @@ def project_wheel(tmp_path_factory):
     import shutil
 
     from pipeline import image
+
     src = tmp_path_factory.mktemp("build") / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     for name in image.PACKAGES:
-        shutil.copytree(ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     out = tmp_path_factory.mktemp("wheel")
     _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src))
     [wheel] = out.glob("vsgd_repro-*.whl")
@@ -73,43 +78,76 @@ def place_prepared(data_root):
     import shutil
 
     import yaml
+
     ci = yaml.safe_load((ROOT / "params.yaml").read_text())["presets"]["ci"]["data"]
-    assert ci == {"source": "synthetic", "synthetic_sizes": SYNTHETIC_SIZES}, \
+    assert ci == {"source": "synthetic", "synthetic_sizes": SYNTHETIC_SIZES}, (
         f"the ci preset's data is not data_root's: {ci}"
+    )
 
     def place(root, *datasets):
         for dataset in datasets or ("cifar100", "tinyimagenet"):
-            shutil.copytree(Path(data_root) / "prepared" / dataset,
-                            Path(root) / "prepared" / dataset)
+            shutil.copytree(
+                Path(data_root) / "prepared" / dataset, Path(root) / "prepared" / dataset
+            )
+
     return place
 
 
-def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", optimizer=None,
-             iterations=4, batch_size=8, seed=0, tracking_uri=None, **training) -> dict:
+def run_spec(
+    data_root,
+    out,
+    *,
+    dataset="cifar100",
+    arch="convmixer_256_8",
+    optimizer=None,
+    iterations=4,
+    batch_size=8,
+    seed=0,
+    tracking_uri=None,
+    **training,
+) -> dict:
     """A complete, valid run spec on the prepared synthetic data, writing under `out`.
     Tracking is off unless `tracking_uri` is given; `training` overrides training keys."""
     import json
 
     from vsgd.spec import run_hash
+
     data_dir = Path(data_root) / "prepared" / dataset
     manifest = json.loads((data_dir / "manifest.json").read_text())
     spec = {
         "dataset": dataset,
-        "arch_key": {"vgg16": "vgg", "vgg19": "vgg", "convmixer_256_8": "convmixer",
-                     "resnext18": "resnext"}[arch],
+        "arch_key": {
+            "vgg16": "vgg",
+            "vgg19": "vgg",
+            "convmixer_256_8": "convmixer",
+            "resnext18": "resnext",
+        }[arch],
         "arch": arch,
-        "data": {"dir": str(data_dir), "checksum": manifest["checksum"],
-                 "source": "synthetic", "uri": None},
-        "optimizer": copy.deepcopy(optimizer) or {"name": "sgd", "lr": 0.05, "momentum": 0.9,
-                                                  "weight_decay": 0.0},
-        "schedule": {"iterations": iterations, "step_size": max(1, iterations // 2),
-                     "gamma": 0.5},
+        "data": {
+            "dir": str(data_dir),
+            "checksum": manifest["checksum"],
+            "source": "synthetic",
+            "uri": None,
+        },
+        "optimizer": copy.deepcopy(optimizer)
+        or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+        "schedule": {"iterations": iterations, "step_size": max(1, iterations // 2), "gamma": 0.5},
         "batch_size": batch_size,
         "seed": seed,
-        "training": {"eval_every": iterations, "checkpoint_every": iterations, "log_every": 1,
-                     "validation_size": 0, "precision": "fp32", "compile": False,
-                     "channels_last": "auto", "device": "cpu", "eval_batch_size": 32,
-                     "test_limit": 16, "beta1_every": 2, **training},
+        "training": {
+            "eval_every": iterations,
+            "checkpoint_every": iterations,
+            "log_every": 1,
+            "validation_size": 0,
+            "precision": "fp32",
+            "compile": False,
+            "channels_last": "auto",
+            "device": "cpu",
+            "eval_batch_size": 32,
+            "test_limit": 16,
+            "beta1_every": 2,
+            **training,
+        },
         "tracking": {"uri": tracking_uri, "experiment": "test"},
     }
     spec["run_hash"] = run_hash(spec)
@@ -119,12 +157,24 @@ def run_spec(data_root, out, *, dataset="cifar100", arch="convmixer_256_8", opti
     return spec
 
 
+def untimed(metrics: dict) -> dict:
+    """A run's metrics without what differs between two runs of one spec (wall-clock figures,
+    the MLflow run): everything else must be equal."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")
+    }
+
+
 def crash_at(step: int):
     """A `progress` callback that raises RuntimeError("boom") at `step`: a run that dies
     mid-training, after its last checkpoint."""
+
     def progress(at, total, info):
         if at == step:
             raise RuntimeError("boom")
+
     return progress
 
 
@@ -132,6 +182,7 @@ def fake_prepared(root) -> None:
     """`<root>/prepared/<dataset>/manifest.json` with a made-up checksum per dataset: enough
     for building specs (their hashes read the checksum), not for training."""
     import json
+
     for ds in ("cifar100", "tinyimagenet"):
         d = Path(root) / "prepared" / ds
         d.mkdir(parents=True)
@@ -143,6 +194,7 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served through it);
     yields its http:// URI."""
     from pipeline import services
+
     service, proc = services.start_mlflow(tmp_path_factory.mktemp("mlflow-server"))
     try:
         yield service.url
@@ -156,9 +208,12 @@ KUBE_SPEED = 10
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "real_time: the `kube` fixture keeps real time (its "
-                                       "executor runs in a subprocess, or real waits are what "
-                                       "the test is about)")
+    config.addinivalue_line(
+        "markers",
+        "real_time: the `kube` fixture keeps real time (its "
+        "executor runs in a subprocess, or real waits are what "
+        "the test is about)",
+    )
 
 
 @pytest.fixture
@@ -169,13 +224,14 @@ def kube(tmp_path, monkeypatch, request):
     `real_time`."""
     import yaml
     from fake_k8s import REAL_TIME, FakeKube, ScaledClock
+
     real = request.node.get_closest_marker("real_time") is not None
     fake = FakeKube(clock=REAL_TIME if real else ScaledClock(KUBE_SPEED))
     url = fake.start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(fake.kubeconfig(url)))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.chdir(tmp_path)   # specs' output_dirs are relative: results land here
+    monkeypatch.chdir(tmp_path)  # specs' output_dirs are relative: results land here
     yield fake
     fake.stop()
 
@@ -185,8 +241,8 @@ def store(tmp_path):
     """A local stand-in for `<storage.remote>/results/<run_hash>/`, filled the way a pod
     uploads its results; `fetch` copies them into the run's output_dir as the storage
     layer's fetch_result does."""
-    import json
     import shutil
+
     root = tmp_path / "store"
 
     def publish(spec, test_acc=0.5):
@@ -213,18 +269,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def write_result(directory, spec: dict | None = None, *, test_acc=0.5, val_acc=None,
-                 diverged=None, beta1=None, curve_steps=None, **settings) -> dict:
+def write_result(
+    directory,
+    spec: dict | None = None,
+    *,
+    test_acc=0.5,
+    val_acc=None,
+    diverged=None,
+    beta1=None,
+    curve_steps=None,
+    **settings,
+) -> dict:
     """A complete, well-formed finished result in `directory`, as the trainer writes one
     (`vsgd.outputs.check_result` finds nothing wrong with it): config.json (`spec`, or one
     built from `settings`: name, dataset, arch, arch_key, optimizer, lr, seed, iterations),
     curve.csv at `curve_steps` (default: half way and the end), rising linearly to
-    `test_acc`, beta1.csv for VSGD (`beta1` rows, else one at the end), metrics.json last. `diverged` ({step, stopped_at}) makes it a
-    diverged run whose last finite evaluation had `test_acc`. Returns the metrics."""
+    `test_acc`, beta1.csv for VSGD (`beta1` rows, else one at the end), metrics.json last.
+    `diverged` ({step, stopped_at}) makes it a diverged run whose last finite evaluation had
+    `test_acc`. Returns the metrics."""
     import json
 
     from vsgd.outputs import BETA1_COLUMNS, CURVE_COLUMNS
     from vsgd.spec import run_hash
+
     if spec is None:
         spec = _result_spec(**settings)
     directory = Path(directory)
@@ -234,45 +301,88 @@ def write_result(directory, spec: dict | None = None, *, test_acc=0.5, val_acc=N
     eval_test = spec.get("training", {}).get("eval_test", True)
     steps_done = diverged["stopped_at"] if diverged else iterations
     last_step = (diverged["step"] - 1) if diverged else iterations
-    steps = curve_steps or (sorted({max(0, last_step // 2), last_step}) if last_step > 0
-                            else [])
-    curve = [{"step": s, "test_acc": (test_acc if s == last_step else test_acc * s / last_step)
-              if eval_test else None,
-              "test_loss": 1.0 if eval_test else None, "val_acc": val_acc,
-              "train_loss": 0.5, "train_acc": 0.9, "lr": lr} for s in steps]
+    steps = curve_steps or (sorted({max(0, last_step // 2), last_step}) if last_step > 0 else [])
+    curve = [
+        {
+            "step": s,
+            "test_acc": (test_acc if s == last_step else test_acc * s / last_step)
+            if eval_test
+            else None,
+            "test_loss": 1.0 if eval_test else None,
+            "val_acc": val_acc,
+            "train_loss": 0.5,
+            "train_acc": 0.9,
+            "lr": lr,
+        }
+        for s in steps
+    ]
     lines = [",".join(CURVE_COLUMNS)] + [
-        ",".join("" if r[c] is None else repr(r[c]) for c in CURVE_COLUMNS) for r in curve]
+        ",".join("" if r[c] is None else repr(r[c]) for c in CURVE_COLUMNS) for r in curve
+    ]
     (directory / "curve.csv").write_text("\n".join(lines) + "\n")
     if spec["optimizer"]["name"] == "vsgd":
         rows = [[steps_done, 0.6, 0.3, 0.5, 0.6, 0.7, 0.8]] if beta1 is None else beta1
-        (directory / "beta1.csv").write_text("\n".join(
-            [",".join(BETA1_COLUMNS)] + [",".join(str(v) for v in r) for r in rows]) + "\n")
+        (directory / "beta1.csv").write_text(
+            "\n".join([",".join(BETA1_COLUMNS)] + [",".join(str(v) for v in r) for r in rows])
+            + "\n"
+        )
     (directory / "config.json").write_text(json.dumps(spec, indent=2))
     assert run_hash(spec) == spec["run_hash"]
     last = curve[-1] if curve else {}
     metrics = {
-        "name": spec["name"], "run_hash": spec["run_hash"], "dataset": spec["dataset"],
-        "arch": spec["arch"], "arch_key": spec["arch_key"],
-        "optimizer": spec["optimizer"]["name"], "lr": lr, "seed": spec["seed"],
-        "iterations": iterations, "steps_done": steps_done, "diverged": diverged,
-        **{k: last.get(k) for k in ("test_acc", "test_loss", "train_loss", "train_acc",
-                                    "val_acc")},
+        "name": spec["name"],
+        "run_hash": spec["run_hash"],
+        "dataset": spec["dataset"],
+        "arch": spec["arch"],
+        "arch_key": spec["arch_key"],
+        "optimizer": spec["optimizer"]["name"],
+        "lr": lr,
+        "seed": spec["seed"],
+        "iterations": iterations,
+        "steps_done": steps_done,
+        "diverged": diverged,
+        **{k: last.get(k) for k in ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc")},
         "seconds_per_iter": settings.get("seconds_per_iter", 0.25),
-        "images_per_sec": 1024.0, "device": "cpu", "device_name": "Test CPU",
-        "mlflow_run_id": None}
+        "images_per_sec": 1024.0,
+        "device": "cpu",
+        "device_name": "Test CPU",
+        "mlflow_run_id": None,
+    }
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _result_spec(*, name, dataset="cifar100", arch="vgg16", arch_key="vgg", optimizer="sgd",
-                 lr=0.1, seed=0, iterations=30000, **_ignored) -> dict:
+def _result_spec(
+    *,
+    name,
+    dataset="cifar100",
+    arch="vgg16",
+    arch_key="vgg",
+    optimizer="sgd",
+    lr=0.1,
+    seed=0,
+    iterations=30000,
+    **_ignored,
+) -> dict:
     from vsgd.spec import run_hash
-    spec = {"name": name, "dataset": dataset, "arch_key": arch_key, "arch": arch,
-            "data": {"dir": f"data/prepared/{dataset}", "checksum": f"sum-{dataset}",
-                     "source": "synthetic", "uri": None},
-            "optimizer": {"name": optimizer, "lr": float(lr)},
-            "schedule": {"iterations": iterations, "step_size": max(1, iterations // 3),
-                         "gamma": 0.5},
-            "batch_size": 8, "seed": seed, "training": {}, "output_dir": f"out/{name}"}
+
+    spec = {
+        "name": name,
+        "dataset": dataset,
+        "arch_key": arch_key,
+        "arch": arch,
+        "data": {
+            "dir": f"data/prepared/{dataset}",
+            "checksum": f"sum-{dataset}",
+            "source": "synthetic",
+            "uri": None,
+        },
+        "optimizer": {"name": optimizer, "lr": float(lr)},
+        "schedule": {"iterations": iterations, "step_size": max(1, iterations // 3), "gamma": 0.5},
+        "batch_size": 8,
+        "seed": seed,
+        "training": {},
+        "output_dir": f"out/{name}",
+    }
     spec["run_hash"] = run_hash(spec)
     return spec

@@ -20,13 +20,35 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 
 
-def fake_run(runs_dir, dataset, arch_key, arch, opt, seed, test_acc, lr=0.1, val_acc=None,
-             iterations=30000, diverged=None):
+def fake_run(
+    runs_dir,
+    dataset,
+    arch_key,
+    arch,
+    opt,
+    seed,
+    test_acc,
+    lr=0.1,
+    val_acc=None,
+    iterations=30000,
+    diverged=None,
+):
     name = f"{dataset}-{arch}-{opt}-lr{lr}-s{seed}"
-    write_result(runs_dir / name, name=name, dataset=dataset, arch=arch, arch_key=arch_key,
-                 optimizer=opt, lr=lr, seed=seed, iterations=iterations, test_acc=test_acc,
-                 val_acc=val_acc, diverged=diverged,
-                 curve_steps=None if diverged else (0, iterations // 2, iterations))
+    write_result(
+        runs_dir / name,
+        name=name,
+        dataset=dataset,
+        arch=arch,
+        arch_key=arch_key,
+        optimizer=opt,
+        lr=lr,
+        seed=seed,
+        iterations=iterations,
+        test_acc=test_acc,
+        val_acc=val_acc,
+        diverged=diverged,
+        curve_steps=None if diverged else (0, iterations // 2, iterations),
+    )
 
 
 @pytest.fixture
@@ -43,8 +65,16 @@ def results(tmp_path):
             if (arch_key, opt) == ("convmixer", "vsgd"):
                 # A third seed diverged: counted, marked, not averaged (its last finite
                 # accuracy would otherwise pull the mean down).
-                fake_run(runs, "cifar100", arch_key, arch, opt, 2, 0.01,
-                         diverged={"step": 1234, "stopped_at": 1250})
+                fake_run(
+                    runs,
+                    "cifar100",
+                    arch_key,
+                    arch,
+                    opt,
+                    2,
+                    0.01,
+                    diverged={"step": 1234, "stopped_at": 1250},
+                )
                 for seed in (0, 1):
                     fake_run(runs, "cifar100", arch_key, arch, opt, seed, 0.69 + seed / 100)
                 continue
@@ -54,19 +84,27 @@ def results(tmp_path):
 
 
 def run_aggregate(results, extra=()):
-    args = argparse.Namespace(params=str(PARAMS), set=["datasets=[cifar100]", *extra],
-                              results=str(results), no_mlflow=True)
+    args = argparse.Namespace(
+        params=str(PARAMS),
+        set=["datasets=[cifar100]", *extra],
+        results=str(results),
+        no_mlflow=True,
+    )
     assert aggregate.run(args) == 0
 
 
 def test_table1_every_cell_best_bold_paper_delta_and_claim(results):
     run_aggregate(results)
     md = (results / "tables" / "table1.md").read_text()
-    assert "| CIFAR-100 | VGG16-bn | 0.685 ± 0.007 (n=2) | 0.645 ± 0.007 (n=2) | " \
-           "0.665 ± 0.007 (n=2) | **0.705 ± 0.007** (n=2) |" in md
+    assert (
+        "| CIFAR-100 | VGG16-bn | 0.685 ± 0.007 (n=2) | 0.645 ± 0.007 (n=2) | "
+        "0.665 ± 0.007 (n=2) | **0.705 ± 0.007** (n=2) |" in md
+    )
     assert "| CIFAR-100 | ResNeXt-18 | 0.685 ± 0.007 (n=2) | – |" in md
-    assert "| CIFAR-100 | ConvMixer-256/8 | 0.685 ± 0.007 (n=2) | 0.645 ± 0.007 (n=2) | " \
-           "0.665 ± 0.007 (n=2) | **0.695 ± 0.007** (n=2, 1 diverged) |" in md
+    assert (
+        "| CIFAR-100 | ConvMixer-256/8 | 0.685 ± 0.007 (n=2) | 0.645 ± 0.007 (n=2) | "
+        "0.665 ± 0.007 (n=2) | **0.695 ± 0.007** (n=2, 1 diverged) |" in md
+    )
     assert "| CIFAR-100 | VGG16-bn | VSGD | 0.705 | 0.701 ± 0.003 | +0.004 |" in md
     assert "| CIFAR-100 | VGG16-bn | Adam | 0.645 | – | – |" in md
     assert "| CIFAR-100 | ResNeXt-18 | SGD | 0.685 | 0.685 ± 0.003 | +0.000 |" in md
@@ -103,25 +141,32 @@ def test_sensitivity_figure_from_the_tuning_table(results):
     rows = ["dataset,arch,optimizer,lr,val_acc,diverged,chosen,iterations,run"]
     for opt, accs in (("sgd", (0.3, 0.5, 0.4)), ("vsgd", (0.35, 0.55, None))):
         for lr, acc in zip((0.01, 0.1, 1.0), accs):
-            rows.append(f"cifar100,vgg,{opt},{lr},{'' if acc is None else acc},"
-                        f"{acc is None},{acc == 0.55 or (opt == 'sgd' and acc == 0.5)},6000,r")
+            rows.append(
+                f"cifar100,vgg,{opt},{lr},{'' if acc is None else acc},"
+                f"{acc is None},{acc == 0.55 or (opt == 'sgd' and acc == 0.5)},6000,r"
+            )
     (tuning / "tuning.csv").write_text("\n".join(rows) + "\n")
     run_aggregate(results)
     from PIL import Image
+
     for ext in ("png", "svg"):
         assert (results / "figures" / f"sensitivity.{ext}").stat().st_size > 10_000
     image = Image.open(results / "figures" / "sensitivity.png").convert("RGB")
     colors = image.getcolors(1 << 20)
     # Both cells' lines are drawn (SGD green, VSGD blue in the project's styles).
-    assert any(c[1] == (44, 160, 44) for c in colors) and any(c[1] == (31, 119, 180)
-                                                              for c in colors)
+    assert any(c[1] == (44, 160, 44) for c in colors) and any(
+        c[1] == (31, 119, 180) for c in colors
+    )
 
 
 def test_summary_counts_the_claim(results):
     run_aggregate(results)
     summary = json.loads((results / "summary.json").read_text())
     assert summary["test_acc"]["cifar100"]["vgg"]["vsgd"] == {
-        "test_acc": 0.705, "n": 2, "delta_to_paper": 0.004}
+        "test_acc": 0.705,
+        "n": 2,
+        "delta_to_paper": 0.004,
+    }
     assert summary["test_acc"]["cifar100"]["resnext"]["adam"] == {"test_acc": None, "n": 0}
     assert summary["claim"] == {"holds": 2, "rows": 2}
 
@@ -129,8 +174,10 @@ def test_summary_counts_the_claim(results):
 def test_table2_figure_and_curves(results):
     run_aggregate(results)
     md = (results / "tables" / "table2.md").read_text()
-    assert "| CIFAR-100 | VGG16-bn | 256 | 0.2500 (1024) | 0.2500 (1024) | 0.2500 (1024) | " \
-           "0.2500 (1024) | Test CPU |" in md
+    assert (
+        "| CIFAR-100 | VGG16-bn | 256 | 0.2500 (1024) | 0.2500 (1024) | 0.2500 (1024) | "
+        "0.2500 (1024) | Test CPU |" in md
+    )
     assert "RTX 2080 Ti" in md
     for ext in ("png", "svg"):
         assert (results / "figures" / f"test_acc.{ext}").stat().st_size > 10_000
@@ -143,13 +190,17 @@ def test_table2_figure_and_curves(results):
 
 def test_mlflow_export(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("vsgd-repro")
     for i in range(3):
-        run = client.create_run(exp, run_name=f"run{i}", tags={
-            "optimizer": "vsgd", "mlflow.source.git.commit": "abc123", "mlflow.user": "me"})
+        run = client.create_run(
+            exp,
+            run_name=f"run{i}",
+            tags={"optimizer": "vsgd", "mlflow.source.git.commit": "abc123", "mlflow.user": "me"},
+        )
         client.log_param(run.info.run_id, "lr", 0.1)
         client.log_metric(run.info.run_id, "test_acc", 0.5 + i / 10, step=10)
         client.set_terminated(run.info.run_id)
@@ -177,13 +228,28 @@ def aggregate_cli(results, tmp_path, uri, **env):
     import os
     import subprocess
     import sys
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
     child_env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **env)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", "aggregate", "--params", str(PARAMS),
-         "--set", "datasets=[cifar100]", "--results", str(results)],
-        cwd=tmp_path, env=child_env, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "aggregate",
+            "--params",
+            str(PARAMS),
+            "--set",
+            "datasets=[cifar100]",
+            "--results",
+            str(results),
+        ],
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def assert_tables_and_figure(results):
@@ -198,6 +264,7 @@ def assert_tables_and_figure(results):
 @pytest.mark.timeout(90)
 def test_aggregate_writes_tables_when_mlflow_is_unreachable(results, tmp_path):
     from pipeline.services import free_port
+
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = aggregate_cli(results, tmp_path, uri)
     assert out.returncode == 0, out.stderr
@@ -216,16 +283,22 @@ def test_aggregate_writes_tables_when_mlflow_is_unreachable(results, tmp_path):
     assert summary["claim"] == {"holds": 2, "rows": 2}  # the rest of the summary is there
     # Written with what was fetched: here nothing, so the header only.
     assert (results / "mlflow_runs.csv").read_text().splitlines() == [
-        "run_id,run_name,status,start_time,end_time"]
+        "run_id,run_name,status,start_time,end_time"
+    ]
 
 
 @pytest.mark.timeout(90)
 def test_credential_in_tracking_uri_is_not_shown(results, tmp_path):
     from pipeline.services import free_port
+
     port = free_port()
     # One attempt only, whatever the code bounds: this test is about what is printed.
-    out = aggregate_cli(results, tmp_path, f"http://user:secret@127.0.0.1:{port}",
-                        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    out = aggregate_cli(
+        results,
+        tmp_path,
+        f"http://user:secret@127.0.0.1:{port}",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    )
     summary_text = (results / "summary.json").read_text()
     for text in (out.stdout, out.stderr, summary_text):
         assert "secret" not in text
@@ -234,13 +307,15 @@ def test_credential_in_tracking_uri_is_not_shown(results, tmp_path):
     assert json.loads(summary_text)["mlflow_export"]["uri"] == f"http://***@127.0.0.1:{port}"
 
 
-def test_summary_marks_mlflow_export_complete_with_run_count(results, tmp_path, monkeypatch,
-                                                             capsys):
+def test_summary_marks_mlflow_export_complete_with_run_count(
+    results, tmp_path, monkeypatch, capsys
+):
     import os
 
     from mlflow.tracking import MlflowClient
 
     from pipeline.__main__ import main
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("vsgd-repro")
@@ -250,8 +325,20 @@ def test_summary_marks_mlflow_export_complete_with_run_count(results, tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]:
         monkeypatch.delenv(key)
-    assert main(["aggregate", "--params", str(PARAMS), "--set", "datasets=[cifar100]",
-                 "--results", str(results)]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                "--params",
+                str(PARAMS),
+                "--set",
+                "datasets=[cifar100]",
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((results / "summary.json").read_text())
     assert summary["mlflow_export"] == {"complete": True, "runs": 2}
     assert len(list(csv.DictReader((results / "mlflow_runs.csv").open()))) == 2
@@ -271,8 +358,11 @@ def test_no_mlflow_records_the_export_as_skipped(results):
 def test_every_aggregate_argument_has_help():
     parser = argparse.ArgumentParser()
     aggregate.add_arguments(parser)
-    options = {a.option_strings[0]: a.help for a in parser._actions
-               if a.option_strings and a.dest != "help"}
+    options = {
+        a.option_strings[0]: a.help
+        for a in parser._actions
+        if a.option_strings and a.dest != "help"
+    }
     assert set(options) == {"--params", "--set", "--results", "--no-mlflow"}
     assert all(options.values()), options
 
@@ -287,44 +377,85 @@ def plant_timing(results, skip=()):
     """What the timing stage writes, for CIFAR-100's three architectures: SGD's step takes
     0.1 s (VGG16), 0.2 s (ConvMixer), 0.4 s (ResNeXt-18) on one GPU."""
     from pipeline import timing_results
+
     sgd = {"vgg": 0.1, "convmixer": 0.2, "resnext": 0.4}
     models = {"vgg": "vgg16", "convmixer": "convmixer_256_8", "resnext": "resnext18"}
     batch = {"vgg": 256, "convmixer": 256, "resnext": 128}
-    rows = [{"dataset": "cifar100", "arch": arch, "model": models[arch], "optimizer": opt,
-             "batch_size": batch[arch], "seconds_per_step": sgd[arch] * ratio,
-             "images_per_sec": batch[arch] / (sgd[arch] * ratio), "ratio_to_sgd": ratio,
-             "rounds": 3, "steps": 50, "warmup": 10, "device": "cuda:0",
-             "device_name": "Timing GPU", "precision": "fp32", "torch_version": "9.9",
-             "round_seconds": [sgd[arch] * ratio] * 3}
-            for arch in sgd for opt, ratio in TIMED.items() if (arch, opt) not in skip]
-    timing_results.write({"device": "cuda:0", "device_name": "Timing GPU", "precision": "fp32",
-                  "torch_version": "9.9", "steps": 50, "warmup": 10, "rounds": 3,
-                  "rows": rows}, results / "timing")
+    rows = [
+        {
+            "dataset": "cifar100",
+            "arch": arch,
+            "model": models[arch],
+            "optimizer": opt,
+            "batch_size": batch[arch],
+            "seconds_per_step": sgd[arch] * ratio,
+            "images_per_sec": batch[arch] / (sgd[arch] * ratio),
+            "ratio_to_sgd": ratio,
+            "rounds": 3,
+            "steps": 50,
+            "warmup": 10,
+            "device": "cuda:0",
+            "device_name": "Timing GPU",
+            "precision": "fp32",
+            "torch_version": "9.9",
+            "round_seconds": [sgd[arch] * ratio] * 3,
+        }
+        for arch in sgd
+        for opt, ratio in TIMED.items()
+        if (arch, opt) not in skip
+    ]
+    timing_results.write(
+        {
+            "device": "cuda:0",
+            "device_name": "Timing GPU",
+            "precision": "fp32",
+            "torch_version": "9.9",
+            "steps": 50,
+            "warmup": 10,
+            "rounds": 3,
+            "rows": rows,
+        },
+        results / "timing",
+    )
 
 
 def test_table2_shows_timing_ratios_first_then_seconds_then_the_runs(results):
     plant_timing(results, skip={("resnext", "adam")})
     run_aggregate(results)
     md = (results / "tables" / "table2.md").read_text()
-    a, b, c = (md.index(h) for h in ("## (a) Relative to SGD", "## (b) Seconds per step",
-                                     "## (c) Seconds per iteration of the grid's runs"))
+    a, b, c = (
+        md.index(h)
+        for h in (
+            "## (a) Relative to SGD",
+            "## (b) Seconds per step",
+            "## (c) Seconds per iteration of the grid's runs",
+        )
+    )
     assert a < b < c
     assert "| CIFAR-100 | VGG16-bn | 256 | 1.00 | 1.10 | 1.12 | 1.25 |" in md[a:b]
     assert "| CIFAR-100 | ResNeXt-18 | 128 | 1.00 | – | 1.12 | 1.25 |" in md[a:b]
-    assert "| CIFAR-100 | VGG16-bn | 256 | 0.1000 (2560) | 0.1100 (2327) | 0.1120 (2286) | " \
-           "0.1250 (2048) | Timing GPU |" in md[b:c]
-    assert "| CIFAR-100 | VGG16-bn | 256 | 0.2500 (1024) | 0.2500 (1024) | 0.2500 (1024) | " \
-           "0.2500 (1024) | Test CPU |" in md[c:]
+    assert (
+        "| CIFAR-100 | VGG16-bn | 256 | 0.1000 (2560) | 0.1100 (2327) | 0.1120 (2286) | "
+        "0.1250 (2048) | Timing GPU |" in md[b:c]
+    )
+    assert (
+        "| CIFAR-100 | VGG16-bn | 256 | 0.2500 (1024) | 0.2500 (1024) | 0.2500 (1024) | "
+        "0.2500 (1024) | Test CPU |" in md[c:]
+    )
     caption = md[:a]
     assert "RTX 2080 Ti" in caption and "precision fp32" in caption
-    assert "on Timing GPU (cuda:0)" in md[a:b] and "3 round(s) of 50 timed steps after 10 " \
-           "warm-up steps" in md[a:b]
+    assert (
+        "on Timing GPU (cuda:0)" in md[a:b]
+        and "3 round(s) of 50 timed steps after 10 warm-up steps" in md[a:b]
+    )
     tex = (results / "tables" / "table2.tex").read_text()
     assert tex.count(r"\begin{tabular}") == 3 and "RTX 2080 Ti" in tex
     assert tex.index("% (a) relative to SGD") < tex.index("% (b)") < tex.index("% (c)")
     assert r"CIFAR-100 & VGG16-bn & 256 & 1.00 & 1.10 & 1.12 & 1.25 \\" in tex
-    rows = {(r["arch"], r["optimizer"]): r
-            for r in csv.DictReader((results / "tables" / "table2.csv").open())}
+    rows = {
+        (r["arch"], r["optimizer"]): r
+        for r in csv.DictReader((results / "tables" / "table2.csv").open())
+    }
     assert len(rows) == 12
     vsgd = rows[("vgg", "vsgd")]
     assert float(vsgd["ratio_to_sgd"]) == 1.25 and float(vsgd["seconds_per_iter"]) == 0.25
@@ -341,8 +472,9 @@ def test_table2_without_a_timing_measurement_says_so(results):
     assert "## (b)" not in md
     assert md.count("| CIFAR-100 | VGG16-bn |") == 1  # the runs' own table only
     assert "no timing measurement" in (results / "tables" / "table2.tex").read_text()
-    assert all(r["ratio_to_sgd"] == "" for r in
-               csv.DictReader((results / "tables" / "table2.csv").open()))
+    assert all(
+        r["ratio_to_sgd"] == "" for r in csv.DictReader((results / "tables" / "table2.csv").open())
+    )
 
 
 def plant_beta1(results, pattern, median):
@@ -362,6 +494,7 @@ def blue_pixels(png):
     and its 25-75% band (the lighter 10-90% band is too pale to count)."""
     import numpy as np
     from PIL import Image
+
     with Image.open(png) as im:
         rgb = np.asarray(im.convert("RGB")).astype(int)
     blue = rgb[..., 2] - rgb[..., 0]  # blue well above red: the line and its bands
@@ -376,9 +509,17 @@ def test_beta1_figure_and_curves_from_the_runs_beta1_csv(results):
     for run in (results / "runs").glob("*-vsgd-*"):
         m = json.loads((run / "metrics.json").read_text())
         run.rename(waiting / run.name)
-        write_result(run, name=run.name, arch=m["arch"], arch_key=m["arch_key"],
-                     optimizer="vsgd", lr=m["lr"], seed=m["seed"], beta1=[],
-                     diverged={"step": 1, "stopped_at": 50})
+        write_result(
+            run,
+            name=run.name,
+            arch=m["arch"],
+            arch_key=m["arch_key"],
+            optimizer="vsgd",
+            lr=m["lr"],
+            seed=m["seed"],
+            beta1=[],
+            diverged={"step": 1, "stopped_at": 50},
+        )
     run_aggregate(results)
     figure = results / "figures" / "beta1.png"
     assert figure.stat().st_size > 10_000 and (results / "figures" / "beta1.svg").is_file()
@@ -389,8 +530,9 @@ def test_beta1_figure_and_curves_from_the_runs_beta1_csv(results):
     for run in waiting.iterdir():
         shutil.rmtree(results / "runs" / run.name)
         run.rename(results / "runs" / run.name)
-    plant_beta1(results, "cifar100-vgg16-vsgd-*", lambda seed, step: 0.4 + 0.1 * seed
-                + 0.3 * step / 30000)
+    plant_beta1(
+        results, "cifar100-vgg16-vsgd-*", lambda seed, step: 0.4 + 0.1 * seed + 0.3 * step / 30000
+    )
     run_aggregate(results)
     rows = list(csv.DictReader((results / "beta1" / "cifar100_vgg.csv").open()))
     assert list(rows[0]) == ["step", "mean", "q10", "q25", "median", "q75", "q90", "n"]
@@ -403,7 +545,10 @@ def test_beta1_figure_and_curves_from_the_runs_beta1_csv(results):
     assert {r["n"] for r in rows} == {"2"}
     # One per cell with VSGD runs (the other cells' runs carry the fixture's single row).
     assert sorted(p.name for p in (results / "beta1").glob("*.csv")) == [
-        "cifar100_convmixer.csv", "cifar100_resnext.csv", "cifar100_vgg.csv"]
+        "cifar100_convmixer.csv",
+        "cifar100_resnext.csv",
+        "cifar100_vgg.csv",
+    ]
     drawn, shape = blue_pixels(figure)
     assert shape[0] > 400 and shape[1] > 1200
     # The median line and both quantile bands of one panel: thousands of VSGD-blue pixels.
@@ -414,6 +559,7 @@ def test_the_view_carries_beta1_csv_into_the_figure(results, tmp_path):
     """pipeline.results copies a run's beta1.csv into results/runs/<name>/ with the other
     files, so the aggregate finds it."""
     from pipeline import results as view
+
     assert view.FILES[-1] == "metrics.json" and "beta1.csv" in view.FILES
     run = next((results / "runs").glob("cifar100-resnext18-vsgd-*"))
     stored = tmp_path / "store" / "h"
@@ -422,8 +568,9 @@ def test_the_view_carries_beta1_csv_into_the_figure(results, tmp_path):
         if (run / name).exists():
             (stored / name).write_bytes((run / name).read_bytes())
     # At a step of its own: the cell's other seed has its row at 30000 only.
-    (stored / "beta1.csv").write_text("step,mean,q10,q25,median,q75,q90\n"
-                                      "15000,0.6,0.3,0.5,0.6,0.7,0.8\n")
+    (stored / "beta1.csv").write_text(
+        "step,mean,q10,q25,median,q75,q90\n15000,0.6,0.3,0.5,0.6,0.7,0.8\n"
+    )
     view._publish_copy(stored, run)
     run_aggregate(results)
     rows = list(csv.DictReader((results / "beta1" / "cifar100_resnext.csv").open()))
@@ -446,10 +593,14 @@ def plant_cells(runs, accs):
 # VGG16: VSGD 10 points above SGD with a spread of 1 point; ConvMixer: VSGD 1 point above
 # SGD with a spread of 2 points (a tie within noise). Adam and AdamW far below in both.
 THREE_SEEDS = {
-    ("vgg", "vsgd"): [0.70, 0.71, 0.72], ("vgg", "sgd"): [0.60, 0.61, 0.62],
-    ("vgg", "adam"): [0.50, 0.51, 0.52], ("vgg", "adamw"): [0.55, 0.56, 0.57],
-    ("convmixer", "vsgd"): [0.70, 0.72, 0.74], ("convmixer", "sgd"): [0.69, 0.71, 0.73],
-    ("convmixer", "adam"): [0.50, 0.51, 0.52], ("convmixer", "adamw"): [0.55, 0.56, 0.57],
+    ("vgg", "vsgd"): [0.70, 0.71, 0.72],
+    ("vgg", "sgd"): [0.60, 0.61, 0.62],
+    ("vgg", "adam"): [0.50, 0.51, 0.52],
+    ("vgg", "adamw"): [0.55, 0.56, 0.57],
+    ("convmixer", "vsgd"): [0.70, 0.72, 0.74],
+    ("convmixer", "sgd"): [0.69, 0.71, 0.73],
+    ("convmixer", "adam"): [0.50, 0.51, 0.52],
+    ("convmixer", "adamw"): [0.55, 0.56, 0.57],
 }
 
 
@@ -460,20 +611,29 @@ def test_differences_name_a_winner_only_beyond_seed_noise(tmp_path):
     md = (results / "tables" / "differences.md").read_text()
     # VGG16: +10 points, se = sqrt(2 * 1e-4 / 3) = 0.8165 points, df = 4, t = 2.77645:
     # +-2.26696. ConvMixer: +1 point, se = 1.6330, df = 4: +-4.5339, containing zero.
-    assert "| CIFAR-100 | VGG16-bn | VSGD − SGD | +10.00 | [+7.73, +12.27] | 3, 3 | " \
-           "yes: VSGD above |" in md
-    assert "| CIFAR-100 | ConvMixer-256/8 | VSGD − SGD | +1.00 | [-3.53, +5.53] | 3, 3 | " \
-           "no: within noise |" in md
-    assert "| CIFAR-100 | VGG16-bn | Adam − AdamW | -5.00 | [-7.27, -2.73] | 3, 3 | " \
-           "yes: AdamW above |" in md
+    assert (
+        "| CIFAR-100 | VGG16-bn | VSGD − SGD | +10.00 | [+7.73, +12.27] | 3, 3 | "
+        "yes: VSGD above |" in md
+    )
+    assert (
+        "| CIFAR-100 | ConvMixer-256/8 | VSGD − SGD | +1.00 | [-3.53, +5.53] | 3, 3 | "
+        "no: within noise |" in md
+    )
+    assert (
+        "| CIFAR-100 | VGG16-bn | Adam − AdamW | -5.00 | [-7.27, -2.73] | 3, 3 | "
+        "yes: AdamW above |" in md
+    )
     assert md.count("| CIFAR-100 | VGG16-bn |") == 6  # every pair of 4 optimizers once
     assert "Welch's t" in md and "95%" in md and "two-sided" in md and "Excludes zero" in md
     tex = (results / "tables" / "differences.tex").read_text()
-    assert r"CIFAR-100 & VGG16-bn & VSGD $-$ SGD & +10.00 & [+7.73, +12.27] & 3, 3 & " \
-           r"yes: VSGD above \\" in tex
+    assert (
+        r"CIFAR-100 & VGG16-bn & VSGD $-$ SGD & +10.00 & [+7.73, +12.27] & 3, 3 & "
+        r"yes: VSGD above \\" in tex
+    )
     rows = list(csv.DictReader((results / "tables" / "differences.csv").open()))
-    vgg = next(r for r in rows if (r["arch"], r["optimizer_a"], r["optimizer_b"])
-               == ("vgg", "vsgd", "sgd"))
+    vgg = next(
+        r for r in rows if (r["arch"], r["optimizer_a"], r["optimizer_b"]) == ("vgg", "vsgd", "sgd")
+    )
     assert float(vgg["difference_pp"]) == pytest.approx(10)
     assert float(vgg["low_pp"]) == pytest.approx(10 - 2.26696, abs=1e-4)
     assert float(vgg["df"]) == pytest.approx(4) and vgg["excludes_zero"] == "True"
@@ -484,17 +644,30 @@ def test_differences_name_a_winner_only_beyond_seed_noise(tmp_path):
     assert "| optimizer | best | tied within noise | worse | not enough seeds |" in standing
     assert "| VSGD | 1 | 1 | 0 | 0 |" in standing and "| SGD | 0 | 1 | 1 | 0 |" in standing
     assert "| Adam | 0 | 0 | 2 | 0 |" in standing
-    assert "| CIFAR-100 | ConvMixer-256/8 | tied within noise | worse | worse | " \
-           "tied within noise |" in standing
+    assert (
+        "| CIFAR-100 | ConvMixer-256/8 | tied within noise | worse | worse | "
+        "tied within noise |" in standing
+    )
     assert all(meaning in standing for meaning in stats.STANDING.values())
-    counts = {r["optimizer"]: r for r in
-              csv.DictReader((results / "tables" / "standing.csv").open())}
-    assert counts["vsgd"] == {"optimizer": "vsgd", "best": "1", "tied_within_noise": "1",
-                              "worse": "0", "not_enough_seeds": "0", "cells": "2"}
+    counts = {
+        r["optimizer"]: r for r in csv.DictReader((results / "tables" / "standing.csv").open())
+    }
+    assert counts["vsgd"] == {
+        "optimizer": "vsgd",
+        "best": "1",
+        "tied_within_noise": "1",
+        "worse": "0",
+        "not_enough_seeds": "0",
+        "cells": "2",
+    }
     assert r"VSGD & 1 & 1 & 0 & 0 \\" in (results / "tables" / "standing.tex").read_text()
     summary = json.loads((results / "summary.json").read_text())
-    assert summary["standing"]["sgd"] == {"best": 0, "tied_within_noise": 1, "worse": 1,
-                                          "not_enough_seeds": 0}
+    assert summary["standing"]["sgd"] == {
+        "best": 0,
+        "tied_within_noise": 1,
+        "worse": 1,
+        "not_enough_seeds": 0,
+    }
     # Table 1's claim is its own, told against one std, and unchanged by all this.
     table1 = (results / "tables" / "table1.md").read_text()
     assert "| CIFAR-100 | VGG16-bn | holds beyond 1 std | holds |" in table1
@@ -503,13 +676,20 @@ def test_differences_name_a_winner_only_beyond_seed_noise(tmp_path):
 
 def test_one_seed_grid_claims_no_winner(tmp_path):
     results = tmp_path / "results"
-    plant_cells(results / "runs", {(arch, opt): [0.5 + 0.05 * i]
-                                   for arch in MODELS
-                                   for i, opt in enumerate(("sgd", "adam", "adamw", "vsgd"))})
+    plant_cells(
+        results / "runs",
+        {
+            (arch, opt): [0.5 + 0.05 * i]
+            for arch in MODELS
+            for i, opt in enumerate(("sgd", "adam", "adamw", "vsgd"))
+        },
+    )
     run_aggregate(results, ["seeds=[0]"])
     md = (results / "tables" / "differences.md").read_text()
-    assert "| CIFAR-100 | VGG16-bn | VSGD − SGD | +15.00 | – | 1, 1 | " \
-           "1 seed: no interval, no winner |" in md
+    assert (
+        "| CIFAR-100 | VGG16-bn | VSGD − SGD | +15.00 | – | 1, 1 | "
+        "1 seed: no interval, no winner |" in md
+    )
     assert md.count("1 seed: no interval, no winner |") == 18  # 6 pairs x 3 cells
     assert "yes:" not in md
     standing = (results / "tables" / "standing.md").read_text()
@@ -523,8 +703,7 @@ def test_claim_is_not_tested_without_vsgd_or_a_rival_instead_of_failing(results)
     run_aggregate(results, ["optimizers=[sgd,adam,vsgd]"])
     md = (results / "tables" / "table1.md").read_text()
     assert "| CIFAR-100 | VGG16-bn | not tested: AdamW not in the grid | holds |" in md
-    assert json.loads((results / "summary.json").read_text())["claim"] == {"holds": 0,
-                                                                           "rows": 0}
+    assert json.loads((results / "summary.json").read_text())["claim"] == {"holds": 0, "rows": 0}
     assert "AdamW" not in (results / "tables" / "differences.md").read_text()
     run_aggregate(results, ["optimizers=[sgd,adam,adamw]"])
     md = (results / "tables" / "table1.md").read_text()
@@ -550,34 +729,49 @@ def test_unknown_optimizer_keys_get_distinct_stable_styles_and_their_key_as_labe
 def colour_pixels(png, rgb):
     import numpy as np
     from PIL import Image
+
     with Image.open(png) as im:
         pixels = np.asarray(im.convert("RGB")).astype(int)
     return int((np.abs(pixels - np.array(rgb)).sum(axis=-1) <= 6).sum())
 
 
 def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
-        results, monkeypatch):
+    results, monkeypatch
+):
     """Two optimizers beyond the four built-ins, under keys the aggregate has never seen:
     `radam` above every other optimizer, `my_opt` (an underscore, for LaTeX) below, both named
     by import path as params.yaml does (README, "Compare your optimizer")."""
-    params = load_params(PARAMS, [
-        "datasets=[cifar100]", "optimizers=[sgd, adam, adamw, vsgd, radam, my_opt]",
-        "optimizer.radam={class: 'torch.optim:RAdam', lr: 0.001, betas: [0.9, 0.999], "
-        "eps: 1.0e-8, weight_decay: 0.0, grid: {lr: [0.001, 0.01]}}",
-        "optimizer.my_opt={class: 'torch.optim:SGD', lr: 0.05, grid: {}}"])
+    params = load_params(
+        PARAMS,
+        [
+            "datasets=[cifar100]",
+            "optimizers=[sgd, adam, adamw, vsgd, radam, my_opt]",
+            "optimizer.radam={class: 'torch.optim:RAdam', lr: 0.001, betas: [0.9, 0.999], "
+            "eps: 1.0e-8, weight_decay: 0.0, grid: {lr: [0.001, 0.01]}}",
+            "optimizer.my_opt={class: 'torch.optim:SGD', lr: 0.05, grid: {}}",
+        ],
+    )
     monkeypatch.setattr(aggregate, "load_params", lambda path, overrides=(), **kw: params)
     for arch_key, arch in MODELS.items():
         for seed in (0, 1):
-            fake_run(results / "runs", "cifar100", arch_key, arch, "radam", seed,
-                     0.75 + seed / 100)
-            fake_run(results / "runs", "cifar100", arch_key, arch, "my_opt", seed,
-                     0.40 + seed / 100, lr=0.05)
+            fake_run(results / "runs", "cifar100", arch_key, arch, "radam", seed, 0.75 + seed / 100)
+            fake_run(
+                results / "runs",
+                "cifar100",
+                arch_key,
+                arch,
+                "my_opt",
+                seed,
+                0.40 + seed / 100,
+                lr=0.05,
+            )
     tuning = results / "tuning"
     tuning.mkdir()
     (tuning / "tuning.csv").write_text(
         "dataset,arch,optimizer,lr,val_acc,diverged,chosen,iterations,run\n"
         "cifar100,vgg,radam,0.001,0.5,False,False,6000,r\n"
-        "cifar100,vgg,radam,0.01,0.6,False,True,6000,r\n")
+        "cifar100,vgg,radam,0.01,0.6,False,True,6000,r\n"
+    )
     run_aggregate(results)
     tables = results / "tables"
 
@@ -592,11 +786,12 @@ def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
     # The claim is about VSGD against SGD, Adam and AdamW only: radam above VSGD leaves it.
     assert "| CIFAR-100 | VGG16-bn | holds beyond 1 std | holds |" in table1
     assert "| CIFAR-100 | ResNeXt-18 | – | holds |" in table1
-    assert json.loads((results / "summary.json").read_text())["claim"] == {"holds": 2,
-                                                                           "rows": 2}
+    assert json.loads((results / "summary.json").read_text())["claim"] == {"holds": 2, "rows": 2}
     assert r"my\_opt" in (tables / "table1.tex").read_text()
     assert {r["optimizer"] for r in csv.DictReader((tables / "table1.csv").open())} >= {
-        "radam", "my_opt"}
+        "radam",
+        "my_opt",
+    }
 
     table2 = (tables / "table2.md").read_text()
     assert "| batch | SGD | Adam | AdamW | VSGD | radam | my_opt | device |" in table2
@@ -605,8 +800,10 @@ def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
 
     differences = (tables / "differences.md").read_text()
     # radam: 5 points above VSGD, spread 0.71 points a side, df 2: +-4.30265 * 0.7071.
-    assert "| CIFAR-100 | VGG16-bn | VSGD − radam | -5.00 | [-8.04, -1.96] | 2, 2 | " \
-           "yes: radam above |" in differences
+    assert (
+        "| CIFAR-100 | VGG16-bn | VSGD − radam | -5.00 | [-8.04, -1.96] | 2, 2 | "
+        "yes: radam above |" in differences
+    )
     assert "| CIFAR-100 | VGG16-bn | radam − my_opt | +35.00 |" in differences
     assert differences.count("| CIFAR-100 | VGG16-bn |") == 15  # 6 optimizers: 15 pairs
     assert r"radam $-$ my\_opt" in (tables / "differences.tex").read_text()

@@ -42,14 +42,15 @@ def test_test_transform_is_normalisation_only(dataset):
     size = DATASETS[dataset].image_size
     x = images(64, size)
     out = Augmenter(dataset).test(x)
-    torch.testing.assert_close(denormalize(out, dataset), x.permute(0, 3, 1, 2) / 255,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        denormalize(out, dataset), x.permute(0, 3, 1, 2) / 255, atol=1e-5, rtol=0
+    )
     # Uniform pixels: per-channel mean (0.5 - mean) / std and std (1/sqrt(12)) / std.
     info = DATASETS[dataset]
     mean, std = torch.tensor(info.mean), torch.tensor(info.std)
     stats_mean, stats_std = out.mean((0, 2, 3)), out.std((0, 2, 3))
     torch.testing.assert_close(stats_mean, (0.5 - mean) / std, atol=0.02, rtol=0)
-    torch.testing.assert_close(stats_std, (1 / 12 ** 0.5) / std, atol=0.02, rtol=0)
+    torch.testing.assert_close(stats_std, (1 / 12**0.5) / std, atol=0.02, rtol=0)
 
 
 def test_cifar_train_is_a_padded_crop_with_flip_per_sample():
@@ -59,13 +60,21 @@ def test_cifar_train_is_a_padded_crop_with_flip_per_sample():
     pixels = torch.round(denormalize(out, "cifar100") * 255)
     # Every output is exactly one of the 9 x 9 x 2 crops/flips of the zero-padded image.
     padded = F.pad(x[0].permute(2, 0, 1).float(), (PAD,) * 4)
-    candidates = torch.stack([c for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)
-                              for c in (padded[:, dy:dy + 32, dx:dx + 32],
-                                        padded[:, dy:dy + 32, dx:dx + 32].flip(-1))])
-    match = (pixels[:, None] == candidates[None]).flatten(2).all(-1)     # (n, 162)
+    candidates = torch.stack(
+        [
+            c
+            for dy in range(2 * PAD + 1)
+            for dx in range(2 * PAD + 1)
+            for c in (
+                padded[:, dy : dy + 32, dx : dx + 32],
+                padded[:, dy : dy + 32, dx : dx + 32].flip(-1),
+            )
+        ]
+    )
+    match = (pixels[:, None] == candidates[None]).flatten(2).all(-1)  # (n, 162)
     assert match.any(1).all()
     chosen = match.float().argmax(1)
-    assert len(chosen.unique()) > 100          # parameters differ per sample
+    assert len(chosen.unique()) > 100  # parameters differ per sample
     flipped = (chosen % 2 == 1).float().mean().item()
     assert 0.4 < flipped < 0.6
 
@@ -75,7 +84,7 @@ def test_padding_is_zero_and_never_wider_than_four():
     out = Augmenter("cifar100").train(x, torch.Generator().manual_seed(2))
     pixels = torch.round(denormalize(out, "cifar100") * 255)
     assert set(pixels.unique().tolist()) == {0.0, 255.0}
-    zero_rows = (pixels == 0).all(1).all(-1).sum(1)   # fully zero rows per sample
+    zero_rows = (pixels == 0).all(1).all(-1).sum(1)  # fully zero rows per sample
     zero_cols = (pixels == 0).all(1).all(-2).sum(1)
     assert zero_rows.max() <= PAD and zero_cols.max() <= PAD
     assert ((zero_rows == 0) & (zero_cols == 0)).float().mean() < 0.05  # 1/81 expected
@@ -105,6 +114,7 @@ def test_tinyimagenet_train_varies_per_sample_and_stays_in_range():
     unit = denormalize(out, "tinyimagenet")
     assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
     assert len(out.flatten(1).unique(dim=0)) == 64
+
     # Rotations up to 45 degrees leave zero-filled corners in most samples; after the
     # contrast jitter (a blend with the image's mean grey) the fill is a dark grey.
     def filled(pixel):  # (N, 3)
@@ -128,8 +138,7 @@ def test_affine_identity_rotation_translation():
     one, zero = torch.ones(2), torch.zeros(2)
     assert torch.equal(affine(img, zero, torch.zeros(2, 2), one), img)
     rotated = affine(img, torch.full((2,), 90.0), torch.zeros(2, 2), one)
-    assert torch.equal(rotated, img.rot90(1, (2, 3))) or torch.equal(rotated,
-                                                                     img.rot90(-1, (2, 3)))
+    assert torch.equal(rotated, img.rot90(1, (2, 3))) or torch.equal(rotated, img.rot90(-1, (2, 3)))
     moved = affine(img, zero, torch.tensor([[3.0, 0.0], [0.0, -2.0]]), one)
     assert torch.equal(moved[0, :, :, 3:], img[0, :, :, :-3])
     assert torch.all(moved[0, :, :, :3] == 0)

@@ -12,21 +12,45 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_script(script, *args, cwd):
     """Run a benchmark from `cwd` (a temp dir: what the trainer's MLflow writes next to its
     working directory stays out of the checkout)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_throughput_rows_for_both_datasets(tmp_path):
     out = tmp_path / "rows.json"
     # CIFAR-100 (torchvision pickles) and Tiny ImageNet (ImageFolder of JPEGs) baselines.
-    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:convmixer_256_8",
-                      "tinyimagenet:convmixer_256_8", "--batch", "2", "--warmup", "1",
-                      "--iters", "2", "--rounds", "1", "--log-every", "1", "--device", "cpu",
-                      "--json", str(out), cwd=tmp_path)
+    proc = run_script(
+        "benchmarks/train_throughput.py",
+        "--configs",
+        "cifar100:convmixer_256_8",
+        "tinyimagenet:convmixer_256_8",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--rounds",
+        "1",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["dataset"], r["arch"], r["batch"]) for r in rows] == [
-        ("cifar100", "convmixer_256_8", 2), ("tinyimagenet", "convmixer_256_8", 2)]
+        ("cifar100", "convmixer_256_8", 2),
+        ("tinyimagenet", "convmixer_256_8", 2),
+    ]
     for row in rows:
         for key, row_id in (("baseline", "a"), ("ceiling", "b"), ("ours", "c")):
             assert row[key] > 0 and row["rounds"][row_id] == [row[key]]
@@ -34,42 +58,70 @@ def test_train_throughput_rows_for_both_datasets(tmp_path):
 
 
 def test_train_throughput_rejects_bad_arguments(tmp_path):
-    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:vgg19",
-                      cwd=tmp_path)
+    proc = run_script("benchmarks/train_throughput.py", "--configs", "cifar100:vgg19", cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown configuration(s) cifar100:vgg19" in proc.stderr
     assert "tinyimagenet:vgg19" in proc.stderr  # the allowed values are listed
-    proc = run_script("benchmarks/train_throughput.py", "--warmup", "1", "--iters", "2",
-                      cwd=tmp_path)
+    proc = run_script(
+        "benchmarks/train_throughput.py", "--warmup", "1", "--iters", "2", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "no log point" in proc.stderr
 
 
 def test_optimizer_step_runs(tmp_path):
-    proc = run_script("benchmarks/optimizer_step.py", "--sets", "convmixer_256_8",
-                      "--rounds", "1", "--steps", "1", "--no-fused", cwd=tmp_path)
+    proc = run_script(
+        "benchmarks/optimizer_step.py",
+        "--sets",
+        "convmixer_256_8",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--no-fused",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "VSGD" in proc.stdout and "Adam" in proc.stdout
 
 
 def test_data_verification_runs(tmp_path):
     out = tmp_path / "rows.json"
-    proc = run_script("benchmarks/data_verification.py", "--train", "32", "--test", "8",
-                      "--rounds", "1", "--root", str(tmp_path / "data"), "--json", str(out),
-                      cwd=tmp_path)
+    proc = run_script(
+        "benchmarks/data_verification.py",
+        "--train",
+        "32",
+        "--test",
+        "8",
+        "--rounds",
+        "1",
+        "--root",
+        str(tmp_path / "data"),
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["counts"] == {"train": 32, "test": 8}
     assert [(r["way"], r["load"]) for r in report["rows"]] == [
-        (way, load) for way in ("plain", "verified", "digest+load")
-        for load in ("first", "second")]
+        (way, load) for way in ("plain", "verified", "digest+load") for load in ("first", "second")
+    ]
     assert all(r["median_s"] > 0 and len(r["rounds"]) == 1 for r in report["rows"])
     assert "| verified | first |" in proc.stdout
 
 
 def test_launcher_lock_runs(tmp_path):
     out = tmp_path / "rows.json"
-    proc = run_script("benchmarks/launcher_lock.py", "--runs", "3", "--lease-runs", "2",
-                      "--json", str(out), cwd=tmp_path)
+    proc = run_script(
+        "benchmarks/launcher_lock.py",
+        "--runs",
+        "3",
+        "--lease-runs",
+        "2",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert set(rows) == {"lock_ms", "inherited_check_ms", "lease_ms", "renewal_ms"}

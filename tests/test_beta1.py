@@ -8,15 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_spec
+
 from vsgd import VSGD, trainer
 from vsgd.optim import beta1_summary
 from vsgd.spec import BOOKKEEPING, TRAINING_DEFAULTS
 from vsgd.trainer import BETA1_COLUMNS, train
 
-VSGD_SPEC = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81,
-             "tau2": 0.9, "weight_decay": 0.0}
+VSGD_SPEC = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 KEYS = ("mean", "q10", "q25", "median", "q75", "q90")
 LEVELS = {"q10": 10, "q25": 25, "median": 50, "q75": 75, "q90": 90}
 
@@ -42,8 +49,7 @@ def test_summary_has_the_mean_median_and_quantiles_of_every_element():
         # An element of the sample, the lower one where a quantile falls between two.
         assert summary[key] == np.percentile(values, level, method="lower"), key
     assert summary["median"] == torch.from_numpy(values).median().item()
-    assert summary["q10"] <= summary["q25"] <= summary["median"] <= summary["q75"] \
-        <= summary["q90"]
+    assert summary["q10"] <= summary["q25"] <= summary["median"] <= summary["q75"] <= summary["q90"]
 
 
 def test_summary_before_the_first_step_is_nan():
@@ -67,9 +73,11 @@ def test_beta1_every_defaults_to_100_and_is_bookkeeping():
 def test_vsgd_run_writes_beta1_csv_before_metrics(data_root, tmp_path, monkeypatch):
     written = []
     atomic_write = trainer.atomic_write
-    monkeypatch.setattr(trainer, "atomic_write",
-                        lambda path, data: (written.append(Path(path).name),
-                                            atomic_write(path, data)))
+    monkeypatch.setattr(
+        trainer,
+        "atomic_write",
+        lambda path, data: (written.append(Path(path).name), atomic_write(path, data)),
+    )
     spec = run_spec(data_root, tmp_path, iterations=5, optimizer=VSGD_SPEC, beta1_every=2)
     seen = []
     train(spec, progress=lambda s, t, info: seen.append((s, info)))

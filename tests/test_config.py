@@ -52,31 +52,40 @@ def test_presets_resolve_and_keep_the_full_grid(preset):
 
 
 def test_override_beats_preset_and_values_are_yaml():
-    p = load_params(PARAMS, ["preset=ci", "protocol.cifar100.schedule.iterations=7",
-                             "seeds=[0, 1, 2]", "optimizer.vsgd.lr=1e-3"])
+    p = load_params(
+        PARAMS,
+        [
+            "preset=ci",
+            "protocol.cifar100.schedule.iterations=7",
+            "seeds=[0, 1, 2]",
+            "optimizer.vsgd.lr=1e-3",
+        ],
+    )
     assert p["protocol"]["cifar100"]["schedule"]["iterations"] == 7
     assert p["seeds"] == [0, 1, 2]
     assert p["optimizer"]["vsgd"]["lr"] == pytest.approx(1e-3)  # "1e-3" coerced to float
 
 
 def test_every_problem_is_listed_with_its_path_and_allowed_values():
-    problems = problems_of([
-        "datasets=[cifar10, tinyimagenet]",
-        "archs=[vgg, resnet]",
-        "optimizers=[sgd, adam, adamw, vsgd, lion]",
-        "optimizer.sgd.lrr=0.1",
-        "optimizer.adam.lr=-0.001",
-        "optimizer.adamw.lr=0",
-        "optimizer.vsgd.tau1=0.5",
-        "optimizer.vsgd.tau2=1.5",
-        "protocol.tinyimagenet.schedule.iterations=1000.5",
-        "protocol.tinyimagenet.batch_size.vgg=200000",
-        "training.precision=fp16",
-        "training.evall_every=3",
-        "data.source=internet",
-        "executor.kind=slurm",
-        "seeds=[-1]",
-    ])
+    problems = problems_of(
+        [
+            "datasets=[cifar10, tinyimagenet]",
+            "archs=[vgg, resnet]",
+            "optimizers=[sgd, adam, adamw, vsgd, lion]",
+            "optimizer.sgd.lrr=0.1",
+            "optimizer.adam.lr=-0.001",
+            "optimizer.adamw.lr=0",
+            "optimizer.vsgd.tau1=0.5",
+            "optimizer.vsgd.tau2=1.5",
+            "protocol.tinyimagenet.schedule.iterations=1000.5",
+            "protocol.tinyimagenet.batch_size.vgg=200000",
+            "training.precision=fp16",
+            "training.evall_every=3",
+            "data.source=internet",
+            "executor.kind=slurm",
+            "seeds=[-1]",
+        ]
+    )
     text = "\n".join(problems)
     expected = [
         "datasets[0]: cifar10 is not allowed (did you mean 'cifar100'?); allowed: cifar100, "
@@ -92,8 +101,7 @@ def test_every_problem_is_listed_with_its_path_and_allowed_values():
         # The tuned runs hold out tune.validation_size (5000) of the 100000 images.
         "protocol.tinyimagenet.batch_size.vgg: 200000 is larger than the 95000 training "
         "images of tinyimagenet",
-        "training.precision: fp16 is not allowed (did you mean 'bf16'?); allowed: fp32, tf32, "
-        "bf16",
+        "training.precision: fp16 is not allowed (did you mean 'bf16'?); allowed: fp32, tf32, bf16",
         "training.evall_every: unknown key (did you mean 'eval_every'?)",
         "data.source: internet is not allowed; allowed: official, synthetic",
         "executor.kind: slurm is not allowed; allowed: local, kubernetes",
@@ -106,6 +114,7 @@ def test_every_problem_is_listed_with_its_path_and_allowed_values():
 
 def test_grid_of_an_optimizer_and_the_tuned_cells():
     from pipeline.cells import tuned_cells
+
     p = load_params(PARAMS, ["optimizer.vsgd.grid={lr: [0.1, 0.01]}"])
     assert resolve_run(p, "cifar100", "vgg", "vsgd")["optimizer"]["grid"] == {"lr": [0.1, 0.01]}
     assert len(tuned_cells(p)) == 24  # every optimizer has a grid by default
@@ -115,22 +124,35 @@ def test_grid_of_an_optimizer_and_the_tuned_cells():
 
 
 def test_batch_checked_against_synthetic_size_and_experiment_overrides():
-    problems = problems_of(["preset=ci", "experiments=[{match: {arch: resnext, optimizer: "
-                            "vsgd}, batch_size: 1000}]"])
+    problems = problems_of(
+        ["preset=ci", "experiments=[{match: {arch: resnext, optimizer: vsgd}, batch_size: 1000}]"]
+    )
     # VSGD is tuned at the ci budget: its tuning runs hold out 32 of the 256 images.
-    assert any("protocol.cifar100.batch_size.resnext: 1000 is larger than the 224 training "
-               "images of cifar100 (runs with vsgd" in p for p in problems), problems
+    assert any(
+        "protocol.cifar100.batch_size.resnext: 1000 is larger than the 224 training "
+        "images of cifar100 (runs with vsgd" in p
+        for p in problems
+    ), problems
 
 
 def test_experiment_overrides_apply_to_matching_runs_only():
-    p = load_params(PARAMS, ["experiments=[{match: {dataset: cifar100, optimizer: vsgd}, "
-                             "optimizer: {lr: 0.05}, schedule: {iterations: 100}}]"])
+    p = load_params(
+        PARAMS,
+        [
+            "experiments=[{match: {dataset: cifar100, optimizer: vsgd}, "
+            "optimizer: {lr: 0.05}, schedule: {iterations: 100}}]"
+        ],
+    )
     hit = resolve_run(p, "cifar100", "convmixer", "vsgd")
     assert hit["optimizer"]["lr"] == 0.05 and hit["schedule"]["iterations"] == 100
     miss = resolve_run(p, "tinyimagenet", "convmixer", "vsgd")
     assert miss["optimizer"]["lr"] == p["optimizer"]["vsgd"]["lr"]
-    problems = problems_of(["experiments=[{match: {optimizer: vsgd, arch: vgg13}, "
-                            "optimizer: {tau1: 2}, batchsize: 3}]"])
+    problems = problems_of(
+        [
+            "experiments=[{match: {optimizer: vsgd, arch: vgg13}, "
+            "optimizer: {tau1: 2}, batchsize: 3}]"
+        ]
+    )
     text = "\n".join(problems)
     assert "experiments[0].batchsize: unknown key (did you mean 'batch_size'?)" in text
     assert "experiments[0].match.arch: vgg13 is not allowed" in text
@@ -138,10 +160,11 @@ def test_experiment_overrides_apply_to_matching_runs_only():
 
 
 def test_unknown_preset_and_malformed_override():
-    assert any("preset: unknown preset 'huge'; allowed: null, ci, tiny" in p
-               for p in problems_of(["preset=huge"]))
-    assert problems_of(["no-equals-sign"]) == [
-        "override 'no-equals-sign': expected key.path=value"]
+    assert any(
+        "preset: unknown preset 'huge'; allowed: null, ci, tiny" in p
+        for p in problems_of(["preset=huge"])
+    )
+    assert problems_of(["no-equals-sign"]) == ["override 'no-equals-sign': expected key.path=value"]
 
 
 def test_type_errors_and_missing_sections(tmp_path):
@@ -164,8 +187,12 @@ def test_validate_cli_exits_78_without_traceback(tmp_path):
     params["archs"].append("vit")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", "--params", str(path)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "--params", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == EX_CONFIG
     assert "Traceback" not in proc.stderr
     assert "invalid configuration (2 problems)" in proc.stderr

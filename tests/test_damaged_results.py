@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fake_prepared, write_result
+
 from pipeline import execute, grid, results
 from pipeline.config import load_params
 from pipeline.executors import Executor
@@ -28,8 +28,13 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-OVERRIDES = ["preset=ci", "data.root=data", "datasets=[cifar100]", "archs=[vgg]",
-             "tune.enabled=false"]
+OVERRIDES = [
+    "preset=ci",
+    "data.root=data",
+    "datasets=[cifar100]",
+    "archs=[vgg]",
+    "tune.enabled=false",
+]
 
 
 def grid_specs(*extra):
@@ -49,24 +54,36 @@ def other_run(spec):
 DAMAGE = {
     "accuracy out of range": (
         lambda d: edit_json(d / "metrics.json", lambda m: dict(m, test_acc=7.5)),
-        "test_acc 7.5 is not null or a number in [0, 1]"),
+        "test_acc 7.5 is not null or a number in [0, 1]",
+    ),
     "loss not a number": (
         lambda d: edit_json(d / "metrics.json", lambda m: dict(m, test_loss="banana")),
-        "test_loss 'banana' is not null or a finite number >= 0"),
+        "test_loss 'banana' is not null or a finite number >= 0",
+    ),
     "curve deleted": (lambda d: (d / "curve.csv").unlink(), "curve.csv: missing"),
-    "metrics a JSON list": (lambda d: (d / "metrics.json").write_text("[1, 2]"),
-                            "metrics.json: expected a JSON object, got list"),
-    "metrics truncated": (lambda d: (d / "metrics.json").write_text('{"name": "cifar'),
-                          "metrics.json: not readable JSON"),
-    "spec edited": (lambda d: edit_json(d / "config.json", lambda s: dict(
-        s, optimizer=dict(s["optimizer"], lr=0.5))), "config.json: its settings hash to"),
-    "another run's result": (lambda d: edit_json(d / "metrics.json", lambda m: dict(
-        m, run_hash="0000000000000000")), "is not this run's"),
+    "metrics a JSON list": (
+        lambda d: (d / "metrics.json").write_text("[1, 2]"),
+        "metrics.json: expected a JSON object, got list",
+    ),
+    "metrics truncated": (
+        lambda d: (d / "metrics.json").write_text('{"name": "cifar'),
+        "metrics.json: not readable JSON",
+    ),
+    "spec edited": (
+        lambda d: edit_json(
+            d / "config.json", lambda s: dict(s, optimizer=dict(s["optimizer"], lr=0.5))
+        ),
+        "config.json: its settings hash to",
+    ),
+    "another run's result": (
+        lambda d: edit_json(d / "metrics.json", lambda m: dict(m, run_hash="0000000000000000")),
+        "is not this run's",
+    ),
     "metrics disagree with the curve": (
         lambda d: edit_json(d / "metrics.json", lambda m: dict(m, test_acc=0.99)),
-        "is not the curve's final"),
-    "VSGD result without beta1.csv": (lambda d: (d / "beta1.csv").unlink(),
-                                      "beta1.csv: missing"),
+        "is not the curve's final",
+    ),
+    "VSGD result without beta1.csv": (lambda d: (d / "beta1.csv").unlink(), "beta1.csv: missing"),
 }
 
 
@@ -87,8 +104,10 @@ def test_a_damaged_result_is_set_aside_and_its_run_trained_again(workdir, kind):
     # Kept, not deleted: every file that was there, beside a note of what was wrong.
     assert not out.exists() and aside.parent.resolve() == workdir / "results" / "damaged"
     kept = {p.name for p in aside.iterdir()}
-    assert kept == (set(before) - {"curve.csv" if kind == "curve deleted" else "",
-                                   "beta1.csv" if "beta1" in kind else ""}) | {"DAMAGED.txt"}
+    assert kept == (
+        set(before)
+        - {"curve.csv" if kind == "curve deleted" else "", "beta1.csv" if "beta1" in kind else ""}
+    ) | {"DAMAGED.txt"}
     assert phrase in (aside / "DAMAGED.txt").read_text()
 
 
@@ -107,8 +126,9 @@ def test_a_damaged_view_entry_is_neither_counted_nor_shown(workdir):
     assert json.loads((shown / "metrics.json").read_text())["test_acc"] == 0.5
 
 
-@pytest.mark.parametrize("case", ["view only", "store damaged, view whole", "both damaged",
-                                  "store only"])
+@pytest.mark.parametrize(
+    "case", ["view only", "store damaged, view whole", "both damaged", "store only"]
+)
 def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
     """Once `-1 reused`: a run shown in the view but not whole in the store was counted both
     as done and as to run."""
@@ -120,6 +140,7 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
     store, view = Path(target["output_dir"]), workdir / "results" / "runs" / target["name"]
     if case == "view only":
         import shutil
+
         shutil.rmtree(store)
     if case in ("store damaged, view whole", "both damaged"):
         edit_json(store / "metrics.json", lambda m: dict(m, test_acc=7.5))
@@ -127,9 +148,10 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
         edit_json(view / "metrics.json", lambda m: dict(m, test_acc=7.5))
     if case == "store only":
         import shutil
+
         shutil.rmtree(view)
 
-    class Nothing(Executor):   # the stage's executor: records what it was asked to run
+    class Nothing(Executor):  # the stage's executor: records what it was asked to run
         ran = []
 
         def run(self, pending):
@@ -143,12 +165,19 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
         execute.run_stage(params, specs, "train", view=True)
     finally:
         del execute.get_executor
-    line = next(line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("train: 4 runs in the grid"))
+    line = next(
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("train: 4 runs in the grid")
+    )
     done, reused, to_run = (int(line.split(", ")[i].split()[0]) for i in (1, 2, 3))
     assert done + reused + to_run == 4 and min(done, reused, to_run) >= 0, line
-    expected = {"view only": (4, 0, 0), "store damaged, view whole": (4, 0, 0),
-                "both damaged": (3, 0, 1), "store only": (3, 1, 0)}[case]
+    expected = {
+        "view only": (4, 0, 0),
+        "store damaged, view whole": (4, 0, 0),
+        "both damaged": (3, 0, 1),
+        "store only": (3, 1, 0),
+    }[case]
     assert (done, reused, to_run) == expected, line
     assert Nothing.ran == ([target["name"]] if case == "both damaged" else [])
     assert all(results.is_done(s) and results.is_shown(s) for s in specs)
@@ -164,10 +193,21 @@ def test_aggregate_refuses_a_damaged_result_rather_than_printing_it(workdir):
     bad = workdir / "results" / "runs" / specs[0]["name"]
     edit_json(bad / "metrics.json", lambda m: dict(m, test_acc=7.5, test_loss="banana"))
     (bad / "curve.csv").unlink()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "aggregate", "--no-mlflow",
-                           *[a for o in OVERRIDES for a in ("--set", o)]], cwd=workdir,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "aggregate",
+            "--no-mlflow",
+            *[a for o in OVERRIDES for a in ("--set", o)],
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 78, proc.stderr
     assert f"results/runs/{specs[0]['name']}: damaged result" in proc.stderr
     assert "test_acc 7.5" in proc.stderr and "curve.csv: missing" in proc.stderr
@@ -181,13 +221,23 @@ def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path, place_pre
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    sets = [a for o in OVERRIDES + ["data.root=data", "optimizers=[sgd]",
-                                    "tracking.uri=null"] for a in ("--set", o)]
+    sets = [
+        a
+        for o in OVERRIDES + ["data.root=data", "optimizers=[sgd]", "tracking.uri=null"]
+        for a in ("--set", o)
+    ]
 
     def stage(*cmd):
-        return subprocess.run([sys.executable, "-m", "pipeline", *cmd, *sets], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env=env)
-    place_prepared(tmp_path / "data", "cifar100")   # what `prepare cifar100` makes here
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *cmd, *sets],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+
+    place_prepared(tmp_path / "data", "cifar100")  # what `prepare cifar100` makes here
     assert stage("train").returncode == 0
     # Both copies: the store's, and the view's (a whole view copy would be taken back).
     [metrics] = (tmp_path / "results" / "store").glob("*/metrics.json")
@@ -197,10 +247,13 @@ def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path, place_pre
     proc = stage("train")
     assert proc.returncode == 0, proc.stderr
     assert "damaged result" in proc.stderr and "test_acc 7.5" in proc.stderr
-    assert "1 runs in the grid, 0 done, 0 reused, 1 to run (2 damaged results set aside)" \
+    assert (
+        "1 runs in the grid, 0 done, 0 reused, 1 to run (2 damaged results set aside)"
         in proc.stdout
+    )
     assert json.loads(metrics.read_text())["test_acc"] <= 1.0
     assert json.loads(shown.read_text())["test_acc"] <= 1.0
     aside = list((tmp_path / "results" / "damaged").iterdir())
     assert len(aside) == 2 and all(
-        json.loads((a / "metrics.json").read_text())["test_acc"] == 7.5 for a in aside)
+        json.loads((a / "metrics.json").read_text())["test_acc"] == 7.5 for a in aside
+    )

@@ -13,25 +13,35 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import crash_at, run_spec
-from pipeline import storage
+from conftest import crash_at, run_spec, untimed
 from test_storage import BUCKET, s3  # noqa: F401 - the moto S3 server fixture
-from test_trainer import ENV, UNTIMED, VSGD, _same, beta1_csv, read_outputs
+from test_trainer import ENV, VSGD, _same, beta1_csv, read_outputs
+
+from pipeline import storage
 from vsgd import checkpoint, trainer
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes, to_bytes
 from vsgd.data import DataError, load_prepared, prepared
 from vsgd.files import atomic_write
 
 # Checkpoints at 2 and 4; the interrupted run dies at 5, after its last checkpoint.
-RUN = dict(iterations=6, optimizer=VSGD, eval_every=3, checkpoint_every=2, batch_size=2,
-           test_limit=4, eval_batch_size=4)
+RUN = dict(
+    iterations=6,
+    optimizer=VSGD,
+    eval_every=3,
+    checkpoint_every=2,
+    batch_size=2,
+    test_limit=4,
+    eval_batch_size=4,
+)
 FINAL = ("step", "model", "optimizer", "scheduler", "rng", "data", "curve", "beta1")
 
 
 def damage(data: bytes, kind: str) -> bytes:
-    return {"truncated": data[:len(data) // 2], "zero-byte": b"",
-            "garbage": bytes((i * 7919 + 13) % 256 for i in range(len(data)))}[kind]
+    return {
+        "truncated": data[: len(data) // 2],
+        "zero-byte": b"",
+        "garbage": bytes((i * 7919 + 13) % 256 for i in range(len(data))),
+    }[kind]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,10 +82,11 @@ def resume_and_compare(reference, spec, store, first_step):
     """Run `spec` on `store` to the end: it must take the steps from `first_step` and end
     exactly as the uninterrupted reference did."""
     steps = []
-    metrics = trainer.train(spec, checkpoint_store=store,
-                            progress=lambda step, total, info: steps.append(step))
+    metrics = trainer.train(
+        spec, checkpoint_store=store, progress=lambda step, total, info: steps.append(step)
+    )
     assert steps == list(range(first_step, RUN["iterations"] + 1))
-    assert UNTIMED(metrics) == UNTIMED(reference["metrics"])
+    assert untimed(metrics) == untimed(reference["metrics"])
     assert read_outputs(spec)[1] == read_outputs(reference["spec"])[1]
     assert beta1_csv(spec) == beta1_csv(reference["spec"])
     final = from_bytes(store.load())
@@ -84,17 +95,22 @@ def resume_and_compare(reference, spec, store, first_step):
 
 
 def set_aside_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and "set aside as" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "set aside as" in r.getMessage()
+    ]
 
 
 # -- prepared data -------------------------------------------------------------------------
 
+
 def altered_copy(data_root, tmp_path) -> Path:
     """A copy of the prepared synthetic data whose train_x.npy has one byte flipped (after
     its header: a pixel), the manifest left as `prepare` wrote it."""
-    shutil.copytree(Path(data_root) / "prepared" / "cifar100",
-                    tmp_path / "data" / "prepared" / "cifar100")
+    shutil.copytree(
+        Path(data_root) / "prepared" / "cifar100", tmp_path / "data" / "prepared" / "cifar100"
+    )
     path = tmp_path / "data" / "prepared" / "cifar100" / "train_x.npy"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -115,17 +131,21 @@ def test_an_altered_prepared_array_is_refused_before_training(data_root, tmp_pat
     # The run's command fails with the message: the file, and how to prepare it again; a
     # configuration error's exit (no retry can help: a pod fails at once), no traceback.
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--spec",
-                           str(tmp_path / "spec.json")], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--spec", str(tmp_path / "spec.json")],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 78 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "train_x.npy differs from the data" in proc.stderr, proc.stderr[-3000:]
     assert "python -m pipeline prepare cifar100" in proc.stderr
     assert not Path(spec["output_dir"], "metrics.json").exists()
 
 
-def test_several_runs_in_one_process_hash_the_prepared_data_once(data_root, tmp_path,
-                                                                 monkeypatch):
+def test_several_runs_in_one_process_hash_the_prepared_data_once(data_root, tmp_path, monkeypatch):
     """Counted, not timed: each array is hashed once per process (the timing stage builds
     every run of the grid in one), again only when its file changed; a pod's staging, which
     hashed what it fetched, leaves nothing for the run's load to hash."""
@@ -159,9 +179,11 @@ def test_several_runs_in_one_process_hash_the_prepared_data_once(data_root, tmp_
 
 # -- checkpoints -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["truncated", "zero-byte", "garbage"])
 def test_an_unreadable_checkpoint_is_set_aside_and_the_run_resumes_bit_identical(
-        data_root, tmp_path, reference, caplog, kind):
+    data_root, tmp_path, reference, caplog, kind
+):
     spec = run_spec(data_root, tmp_path, **RUN)
     store = LocalCheckpointStore(spec["checkpoint"])
     for data in reference["checkpoints"]:
@@ -178,7 +200,8 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_resumes_bit_identical
 
 
 def test_with_every_checkpoint_unreadable_the_run_starts_over_and_ends_bit_identical(
-        data_root, tmp_path, reference, caplog):
+    data_root, tmp_path, reference, caplog
+):
     spec = run_spec(data_root, tmp_path, **RUN)
     store = LocalCheckpointStore(spec["checkpoint"])
     for data in reference["checkpoints"]:
@@ -208,12 +231,12 @@ def test_a_save_that_dies_midway_leaves_a_complete_checkpoint(tmp_path, monkeypa
         store.save(b"third")
     # Both names hold a complete checkpoint: the newest (now also the previous one).
     assert (store.load(), store.previous.read_bytes()) == (b"second", b"second")
-    assert sorted(p.name for p in store.dir.iterdir()) == \
-        sorted(["checkpoint.pt", checkpoint.PREVIOUS])
+    assert sorted(p.name for p in store.dir.iterdir()) == sorted(
+        ["checkpoint.pt", checkpoint.PREVIOUS]
+    )
 
 
-def test_a_checkpoint_of_another_run_is_refused_not_set_aside(data_root, tmp_path,
-                                                              reference):
+def test_a_checkpoint_of_another_run_is_refused_not_set_aside(data_root, tmp_path, reference):
     """Not damage: another run's intact checkpoint means a wrong checkpoint location, and
     setting it aside would hide that run's progress."""
     spec = run_spec(data_root, tmp_path, **{**RUN, "seed": 1})
@@ -226,15 +249,24 @@ def test_a_checkpoint_of_another_run_is_refused_not_set_aside(data_root, tmp_pat
 
 # -- checkpoints in S3 -------------------------------------------------------------------------
 
+
 def _raw_put(store: storage.S3CheckpointStore, key: str, data: bytes, metadata: dict):
     """Replace an object behind the store's back (bit rot, a foreign tool)."""
-    storage.s3_client().put_object(Bucket=BUCKET, Key=store.store._key(key), Body=data,
-                                   Metadata=metadata)
+    storage.s3_client().put_object(
+        Bucket=BUCKET, Key=store.store._key(key), Body=data, Metadata=metadata
+    )
 
 
 @pytest.mark.parametrize("kind", ["truncated", "zero-byte", "garbage"])
 def test_an_unreadable_s3_checkpoint_is_set_aside_and_the_run_resumes_bit_identical(
-        s3, data_root, tmp_path, reference, caplog, request, kind):  # noqa: F811
+    s3,  # noqa: F811 - the fixture imported from test_storage
+    data_root,
+    tmp_path,
+    reference,
+    caplog,
+    request,
+    kind,
+):
     spec = run_spec(data_root, tmp_path, **RUN)
     spec["checkpoint"] = f"s3://{BUCKET}/{request.node.name}/checkpoints/{spec['run_hash']}"
     store = storage.open_checkpoint_store(spec["checkpoint"])
@@ -258,7 +290,11 @@ def test_an_unreadable_s3_checkpoint_is_set_aside_and_the_run_resumes_bit_identi
 
 
 def test_a_missing_or_garbage_s3_pointer_target_falls_back_to_the_previous_checkpoint(
-        s3, tmp_path, request, caplog):  # noqa: F811
+    s3,  # noqa: F811 - the fixture imported from test_storage
+    tmp_path,
+    request,
+    caplog,
+):
     store = storage.open_checkpoint_store(f"s3://{BUCKET}/{request.node.name}")
     for step in (1, 2):
         store.save(to_bytes({"step": step}))
@@ -267,14 +303,17 @@ def test_a_missing_or_garbage_s3_pointer_target_falls_back_to_the_previous_check
     with caplog.at_level(logging.WARNING):
         saved, candidate = checkpoint.newest_intact(store, ("step",))
     assert saved["step"] == 1 and candidate.ref["key"] == pointer["previous"]["key"]
-    assert json.loads(store.store.get_bytes(store.POINTER))["key"] == \
-        pointer["previous"]["key"]  # the pointer names what is left
+    assert (
+        json.loads(store.store.get_bytes(store.POINTER))["key"] == pointer["previous"]["key"]
+    )  # the pointer names what is left
 
     # A pointer that is not one is set aside too; the checkpoints are found by their names.
     store.store.put_bytes(store.POINTER, b"{not json")
     saved, _ = checkpoint.newest_intact(store, ("step",))
     assert saved["step"] == 1
-    assert any(k.startswith(f"{store.DAMAGED}/{store.POINTER}.")
-               for k in store.store.list_keys(f"{store.DAMAGED}/"))
+    assert any(
+        k.startswith(f"{store.DAMAGED}/{store.POINTER}.")
+        for k in store.store.list_keys(f"{store.DAMAGED}/")
+    )
     store.save(to_bytes({"step": 3}))
     assert from_bytes(store.load())["step"] == 3

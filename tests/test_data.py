@@ -20,8 +20,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vsgd.data import (DATASETS, ArchiveError, ChecksumError, DataError, DownloadError,
-                       load_prepared, prepare)
+from vsgd.data import (
+    DATASETS,
+    ArchiveError,
+    ChecksumError,
+    DataError,
+    DownloadError,
+    load_prepared,
+    prepare,
+)
 from vsgd.data.__main__ import main as cli_main
 from vsgd.data.download import fetch
 
@@ -36,8 +43,7 @@ class _Py2Pickler(pickle.Pickler):
         if not isinstance(obj, np.ndarray):
             return NotImplemented
         reconstruct, _, state = obj.__reduce__()
-        return reconstruct, (np.ndarray, (0,), "b"), \
-            (*state[:4], obj.tobytes().decode("latin1"))
+        return reconstruct, (np.ndarray, (0,), "b"), (*state[:4], obj.tobytes().decode("latin1"))
 
 
 def py2_pickle(obj) -> bytes:
@@ -54,6 +60,7 @@ def cifar100_archive(n_train=60, n_test=20, seed=0):
     splits = {}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+
         def add(name, payload):
             info = tarfile.TarInfo(f"cifar-100-python/{name}")
             info.size = len(payload)
@@ -63,15 +70,27 @@ def cifar100_archive(n_train=60, n_test=20, seed=0):
             data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
             fine = rng.integers(0, 100, size=n).tolist()
             splits[split] = (data, fine)
-            add(split, py2_pickle({
-                "filenames": [f"img_{i}.png" for i in range(n)],
-                "batch_label": f"{split}ing batch 1 of 1",
-                "fine_labels": fine,
-                "coarse_labels": [f // 5 for f in fine],
-                "data": data,
-            }))
-        add("meta", py2_pickle({"fine_label_names": names,
-                                "coarse_label_names": [f"coarse_{i}" for i in range(20)]}))
+            add(
+                split,
+                py2_pickle(
+                    {
+                        "filenames": [f"img_{i}.png" for i in range(n)],
+                        "batch_label": f"{split}ing batch 1 of 1",
+                        "fine_labels": fine,
+                        "coarse_labels": [f // 5 for f in fine],
+                        "data": data,
+                    }
+                ),
+            )
+        add(
+            "meta",
+            py2_pickle(
+                {
+                    "fine_label_names": names,
+                    "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+                }
+            ),
+        )
         add("file.txt~", b"")
     return buf.getvalue(), splits, names
 
@@ -96,8 +115,10 @@ def tinyimagenet_archive(per_class=1, n_val=20):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(root + "wnids.txt", "\n".join(wnids) + "\n")
-        zf.writestr(root + "words.txt", "n99999999\tunused entry\n" + "".join(
-            f"{w}\tthing {w}, other name\n" for w in wnids))
+        zf.writestr(
+            root + "words.txt",
+            "n99999999\tunused entry\n" + "".join(f"{w}\tthing {w}, other name\n" for w in wnids),
+        )
         for w in wnids:
             zf.writestr(f"{root}train/{w}/{w}_boxes.txt", "")
             for k in range(per_class):
@@ -180,8 +201,11 @@ TINY = "tiny-imagenet-200.zip"
 def leftovers(root: Path):
     """Anything prepare may leave besides finished datasets and its lock files."""
     prepared = root / "prepared"
-    return sorted(p.name for p in prepared.iterdir() if not p.name.endswith(".lock")) \
-        if prepared.exists() else []
+    return (
+        sorted(p.name for p in prepared.iterdir() if not p.name.endswith(".lock"))
+        if prepared.exists()
+        else []
+    )
 
 
 # ------------------------------------------------------------------------------- official
@@ -190,15 +214,16 @@ def leftovers(root: Path):
 def test_cifar100_download_convert_and_idempotence(server, tmp_path):
     data, splits, names = cifar100_archive()
     server.files[CIFAR] = data
-    m = prepare("cifar100", "official", tmp_path, mirror=server.url + "/",
-                expected_md5=md5(data))
+    m = prepare("cifar100", "official", tmp_path, mirror=server.url + "/", expected_md5=md5(data))
     out = tmp_path / "prepared" / "cifar100"
     assert m["dataset"] == "cifar100" and m["source"] == "official"
     assert m["counts"] == {"train": 60, "test": 20}
     assert m["classes"] == names and m["image_shape"] == [32, 32, 3]
     assert m["archive"] == {"url": f"{server.url}/{CIFAR}", "md5": md5(data)}
-    files = {f"{a}.npy": hashlib.sha256((out / f"{a}.npy").read_bytes()).hexdigest()
-             for a in ("train_x", "train_y", "test_x", "test_y")}
+    files = {
+        f"{a}.npy": hashlib.sha256((out / f"{a}.npy").read_bytes()).hexdigest()
+        for a in ("train_x", "train_y", "test_x", "test_y")
+    }
     assert m["files"] == files
     canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
     assert m["checksum"] == hashlib.sha256(canonical.encode()).hexdigest()
@@ -215,15 +240,13 @@ def test_cifar100_download_convert_and_idempotence(server, tmp_path):
 
     # Intact outputs: nothing is fetched or rewritten.
     mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
-    assert prepare("cifar100", "official", tmp_path, mirror=server.url,
-                   expected_md5=md5(data)) == m
+    assert prepare("cifar100", "official", tmp_path, mirror=server.url, expected_md5=md5(data)) == m
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
     assert len(server.gets(CIFAR)) == 1
 
     # Damaged outputs are rebuilt from the verified archive already on disk.
     (out / "test_y.npy").write_bytes(b"garbage")
-    assert prepare("cifar100", "official", tmp_path, mirror=server.url,
-                   expected_md5=md5(data)) == m
+    assert prepare("cifar100", "official", tmp_path, mirror=server.url, expected_md5=md5(data)) == m
     assert len(server.gets(CIFAR)) == 1
     assert leftovers(tmp_path) == ["cifar100"]
 
@@ -231,8 +254,7 @@ def test_cifar100_download_convert_and_idempotence(server, tmp_path):
 def test_tinyimagenet_download_convert(server, tmp_path):
     data, wnids, val_labels = tinyimagenet_archive()
     server.files[TINY] = data
-    m = prepare("tinyimagenet", "official", tmp_path, mirror=server.url,
-                expected_md5=md5(data))
+    m = prepare("tinyimagenet", "official", tmp_path, mirror=server.url, expected_md5=md5(data))
     assert m["counts"] == {"train": 200, "test": 20} and m["image_shape"] == [64, 64, 3]
     sorted_wnids = sorted(wnids)
     assert m["classes"] == [f"thing {w}, other name" for w in sorted_wnids]
@@ -240,8 +262,9 @@ def test_tinyimagenet_download_convert(server, tmp_path):
     assert p.train_x.shape == (200, 64, 64, 3) and p.test_x.shape == (20, 64, 64, 3)
     np.testing.assert_array_equal(np.sort(p.train_y), np.arange(200))
     np.testing.assert_array_equal(p.test_y, val_labels)
-    for x, y in [(p.train_x[i], p.train_y[i]) for i in range(1, 200, 37)] + \
-            list(zip(p.test_x, p.test_y)):
+    for x, y in [(p.train_x[i], p.train_y[i]) for i in range(1, 200, 37)] + list(
+        zip(p.test_x, p.test_y)
+    ):
         # Flat colours survive JPEG up to a few levels.
         assert np.abs(x.reshape(-1, 3).mean(0) - _class_color(int(y))).max() < 4
     grey = p.train_x[p.train_y == 0][0]  # the greyscale JPEG became 3 equal channels
@@ -257,19 +280,29 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     assert list((tmp_path / "downloads").iterdir()) == []
 
 
-@pytest.mark.parametrize("dataset,damage", [
-    ("cifar100", "truncated"), ("cifar100", "corrupted"),
-    ("tinyimagenet", "truncated"), ("tinyimagenet", "corrupted")])
+@pytest.mark.parametrize(
+    "dataset,damage",
+    [
+        ("cifar100", "truncated"),
+        ("cifar100", "corrupted"),
+        ("tinyimagenet", "truncated"),
+        ("tinyimagenet", "corrupted"),
+    ],
+)
 def test_damaged_archive_clear_error_no_outputs(server, tmp_path, dataset, damage):
     # The md5 given matches the damaged bytes, so the damage is caught by the conversion.
-    name, (data, *_) = (CIFAR, cifar100_archive()) if dataset == "cifar100" \
-        else (TINY, tinyimagenet_archive())
+    name, (data, *_) = (
+        (CIFAR, cifar100_archive()) if dataset == "cifar100" else (TINY, tinyimagenet_archive())
+    )
     if damage == "truncated":
         data = data[: len(data) * 2 // 3]
     else:
         middle = len(data) // 2
-        data = data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + \
-            data[middle + 64:]
+        data = (
+            data[:middle]
+            + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            + data[middle + 64 :]
+        )
     server.files[name] = data
     with pytest.raises(ArchiveError, match="corrupted, truncated"):
         prepare(dataset, "official", tmp_path, mirror=server.url, expected_md5=md5(data))
@@ -279,8 +312,7 @@ def test_damaged_archive_clear_error_no_outputs(server, tmp_path, dataset, damag
 def test_failure_while_writing_keeps_previous_dataset(server, tmp_path, monkeypatch):
     data, _, _ = cifar100_archive()
     server.files[CIFAR] = data
-    before = prepare("cifar100", "official", tmp_path, mirror=server.url,
-                     expected_md5=md5(data))
+    before = prepare("cifar100", "official", tmp_path, mirror=server.url, expected_md5=md5(data))
     real_save, calls = np.save, []
 
     def failing_save(path, array):
@@ -347,9 +379,12 @@ def test_official_urls_and_checksums():
     c, t = DATASETS["cifar100"], DATASETS["tinyimagenet"]
     assert (c.archive.url, c.archive.md5) == (
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85")
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    )
     assert (t.archive.url, t.archive.md5) == (
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de")
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        "90528d7ca1a48142e341f4ef8d21d0de",
+    )
     assert (c.image_size, c.num_classes, t.image_size, t.num_classes) == (32, 100, 64, 200)
     assert c["mean"] == (0.5071, 0.4867, 0.4408) and c["std"] == (0.2675, 0.2565, 0.2761)
     assert t.mean == (0.485, 0.456, 0.406) and t.std == (0.229, 0.224, 0.225)
@@ -380,8 +415,9 @@ def test_synthetic_is_deterministic_and_shaped(tmp_path):
     p = load_prepared(tmp_path / "a" / "prepared" / "tinyimagenet")
     assert p.train_x.shape == (300, 64, 64, 3) and p.test_y.max() < 200
     # Other sizes are other data: regenerated, not reused.
-    c = prepare("tinyimagenet", "synthetic", tmp_path / "a",
-                synthetic_sizes={"train": 200, "test": 50})
+    c = prepare(
+        "tinyimagenet", "synthetic", tmp_path / "a", synthetic_sizes={"train": 200, "test": 50}
+    )
     assert c["counts"]["train"] == 200 and c["checksum"] != a["checksum"]
 
 
@@ -390,8 +426,7 @@ def test_synthetic_is_learnable(tmp_path):
     p = load_prepared(tmp_path / "prepared" / "cifar100")
 
     def features(x):  # 8x8 average-pooled pixels, standardised
-        return F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2).float(), 8) \
-            .flatten(1)
+        return F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2).float(), 8).flatten(1)
 
     xtr, xte = features(p.train_x), features(p.test_x)
     mu, sd = xtr.mean(0), xtr.std(0)
@@ -411,19 +446,58 @@ def test_synthetic_is_learnable(tmp_path):
 
 
 def test_cli(server, tmp_path, capsys):
-    args = ["prepare", "--dataset", "cifar100", "--source", "synthetic", "--root",
-            str(tmp_path), "--train-size", "20", "--test-size", "10"]
+    args = [
+        "prepare",
+        "--dataset",
+        "cifar100",
+        "--source",
+        "synthetic",
+        "--root",
+        str(tmp_path),
+        "--train-size",
+        "20",
+        "--test-size",
+        "10",
+    ]
     assert cli_main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["counts"] == {"train": 20, "test": 10}
     manifest = json.loads((tmp_path / "prepared" / "cifar100" / "manifest.json").read_text())
     assert printed["checksum"] == manifest["checksum"]
-    assert cli_main(["prepare", "--dataset", "cifar100", "--source", "official", "--root",
-                     str(tmp_path), "--mirror", server.url]) == 1
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--dataset",
+                "cifar100",
+                "--source",
+                "official",
+                "--root",
+                str(tmp_path),
+                "--mirror",
+                server.url,
+            ]
+        )
+        == 1
+    )
     assert "HTTP 404" in capsys.readouterr().err
     # Flags that do not go together are a configuration error: 78, the cause, no traceback.
-    assert cli_main(["prepare", "--dataset", "cifar100", "--source", "official", "--root",
-                     str(tmp_path), "--train-size", "5"]) == 78
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--dataset",
+                "cifar100",
+                "--source",
+                "official",
+                "--root",
+                str(tmp_path),
+                "--train-size",
+                "5",
+            ]
+        )
+        == 78
+    )
     assert "--train-size and --test-size go together" in capsys.readouterr().err
 
 
@@ -434,9 +508,24 @@ def test_prepare_stage_on_the_default_params_downloads_and_verifies(server, tmp_
     root = Path(__file__).resolve().parents[1]
     server.files[CIFAR] = cifar100_archive()[0]
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "prepare", "cifar100", "--params",
-         str(root / "params.yaml"), "--set", f"data.mirror={server.url}", "--set",
-         f"data.root={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "prepare",
+            "cifar100",
+            "--params",
+            str(root / "params.yaml"),
+            "--set",
+            f"data.mirror={server.url}",
+            "--set",
+            f"data.root={tmp_path}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert server.gets(CIFAR), proc.stderr
     assert f"prepare cifar100: {server.url}/{CIFAR}: md5 " in proc.stderr
@@ -449,9 +538,24 @@ def test_failed_download_says_how_to_proceed_without_the_network(server, tmp_pat
     the ways forward: a mirror, a hand-placed archive, the synthetic preset."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "prepare", "cifar100", "--params",
-         str(root / "params.yaml"), "--set", f"data.mirror={server.url}", "--set",
-         f"data.root={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "prepare",
+            "cifar100",
+            "--params",
+            str(root / "params.yaml"),
+            "--set",
+            f"data.mirror={server.url}",
+            "--set",
+            f"data.root={tmp_path}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "prepare cifar100: GET " in proc.stderr and "HTTP 404" in proc.stderr
     for way in ("data.mirror", f"{tmp_path}/downloads/", "dvc exp run -S preset=tiny"):

@@ -9,16 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import crash_at, run_spec, untimed
 
-from conftest import crash_at, run_spec
 from vsgd import engine, trainer
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
 from vsgd.trainer import train
 
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
-UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
-                     if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 
 
 class PoisonAt(torch.nn.Module):
@@ -53,6 +58,7 @@ def poison(monkeypatch):
             run = build(*args, **kwargs)
             run.forward = PoisonAt(run.forward, step, current)
             return run
+
         monkeypatch.setattr(engine, "build", poisoned_build)
         monkeypatch.setattr(engine, "train_step", counting_step)
 
@@ -68,8 +74,9 @@ def read(spec):
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
-def test_train_step_records_the_first_nonfinite_step_on_the_device(data_root, tmp_path,
-                                                                   monkeypatch, bad):
+def test_train_step_records_the_first_nonfinite_step_on_the_device(
+    data_root, tmp_path, monkeypatch, bad
+):
     spec = run_spec(data_root, tmp_path, iterations=5)
     run, _ = trainer.setup(spec)
     state = engine.new_state(run)
@@ -93,8 +100,16 @@ def test_a_nan_loss_stops_the_run_as_diverged(data_root, tmp_path, poison, monke
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     poison(5)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = run_spec(data_root, tmp_path, iterations=10, optimizer=VSGD, log_every=3,
-                    eval_every=2, checkpoint_every=2, tracking_uri=uri)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        iterations=10,
+        optimizer=VSGD,
+        log_every=3,
+        eval_every=2,
+        checkpoint_every=2,
+        tracking_uri=uri,
+    )
     store = LocalCheckpointStore(spec["checkpoint"])
     seen = []
     metrics = train(spec, checkpoint_store=store, progress=lambda s, t, i: seen.append((s, i)))
@@ -110,12 +125,12 @@ def test_a_nan_loss_stops_the_run_as_diverged(data_root, tmp_path, poison, monke
         assert metrics[key] == float(curve[-1][key]) and math.isfinite(metrics[key]), key
     assert metrics["val_acc"] is None
     assert [line.split(",")[0] for line in beta1.splitlines()] == ["step", "2", "4"]
-    assert all(math.isfinite(float(v)) for line in beta1.splitlines()[1:]
-               for v in line.split(","))
+    assert all(math.isfinite(float(v)) for line in beta1.splitlines()[1:] for v in line.split(","))
     saved = from_bytes(store.load())  # the last checkpoint is before the divergence
     assert saved["step"] == 4 and saved["nonfinite"].item() == -1
 
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
@@ -147,7 +162,7 @@ def test_a_resumed_run_diverges_exactly_as_an_uninterrupted_one(data_root, tmp_p
     metrics = train(spec, checkpoint_store=store)
     assert metrics["diverged"] == {"step": 6, "stopped_at": 6}
     (m_ref, c_ref, b_ref), (m, c, b) = read(ref), read(spec)
-    assert UNTIMED(m) == UNTIMED(m_ref) and c == c_ref and b == b_ref
+    assert untimed(m) == untimed(m_ref) and c == c_ref and b == b_ref
     assert [int(r["step"]) for r in c] == [2, 4]
 
 

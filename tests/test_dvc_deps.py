@@ -29,8 +29,9 @@ def command_modules(cmd: str) -> set[str]:
         modules |= graph.find_upstream_modules(module)
     if "pipeline.execute" in modules:
         modules |= {RUN_MODULE} | graph.find_upstream_modules(RUN_MODULE)
-    return modules | {".".join(m.split(".")[:i]) for m in modules
-                      for i in range(1, m.count(".") + 1)}
+    return modules | {
+        ".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 1)
+    }
 
 
 def module_path(module: str) -> str:
@@ -40,8 +41,11 @@ def module_path(module: str) -> str:
 
 def uncovered(stage: dict) -> list[str]:
     deps = [d.replace("${item}", "x") for d in stage.get("deps", [])]
-    return sorted(path for path in map(module_path, command_modules(stage["cmd"]))
-                  if not any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps))
+    return sorted(
+        path
+        for path in map(module_path, command_modules(stage["cmd"]))
+        if not any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import run_spec
+
 from vsgd import engine, trainer
 from vsgd.spec import BOOKKEEPING, TRAINING, check_spec, run_hash
 from vsgd.trainer import train
@@ -19,8 +20,15 @@ def test_a_run_without_the_test_set_never_evaluates_it(data_root, tmp_path, monk
         return evaluate(model, x, *args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", recording_evaluate)
-    spec = run_spec(data_root, tmp_path, iterations=4, eval_every=2, eval_test=False,
-                    validation_size=24, test_limit=16)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        iterations=4,
+        eval_every=2,
+        eval_test=False,
+        validation_size=24,
+        test_limit=16,
+    )
     run, _ = trainer.setup(spec)
     assert run.test_x is None and run.test_y is None  # not even on the device
     seen = []
@@ -47,8 +55,9 @@ def test_eval_test_needs_a_validation_split_and_is_part_of_the_identity(data_roo
     assert TRAINING["eval_test"] == (True, (True, False)) and "eval_test" not in BOOKKEEPING
     spec = run_spec(data_root, tmp_path, eval_test=False)  # validation_size 0
     problems = check_spec(spec)
-    assert len(problems) == 1 and problems[0].startswith("training.eval_test: false needs "
-                                                         "training.validation_size > 0")
+    assert len(problems) == 1 and problems[0].startswith(
+        "training.eval_test: false needs training.validation_size > 0"
+    )
     spec["training"]["validation_size"] = 16
     assert check_spec(spec) == []
     spec["training"]["eval_test"] = "no"

@@ -45,14 +45,25 @@ def core(api):
 
 
 def job_body(name, suspend=None, labels=None):
-    spec = {"backoffLimit": 0, "template": {
-        "metadata": {"labels": {"app": "t", **(labels or {})}},
-        "spec": {"restartPolicy": "Never", "serviceAccountName": "vsgd-train",
-                 "containers": [{"name": "train", "image": "vsgd:1"}]}}}
+    spec = {
+        "backoffLimit": 0,
+        "template": {
+            "metadata": {"labels": {"app": "t", **(labels or {})}},
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": "vsgd-train",
+                "containers": [{"name": "train", "image": "vsgd:1"}],
+            },
+        },
+    }
     if suspend is not None:
         spec["suspend"] = suspend
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "labels": {"app": "t", **(labels or {})}}, "spec": spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {"app": "t", **(labels or {})}},
+        "spec": spec,
+    }
 
 
 def eventually(check, timeout=3.0):
@@ -77,9 +88,10 @@ def conditions(job):
 
 # -- faults ---------------------------------------------------------------------------------
 
+
 def test_429_is_plain_text_with_retry_after(kube, batch):
     kube.outage("429", count=1, retry_after=7)
-    with pytest.raises(ApiException) as caught:   # POST: urllib3 does not retry it
+    with pytest.raises(ApiException) as caught:  # POST: urllib3 does not retry it
         batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
     assert caught.value.status == 429
     assert caught.value.headers["Retry-After"] == "7"
@@ -91,7 +103,7 @@ def test_429_is_plain_text_with_retry_after(kube, batch):
 
 def test_urllib3_retries_a_get_after_retry_after_by_itself(kube, batch):
     kube.outage("429", count=1, retry_after=0)
-    batch.list_namespaced_job(NS, _request_timeout=2)   # no exception: retried once
+    batch.list_namespaced_job(NS, _request_timeout=2)  # no exception: retried once
     assert [f[2] for f in kube.faulted] == ["429"]
     assert kube.requests.count(("GET", "/apis/batch/v1/namespaces/vsgd/jobs")) == 2
 
@@ -103,11 +115,10 @@ def test_503_and_500_answer_a_status_and_match_selects_requests(kube, batch, cor
         core.list_namespaced_pod(NS, _request_timeout=2)
     assert caught.value.status == 503
     assert json.loads(caught.value.body)["reason"] == "ServiceUnavailable"
-    batch.list_namespaced_job(NS, _request_timeout=2)   # not matched
+    batch.list_namespaced_job(NS, _request_timeout=2)  # not matched
     with pytest.raises(ApiException) as caught:
         batch.create_namespaced_job(NS, job_body("a"), _request_timeout=2)
-    assert caught.value.status == 500 and json.loads(caught.value.body)["reason"] == \
-        "InternalError"
+    assert caught.value.status == 500 and json.loads(caught.value.body)["reason"] == "InternalError"
     eventually(kube.outage_over)
     core.list_namespaced_pod(NS, _request_timeout=2)
 
@@ -115,8 +126,11 @@ def test_503_and_500_answer_a_status_and_match_selects_requests(kube, batch, cor
 def test_a_watch_in_a_fault_answers_the_fault(kube, batch):
     kube.outage("503", count=1)
     with pytest.raises(ApiException) as caught:
-        list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1,
-                                  _request_timeout=3))
+        list(
+            watch.Watch().stream(
+                batch.list_namespaced_job, NS, timeout_seconds=1, _request_timeout=3
+            )
+        )
     assert caught.value.status == 503
     assert kube.watch_starts == []
 
@@ -135,8 +149,9 @@ def test_refused_then_listening_again_on_the_same_port(kube, batch):
 
     def follow():
         try:
-            for _ in watch.Watch().stream(batch.list_namespaced_job, NS, resource_version=
-                                          str(kube.rv), _request_timeout=5):
+            for _ in watch.Watch().stream(
+                batch.list_namespaced_job, NS, resource_version=str(kube.rv), _request_timeout=5
+            ):
                 pass
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             cut.append(exc)
@@ -151,8 +166,9 @@ def test_refused_then_listening_again_on_the_same_port(kube, batch):
     thread.join(3)
     assert cut, "the open watch was not cut"
     eventually(kube.outage_over)
-    assert [j.metadata.name for j in batch.list_namespaced_job(NS, _request_timeout=2).items] \
-        == ["a"]
+    assert [j.metadata.name for j in batch.list_namespaced_job(NS, _request_timeout=2).items] == [
+        "a"
+    ]
 
 
 def test_its_clock_times_faults_and_watches():
@@ -168,15 +184,22 @@ def test_its_clock_times_faults_and_watches():
         clock.sleep(4)
         assert fake.outage_over()
         started = time.monotonic()
-        assert list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=4,
-                                         _request_timeout=10)) == []
-        assert time.monotonic() - started < 2   # 4 s of its clock, 0.2 s of real time
+        assert (
+            list(
+                watch.Watch().stream(
+                    batch.list_namespaced_job, NS, timeout_seconds=4, _request_timeout=10
+                )
+            )
+            == []
+        )
+        assert time.monotonic() - started < 2  # 4 s of its clock, 0.2 s of real time
     finally:
         api.close()
         fake.stop()
 
 
 # -- watches --------------------------------------------------------------------------------
+
 
 def _watch_in_thread(batch, events, **kwargs):
     def run():
@@ -185,6 +208,7 @@ def _watch_in_thread(batch, events, **kwargs):
                 events.append(event)
         except ApiException as exc:
             events.append(exc)
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -193,17 +217,23 @@ def _watch_in_thread(batch, events, **kwargs):
 def test_bookmarks_go_to_the_watches_that_asked(kube, batch):
     rv = batch.list_namespaced_job(NS).metadata.resource_version
     asked, not_asked = [], []
-    threads = [_watch_in_thread(batch, asked, resource_version=rv, timeout_seconds=1,
-                                allow_watch_bookmarks=True),
-               _watch_in_thread(batch, not_asked, resource_version=rv, timeout_seconds=1)]
+    threads = [
+        _watch_in_thread(
+            batch, asked, resource_version=rv, timeout_seconds=1, allow_watch_bookmarks=True
+        ),
+        _watch_in_thread(batch, not_asked, resource_version=rv, timeout_seconds=1),
+    ]
     eventually(lambda: len(kube.watch_starts) == 2)
     kube.bookmark()
     for thread in threads:
         thread.join(3)
     [bookmark] = asked
     assert bookmark["type"] == "BOOKMARK"
-    assert bookmark["raw_object"] == {"kind": "Job", "apiVersion": "batch/v1",
-                                      "metadata": {"resourceVersion": str(kube.rv)}}
+    assert bookmark["raw_object"] == {
+        "kind": "Job",
+        "apiVersion": "batch/v1",
+        "metadata": {"resourceVersion": str(kube.rv)},
+    }
     assert not_asked == []
 
 
@@ -215,31 +245,39 @@ def test_expired_watch_ends_with_410_and_cannot_resume(kube, batch):
     started = time.monotonic()
     kube.expire_watches()
     thread.join(3)
-    assert time.monotonic() - started < 2   # the stream ended, not the timeout
+    assert time.monotonic() - started < 2  # the stream ended, not the timeout
     [error] = events
     assert isinstance(error, ApiException) and error.status == 410
-    with pytest.raises(ApiException) as caught:   # resuming from the old version: 410 too
-        list(watch.Watch().stream(batch.list_namespaced_job, NS, resource_version=rv,
-                                  timeout_seconds=1))
+    with pytest.raises(ApiException) as caught:  # resuming from the old version: 410 too
+        list(
+            watch.Watch().stream(
+                batch.list_namespaced_job, NS, resource_version=rv, timeout_seconds=1
+            )
+        )
     assert caught.value.status == 410
 
 
 # -- Jobs -----------------------------------------------------------------------------------
 
+
 def test_conditions_in_the_1_31_order_with_finalize(kube, batch):
     batch.create_namespaced_job(NS, job_body("f"))
     pod = kube.start_pod("f")
-    kube.fail("f", "BackoffLimitExceeded", "Job has reached the specified backoff limit",
-              terminal=False)
+    kube.fail(
+        "f", "BackoffLimitExceeded", "Job has reached the specified backoff limit", terminal=False
+    )
     job = batch.read_namespaced_job("f", NS).to_dict()
     assert [c["type"] for c in job["status"]["conditions"]] == ["FailureTarget"]
-    assert kube.pod(pod)["metadata"]["deletionTimestamp"]   # still terminating
+    assert kube.pod(pod)["metadata"]["deletionTimestamp"]  # still terminating
     kube.finalize("f")
     job = kube.job("f")
-    assert conditions(job) == [("FailureTarget", "True", "BackoffLimitExceeded"),
-                               ("Failed", "True", "BackoffLimitExceeded")]
-    assert job["status"]["conditions"][1]["message"] == \
-        "Job has reached the specified backoff limit"
+    assert conditions(job) == [
+        ("FailureTarget", "True", "BackoffLimitExceeded"),
+        ("Failed", "True", "BackoffLimitExceeded"),
+    ]
+    assert (
+        job["status"]["conditions"][1]["message"] == "Job has reached the specified backoff limit"
+    )
     assert kube.pod(pod) is None
 
     batch.create_namespaced_job(NS, job_body("s"))
@@ -263,24 +301,26 @@ def test_suspended_job_has_no_pod_until_admitted_and_patch_suspends_it(kube, bat
     job = batch.read_namespaced_job("q", NS)
     assert job.spec.suspend is False and job.status.start_time is not None
     assert [(c.type, c.status, c.reason) for c in job.status.conditions] == [
-        ("Suspended", "False", "JobResumed")]
+        ("Suspended", "False", "JobResumed")
+    ]
     pod = kube.start_pod("q")
     patched = batch.patch_namespaced_job("q", NS, {"spec": {"suspend": True}})
     assert patched.spec.suspend is True and patched.metadata.generation == 3
     assert conditions(kube.job("q")) == [("Suspended", "True", "JobSuspended")]
     assert kube.pod(pod) is None and kube.job("q")["status"]["active"] == 0
     events = {e.reason: e.count for e in core.list_namespaced_event(NS).items}
-    assert events == {"Suspended": 2, "Resumed": 1}   # the same event again is counted
+    assert events == {"Suspended": 2, "Resumed": 1}  # the same event again is counted
 
 
 def test_patch_keeps_the_kubectl_annotation_merge(kube, batch):
     batch.create_namespaced_job(NS, job_body("p"))
     batch.patch_namespaced_job("p", NS, {"metadata": {"annotations": {"a": "1"}}})
-    batch.patch_namespaced_job("p", NS, {"metadata": {"annotations": {"b": "2"},
-                                                      "labels": {"app": None}}})
+    batch.patch_namespaced_job(
+        "p", NS, {"metadata": {"annotations": {"b": "2"}, "labels": {"app": None}}}
+    )
     meta = kube.job("p")["metadata"]
     assert meta["annotations"] == {"a": "1", "b": "2"} and "app" not in meta["labels"]
-    assert meta["generation"] == 1   # metadata only
+    assert meta["generation"] == 1  # metadata only
 
 
 def test_delete_policies(kube, batch, core):
@@ -293,24 +333,30 @@ def test_delete_policies(kube, batch, core):
     assert code == 200 and "child pods are preserved" in headers["Warning"]
     eventually(lambda: kube.job("orphan") is None)
     orphan = core.read_namespaced_pod(pods["orphan"], NS)
-    assert not orphan.metadata.owner_references   # left behind, ownerless
+    assert not orphan.metadata.owner_references  # left behind, ownerless
 
     batch.delete_namespaced_job("background", NS, propagation_policy="Background")
-    assert kube.job("background") is None   # at once
+    assert kube.job("background") is None  # at once
     eventually(lambda: kube.pod(pods["background"]) is None)
 
-    answer = batch.delete_namespaced_job("foreground", NS,
-                                         body=client.V1DeleteOptions(
-                                             propagation_policy="Foreground"))
+    answer = batch.delete_namespaced_job(
+        "foreground", NS, body=client.V1DeleteOptions(propagation_policy="Foreground")
+    )
     # The client returns a dict here: the Job, still there while it is being deleted.
     assert answer["kind"] == "Job" and answer["metadata"]["finalizers"] == ["foregroundDeletion"]
     assert answer["metadata"]["deletionTimestamp"]
     eventually(lambda: kube.job("foreground") is None)
     assert kube.pod(pods["foreground"]) is None
-    assert kube.deletions == [("orphan", None), ("background", "Background"),
-                              ("foreground", "Foreground")]
-    types = [(e[2], e[3]["metadata"]["name"]) for e in kube.history if e[1] == "jobs"
-             and e[3]["metadata"]["name"] == "foreground"]
+    assert kube.deletions == [
+        ("orphan", None),
+        ("background", "Background"),
+        ("foreground", "Foreground"),
+    ]
+    types = [
+        (e[2], e[3]["metadata"]["name"])
+        for e in kube.history
+        if e[1] == "jobs" and e[3]["metadata"]["name"] == "foreground"
+    ]
     assert [t for t, _ in types] == ["ADDED", "MODIFIED", "MODIFIED", "DELETED"]
 
 
@@ -338,9 +384,15 @@ def test_namespaces(kube, batch, core):
         batch.create_namespaced_job("nope", job_body("a"))
     assert caught.value.status == 404
     assert json.loads(caught.value.body) == {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": 'namespaces "nope" not found', "reason": "NotFound",
-        "details": {"name": "nope", "kind": "namespaces"}, "code": 404}
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'namespaces "nope" not found',
+        "reason": "NotFound",
+        "details": {"name": "nope", "kind": "namespaces"},
+        "code": 404,
+    }
     assert core.read_namespace(NS).status.phase == "Active"
     with pytest.raises(ApiException) as caught:
         core.read_namespace("nope")
@@ -361,60 +413,84 @@ def test_serviceaccounts_secrets_configmaps(kube, core):
 
 # -- authorization --------------------------------------------------------------------------
 
+
 def test_denied_requests_get_the_rbac_message(kube, api, batch, core):
     batch.create_namespaced_job(NS, job_body("a"))
     pod = kube.start_pod("a")
-    kube.denied = {("create", "batch", "jobs"), ("list", "", "pods"),
-                   ("get", "", "pods/log"), ("watch", "batch", "jobs")}
+    kube.denied = {
+        ("create", "batch", "jobs"),
+        ("list", "", "pods"),
+        ("get", "", "pods/log"),
+        ("watch", "batch", "jobs"),
+    }
     cases = [
-        (lambda: batch.create_namespaced_job(NS, job_body("b")),
-         'jobs.batch is forbidden: User "fake" cannot create resource "jobs" in API group '
-         '"batch" in the namespace "vsgd"'),
-        (lambda: core.list_namespaced_pod(NS),
-         'pods is forbidden: User "fake" cannot list resource "pods" in API group "" in the '
-         'namespace "vsgd"'),
-        (lambda: core.read_namespaced_pod_log(pod, NS),
-         f'pods "{pod}" is forbidden: User "fake" cannot get resource "pods/log" in API group '
-         f'"" in the namespace "vsgd"'),
-        (lambda: list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1)),
-         'jobs.batch is forbidden: User "fake" cannot watch resource "jobs" in API group '
-         '"batch" in the namespace "vsgd"')]
+        (
+            lambda: batch.create_namespaced_job(NS, job_body("b")),
+            'jobs.batch is forbidden: User "fake" cannot create resource "jobs" in API group '
+            '"batch" in the namespace "vsgd"',
+        ),
+        (
+            lambda: core.list_namespaced_pod(NS),
+            'pods is forbidden: User "fake" cannot list resource "pods" in API group "" in the '
+            'namespace "vsgd"',
+        ),
+        (
+            lambda: core.read_namespaced_pod_log(pod, NS),
+            f'pods "{pod}" is forbidden: User "fake" cannot get resource "pods/log" in API group '
+            f'"" in the namespace "vsgd"',
+        ),
+        (
+            lambda: list(watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1)),
+            'jobs.batch is forbidden: User "fake" cannot watch resource "jobs" in API group '
+            '"batch" in the namespace "vsgd"',
+        ),
+    ]
     for call, message in cases:
         with pytest.raises(ApiException) as caught:
             call()
         assert caught.value.status == 403
         assert json.loads(caught.value.body)["message"] == message
-    batch.read_namespaced_job("a", NS)   # get is not denied
+    batch.read_namespaced_job("a", NS)  # get is not denied
 
     authz = client.AuthorizationV1Api(api)
 
     def review(verb, resource, group="", subresource=None):
-        body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=client.V1ResourceAttributes(
-                namespace=NS, verb=verb, group=group, resource=resource,
-                subresource=subresource)))
+        body = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=NS, verb=verb, group=group, resource=resource, subresource=subresource
+                )
+            )
+        )
         return authz.create_self_subject_access_review(body).status.allowed
 
     assert review("create", "jobs", "batch") is False
     assert review("get", "jobs", "batch") is True
     assert review("get", "pods", subresource="log") is False
     assert [(r["verb"], r["resource"]) for r in kube.access_reviews] == [
-        ("create", "jobs"), ("get", "jobs"), ("get", "pods")]
+        ("create", "jobs"),
+        ("get", "jobs"),
+        ("get", "pods"),
+    ]
 
 
 # -- events, pods ---------------------------------------------------------------------------
 
+
 def test_events_and_field_selectors(kube, batch, core):
     job = batch.create_namespaced_job(NS, job_body("a"))
-    message = ('pods "a-abcde" is forbidden: error looking up service account vsgd/vsgd-train: '
-               'serviceaccount "vsgd-train" not found')
+    message = (
+        'pods "a-abcde" is forbidden: error looking up service account vsgd/vsgd-train: '
+        'serviceaccount "vsgd-train" not found'
+    )
     kube.refuse_pods("a", message)
-    kube.refuse_pods("a", message)   # the same again: counted
+    kube.refuse_pods("a", message)  # the same again: counted
     pod = kube.start_pod("a")
     kube.event(kube.pod(pod), "BackOff", "Back-off pulling image")
     assert kube.pods_of("a")[0]["metadata"]["name"] == pod
     [event] = core.list_namespaced_event(
-        NS, field_selector=f"involvedObject.uid={job.metadata.uid},reason=FailedCreate").items
+        NS, field_selector=f"involvedObject.uid={job.metadata.uid},reason=FailedCreate"
+    ).items
     assert event.message == "Error creating: " + message and event.count == 2
     assert event.type == "Warning" and event.source.component == "job-controller"
     assert event.involved_object.kind == "Job" and event.metadata.name.startswith("a.")
@@ -433,35 +509,39 @@ def test_waiting_reasons_scheduling_and_termination_messages(kube, batch, core):
     read = core.read_namespaced_pod(pull, NS)
     assert read.status.phase == "Pending"
     assert read.status.container_statuses[0].state.waiting.reason == "ErrImagePull"
-    assert kube.job("w")["status"]["active"] == 1   # a Pending pod is active
+    assert kube.job("w")["status"]["active"] == 1  # a Pending pod is active
     kube.set_waiting(pull, "ImagePullBackOff", 'Back-off pulling image "vsgd:1"')
     state = core.read_namespaced_pod(pull, NS).status.container_statuses[0].state
     assert state.waiting.reason == "ImagePullBackOff"
     meta = read.metadata
     assert meta.labels["batch.kubernetes.io/job-name"] == meta.labels["job-name"] == "w"
     uid = kube.job("w")["metadata"]["uid"]
-    assert meta.labels["batch.kubernetes.io/controller-uid"] == meta.labels["controller-uid"] \
-        == uid
+    assert meta.labels["batch.kubernetes.io/controller-uid"] == meta.labels["controller-uid"] == uid
     assert [(r.kind, r.name, r.uid, r.controller) for r in meta.owner_references] == [
-        ("Job", "w", uid, True)]
+        ("Job", "w", uid, True)
+    ]
 
     stuck = kube.unschedulable_pod("w")
     read = core.read_namespaced_pod(stuck, NS)
     assert read.status.phase == "Pending" and read.status.container_statuses is None
     [scheduled] = read.status.conditions
-    assert (scheduled.type, scheduled.status, scheduled.reason) == ("PodScheduled", "False",
-                                                                    "Unschedulable")
+    assert (scheduled.type, scheduled.status, scheduled.reason) == (
+        "PodScheduled",
+        "False",
+        "Unschedulable",
+    )
     assert "Insufficient nvidia.com/gpu" in scheduled.message
-    [event] = core.list_namespaced_event(NS, field_selector=f"involvedObject.name={stuck}"
-                                         ).items
+    [event] = core.list_namespaced_event(NS, field_selector=f"involvedObject.name={stuck}").items
     assert (event.reason, event.source.component) == ("FailedScheduling", "default-scheduler")
     assert kube.job("w")["status"]["active"] == 2
 
     kube.pod_failed("w", pull, exit_code=137, reason="OOMKilled", message="out of memory")
-    terminated = core.read_namespaced_pod(pull, NS).status.container_statuses[0].state \
-        .terminated
+    terminated = core.read_namespaced_pod(pull, NS).status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason, terminated.message) == (
-        137, "OOMKilled", "out of memory")
+        137,
+        "OOMKilled",
+        "out of memory",
+    )
 
 
 def test_label_selectors(kube, batch):
@@ -469,8 +549,9 @@ def test_label_selectors(kube, batch):
         batch.create_namespaced_job(NS, job_body(name, labels={"tier": tier} if tier else {}))
 
     def names(selector):
-        return sorted(j.metadata.name for j in
-                      batch.list_namespaced_job(NS, label_selector=selector).items)
+        return sorted(
+            j.metadata.name for j in batch.list_namespaced_job(NS, label_selector=selector).items
+        )
 
     assert names("tier in (a, b)") == ["x", "y"]
     assert names("tier notin (a)") == ["y", "z"]
@@ -482,6 +563,7 @@ def test_label_selectors(kube, batch):
 
 # -- as strict as a real API server ---------------------------------------------------------
 
+
 def test_dry_run_runs_admission(kube, batch, core):
     """A dry run is validated and admitted exactly like the create it stands for, and
     persists nothing (KEP-576): https://kubernetes.io/docs/reference/using-api/api-concepts/#dry-run
@@ -492,24 +574,29 @@ def test_dry_run_runs_admission(kube, batch, core):
         batch.create_namespaced_job(NS, invalid, dry_run="All")
     assert caught.value.status == 422
     message = json.loads(caught.value.body)["message"]
-    assert message.startswith('Job.batch "Bad_Name" is invalid: [metadata.name: Invalid value: '
-                              '"Bad_Name": a lowercase RFC 1123 subdomain must consist of')
-    assert 'spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: ' \
-           '"OnFailure", "Never"' in message
+    assert message.startswith(
+        'Job.batch "Bad_Name" is invalid: [metadata.name: Invalid value: '
+        '"Bad_Name": a lowercase RFC 1123 subdomain must consist of'
+    )
+    assert (
+        'spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: '
+        '"OnFailure", "Never"' in message
+    )
 
     # ResourceQuota: checked by a dry run, nothing reserved by one.
     kube.add_quota("two-jobs", {"count/jobs.batch": 2})
     batch.create_namespaced_job(NS, job_body("a"))
     batch.create_namespaced_job(NS, job_body("b"), dry_run="All")
-    batch.create_namespaced_job(NS, job_body("c"), dry_run="All")   # b reserved nothing
+    batch.create_namespaced_job(NS, job_body("c"), dry_run="All")  # b reserved nothing
     batch.create_namespaced_job(NS, job_body("b"))
-    for name, dry_run in (("c", "All"), ("c", None), ("a", "All")):   # full; "a" exists too,
-        with pytest.raises(ApiException) as caught:                 # but quota comes first
+    for name, dry_run in (("c", "All"), ("c", None), ("a", "All")):  # full; "a" exists too,
+        with pytest.raises(ApiException) as caught:  # but quota comes first
             batch.create_namespaced_job(NS, job_body(name), dry_run=dry_run)
         assert caught.value.status == 403
         assert json.loads(caught.value.body)["message"] == (
             f'jobs.batch "{name}" is forbidden: exceeded quota: two-jobs, requested: '
-            f'count/jobs.batch=1, used: count/jobs.batch=2, limited: count/jobs.batch=2')
+            f"count/jobs.batch=1, used: count/jobs.batch=2, limited: count/jobs.batch=2"
+        )
     quota = core.read_namespaced_resource_quota("two-jobs", NS)
     assert quota.status.used == {"count/jobs.batch": "2"}
     assert sorted(j["metadata"]["name"] for j in kube.jobs()) == ["a", "b"]
@@ -519,19 +606,26 @@ def test_dry_run_runs_admission(kube, batch, core):
     # Pod Security: a Job's pod template is warned about (warn mode), its pods refused
     # (enforce mode applies to pods only).
     # https://kubernetes.io/docs/concepts/security/pod-security-admission/#workload-resources-and-pod-templates
-    kube.label_namespace(NS, {"pod-security.kubernetes.io/enforce": "restricted",
-                              "pod-security.kubernetes.io/warn": "restricted"})
-    _, code, headers = batch.create_namespaced_job_with_http_info(NS, job_body("p"),
-                                                                  dry_run="All")
+    kube.label_namespace(
+        NS,
+        {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/warn": "restricted",
+        },
+    )
+    _, code, headers = batch.create_namespaced_job_with_http_info(NS, job_body("p"), dry_run="All")
     assert code == 201 and headers["Warning"].startswith(
-        '299 - "would violate PodSecurity \\"restricted:latest\\": ')
+        '299 - "would violate PodSecurity \\"restricted:latest\\": '
+    )
     assert "Privilege Escalation: containers[train]" in headers["Warning"]
     _, code, headers = batch.create_namespaced_job_with_http_info(NS, job_body("p"))
     assert code == 201 and "would violate PodSecurity" in headers["Warning"]
     assert kube.start_pod("p") is None and kube.pods_of("p") == []
     [event] = core.list_namespaced_event(NS, field_selector="reason=FailedCreate").items
-    assert event.message.startswith('Error creating: pods "p-') and \
-        'is forbidden: violates PodSecurity "restricted:latest": ' in event.message
+    assert (
+        event.message.startswith('Error creating: pods "p-')
+        and 'is forbidden: violates PodSecurity "restricted:latest": ' in event.message
+    )
 
     # A webhook is told whether the request is a dry run; a dry run stores nothing.
     seen = []
@@ -548,18 +642,23 @@ def test_a_pod_over_its_quota_is_refused_with_failed_create(kube, batch, core):
     for name in ("a", "b"):
         body = job_body(name)
         body["spec"]["template"]["spec"]["containers"][0]["resources"] = {
-            "limits": {"nvidia.com/gpu": "1", "memory": "8Gi"}}
+            "limits": {"nvidia.com/gpu": "1", "memory": "8Gi"}
+        }
         batch.create_namespaced_job(NS, body)
     assert kube.start_pod("a") is not None
     assert kube.start_pod("b") is None
     [event] = core.list_namespaced_event(NS, field_selector="reason=FailedCreate").items
     assert event.involved_object.name == "b" and event.message.startswith(
-        'Error creating: pods "b-')
+        'Error creating: pods "b-'
+    )
     assert event.message.endswith(
         " is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: "
-        "requests.nvidia.com/gpu=1, limited: requests.nvidia.com/gpu=1")
+        "requests.nvidia.com/gpu=1, limited: requests.nvidia.com/gpu=1"
+    )
     assert core.read_namespaced_resource_quota("gpus", NS).status.used == {
-        "requests.nvidia.com/gpu": "1", "requests.memory": "8Gi"}
+        "requests.nvidia.com/gpu": "1",
+        "requests.memory": "8Gi",
+    }
 
 
 def test_rbac_honours_resource_names(kube, api, batch, core):
@@ -571,28 +670,48 @@ def test_rbac_honours_resource_names(kube, api, batch, core):
     kube.add_object("secrets", "regcred")
     kube.add_object("secrets", "vsgd-credentials", ns="default")
     kube.bind_role(role["rules"], NS)
-    kube.bind_role([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"],
-                     "resourceNames": ["vsgd-endpoints"]}], NS)
+    kube.bind_role(
+        [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "verbs": ["list"],
+                "resourceNames": ["vsgd-endpoints"],
+            }
+        ],
+        NS,
+    )
 
-    core.read_namespaced_secret("vsgd-credentials", NS)   # named in the Role
+    core.read_namespaced_secret("vsgd-credentials", NS)  # named in the Role
     core.list_namespaced_config_map(NS, field_selector="metadata.name=vsgd-endpoints")
     batch.create_namespaced_job(NS, job_body("a"))
     forbidden = [
-        (lambda: core.list_namespaced_config_map(NS),
-         'configmaps is forbidden: User "fake" cannot list resource "configmaps" in API '
-         'group "" in the namespace "vsgd"'),
-        (lambda: core.read_namespaced_secret("regcred", NS),
-         'secrets "regcred" is forbidden: User "fake" cannot get resource "secrets" in API '
-         'group "" in the namespace "vsgd"'),
-        (lambda: core.list_namespaced_secret(NS),
-         'secrets is forbidden: User "fake" cannot list resource "secrets" in API group "" '
-         'in the namespace "vsgd"'),
-        (lambda: core.read_namespaced_secret("vsgd-credentials", "default"),
-         'secrets "vsgd-credentials" is forbidden: User "fake" cannot get resource "secrets" '
-         'in API group "" in the namespace "default"'),
-        (lambda: batch.list_namespaced_job("default"),
-         'jobs.batch is forbidden: User "fake" cannot list resource "jobs" in API group '
-         '"batch" in the namespace "default"')]
+        (
+            lambda: core.list_namespaced_config_map(NS),
+            'configmaps is forbidden: User "fake" cannot list resource "configmaps" in API '
+            'group "" in the namespace "vsgd"',
+        ),
+        (
+            lambda: core.read_namespaced_secret("regcred", NS),
+            'secrets "regcred" is forbidden: User "fake" cannot get resource "secrets" in API '
+            'group "" in the namespace "vsgd"',
+        ),
+        (
+            lambda: core.list_namespaced_secret(NS),
+            'secrets is forbidden: User "fake" cannot list resource "secrets" in API group "" '
+            'in the namespace "vsgd"',
+        ),
+        (
+            lambda: core.read_namespaced_secret("vsgd-credentials", "default"),
+            'secrets "vsgd-credentials" is forbidden: User "fake" cannot get resource "secrets" '
+            'in API group "" in the namespace "default"',
+        ),
+        (
+            lambda: batch.list_namespaced_job("default"),
+            'jobs.batch is forbidden: User "fake" cannot list resource "jobs" in API group '
+            '"batch" in the namespace "default"',
+        ),
+    ]
     for call, message in forbidden:
         with pytest.raises(ApiException) as caught:
             call()
@@ -602,9 +721,13 @@ def test_rbac_honours_resource_names(kube, api, batch, core):
     authz = client.AuthorizationV1Api(api)
 
     def review(verb, resource, name=None, namespace=NS):
-        body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=client.V1ResourceAttributes(
-                namespace=namespace, verb=verb, resource=resource, name=name)))
+        body = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=namespace, verb=verb, resource=resource, name=name
+                )
+            )
+        )
         return authz.create_self_subject_access_review(body).status.allowed
 
     assert review("get", "secrets", "vsgd-credentials") is True
@@ -628,21 +751,27 @@ def test_logs_of_a_waiting_container_are_a_400(kube, batch, core):
         return body["message"]
 
     pod = kube.start_pod("w", phase="Pending")
-    assert refusal(pod, container="train") == \
-        f'container "train" in pod "{pod}" is waiting to start: ContainerCreating'
+    assert (
+        refusal(pod, container="train")
+        == f'container "train" in pod "{pod}" is waiting to start: ContainerCreating'
+    )
     kube.set_waiting(pod, "ErrImagePull", "not found")
-    assert refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: image ' \
-                           f"can't be pulled"
+    assert (
+        refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: image '
+        f"can't be pulled"
+    )
     kube.set_waiting(pod, "ImagePullBackOff", "Back-off")
-    assert refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: trying ' \
-                           f'and failing to pull image'
+    assert (
+        refusal(pod) == f'container "train" in pod "{pod}" is waiting to start: trying '
+        f"and failing to pull image"
+    )
     assert refusal(pod, container="other") == f"container other is not valid for pod {pod}"
     stuck = kube.unschedulable_pod("w")
     assert refusal(stuck) == f"pod {stuck} does not have a host assigned"
     running = kube.start_pod("w", log=["step 1"])
     assert core.read_namespaced_pod_log(running, NS, container="train") == "step 1\n"
     kube.end_pod(running, 1)
-    assert core.read_namespaced_pod_log(running, NS) == "step 1\n"   # terminated: kept
+    assert core.read_namespaced_pod_log(running, NS) == "step 1\n"  # terminated: kept
 
 
 def test_lists_are_ordered_by_name(kube, batch, core):
@@ -652,12 +781,18 @@ def test_lists_are_ordered_by_name(kube, batch, core):
     for name in ("m", "z", "a", "k"):
         batch.create_namespaced_job(NS, job_body(name))
         kube.add_object("configmaps", f"cm-{name}")
-    assert [j.metadata.name for j in batch.list_namespaced_job(NS).items] == \
-        ["a", "k", "m", "z"]
-    assert [c.metadata.name for c in core.list_namespaced_config_map(NS).items] == \
-        ["cm-a", "cm-k", "cm-m", "cm-z", "vsgd-endpoints"]
-    added = [e["object"].metadata.name for e in watch.Watch().stream(
-        batch.list_namespaced_job, NS, timeout_seconds=1)]
+    assert [j.metadata.name for j in batch.list_namespaced_job(NS).items] == ["a", "k", "m", "z"]
+    assert [c.metadata.name for c in core.list_namespaced_config_map(NS).items] == [
+        "cm-a",
+        "cm-k",
+        "cm-m",
+        "cm-z",
+        "vsgd-endpoints",
+    ]
+    added = [
+        e["object"].metadata.name
+        for e in watch.Watch().stream(batch.list_namespaced_job, NS, timeout_seconds=1)
+    ]
     assert added == ["a", "k", "m", "z"]
 
 
@@ -668,15 +803,27 @@ def test_delete_preconditions(kube, batch):
     kube.delete_job("d")
     new = batch.create_namespaced_job(NS, job_body("d")).metadata.uid
     with pytest.raises(ApiException) as caught:
-        batch.delete_namespaced_job("d", NS, body=client.V1DeleteOptions(
-            propagation_policy="Background", preconditions=client.V1Preconditions(uid=old)))
+        batch.delete_namespaced_job(
+            "d",
+            NS,
+            body=client.V1DeleteOptions(
+                propagation_policy="Background", preconditions=client.V1Preconditions(uid=old)
+            ),
+        )
     assert caught.value.status == 409
     status = json.loads(caught.value.body)
     assert status["reason"] == "Conflict" and status["message"].startswith(
-        'Operation cannot be fulfilled on jobs.batch "d": StorageError: invalid object')
+        'Operation cannot be fulfilled on jobs.batch "d": StorageError: invalid object'
+    )
     assert status["message"].endswith(
-        f"Precondition failed: UID in precondition: {old}, UID in object meta: {new}")
+        f"Precondition failed: UID in precondition: {old}, UID in object meta: {new}"
+    )
     assert kube.job("d") is not None and kube.deletions == []
-    batch.delete_namespaced_job("d", NS, body=client.V1DeleteOptions(
-        propagation_policy="Background", preconditions=client.V1Preconditions(uid=new)))
+    batch.delete_namespaced_job(
+        "d",
+        NS,
+        body=client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=client.V1Preconditions(uid=new)
+        ),
+    )
     assert kube.job("d") is None

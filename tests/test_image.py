@@ -11,10 +11,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from pipeline import image
 
@@ -35,8 +35,9 @@ def source_copy(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     for name in image.PACKAGES:
-        shutil.copytree(ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     return src
 
 
@@ -50,25 +51,39 @@ def built(project_wheel, installed_project):
 
 def in_installed(installed, *args, code=None, env=None, cwd):
     command = [sys.executable, *(("-c", code) if code else args)]
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": str(installed),
-                               "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.run(
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(installed), "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     return proc
 
 
 def test_installed_package_computes_the_tag_the_checkout_built(built, tmp_path):
     """An in-cluster launcher running the image asks for the image it runs in."""
     src, installed = built
-    probe = ("import json, pipeline, pipeline.image as i; print(json.dumps({'file': "
-             "pipeline.__file__, 'version': i.image_version(), 'tag': i.image_tag()}))")
+    probe = (
+        "import json, pipeline, pipeline.image as i; print(json.dumps({'file': "
+        "pipeline.__file__, 'version': i.image_version(), 'tag': i.image_tag()}))"
+    )
     proc = in_installed(installed, code=probe, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(found["file"]).is_relative_to(installed), found   # not the checkout
+    assert Path(found["file"]).is_relative_to(installed), found  # not the checkout
     assert found["version"] == image.image_version(src)
     assert found["tag"] == image.image_tag(src)
-    cli = in_installed(installed, "-m", "pipeline", "image", "--repository",
-                       "registry.example.com/vsgd-repro", cwd=tmp_path)
+    cli = in_installed(
+        installed,
+        "-m",
+        "pipeline",
+        "image",
+        "--repository",
+        "registry.example.com/vsgd-repro",
+        cwd=tmp_path,
+    )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip() == f"registry.example.com/vsgd-repro:{image.image_tag(src)}"
 
@@ -98,8 +113,9 @@ def test_stray_files_in_the_checkout_do_not_change_the_tag(tmp_path):
     assert image.image_version(src) == before
 
 
-@pytest.mark.parametrize("change", ["module", "template", "rename", "new module",
-                                    "optimizer package"])
+@pytest.mark.parametrize(
+    "change", ["module", "template", "rename", "new module", "optimizer package"]
+)
 def test_any_shipped_change_is_a_new_tag(tmp_path, change):
     src = source_copy(tmp_path)
     before = image.image_tag(src)
@@ -111,7 +127,7 @@ def test_any_shipped_change_is_a_new_tag(tmp_path, change):
             f.write("# changed\n")
     elif change == "rename":
         (src / "pipeline" / "redact.py").rename(src / "pipeline" / "redaction.py")
-    elif change == "optimizer package":   # the image installs what this file lists
+    elif change == "optimizer package":  # the image installs what this file lists
         with open(src / "pipeline" / "requirements-optimizers.txt", "a") as f:
             f.write("pytorch_optimizer==4.1.0\n")
     else:
@@ -132,12 +148,14 @@ def test_tag_is_a_valid_image_tag_of_the_project_version():
     version = pyproject()["project"]["version"]
     assert tag == f"{version}-{image.image_version()[:12]}"
     assert image.image_ref() == f"vsgd-repro:{tag}" and image.DEFAULT_REPOSITORY == "vsgd-repro"
-    assert image.image_ref("registry.example.com/team/vsgd") == \
-        f"registry.example.com/team/vsgd:{tag}"
+    assert (
+        image.image_ref("registry.example.com/team/vsgd") == f"registry.example.com/team/vsgd:{tag}"
+    )
 
 
 def test_cli_prints_the_reference_or_only_the_tag(capsys):
     from pipeline.__main__ import main
+
     assert main(["image"]) == 0
     assert capsys.readouterr().out.strip() == image.image_ref()
     assert main(["image", "--repository", "registry.example.com/vsgd-repro"]) == 0
@@ -164,24 +182,29 @@ def make_dry_run(tmp_path, *args, status=""):
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "git").write_text(FAKE_GIT)
     (bin_dir / "git").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_GIT_STATUS": status}
-    proc = subprocess.run(["make", "-n", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_GIT_STATUS": status,
+    }
+    proc = subprocess.run(
+        ["make", "-n", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.replace("\\\n", " ")
 
 
 def recipe_line(output, command):
-    [line] = [l for l in output.splitlines() if l.split()[:2] == command]
+    [line] = [text for text in output.splitlines() if text.split()[:2] == command]
     return line.split()
 
 
 def test_make_image_builds_the_tag_of_this_code(tmp_path):
-    out = make_dry_run(tmp_path, "image", "REGISTRY=registry.example.com/",
-                       status=" M pipeline/image.py\n")
+    out = make_dry_run(
+        tmp_path, "image", "REGISTRY=registry.example.com/", status=" M pipeline/image.py\n"
+    )
     build = recipe_line(out, ["docker", "build"])
-    tag = image.image_tag(ROOT)   # now, not cached: others may edit the checkout meanwhile
+    tag = image.image_tag(ROOT)  # now, not cached: others may edit the checkout meanwhile
     assert build[build.index("-t") + 1] == f"registry.example.com/vsgd-repro:{tag}"
     assert f"IMAGE_TAG={tag}" in build
     # Uncommitted changes: the content hash is the tag, the commit says it is not the commit.
@@ -194,26 +217,33 @@ def test_make_image_records_a_clean_commit_and_works_with_other_engines(tmp_path
     ref = image.image_ref(root=ROOT)
     build = recipe_line(out, ["podman", "build"])
     assert "GIT_COMMIT=0123456789abcdef0123456789abcdef01234567" in build
-    assert build[build.index("-t") + 1] == ref == f"vsgd-repro:{image.image_tag(ROOT)}"   # kind
+    assert build[build.index("-t") + 1] == ref == f"vsgd-repro:{image.image_tag(ROOT)}"  # kind
     assert recipe_line(out, ["podman", "push"]) == ["podman", "push", ref]
     assert f"echo {image.image_ref(root=ROOT)}" in make_dry_run(tmp_path, "image-ref")
 
 
 # -- the Dockerfile --------------------------------------------------------------------------
 
+
 def dockerfile_instructions():
     """(instruction, arguments) of the Dockerfile, continuation lines joined as Docker does."""
     text = re.sub(r"\\\n", "", (ROOT / "Dockerfile").read_text())
-    return [tuple(line.split(None, 1)) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        tuple(line.split(None, 1))
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def build_check():
     """The Python code of the Dockerfile's build-time check."""
-    [run] = [args for op, args in dockerfile_instructions()
-             if op == "RUN" and "pip install --no-deps ." in args]
+    [run] = [
+        args
+        for op, args in dockerfile_instructions()
+        if op == "RUN" and "pip install --no-deps ." in args
+    ]
     code = re.search(r'python -c "(.*)"\s*$', run)
-    assert code and "\\" not in code[1] and "$" not in code[1], run   # no shell escapes
+    assert code and "\\" not in code[1] and "$" not in code[1], run  # no shell escapes
     return code[1]
 
 
@@ -222,12 +252,14 @@ def test_dockerfile_check_fails_a_build_from_another_tree(built, tmp_path):
     computed from must not be built at all."""
     src, installed = built
     code = build_check()
-    good = in_installed(installed, code=code, cwd=tmp_path,
-                        env={"VSGD_IMAGE_TAG": image.image_tag(src)})
+    good = in_installed(
+        installed, code=code, cwd=tmp_path, env={"VSGD_IMAGE_TAG": image.image_tag(src)}
+    )
     assert good.returncode == 0, good.stderr
     assert image.image_tag(src) in good.stdout
-    bad = in_installed(installed, code=code, cwd=tmp_path,
-                       env={"VSGD_IMAGE_TAG": "0.1.0-000000000000"})
+    bad = in_installed(
+        installed, code=code, cwd=tmp_path, env={"VSGD_IMAGE_TAG": "0.1.0-000000000000"}
+    )
     assert bad.returncode != 0 and "not IMAGE_TAG 0.1.0-000000000000" in bad.stderr
 
 
@@ -258,8 +290,13 @@ def dockerignore_excludes(path):
 
 def test_dockerfile_copies_only_what_the_build_context_holds():
     """A COPY of a file .dockerignore leaves out fails the build ("not found")."""
-    sources = [src for op, args in dockerfile_instructions() if op == "COPY"
-               for src in args.split()[:-1] if not src.startswith("--")]
+    sources = [
+        src
+        for op, args in dockerfile_instructions()
+        if op == "COPY"
+        for src in args.split()[:-1]
+        if not src.startswith("--")
+    ]
     assert {"dvc.yaml", "params.yaml", "vsgd", "pipeline"} <= set(sources)
     missing = [src for src in sources if dockerignore_excludes(src)]
     assert not missing, f".dockerignore leaves out what the Dockerfile copies: {missing}"
@@ -269,12 +306,15 @@ def test_the_image_installs_the_listed_optimizer_packages_and_only_those(tmp_pat
     """The Dockerfile's step for pipeline/requirements-optimizers.txt, replayed with a
     stand-in `python` that records what pip would install: nothing for the shipped file (only
     comments), the listed packages with the lock's pins once one is added."""
-    [run] = [a for op, a in dockerfile_instructions()
-             if op == "RUN" and "requirements-optimizers.txt" in a]
+    [run] = [
+        a
+        for op, a in dockerfile_instructions()
+        if op == "RUN" and "requirements-optimizers.txt" in a
+    ]
     step = run.split(" && python -m pip install --no-deps")[0]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
     (bin_dir / "python").chmod(0o755)
     (tmp_path / "pipeline").mkdir()
     listed = tmp_path / "pipeline" / "requirements-optimizers.txt"
@@ -288,5 +328,6 @@ def test_the_image_installs_the_listed_optimizer_packages_and_only_those(tmp_pat
     listed.write_text((ROOT / "pipeline" / "requirements-optimizers.txt").read_text())
     assert replay() == ""
     listed.write_text(listed.read_text() + "pytorch_optimizer==4.1.0\n")
-    assert replay() == ("-m pip install -c /app/requirements.lock -r "
-                        "pipeline/requirements-optimizers.txt\n")
+    assert replay() == (
+        "-m pip install -c /app/requirements.lock -r pipeline/requirements-optimizers.txt\n"
+    )

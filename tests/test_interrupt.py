@@ -21,24 +21,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_spec, untimed
 
-from conftest import ROOT, run_spec
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes, to_bytes
 from vsgd.tracking import Tracker
 from vsgd.trainer import Stopped, train
 
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 # Subprocess runs: a line per step; the only checkpoint before the end is the signal's.
 ITERATIONS = 16
-CLI_RUN = dict(iterations=ITERATIONS, batch_size=4, optimizer=VSGD, eval_every=5,
-               log_every=1, beta1_every=4, checkpoint_every=1000)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": str(ROOT)}
+CLI_RUN = dict(
+    iterations=ITERATIONS,
+    batch_size=4,
+    optimizer=VSGD,
+    eval_every=5,
+    log_every=1,
+    beta1_every=4,
+    checkpoint_every=1000,
+)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "VSGD_TEE_LOG", "VSGD_STOP_WITH_LAUNCHER"):
     ENV.pop(key, None)
-UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
-                     if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")}
 
 
 def outputs(spec) -> dict:
@@ -46,9 +57,11 @@ def outputs(spec) -> dict:
     out = Path(spec["output_dir"])
     with open(out / "curve.csv") as f:
         curve = list(csv.DictReader(f))
-    return {"metrics": UNTIMED(json.loads((out / "metrics.json").read_text())),
-            "curve": curve,
-            "beta1": (out / "beta1.csv").read_text() if (out / "beta1.csv").exists() else None}
+    return {
+        "metrics": untimed(json.loads((out / "metrics.json").read_text())),
+        "curve": curve,
+        "beta1": (out / "beta1.csv").read_text() if (out / "beta1.csv").exists() else None,
+    }
 
 
 def final_state(spec) -> dict:
@@ -74,9 +87,14 @@ def write_spec(spec, path: Path) -> Path:
 
 
 def start(spec_file, env=ENV, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def logged_steps(text: str) -> list[int]:
@@ -98,7 +116,8 @@ def reference(data_root, tmp_path_factory):
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_training_saves_the_step_reached_and_resumes_bit_identical(
-        data_root, tmp_path, reference, signum, code):
+    data_root, tmp_path, reference, signum, code
+):
     spec = run_spec(data_root, tmp_path, **CLI_RUN)
     spec_file = write_spec(spec, tmp_path / "spec.json")
     proc = start(spec_file)
@@ -113,8 +132,10 @@ def test_signal_mid_training_saves_the_step_reached_and_resumes_bit_identical(
     reached = logged_steps(out)[-1]
     assert 3 <= reached < ITERATIONS, out
     name = signal.Signals(signum).name
-    assert f"stopped by {name} at step {reached}/{ITERATIONS}: checkpoint saved, run again " \
-           "to resume" in out, out
+    assert (
+        f"stopped by {name} at step {reached}/{ITERATIONS}: checkpoint saved, run again "
+        "to resume" in out
+    ), out
     assert "Traceback" not in out
     # The checkpoint is the step the run had reached, though no checkpoint was due there.
     assert from_bytes(LocalCheckpointStore(spec["checkpoint"]).load())["step"] == reached
@@ -141,8 +162,9 @@ def in_process_reference(data_root, tmp_path_factory):
 # SGD (the default; cheaper in process than VSGD, whose resume the subprocess runs cover).
 # Log points at 4 (log), 5 (evaluation), 8 (log) and 10 (the last): a stop after step 7 falls
 # inside the window that starts at 5.
-IN_PROCESS = dict(iterations=10, batch_size=4, log_every=4, eval_every=5, beta1_every=1000,
-                  checkpoint_every=1000)
+IN_PROCESS = dict(
+    iterations=10, batch_size=4, log_every=4, eval_every=5, beta1_every=1000, checkpoint_every=1000
+)
 
 
 def _seen(step, info):
@@ -158,11 +180,13 @@ def stop_after(polls: int):
     def stop():
         count.append(1)
         return len(count) == polls
+
     return stop
 
 
-def test_stop_inside_a_log_window_resumes_with_the_whole_window(data_root, tmp_path,
-                                                                in_process_reference):
+def test_stop_inside_a_log_window_resumes_with_the_whole_window(
+    data_root, tmp_path, in_process_reference
+):
     ref, ref_seen = in_process_reference
     spec = run_spec(data_root, tmp_path, **IN_PROCESS)
     store = LocalCheckpointStore(spec["checkpoint"])
@@ -174,8 +198,11 @@ def test_stop_inside_a_log_window_resumes_with_the_whole_window(data_root, tmp_p
     assert saved["window"]["seconds"] > 0  # steps 6 and 7 were timed
 
     seen = []
-    resumed = train(spec, checkpoint_store=store,
-                    progress=lambda step, total, info: seen.append(_seen(step, info)))
+    resumed = train(
+        spec,
+        checkpoint_store=store,
+        progress=lambda step, total, info: seen.append(_seen(step, info)),
+    )
     # Step 8's train_loss and train_acc are those of the whole window 6..8, as if never
     # stopped; and the stopped process's seconds count in the run's time per step.
     assert seen == [s for s in ref_seen if s[0] > 7]
@@ -183,8 +210,9 @@ def test_stop_inside_a_log_window_resumes_with_the_whole_window(data_root, tmp_p
     assert resumed["seconds_per_iter"] * 10 >= saved["seconds"] + saved["window"]["seconds"]
 
 
-def test_checkpoint_without_a_window_still_resumes_exactly(data_root, tmp_path,
-                                                           in_process_reference):
+def test_checkpoint_without_a_window_still_resumes_exactly(
+    data_root, tmp_path, in_process_reference
+):
     """A checkpoint written before checkpoints had windows: its window starts at its step
     (always a log point then)."""
     ref, ref_seen = in_process_reference
@@ -196,14 +224,18 @@ def test_checkpoint_without_a_window_still_resumes_exactly(data_root, tmp_path,
     assert saved["step"] == 4 and saved.pop("window") is None
     store.save(to_bytes(saved))
     seen = []
-    train(spec, checkpoint_store=store,
-          progress=lambda step, total, info: seen.append(_seen(step, info)))
+    train(
+        spec,
+        checkpoint_store=store,
+        progress=lambda step, total, info: seen.append(_seen(step, info)),
+    )
     assert seen == [s for s in ref_seen if s[0] > 4]
     assert outputs(spec) == outputs(ref)
 
 
-def test_stop_event_without_a_checkpoint_store_stops_after_one_step(data_root, tmp_path,
-                                                                   monkeypatch):
+def test_stop_event_without_a_checkpoint_store_stops_after_one_step(
+    data_root, tmp_path, monkeypatch
+):
     ended = []  # the status the MLflow run is ended with (tests/test_tracking.py: KILLED)
     monkeypatch.setattr(Tracker, "finish", lambda self, status="FINISHED": ended.append(status))
     stop = threading.Event()
@@ -216,17 +248,21 @@ def test_stop_event_without_a_checkpoint_store_stops_after_one_step(data_root, t
     assert ended == ["KILLED"]
 
 
-def test_sigterm_while_the_data_is_staged_stops_at_once_without_a_checkpoint(data_root,
-                                                                             tmp_path):
+def test_sigterm_while_the_data_is_staged_stops_at_once_without_a_checkpoint(data_root, tmp_path):
     """The dataset download hangs (an S3 endpoint that accepts and never answers); SIGTERM
     then ends the run at once, long before any timeout of the download."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(120)
     spec = run_spec(data_root, tmp_path, iterations=3)
     spec["data"]["uri"] = "s3://bucket/dvc/files/md5/ab/" + "c" * 30 + ".dir"
-    env = {**ENV, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server.getsockname()[1]}",
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "VSGD_SCRATCH": str(tmp_path / "scratch")}
+    env = {
+        **ENV,
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server.getsockname()[1]}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "VSGD_SCRATCH": str(tmp_path / "scratch"),
+    }
     proc = start(write_spec(spec, tmp_path / "spec.json"), env=env)
     try:
         conn, _ = server.accept()
@@ -283,29 +319,46 @@ HARNESS = textwrap.dedent("""
 def executor_setup(tmp_path, ignore_sigterm=False, grace=120):
     (tmp_path / "fake_run.py").write_text(FAKE_RUN)
     (tmp_path / "harness.py").write_text(HARNESS)
-    spec = {"name": "fake", "run_hash": "hash-fake", "output_dir": str(tmp_path / "out"),
-            "record": str(tmp_path / "record.txt"), "ignore_sigterm": ignore_sigterm}
+    spec = {
+        "name": "fake",
+        "run_hash": "hash-fake",
+        "output_dir": str(tmp_path / "out"),
+        "record": str(tmp_path / "record.txt"),
+        "ignore_sigterm": ignore_sigterm,
+    }
     from pipeline.executors import write_spec as write_run_spec
+
     write_run_spec(spec)
-    harness = [sys.executable, str(tmp_path / "harness.py"),
-               str(Path(spec["output_dir"]) / "spec.json"), str(tmp_path / "fake_run.py"),
-               str(grace)]
+    harness = [
+        sys.executable,
+        str(tmp_path / "harness.py"),
+        str(Path(spec["output_dir"]) / "spec.json"),
+        str(tmp_path / "fake_run.py"),
+        str(grace),
+    ]
     return harness, tmp_path / "record.txt"
 
 
 def wait_for(path: Path, text: str, proc=None, timeout=60):
     deadline = time.monotonic() + timeout
     while not (path.exists() and text in path.read_text()):
-        assert time.monotonic() < deadline and (proc is None or proc.poll() is None), \
+        assert time.monotonic() < deadline and (proc is None or proc.poll() is None), (
             path.read_text() if path.exists() else "no record"
+        )
         time.sleep(0.05)
 
 
 def test_ctrl_c_of_the_executor_gives_each_run_one_sigterm_and_waits_for_it(tmp_path):
     harness, record = executor_setup(tmp_path)
     # As a terminal does: the executor is the foreground process group, Ctrl-C signals it.
-    proc = subprocess.Popen(harness, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        harness,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(record, "ready", proc)
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=60)[0]
@@ -317,8 +370,9 @@ def test_ctrl_c_of_the_executor_gives_each_run_one_sigterm_and_waits_for_it(tmp_
 
 def test_a_run_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
     harness, record = executor_setup(tmp_path, ignore_sigterm=True, grace=1)
-    proc = subprocess.Popen(harness, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        harness, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for(record, "ready", proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
@@ -340,8 +394,11 @@ def test_executor_under_dvc_stops_its_runs_when_dvc_dies(tmp_path):
     stops its runs as if it had the SIGTERM."""
     harness, record = executor_setup(tmp_path)
     (tmp_path / "launcher.py").write_text(LAUNCHER)
-    launcher = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), *harness],
-                                env={**ENV, "DVC_STAGE": "train"}, start_new_session=True)
+    launcher = subprocess.Popen(
+        [sys.executable, str(tmp_path / "launcher.py"), *harness],
+        env={**ENV, "DVC_STAGE": "train"},
+        start_new_session=True,
+    )
     try:
         wait_for(record, "ready", launcher)
         launcher.kill()  # as SIGTERM kills dvc: at once, signalling nobody
@@ -358,10 +415,17 @@ def test_executor_under_dvc_stops_its_runs_when_dvc_dies(tmp_path):
 
 
 def dvc_env(shell: str) -> dict:
-    return {**ENV, "DVC_NO_ANALYTICS": "1", "SHELL": shell, "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-            # the stage calls `python`: this interpreter's environment
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **ENV,
+        "DVC_NO_ANALYTICS": "1",
+        "SHELL": shell,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        # the stage calls `python`: this interpreter's environment
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +435,9 @@ def dvc_initialised(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("dvc-init") / "repo"
     repo.mkdir()
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, env=dvc_env("/bin/sh"), check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            cmd, cwd=repo, env=dvc_env("/bin/sh"), check=True, capture_output=True, timeout=120
+        )
     return repo
 
 
@@ -381,7 +446,8 @@ def dvc_repo(tmp_path, spec_file, initialised: Path) -> Path:
     repo = tmp_path / "repo"
     shutil.copytree(initialised, repo, symlinks=True)
     (repo / "dvc.yaml").write_text(
-        f"stages:\n  train:\n    cmd: python -m pipeline.train --spec {spec_file}\n")
+        f"stages:\n  train:\n    cmd: python -m pipeline.train --spec {spec_file}\n"
+    )
     return repo
 
 
@@ -394,29 +460,42 @@ def trainer_pids(spec_file) -> list[int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if argv[1:4] == [b"-m", b"pipeline.train", b"--spec"] and \
-                argv[4] == str(spec_file).encode() and state != "Z":
+        if (
+            argv[1:4] == [b"-m", b"pipeline.train", b"--spec"]
+            and argv[4] == str(spec_file).encode()
+            and state != "Z"
+        ):
             pids.append(int(proc.name))
     return pids
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how,shell", [
-    ("kill", "/bin/sh"),       # SIGTERM to `dvc repro` alone; its stage runs under dash
-    # SIGTERM to the whole process group: the run gets it and sees DVC die, one request
-    pytest.param("kill-group", "/bin/sh", marks=pytest.mark.extended),
-    ("ctrl-c", "/bin/bash"),   # SIGINT to its process group, as a terminal's Ctrl-C
-])
-def test_dvc_repro_stopped_mid_training_loses_no_step(data_root, tmp_path, reference, how,
-                                                      shell, dvc_initialised):
+@pytest.mark.parametrize(
+    "how,shell",
+    [
+        ("kill", "/bin/sh"),  # SIGTERM to `dvc repro` alone; its stage runs under dash
+        # SIGTERM to the whole process group: the run gets it and sees DVC die, one request
+        pytest.param("kill-group", "/bin/sh", marks=pytest.mark.extended),
+        ("ctrl-c", "/bin/bash"),  # SIGINT to its process group, as a terminal's Ctrl-C
+    ],
+)
+def test_dvc_repro_stopped_mid_training_loses_no_step(
+    data_root, tmp_path, reference, how, shell, dvc_initialised
+):
     env = dvc_env(shell)
     spec = run_spec(data_root, tmp_path, **CLI_RUN)
     spec_file = write_spec(spec, tmp_path / "spec.json")
     repo = dvc_repo(tmp_path, spec_file, dvc_initialised)
     log = tmp_path / "repro.log"
     with log.open("w") as f:
-        dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=f,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        dvc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 240
         while not logged_steps(log.read_text()) or logged_steps(log.read_text())[-1] < 3:
@@ -441,8 +520,9 @@ def test_dvc_repro_stopped_mid_training_loses_no_step(data_root, tmp_path, refer
     assert from_bytes(LocalCheckpointStore(spec["checkpoint"]).load())["step"] == reached
     assert not (Path(spec["output_dir"]) / "metrics.json").exists()
 
-    again = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        ["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"from its checkpoint at step {reached}/{ITERATIONS}" in again.stdout + again.stderr
     assert outputs(spec) == outputs(reference)

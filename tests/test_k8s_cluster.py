@@ -27,11 +27,12 @@ JOBS = "/apis/batch/v1/namespaces/vsgd/jobs"
 
 def created(kube):
     """Jobs really created (dry runs aside)."""
-    return [r for r in kube.requests if r == ("POST", JOBS)][len(kube.dry_runs):]
+    return [r for r in kube.requests if r == ("POST", JOBS)][len(kube.dry_runs) :]
 
 
 def finish_ok(kube, store, specs):
     """A cluster where every Job's pod runs and completes."""
+
     def cluster(job):
         name = job["metadata"]["name"]
         if job["spec"].get("suspend"):
@@ -40,40 +41,52 @@ def finish_ok(kube, store, specs):
         kube.clock.sleep(0.2)
         store(spec_of(job, specs))
         kube.complete(name)
+
     return cluster
 
 
 # -- results come from the code they claim ---------------------------------------------------
 
+
 def test_a_stale_image_is_reported_as_stale_and_not_retried(kube, store):
     params, specs = grid(optimizers="[vsgd]")
-    message = ("invalid configuration: stale image: this image's code version 0123456789ab is "
-               "not the launcher's 89abcdef0123 (run hash 1111 != 2222); rebuild and push "
-               "the image (make image)")
+    message = (
+        "invalid configuration: stale image: this image's code version 0123456789ab is "
+        "not the launcher's 89abcdef0123 (run hash 1111 != 2222); rebuild and push "
+        "the image (make image)"
+    )
 
     def cluster(job):
         name = job["metadata"]["name"]
         pod = kube.start_pod(name, log=[message])
         kube.pod_failed(name, pod, exit_code=78, message=message)
-        kube.fail(name, "PodFailurePolicy", f"Container train for pod vsgd/{pod} failed with "
-                  "exit code 78 matching FailJob rule at index 1")
+        kube.fail(
+            name,
+            "PodFailurePolicy",
+            f"Container train for pod vsgd/{pod} failed with "
+            "exit code 78 matching FailJob rule at index 1",
+        )
 
     kube.on_create = cluster
     [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok
     assert outcome.error.startswith("image is stale: rebuild and push")
     assert "0123456789ab" in outcome.error and "89abcdef0123" in outcome.error
-    assert len(created(kube)) == 1   # one Job, one pod: nothing retried
+    assert len(created(kube)) == 1  # one Job, one pod: nothing retried
 
 
 def test_a_job_requesting_gpus_tells_the_pod_to_require_cuda(kube):
     params, specs = grid(optimizers="[vsgd]")
-    env = {e["name"]: e.get("value") for e in
-           render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env.get("VSGD_REQUIRE_CUDA") == "1"
     params, specs = grid("executor.kubernetes.gpus=0", optimizers="[vsgd]")
-    env = {e["name"]: e.get("value") for e in
-           render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert "VSGD_REQUIRE_CUDA" not in env
 
 
@@ -85,14 +98,26 @@ def test_more_than_one_gpu_per_run_is_refused():
 
 # -- nothing silent --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("reasons, expected", [
-    ((("ErrImagePull", 'failed to pull image "vsgd-repro:gone": not found'),
-      ("ImagePullBackOff", 'Back-off pulling image "vsgd-repro:gone"')), "ImagePullBackOff"),
-    ((("CreateContainerConfigError", 'secret "vsgd-credentials" not found'),),
-     'secret "vsgd-credentials" not found'),
-])
-def test_a_pod_that_cannot_start_fails_its_run_after_the_grace_period(kube, store, reasons,
-                                                                      expected):
+
+@pytest.mark.parametrize(
+    "reasons, expected",
+    [
+        (
+            (
+                ("ErrImagePull", 'failed to pull image "vsgd-repro:gone": not found'),
+                ("ImagePullBackOff", 'Back-off pulling image "vsgd-repro:gone"'),
+            ),
+            "ImagePullBackOff",
+        ),
+        (
+            (("CreateContainerConfigError", 'secret "vsgd-credentials" not found'),),
+            'secret "vsgd-credentials" not found',
+        ),
+    ],
+)
+def test_a_pod_that_cannot_start_fails_its_run_after_the_grace_period(
+    kube, store, reasons, expected
+):
     params, specs = grid("executor.kubernetes.start_grace=2", optimizers="[vsgd]")
 
     def cluster(job):
@@ -115,24 +140,30 @@ def test_a_pod_that_cannot_start_fails_its_run_after_the_grace_period(kube, stor
 
 def test_a_job_whose_pods_are_refused_fails_with_the_failed_create_event(kube, store):
     params, specs = grid("executor.kubernetes.start_grace=1", optimizers="[vsgd]")
-    refusal = ('Error creating: pods "x-abcde" is forbidden: error looking up service account '
-               'vsgd/vsgd-train: serviceaccount "vsgd-train" not found')
+    refusal = (
+        'Error creating: pods "x-abcde" is forbidden: error looking up service account '
+        'vsgd/vsgd-train: serviceaccount "vsgd-train" not found'
+    )
     kube.on_create = lambda job: kube.refuse_pods(job["metadata"]["name"], refusal)
     [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok
-    assert "FailedCreate" in outcome.error and 'serviceaccount "vsgd-train" not found' in \
-        outcome.error
+    assert (
+        "FailedCreate" in outcome.error and 'serviceaccount "vsgd-train" not found' in outcome.error
+    )
 
 
 def test_an_unschedulable_pod_waits_within_its_limit_and_fails_beyond_it(kube, store):
-    params, specs = grid("executor.kubernetes.start_grace=1",
-                         "executor.kubernetes.unschedulable_limit=3", optimizers="[sgd, vsgd]")
+    params, specs = grid(
+        "executor.kubernetes.start_grace=1",
+        "executor.kubernetes.unschedulable_limit=3",
+        optimizers="[sgd, vsgd]",
+    )
     waiting, stuck = specs
 
     def cluster(job):
         name = job["metadata"]["name"]
         kube.unschedulable_pod(name)
-        if spec_of(job, specs) is waiting:   # a GPU frees up within the limit
+        if spec_of(job, specs) is waiting:  # a GPU frees up within the limit
             kube.clock.sleep(1.5)
             kube.start_pod(name)
             store(waiting)
@@ -157,7 +188,7 @@ def test_preflight_reports_every_problem_before_any_job_is_submitted(kube, store
     assert "serviceaccount vsgd/vsgd-train does not exist" in text
     assert "secret vsgd/vsgd-credentials does not exist" in text
     assert "missing right: delete jobs" in text and "missing right: get pods/log" in text
-    assert len(err.value.problems) == 5   # the four, and "nothing was submitted"
+    assert len(err.value.problems) == 5  # the four, and "nothing was submitted"
     assert kube.jobs() == [] and created(kube) == [] and len(kube.dry_runs) == 1
 
 
@@ -169,21 +200,49 @@ def test_a_missing_namespace_is_found_by_the_dry_run(kube, store):
     assert kube.jobs() == []
 
 
-@pytest.mark.real_time   # the executor runs in a subprocess, on the real clock
+@pytest.mark.real_time  # the executor runs in a subprocess, on the real clock
 def test_the_stage_exits_78_when_the_preflight_fails(kube, tmp_path):
     """Through `python -m pipeline train`: a cluster problem is a configuration problem."""
     from conftest import fake_prepared
+
     fake_prepared(tmp_path / "data")
     kube.remove_object("configmaps", "vsgd-endpoints")
     env = {**os.environ, "KUBECONFIG": os.environ["KUBECONFIG"]}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--params", str(PARAMS),
-         "--set", "preset=ci", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]",
-         "--set", "optimizers=[vsgd]", "--set", "tune.enabled=false",
-         "--set", f"data.root={tmp_path / 'data'}", "--set", "storage.remote=s3://vsgd/grid",
-         "--set", "storage.endpoint_url=http://127.0.0.1:9", "--set", "executor.kind=kubernetes",
-         "--set", "executor.kubernetes.image=vsgd-repro:test"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--params",
+            str(PARAMS),
+            "--set",
+            "preset=ci",
+            "--set",
+            "datasets=[cifar100]",
+            "--set",
+            "archs=[vgg]",
+            "--set",
+            "optimizers=[vsgd]",
+            "--set",
+            "tune.enabled=false",
+            "--set",
+            f"data.root={tmp_path / 'data'}",
+            "--set",
+            "storage.remote=s3://vsgd/grid",
+            "--set",
+            "storage.endpoint_url=http://127.0.0.1:9",
+            "--set",
+            "executor.kind=kubernetes",
+            "--set",
+            "executor.kubernetes.image=vsgd-repro:test",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 78, result.stderr[-2000:]
     assert "configmap vsgd/vsgd-endpoints does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -248,7 +307,7 @@ def test_an_outage_beyond_the_budget_leaves_the_jobs_running_for_the_next_start(
     out = io.StringIO()
     with pytest.raises(Detached):
         executor(params, store, out, kube.clock).run(specs)
-    assert kube.job(name) is not None and kube.deletions == []   # nothing marked or stopped
+    assert kube.job(name) is not None and kube.deletions == []  # nothing marked or stopped
     assert "keep running" in out.getvalue() and "adopt" in out.getvalue()
     while not kube.outage_over():
         kube.clock.sleep(0.2)
@@ -263,14 +322,15 @@ def test_an_outage_beyond_the_budget_leaves_the_jobs_running_for_the_next_start(
 
 # -- no step lost, nothing crossed -----------------------------------------------------------
 
+
 def test_a_job_of_another_pipeline_on_the_same_run_is_never_adopted(kube, store):
     params, specs = grid(optimizers="[vsgd]")
     other, _ = grid("storage.remote=s3://other/store", optimizers="[vsgd]")
-    theirs = render_job(specs[0], other)   # same run hash, another pipeline's store
+    theirs = render_job(specs[0], other)  # same run hash, another pipeline's store
     kube.create_job(theirs)
     kube.start_pod(theirs["metadata"]["name"])
     owned, _ = grid("executor.kubernetes.owner=alice", optimizers="[vsgd]")
-    kube.create_job(render_job(specs[0], owned))   # same store, an owned pipeline
+    kube.create_job(render_job(specs[0], owned))  # same store, an owned pipeline
     kube.on_create = finish_ok(kube, store, specs)
     out = io.StringIO()
     [outcome] = executor(params, store, out, kube.clock).run(specs)
@@ -290,7 +350,7 @@ def test_the_log_of_a_failed_run_comes_from_its_own_job_not_an_older_one(kube, s
     kube.create_job(render_job(specs[0], params))
     old = kube.start_pod(name, log=["old pod: an unrelated old failure"])
     api_delete(name)
-    assert kube.pods_of(name)   # the orphan still carries the run-hash label
+    assert kube.pods_of(name)  # the orphan still carries the run-hash label
 
     def cluster(job):
         pod = kube.start_pod(name, log=["new pod: RuntimeError: CUDA error"])
@@ -311,7 +371,7 @@ def test_a_failure_target_is_not_final_while_the_pods_still_terminate(kube, stor
         name = job["metadata"]["name"]
         pod = kube.start_pod(name)
         kube.fail(name, "PodFailurePolicy", "exit code 78", terminal=False)
-        kube.clock.sleep(2.5)    # more than one watch window
+        kube.clock.sleep(2.5)  # more than one watch window
         seen["finished early"] = "FAILED" in out.getvalue()
         kube.pod_failed(name, pod, exit_code=78)
         kube.finalize(name)
@@ -364,8 +424,9 @@ def stale_setup(kube, store, tmp_path):
     return params, specs, earlier
 
 
-def test_jobs_of_an_earlier_grid_are_reported_by_the_stage_and_left_alone(kube, store,
-                                                                         tmp_path, capsys):
+def test_jobs_of_an_earlier_grid_are_reported_by_the_stage_and_left_alone(
+    kube, store, tmp_path, capsys
+):
     params, specs, earlier = stale_setup(kube, store, tmp_path)
     report_stale(params, "train")
     err = capsys.readouterr().err
@@ -375,26 +436,40 @@ def test_jobs_of_an_earlier_grid_are_reported_by_the_stage_and_left_alone(kube, 
     assert kube.deletions == []
 
 
-@pytest.mark.real_time   # the jobs command runs in a subprocess, on the real clock
+@pytest.mark.real_time  # the jobs command runs in a subprocess, on the real clock
 def test_jobs_cancel_stale_stops_only_the_earlier_grid(kube, store, tmp_path):
     params, specs, earlier = stale_setup(kube, store, tmp_path)
-    args = ["--params", str(PARAMS)] + [a for kv in (
-        "preset=ci", "datasets=[cifar100]", "archs=[vgg]", "optimizers=[vsgd]",
-        "tune.enabled=false", "storage.remote=s3://vsgd/grid", "executor.kind=kubernetes")
-        for a in ("--set", kv)]
+    args = ["--params", str(PARAMS)] + [
+        a
+        for kv in (
+            "preset=ci",
+            "datasets=[cifar100]",
+            "archs=[vgg]",
+            "optimizers=[vsgd]",
+            "tune.enabled=false",
+            "storage.remote=s3://vsgd/grid",
+            "executor.kind=kubernetes",
+        )
+        for a in ("--set", kv)
+    ]
     env = {**os.environ}
 
     def jobs(*argv):
-        return subprocess.run([sys.executable, "-m", "pipeline", "jobs", *argv, *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", "jobs", *argv, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     listing = jobs("list")
     assert listing.returncode == 0, listing.stderr
     lines = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:-1]}
     assert lines[job_name(earlier[0], params)][1:3] == ["running", "stale"]
     assert lines[job_name(specs[0], params)][1:3] == ["running", "current"]
-    assert jobs("cancel").returncode == 78          # which ones? never a guess
+    assert jobs("cancel").returncode == 78  # which ones? never a guess
     result = jobs("cancel", "--stale")
     assert result.returncode == 0, result.stderr
     assert kube.deletions == [(job_name(earlier[0], params), "Background")]
@@ -403,16 +478,20 @@ def test_jobs_cancel_stale_stops_only_the_earlier_grid(kube, store, tmp_path):
 
 # -- queues and scale ------------------------------------------------------------------------
 
+
 def test_kueue_queued_jobs_are_all_submitted_and_shown_as_queued(kube, store):
-    params, specs = grid(f"executor.kubernetes.labels={{{QUEUE_LABEL}: gpu-queue}}",
-                         "executor.kubernetes.suspend=true", "executor.max_parallel=null",
-                         optimizers="[sgd, adam, vsgd]")
+    params, specs = grid(
+        f"executor.kubernetes.labels={{{QUEUE_LABEL}: gpu-queue}}",
+        "executor.kubernetes.suspend=true",
+        "executor.max_parallel=null",
+        optimizers="[sgd, adam, vsgd]",
+    )
     finish = finish_ok(kube, store, specs)
 
     def admit_later():
         while len(kube.jobs()) < 3:
             kube.clock.sleep(0.1)
-        kube.clock.sleep(1.5)    # a progress window while queued
+        kube.clock.sleep(1.5)  # a progress window while queued
         for job in kube.jobs():
             kube.admit(job["metadata"]["name"])
             finish(kube.job(job["metadata"]["name"]))
@@ -431,17 +510,19 @@ def test_kueue_queued_jobs_are_all_submitted_and_shown_as_queued(kube, store):
 
 
 def test_labels_annotations_and_scratch_request_reach_the_job():
-    params, specs = grid("executor.kubernetes.labels={team: vision}",
-                         "executor.kubernetes.annotations={example.com/note: 'a b'}",
-                         "executor.kubernetes.scratch_size=50Gi", optimizers="[vsgd]")
+    params, specs = grid(
+        "executor.kubernetes.labels={team: vision}",
+        "executor.kubernetes.annotations={example.com/note: 'a b'}",
+        "executor.kubernetes.scratch_size=50Gi",
+        optimizers="[vsgd]",
+    )
     job = render_job(specs[0], params)
     assert job["metadata"]["labels"]["team"] == "vision"
     assert job["spec"]["template"]["metadata"]["labels"]["team"] == "vision"
     assert job["metadata"]["annotations"]["example.com/note"] == "a b"
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["requests"]["ephemeral-storage"] == "50Gi"
-    scratch = next(v for v in job["spec"]["template"]["spec"]["volumes"]
-                   if v["name"] == "scratch")
+    scratch = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "scratch")
     assert scratch["emptyDir"]["sizeLimit"] == "50Gi"
     assert "suspend" not in job["spec"]
     with pytest.raises(ConfigError) as err:
@@ -451,10 +532,19 @@ def test_labels_annotations_and_scratch_request_reach_the_job():
 
 def test_the_default_image_is_tagged_with_the_code_it_runs():
     from pipeline.image import image_tag
-    image = lambda params, specs: (   # noqa: E731
-        render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    image = lambda params, specs: (  # noqa: E731
+        render_job(specs[0], params)["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
     assert image(*grid(optimizers="[vsgd]")) == f"vsgd-repro:{image_tag()}"
-    assert image(*grid("executor.kubernetes.image_repository=registry.example.com/team/vsgd",
-                       optimizers="[vsgd]")) == f"registry.example.com/team/vsgd:{image_tag()}"
+    assert (
+        image(
+            *grid(
+                "executor.kubernetes.image_repository=registry.example.com/team/vsgd",
+                optimizers="[vsgd]",
+            )
+        )
+        == f"registry.example.com/team/vsgd:{image_tag()}"
+    )
     pinned = "registry.example.com/vsgd-repro@sha256:" + "0" * 64
     assert image(*grid(f"executor.kubernetes.image={pinned}", optimizers="[vsgd]")) == pinned

@@ -28,11 +28,21 @@ OPT_LABEL = "vsgd-repro/optimizer"
 
 
 def grid(*overrides, optimizers="[sgd, adam, adamw, vsgd]"):
-    params = load_params(PARAMS, [
-        "preset=ci", "datasets=[cifar100]", "archs=[vgg]", f"optimizers={optimizers}",
-        "tune.enabled=false", "storage.remote=s3://vsgd/grid", "executor.kind=kubernetes",
-        "executor.kubernetes.progress_interval=1", "executor.kubernetes.log_tail_lines=5",
-        *overrides])
+    params = load_params(
+        PARAMS,
+        [
+            "preset=ci",
+            "datasets=[cifar100]",
+            "archs=[vgg]",
+            f"optimizers={optimizers}",
+            "tune.enabled=false",
+            "storage.remote=s3://vsgd/grid",
+            "executor.kind=kubernetes",
+            "executor.kubernetes.progress_interval=1",
+            "executor.kubernetes.log_tail_lines=5",
+            *overrides,
+        ],
+    )
     return params, expand(params)
 
 
@@ -46,6 +56,7 @@ def api_delete(name, namespace="vsgd"):
     from kubernetes import client
 
     from pipeline.k8s.client import connect
+
     client.BatchV1Api(connect()).delete_namespaced_job(name, namespace)
 
 
@@ -75,16 +86,18 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
         elif optimizer == "adam":
             kube.log(pod, "Traceback (most recent call last):", "RuntimeError: CUDA error")
             kube.pod_failed(name, pod, exit_code=1)
-            kube.fail(name, "BackoffLimitExceeded", "Job has reached the specified backoff "
-                                                    "limit")
+            kube.fail(name, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
         elif optimizer == "adamw":
-            kube.fail(name, "DeadlineExceeded", "Job was active longer than specified "
-                                                "deadline")
+            kube.fail(name, "DeadlineExceeded", "Job was active longer than specified deadline")
         else:
             kube.log(pod, "invalid configuration: optimizer.lr must be > 0")
             kube.pod_failed(name, pod, exit_code=78)
-            kube.fail(name, "PodFailurePolicy", f"Container train for pod vsgd/{pod} failed "
-                      "with exit code 78 matching FailJob rule at index 1")
+            kube.fail(
+                name,
+                "PodFailurePolicy",
+                f"Container train for pod vsgd/{pod} failed "
+                "with exit code 78 matching FailJob rule at index 1",
+            )
         with lock:
             active.discard(name)
 
@@ -93,7 +106,7 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
     outcomes = executor(params, store, out, kube.clock).run(specs)
 
     by_opt = {o.name.split("-")[2]: o for o in outcomes}
-    assert [o.name for o in outcomes] == [s["name"] for s in specs]   # input order
+    assert [o.name for o in outcomes] == [s["name"] for s in specs]  # input order
     assert by_opt["sgd"].ok and by_opt["sgd"].error is None
     sgd = next(s for s in specs if s["optimizer"]["name"] == "sgd")
     metrics = json.loads((Path(sgd["output_dir"]) / "metrics.json").read_text())
@@ -101,7 +114,10 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
     published = Path("store") / "results" / sgd["run_hash"] / "metrics.json"
     assert metrics == json.loads(published.read_text())
     assert (metrics["name"], metrics["run_hash"], metrics["test_acc"]) == (
-        sgd["name"], sgd["run_hash"], 0.61)
+        sgd["name"],
+        sgd["run_hash"],
+        0.61,
+    )
     assert "BackoffLimitExceeded" in by_opt["adam"].error
     assert "RuntimeError: CUDA error" in by_opt["adam"].log_tail
     assert "Failed: Error (exit 1)" in by_opt["adam"].log_tail
@@ -113,7 +129,7 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
     # Bounded by max_parallel, one Job per run, and nothing polled: one list, then watches.
     assert most[0] <= 2
     posts = [r for r in kube.requests if r == ("POST", "/apis/batch/v1/namespaces/vsgd/jobs")]
-    assert len(posts) == 4 + len(kube.dry_runs) and len(kube.dry_runs) == 1   # the preflight
+    assert len(posts) == 4 + len(kube.dry_runs) and len(kube.dry_runs) == 1  # the preflight
     text = out.getvalue()
     assert "FAILED" in text and "| RuntimeError: CUDA error" in text
     assert "done" in text and "submitted Job" in text
@@ -121,8 +137,10 @@ def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
 
 def test_jobs_carry_the_run_and_match_rendered_yaml(kube, store, tmp_path):
     params, specs = grid(optimizers="[vsgd]")
-    kube.on_create = lambda job: (store(spec_of(job, specs)), kube.complete(
-        job["metadata"]["name"]))
+    kube.on_create = lambda job: (
+        store(spec_of(job, specs)),
+        kube.complete(job["metadata"]["name"]),
+    )
     [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert outcome.ok
     [job] = kube.jobs()
@@ -149,7 +167,7 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
     kube.fail(job_name(failed, params), "BackoffLimitExceeded", "old failure")
     old_failed_uid = kube.job(job_name(failed, params))["metadata"]["uid"]
 
-    def cluster(job):   # only the replaced Job is created anew
+    def cluster(job):  # only the replaced Job is created anew
         spec = spec_of(job, specs)
         kube.start_pod(job["metadata"]["name"])
         store(spec)
@@ -167,10 +185,11 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
     outcomes = executor(params, store, out, kube.clock).run(specs)
 
     assert [o.ok for o in outcomes] == [True, True, True], [o.error for o in outcomes]
-    posts = [r for r in kube.requests if r[0] == "POST" and "jobs" in r[1]][len(kube.dry_runs):]
+    posts = [r for r in kube.requests if r[0] == "POST" and "jobs" in r[1]][len(kube.dry_runs) :]
     deletes = [r for r in kube.requests if r[0] == "DELETE"]
     assert len(posts) == 1 and deletes == [
-        ("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{job_name(failed, params)}")]
+        ("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{job_name(failed, params)}")
+    ]
     assert kube.job(job_name(failed, params))["metadata"]["uid"] != old_failed_uid
     assert {j["metadata"]["name"] for j in kube.jobs()} == {job_name(s, params) for s in specs}
     text = out.getvalue()
@@ -180,8 +199,11 @@ def test_resubmission_adopts_running_and_finished_jobs_and_replaces_failed_ones(
 
 def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
     # Watch windows longer than the test: each watch ends by what the scenario does to it.
-    params, specs = grid("executor.max_parallel=1", "executor.kubernetes.progress_interval=60",
-                         optimizers="[sgd, adam]")
+    params, specs = grid(
+        "executor.max_parallel=1",
+        "executor.kubernetes.progress_interval=60",
+        optimizers="[sgd, adam]",
+    )
     first, second = specs
 
     def cluster(job):
@@ -190,12 +212,12 @@ def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
         kube.start_pod(name)
         if spec is first:
             kube.await_watch(1)
-            kube.compact()        # history gone: resuming the watch must fail with 410
+            kube.compact()  # history gone: resuming the watch must fail with 410
             kube.cut_watches()
-            kube.await_watch(3)   # the resumed watch got 410; after a new list, a third
+            kube.await_watch(3)  # the resumed watch got 410; after a new list, a third
         else:
             kube.await_watch(4)
-            kube.cut_watches()    # network blip: resume from the last resourceVersion
+            kube.cut_watches()  # network blip: resume from the last resourceVersion
             kube.await_watch(5)
         store(spec)
         kube.complete(name)
@@ -208,25 +230,30 @@ def test_watch_survives_410_gone_and_a_cut_connection(kube, store):
     assert "410 Gone" in text and "listing the Jobs again" in text
     assert "watch connection lost" in text
     jobs = "/apis/batch/v1/namespaces/vsgd/jobs"
-    gets = [r for r in kube.requests if r == ("GET", jobs)]   # lists and watches
+    gets = [r for r in kube.requests if r == ("GET", jobs)]  # lists and watches
     watches = [path for path in kube.watches if path == jobs]
     # Nothing polled: the first list and the re-list after 410; for the first Job a watch
     # cut, its resumption (410) and one after the re-list, for the second a watch cut and
     # its resumption.
     assert len(watches) == 5 and len(gets) - len(watches) == 2
-    assert all(rv > 0 for rv in kube.watch_starts)   # every watch resumed from a version
+    assert all(rv > 0 for rv in kube.watch_starts)  # every watch resumed from a version
 
 
 def test_quota_refusal_is_reported_and_other_runs_go_on(kube, store):
     # A quota full of other work is waited for, up to start_grace: kept short here.
     params, specs = grid("executor.kubernetes.start_grace=1", optimizers="[sgd, adam]")
     refused = job_name(specs[1], params)
-    message = (f'jobs.batch "{refused}" is forbidden: exceeded quota: gpu-jobs, requested: '
-               f'count/jobs.batch=1, used: count/jobs.batch=4, limited: count/jobs.batch=4')
-    kube.reject_create = lambda job: ((403, "Forbidden", message)
-                                      if job["metadata"]["name"] == refused else None)
-    kube.on_create = lambda job: (store(spec_of(job, specs)),
-                                  kube.complete(job["metadata"]["name"]))
+    message = (
+        f'jobs.batch "{refused}" is forbidden: exceeded quota: gpu-jobs, requested: '
+        f"count/jobs.batch=1, used: count/jobs.batch=4, limited: count/jobs.batch=4"
+    )
+    kube.reject_create = lambda job: (
+        (403, "Forbidden", message) if job["metadata"]["name"] == refused else None
+    )
+    kube.on_create = lambda job: (
+        store(spec_of(job, specs)),
+        kube.complete(job["metadata"]["name"]),
+    )
     out = io.StringIO()
     ok, quota = executor(params, store, out, kube.clock).run(specs)
     assert ok.ok
@@ -243,7 +270,7 @@ def test_a_job_deleted_midway_fails_its_run_with_the_log(kube, store):
         name = job["metadata"]["name"]
         kube.start_pod(name, log=["step 1/3 loss 4.6"])
         kube.clock.sleep(0.3)
-        api_delete(name)   # its pod is left behind, with the log
+        api_delete(name)  # its pod is left behind, with the log
 
     kube.on_create = cluster
     [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
@@ -251,14 +278,14 @@ def test_a_job_deleted_midway_fails_its_run_with_the_log(kube, store):
     assert "step 1/3 loss 4.6" in outcome.log_tail
 
 
-@pytest.mark.real_time   # the watch windows end by the server's timeoutSeconds, in real time
+@pytest.mark.real_time  # the watch windows end by the server's timeoutSeconds, in real time
 def test_progress_shows_pod_state_and_last_log_line(kube, store):
     params, specs = grid(optimizers="[sgd]")
 
     def cluster(job):
         name = job["metadata"]["name"]
         pod = kube.start_pod(name, log=["step 2/3 loss 3.9 test_acc 0.12"])
-        kube.clock.sleep(2.5)    # more than one progress interval
+        kube.clock.sleep(2.5)  # more than one progress interval
         kube.log(pod, "done")
         store(spec_of(job, specs))
         kube.complete(name)
@@ -270,8 +297,7 @@ def test_progress_shows_pod_state_and_last_log_line(kube, store):
     assert "Running, 0 min | step 2/3 loss 3.9 test_acc 0.12" in out.getvalue()
 
 
-def test_get_executor_picks_kubernetes_and_reports_an_unreachable_config(monkeypatch,
-                                                                         tmp_path):
+def test_get_executor_picks_kubernetes_and_reports_an_unreachable_config(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -287,10 +313,15 @@ def test_get_executor_picks_kubernetes_and_reports_an_unreachable_config(monkeyp
 def test_kubectl_apply_of_a_rendered_job(kube, tmp_path):
     params, specs = grid(optimizers="[vsgd]")
     [path] = write_jobs(specs, params, tmp_path / "jobs")
-    env = {**os.environ, "HOME": str(tmp_path)}   # kubectl's discovery cache stays here
+    env = {**os.environ, "HOME": str(tmp_path)}  # kubectl's discovery cache stays here
     for expected in ("created", "unchanged"):
-        result = subprocess.run(["kubectl", "apply", "-f", str(path)], env=env, text=True,
-                                capture_output=True, timeout=60)
+        result = subprocess.run(
+            ["kubectl", "apply", "-f", str(path)],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert f"job.batch/{job_name(specs[0], params)} {expected}" in result.stdout
     [job] = kube.jobs()

@@ -23,9 +23,10 @@ from pipeline.config import load_params
 from pipeline.contract import RUN_MODULE
 from pipeline.grid import expand
 from pipeline.k8s import access as k8s_access
+from pipeline.k8s import names as k8s_names
 from pipeline.k8s import schema as k8s_schema
+from pipeline.k8s.names import parse_quantity
 from pipeline.k8s.render import MAX_NAME, RUN_HASH_LABEL, job_name, load_template, render_job
-from pipeline.k8s.schema import parse_quantity
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -37,8 +38,7 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def params_with(*overrides):
-    return load_params(PARAMS, ["storage.remote=s3://vsgd/grid", "tune.enabled=false",
-                                *overrides])
+    return load_params(PARAMS, ["storage.remote=s3://vsgd/grid", "tune.enabled=false", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,16 @@ def jobs():
     """The rendered Job of every run of the full grid and of VSGD's tuning runs (an lr grid,
     so that names carry dots), with the longest dataset and architecture names."""
     from pipeline.grid import tuning_specs
-    params = params_with("tune.enabled=true", "optimizer.vsgd.grid={lr: [0.001, 0.05]}",
-                         "optimizer.sgd.grid=null", "optimizer.adam.grid=null",
-                         "optimizer.adamw.grid=null", "seeds=[0, 1]")
-    selection = {(s["dataset"], s["arch_key"], "vsgd"): {"lr": 0.05}
-                 for s in tuning_specs(params)}
+
+    params = params_with(
+        "tune.enabled=true",
+        "optimizer.vsgd.grid={lr: [0.001, 0.05]}",
+        "optimizer.sgd.grid=null",
+        "optimizer.adam.grid=null",
+        "optimizer.adamw.grid=null",
+        "seeds=[0, 1]",
+    )
+    selection = {(s["dataset"], s["arch_key"], "vsgd"): {"lr": 0.05} for s in tuning_specs(params)}
     specs = tuning_specs(params) + expand(params, selection)
     return [render_job(spec, params) for spec in specs]
 
@@ -60,8 +65,9 @@ def kustomize(overlay):
 
 
 def kustomize_dir(path):
-    result = subprocess.run(["kubectl", "kustomize", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
@@ -72,8 +78,10 @@ def validate_strictly(obj):
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for {version} at "
-                        f"{where}: {exc.message}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} invalid for {version} at "
+                f"{where}: {exc.message}"
+            )
 
 
 def pod_specs(obj):
@@ -85,12 +93,14 @@ def pod_templates(obj):
     """(where, pod metadata, pod spec) of every pod a workload object creates."""
     if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
         template = obj["spec"]["template"]
-        yield f"{obj['kind']}/{obj['metadata']['name']}", template.get("metadata") or {}, \
-            template["spec"]
+        yield (
+            f"{obj['kind']}/{obj['metadata']['name']}",
+            template.get("metadata") or {},
+            template["spec"],
+        )
     elif obj["kind"] == "CronJob":
         template = obj["spec"]["jobTemplate"]["spec"]["template"]
-        yield f"CronJob/{obj['metadata']['name']}", template.get("metadata") or {}, \
-            template["spec"]
+        yield f"CronJob/{obj['metadata']['name']}", template.get("metadata") or {}, template["spec"]
     elif obj["kind"] == "Pod":
         yield f"Pod/{obj['metadata']['name']}", obj["metadata"], obj["spec"]
 
@@ -120,18 +130,44 @@ def pod_templates(obj):
 #                                         container)
 #              Capabilities               drop ALL; add NET_BIND_SERVICE at most
 
-BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
-                         "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
-                         "SYS_CHROOT"}
-SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t",
-                 "container_engine_t"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
-                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
-                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                      "persistentVolumeClaim", "projected", "secret"}
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 PROFILES = {"RuntimeDefault", "Localhost"}
 
 
@@ -140,9 +176,11 @@ def restricted_violations(pod, metadata=None):
     "<control>: <where>" lines; [] when it passes admission in a restricted namespace."""
     problems = []
     psc = pod.get("securityContext") or {}
-    containers = [(f"{kind}[{c['name']}]", c, c.get("securityContext") or {})
-                  for kind in ("containers", "initContainers", "ephemeralContainers")
-                  for c in pod.get(kind) or []]
+    containers = [
+        (f"{kind}[{c['name']}]", c, c.get("securityContext") or {})
+        for kind in ("containers", "initContainers", "ephemeralContainers")
+        for c in pod.get(kind) or []
+    ]
     contexts = [("pod", psc)] + [(where, sc) for where, _, sc in containers]
 
     def bad(control, where):
@@ -154,8 +192,11 @@ def restricted_violations(pod, metadata=None):
         if ((sc.get("appArmorProfile") or {}).get("type") or "RuntimeDefault") not in PROFILES:
             bad("AppArmor", where)
         selinux = sc.get("seLinuxOptions") or {}
-        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or \
-                selinux.get("role"):
+        if (
+            selinux.get("type", "") not in SELINUX_TYPES
+            or selinux.get("user")
+            or selinux.get("role")
+        ):
             bad("SELinux", where)
         if sc.get("runAsUser") == 0:
             bad("Running as Non-root user", where)
@@ -166,7 +207,8 @@ def restricted_violations(pod, metadata=None):
             bad("Host Namespaces", key)
     for name, value in (metadata or {}).get("annotations", {}).items():
         if name.startswith("container.apparmor.security.beta.kubernetes.io/") and not (
-                value == "runtime/default" or value.startswith("localhost/")):
+            value == "runtime/default" or value.startswith("localhost/")
+        ):
             bad("AppArmor", name)
     for sysctl in psc.get("sysctls") or []:
         if sysctl["name"] not in SAFE_SYSCTLS:
@@ -204,8 +246,9 @@ def restricted_violations(pod, metadata=None):
 
 # -- kustomize overlays --------------------------------------------------------------------
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl (with kustomize) not installed")
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed"
+)
 
 
 def test_there_are_overlays():
@@ -217,8 +260,15 @@ def test_there_are_overlays():
 def test_overlay_builds_and_validates(overlay):
     objects = kustomize(overlay)
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment",
-            "Service"} <= kinds
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+    } <= kinds
     for obj in objects:
         validate_strictly(obj)
         meta = obj["metadata"]
@@ -243,12 +293,19 @@ def test_launcher_role_grants_exactly_what_the_launcher_does():
     unused (rights nobody needs); the named objects' gets are limited to their defaults."""
     docs = list(yaml.safe_load_all((K8S / "base" / "launcher-rbac.yaml").read_text()))
     [role] = [d for d in docs if d["kind"] == "Role"]
-    granted = {(group, resource, verb, name)
-               for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]
-               for name in rule.get("resourceNames") or [None]}
-    needed = {(group, resource, verb, k8s_access.NAMED.get(resource, (None, None))[1])
-              for group, resource, verbs, _ in k8s_access.ACCESS for verb in verbs}
+    granted = {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
+    }
+    needed = {
+        (group, resource, verb, k8s_access.NAMED.get(resource, (None, None))[1])
+        for group, resource, verbs, _ in k8s_access.ACCESS
+        for verb in verbs
+    }
     assert not needed - granted, f"missing from the Role: {sorted(needed - granted, key=str)}"
     assert not granted - needed, f"granted but unused: {sorted(granted - needed, key=str)}"
     assert not [r for r in role["rules"] if "*" in json.dumps(r)]
@@ -267,39 +324,54 @@ def test_namespace_enforces_the_restricted_pod_security_profile():
 
 
 COMPLIANT = {
-    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"}},
-    "containers": [{"name": "c", "image": "x:1", "securityContext": {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+    "containers": [
+        {
+            "name": "c",
+            "image": "x:1",
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }
+    ],
     "volumes": [{"name": "v", "emptyDir": {}}],
 }
 
 
-@pytest.mark.parametrize("control, path, value", [
-    ("HostProcess", "securityContext.windowsOptions", {"hostProcess": True}),
-    ("Host Namespaces", "hostNetwork", True),
-    ("Host Namespaces", "hostPID", True),
-    ("Privileged Containers", "containers.0.securityContext.privileged", True),
-    ("Capabilities", "containers.0.securityContext.capabilities.add", ["SYS_ADMIN"]),
-    ("Capabilities", "containers.0.securityContext.capabilities.add", ["CHOWN"]),
-    ("Capabilities", "containers.0.securityContext.capabilities.drop", ["NET_RAW"]),
-    ("HostPath Volumes", "volumes.0", {"name": "v", "hostPath": {"path": "/"}}),
-    ("Volume Types", "volumes.0", {"name": "v", "nfs": {"server": "n", "path": "/"}}),
-    ("Host Ports", "containers.0.ports", [{"containerPort": 80, "hostPort": 80}]),
-    ("AppArmor", "securityContext.appArmorProfile", {"type": "Unconfined"}),
-    ("SELinux", "securityContext.seLinuxOptions", {"type": "spc_t"}),
-    ("/proc Mount Type", "containers.0.securityContext.procMount", "Unmasked"),
-    ("Seccomp", "securityContext.seccompProfile", {"type": "Unconfined"}),
-    ("Seccomp", "securityContext.seccompProfile", None),
-    ("Sysctls", "securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
-    ("Privilege Escalation", "containers.0.securityContext.allowPrivilegeEscalation", None),
-    ("Running as Non-root", "securityContext.runAsNonRoot", None),
-    ("Running as Non-root", "containers.0.securityContext.runAsNonRoot", False),
-    ("Running as Non-root user", "containers.0.securityContext.runAsUser", 0),
-])
+@pytest.mark.parametrize(
+    "control, path, value",
+    [
+        ("HostProcess", "securityContext.windowsOptions", {"hostProcess": True}),
+        ("Host Namespaces", "hostNetwork", True),
+        ("Host Namespaces", "hostPID", True),
+        ("Privileged Containers", "containers.0.securityContext.privileged", True),
+        ("Capabilities", "containers.0.securityContext.capabilities.add", ["SYS_ADMIN"]),
+        ("Capabilities", "containers.0.securityContext.capabilities.add", ["CHOWN"]),
+        ("Capabilities", "containers.0.securityContext.capabilities.drop", ["NET_RAW"]),
+        ("HostPath Volumes", "volumes.0", {"name": "v", "hostPath": {"path": "/"}}),
+        ("Volume Types", "volumes.0", {"name": "v", "nfs": {"server": "n", "path": "/"}}),
+        ("Host Ports", "containers.0.ports", [{"containerPort": 80, "hostPort": 80}]),
+        ("AppArmor", "securityContext.appArmorProfile", {"type": "Unconfined"}),
+        ("SELinux", "securityContext.seLinuxOptions", {"type": "spc_t"}),
+        ("/proc Mount Type", "containers.0.securityContext.procMount", "Unmasked"),
+        ("Seccomp", "securityContext.seccompProfile", {"type": "Unconfined"}),
+        ("Seccomp", "securityContext.seccompProfile", None),
+        ("Sysctls", "securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
+        ("Privilege Escalation", "containers.0.securityContext.allowPrivilegeEscalation", None),
+        ("Running as Non-root", "securityContext.runAsNonRoot", None),
+        ("Running as Non-root", "containers.0.securityContext.runAsNonRoot", False),
+        ("Running as Non-root user", "containers.0.securityContext.runAsUser", 0),
+    ],
+)
 def test_restricted_check_catches_each_violation(control, path, value):
     """The check below is only as good as its rules: each one fires on its violation."""
     import copy
+
     pod = copy.deepcopy(COMPLIANT)
     assert restricted_violations(pod) == []
     *parents, last = path.split(".")
@@ -310,8 +382,9 @@ def test_restricted_check_catches_each_violation(control, path, value):
         node.pop(last, None)
     else:
         node[int(last) if last.isdigit() else last] = value
-    assert any(v.startswith(control + ":") for v in restricted_violations(pod)), \
+    assert any(v.startswith(control + ":") for v in restricted_violations(pod)), (
         restricted_violations(pod)
+    )
 
 
 def test_job_template_and_rendered_jobs_meet_the_restricted_profile(jobs):
@@ -355,8 +428,7 @@ def test_cloud_overlay_never_ships_credentials():
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     [mlflow] = [o for o in objects if o["kind"] == "Deployment"]
     env = {e["name"]: e for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == \
-        "vsgd-mlflow-db"
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "vsgd-mlflow-db"
 
 
 def test_job_template_is_not_a_kustomize_resource():
@@ -368,9 +440,10 @@ def test_job_template_is_not_a_kustomize_resource():
     for kustomization in K8S.rglob("kustomization.yaml"):
         for resource in yaml.safe_load(kustomization.read_text()).get("resources", []):
             path = kustomization.parent / resource
-            for doc in (yaml.safe_load_all(path.read_text()) if path.is_file() else []):
-                assert not (doc and doc.get("kind") == "Job"
-                            and "pipeline.train" in json.dumps(doc)), path
+            for doc in yaml.safe_load_all(path.read_text()) if path.is_file() else []:
+                assert not (
+                    doc and doc.get("kind") == "Job" and "pipeline.train" in json.dumps(doc)
+                ), path
 
 
 # -- the in-cluster launcher (components/launcher) ---------------------------------------------
@@ -384,13 +457,14 @@ def with_launcher(tmp_path, overlay):
     root = tmp_path / f"{overlay}-with-launcher"
     root.mkdir()
     kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "vsgd", "labels": [{"pairs": {"app.kubernetes.io/part-of": "vsgd-repro"}}],
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "vsgd",
+        "labels": [{"pairs": {"app.kubernetes.io/part-of": "vsgd-repro"}}],
         # kustomize takes relative paths only
         "resources": [os.path.relpath(K8S / "overlays" / overlay, root)],
         "components": [os.path.relpath(LAUNCHER, root)],
-        "images": [{"name": "vsgd-repro", "newName": LAUNCHER_IMAGE,
-                    "newTag": image.image_tag()}],
+        "images": [{"name": "vsgd-repro", "newName": LAUNCHER_IMAGE, "newTag": image.image_tag()}],
     }
     (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return root
@@ -399,8 +473,9 @@ def with_launcher(tmp_path, overlay):
 def test_launcher_is_not_in_any_overlay_by_default():
     """Opt-in: applying an overlay must not start a grid."""
     for overlay in OVERLAYS:
-        kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml")
-                                       .read_text())
+        kustomization = yaml.safe_load(
+            (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+        )
         assert not [c for c in kustomization.get("components", []) if "launcher" in c]
     assert yaml.safe_load((LAUNCHER / "kustomization.yaml").read_text())["kind"] == "Component"
 
@@ -439,19 +514,24 @@ def test_overlay_with_the_launcher_builds_and_validates(overlay, tmp_path):
     assert mounts["params"] == "/etc/vsgd-params"
     spec = job["spec"]
     assert 1 <= spec["backoffLimit"] <= 6 and pod["restartPolicy"] == "Never"
-    assert {"action": "Ignore", "onPodConditions": [
-        {"type": "DisruptionTarget", "status": "True"}]} in spec["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "launcher", "operator": "In",
-                                                 "values": [78]}} in \
-        spec["podFailurePolicy"]["rules"]
-    assert not [e for e in container.get("env", []) if "SECRET" in e["name"]
-                or "KEY" in e["name"]]
+    assert {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    } in spec["podFailurePolicy"]["rules"]
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "launcher", "operator": "In", "values": [78]},
+    } in spec["podFailurePolicy"]["rules"]
+    assert not [e for e in container.get("env", []) if "SECRET" in e["name"] or "KEY" in e["name"]]
 
 
 def launcher_env():
     """The launcher container's plain environment variables, from its manifest."""
-    [job] = [d for d in yaml.safe_load_all((LAUNCHER / "launcher.yaml").read_text())
-             if d["kind"] == "Job"]
+    [job] = [
+        d
+        for d in yaml.safe_load_all((LAUNCHER / "launcher.yaml").read_text())
+        if d["kind"] == "Job"
+    ]
     [container] = job["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in container["env"]}
 
@@ -469,8 +549,9 @@ def launch(tmp_path):
         (project / package).mkdir()
         # The image's copies are DVC's dependencies; running them would be a bug.
         (project / package / "__init__.py").write_text("raise SystemExit('workspace copy')\n")
-    (bin_dir / "dvc").write_text('#!/bin/sh\necho "$*" >> "$DVC_LOG"\n'
-                                 '[ "$1" != init ] || mkdir .dvc\n')
+    (bin_dir / "dvc").write_text(
+        '#!/bin/sh\necho "$*" >> "$DVC_LOG"\n[ "$1" != init ] || mkdir .dvc\n'
+    )
     (bin_dir / "dvc").chmod(0o755)
     # A wrapper, not a symlink: Python finds its venv from the path it was started by, and
     # a symlink outside the venv would start the base interpreter without the packages.
@@ -479,15 +560,30 @@ def launch(tmp_path):
     params = tmp_path / "params.yaml"
 
     def run():
-        env = {**launcher_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               "VSGD_WORKSPACE": str(workspace), "VSGD_PROJECT": str(project),
-               "VSGD_PARAMS": str(params), "DVC_LOG": str(tmp_path / "dvc.log"),
-               "HOME": str(tmp_path)}
-        proc = subprocess.run(["sh", str(LAUNCHER / "launch.sh")], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=180)
-        calls = (tmp_path / "dvc.log").read_text().splitlines() \
-            if (tmp_path / "dvc.log").exists() else []
+        env = {
+            **launcher_env(),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "VSGD_WORKSPACE": str(workspace),
+            "VSGD_PROJECT": str(project),
+            "VSGD_PARAMS": str(params),
+            "DVC_LOG": str(tmp_path / "dvc.log"),
+            "HOME": str(tmp_path),
+        }
+        proc = subprocess.run(
+            ["sh", str(LAUNCHER / "launch.sh")],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        calls = (
+            (tmp_path / "dvc.log").read_text().splitlines()
+            if (tmp_path / "dvc.log").exists()
+            else []
+        )
         (tmp_path / "dvc.log").unlink(missing_ok=True)
         return proc, calls
 
@@ -511,11 +607,14 @@ def test_launcher_without_its_params_configmap_says_how_to_create_it(launch):
     assert "kubectl -n vsgd create configmap vsgd-params --from-file=params.yaml" in proc.stderr
 
 
-@pytest.mark.parametrize("changes, problem", [
-    ({"executor__kind": "local"}, "executor.kind must be kubernetes"),
-    ({"storage__endpoint_url": "http://localhost:8333"}, "storage.endpoint_url"),
-    ({"storage__remote": None}, "storage.remote"),
-])
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"executor__kind": "local"}, "executor.kind must be kubernetes"),
+        ({"storage__endpoint_url": "http://localhost:8333"}, "storage.endpoint_url"),
+        ({"storage__remote": None}, "storage.remote"),
+    ],
+)
 def test_launcher_refuses_params_it_cannot_run_in_the_cluster(launch, changes, problem):
     launch.params.write_text(launcher_params(**changes))
     proc, calls = launch()
@@ -539,16 +638,17 @@ def test_launcher_restart_continues_in_its_workspace_with_the_current_params(lau
     launch.params.write_text(launcher_params(executor__max_parallel=4))
     proc, calls = launch()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert calls == ["repro train"]                        # DVC's state is kept
+    assert calls == ["repro train"]  # DVC's state is kept
     assert "max_parallel: 4" in (workspace / "params.yaml").read_text()
     assert (workspace / "results" / "kept").is_file()
-    assert not (workspace / "pipeline" / "stale.py").exists()   # the image's code, anew
+    assert not (workspace / "pipeline" / "stale.py").exists()  # the image's code, anew
 
 
 # -- rendered Jobs ---------------------------------------------------------------------------
 
+
 def test_rendered_jobs_validate_strictly(jobs):
-    for job in jobs[:: max(1, len(jobs) // 6)] + [jobs[-1]]:   # every shape, not 60 copies
+    for job in jobs[:: max(1, len(jobs) // 6)] + [jobs[-1]]:  # every shape, not 60 copies
         validate_strictly(job)
 
 
@@ -563,15 +663,19 @@ def test_job_names_are_unique_dns_labels(jobs):
 
 def test_two_pipelines_sharing_a_namespace_never_share_a_job_name():
     spec = {"name": "cifar100-vgg16-vsgd-s0-0123abcd", "run_hash": "0123abcd45678901"}
-    names = [job_name(spec, params_with(*extra)) for extra in (
-        (), ("storage.remote=s3://other/grid",), ("executor.kubernetes.owner=alice",))]
+    names = [
+        job_name(spec, params_with(*extra))
+        for extra in ((), ("storage.remote=s3://other/grid",), ("executor.kubernetes.owner=alice",))
+    ]
     assert len(set(names)) == 3
-    assert job_name(spec, params_with()) == names[0]   # and the same pipeline finds its own
+    assert job_name(spec, params_with()) == names[0]  # and the same pipeline finds its own
 
 
 def test_long_names_are_shortened_and_stay_unique():
-    spec = {"name": "tinyimagenet-convmixer_256_8-adamw-lr0.000123456-s12345-deadbeef",
-            "run_hash": "deadbeef00112233"}
+    spec = {
+        "name": "tinyimagenet-convmixer_256_8-adamw-lr0.000123456-s12345-deadbeef",
+        "run_hash": "deadbeef00112233",
+    }
     other = {**spec, "run_hash": "deadbeef99887766"}
     a, b = job_name(spec), job_name(other)
     assert len(a) <= MAX_NAME and DNS_LABEL.match(a) and a != b
@@ -583,15 +687,24 @@ def test_labels_are_valid_and_on_job_and_pods(jobs):
     for job in jobs:
         labels = job["metadata"]["labels"]
         assert job["spec"]["template"]["metadata"]["labels"] == labels
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
-                    "app.kubernetes.io/component", "app.kubernetes.io/part-of",
-                    "app.kubernetes.io/managed-by", RUN_HASH_LABEL, "vsgd-repro/dataset",
-                    "vsgd-repro/arch", "vsgd-repro/optimizer"):
+        for key in (
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+            "app.kubernetes.io/part-of",
+            "app.kubernetes.io/managed-by",
+            RUN_HASH_LABEL,
+            "vsgd-repro/dataset",
+            "vsgd-repro/arch",
+            "vsgd-repro/optimizer",
+        ):
             assert key in labels
         for key, value in labels.items():
-            assert isinstance(value, str) and len(value) <= 63 and LABEL_VALUE.match(value), \
-                (key, value)
-            assert k8s_schema._label_key(key)
+            assert isinstance(value, str) and len(value) <= 63 and LABEL_VALUE.match(value), (
+                key,
+                value,
+            )
+            assert k8s_names.is_label_key(key)
 
 
 def test_production_job_spec(jobs):
@@ -603,10 +716,14 @@ def test_production_job_spec(jobs):
         assert 0 <= spec["backoffLimit"] <= 6
         assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] >= 0
         rules = spec["podFailurePolicy"]["rules"]
-        assert {"action": "Ignore", "onPodConditions": [
-            {"type": "DisruptionTarget", "status": "True"}]} in rules
-        assert {"action": "FailJob", "onExitCodes": {"containerName": container["name"],
-                                                     "operator": "In", "values": [78]}} in rules
+        assert {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        } in rules
+        assert {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": container["name"], "operator": "In", "values": [78]},
+        } in rules
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -657,8 +774,10 @@ def test_resources_gpu_count_and_shm_within_memory(jobs):
         resources = pod["containers"][0]["resources"]
         gpus = resources["limits"]["nvidia.com/gpu"]
         assert re.fullmatch(r"[1-9][0-9]*", str(gpus)), "GPUs are whole devices"
-        assert "nvidia.com/gpu" not in resources["requests"] or \
-            resources["requests"]["nvidia.com/gpu"] == gpus
+        assert (
+            "nvidia.com/gpu" not in resources["requests"]
+            or resources["requests"]["nvidia.com/gpu"] == gpus
+        )
         assert {"cpu", "memory"} <= set(resources["requests"])
         memory = parse_quantity(resources["limits"]["memory"])
         assert parse_quantity(resources["requests"]["memory"]) <= memory
@@ -671,32 +790,40 @@ def test_resources_gpu_count_and_shm_within_memory(jobs):
 
 def test_params_settings_reach_the_job():
     params = params_with(
-        "executor.kubernetes.namespace=ml", "executor.kubernetes.image=reg.example.com/v:1",
-        "executor.kubernetes.gpus=1", "executor.kubernetes.gpu_resource=amd.com/gpu",
+        "executor.kubernetes.namespace=ml",
+        "executor.kubernetes.image=reg.example.com/v:1",
+        "executor.kubernetes.gpus=1",
+        "executor.kubernetes.gpu_resource=amd.com/gpu",
         "executor.kubernetes.cpu=8",
-        "executor.kubernetes.memory=32Gi", "executor.kubernetes.shm_size=8Gi",
+        "executor.kubernetes.memory=32Gi",
+        "executor.kubernetes.shm_size=8Gi",
         "executor.kubernetes.node_selector={gpu.example.com/type: a100}",
         "executor.kubernetes.tolerations=[{key: nvidia.com/gpu, operator: Exists, "
         "effect: NoSchedule}]",
-        "executor.kubernetes.priority_class=batch-low", "executor.kubernetes.backoff_limit=1",
+        "executor.kubernetes.priority_class=batch-low",
+        "executor.kubernetes.backoff_limit=1",
         "executor.kubernetes.active_deadline_seconds=3600",
         "executor.kubernetes.ttl_seconds_after_finished=null",
         "executor.kubernetes.credentials_secret=my-creds",
         "executor.kubernetes.image_pull_secrets=[regcred]",
-        "executor.kubernetes.env={TORCH_LOGS: recompiles}")
+        "executor.kubernetes.env={TORCH_LOGS: recompiles}",
+    )
     job = render_job(expand(params)[0], params)
     validate_strictly(job)
     pod = job["spec"]["template"]["spec"]
     [c] = pod["containers"]
     assert job["metadata"]["namespace"] == "ml" and c["image"] == "reg.example.com/v:1"
-    assert c["resources"] == {"requests": {"cpu": "8", "memory": "32Gi",
-                                           "ephemeral-storage": "20Gi"},
-                              "limits": {"memory": "32Gi", "amd.com/gpu": "1"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "20Gi"},
+        "limits": {"memory": "32Gi", "amd.com/gpu": "1"},
+    }
     assert pod["nodeSelector"] == {"gpu.example.com/type": "a100"}
-    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                   "effect": "NoSchedule"}]
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     assert pod["priorityClassName"] == "batch-low" and pod["imagePullSecrets"] == [
-        {"name": "regcred"}]
+        {"name": "regcred"}
+    ]
     assert job["spec"]["backoffLimit"] == 1 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert "ttlSecondsAfterFinished" not in job["spec"]
     assert {"secretRef": {"name": "my-creds"}} in c["envFrom"]
@@ -709,22 +836,28 @@ def test_cpu_only_jobs_request_no_gpu():
     params = params_with("executor.kubernetes.gpus=0")
     job = render_job(expand(params)[0], params)
     validate_strictly(job)
-    assert not [k for k in job["spec"]["template"]["spec"]["containers"][0]["resources"]
-                ["limits"] if k.endswith("/gpu")]
+    assert not [
+        k
+        for k in job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        if k.endswith("/gpu")
+    ]
 
 
-@pytest.mark.parametrize("override, problem", [
-    ("executor.kubernetes.gpus=1.5", "executor.kubernetes.gpus"),
-    ("executor.kubernetes.memory=lots", "executor.kubernetes.memory"),
-    ("executor.kubernetes.shm_size=64Gi", "larger than the memory limit"),
-    ("executor.kubernetes.namespace=Not_A_Label", "executor.kubernetes.namespace"),
-    ("executor.kubernetes.image_pull_policy=Sometimes", "IfNotPresent"),
-    ("executor.kubernetes.tolerations=[{key: a, effect: Sometimes}]", "effect"),
-    ("executor.kubernetes.node_selector={a: [b]}", "node_selector"),
-    ("executor.kubernetes.backoff_limit=-1", "backoff_limit"),
-    ("executor.kubernetes.gpu=1", "unknown key"),
-    ("executor.kubernetes.progress_interval=0", "progress_interval"),
-])
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("executor.kubernetes.gpus=1.5", "executor.kubernetes.gpus"),
+        ("executor.kubernetes.memory=lots", "executor.kubernetes.memory"),
+        ("executor.kubernetes.shm_size=64Gi", "larger than the memory limit"),
+        ("executor.kubernetes.namespace=Not_A_Label", "executor.kubernetes.namespace"),
+        ("executor.kubernetes.image_pull_policy=Sometimes", "IfNotPresent"),
+        ("executor.kubernetes.tolerations=[{key: a, effect: Sometimes}]", "effect"),
+        ("executor.kubernetes.node_selector={a: [b]}", "node_selector"),
+        ("executor.kubernetes.backoff_limit=-1", "backoff_limit"),
+        ("executor.kubernetes.gpu=1", "unknown key"),
+        ("executor.kubernetes.progress_interval=0", "progress_interval"),
+    ],
+)
 def test_validation_reports_each_bad_setting(override, problem):
     raw = yaml.safe_load(PARAMS.read_text())
     key, value = override.split("=", 1)

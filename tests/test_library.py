@@ -23,15 +23,21 @@ print(json.dumps({{"test_acc": metrics["test_acc"], "mlflow_run_id": metrics["ml
 
 def run_trainer(spec, cwd, block_mlflow):
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", TRAIN.format(block=block_mlflow),
-                           json.dumps(spec)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN.format(block=block_mlflow), json.dumps(spec)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def test_trainer_runs_without_mlflow_installed(data_root, tmp_path):
     from conftest import run_spec
+
     spec = run_spec(data_root, tmp_path, iterations=2, tracking_uri="sqlite:///asked.db")
     out, log = run_trainer(spec, tmp_path, block_mlflow=True)
     assert 0 <= out["test_acc"] <= 1 and out["mlflow_run_id"] is None
@@ -42,6 +48,7 @@ def test_trainer_runs_without_mlflow_installed(data_root, tmp_path):
 
 def test_trainer_writes_no_tracking_database_unless_asked(data_root, tmp_path):
     from conftest import run_spec
+
     spec = run_spec(data_root, tmp_path, iterations=2)
     del spec["tracking"]  # a library user's spec: nothing said about tracking
     out, log = run_trainer(spec, tmp_path, block_mlflow=False)

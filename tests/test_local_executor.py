@@ -5,8 +5,8 @@ import sys
 import textwrap
 import time
 
-from pipeline.executors import RunOutcome, get_executor, spec_path, write_spec
 from pipeline.contract import LOG_NAME
+from pipeline.executors import RunOutcome, get_executor, spec_path, write_spec
 from pipeline.executors.local import LocalExecutor
 
 # Stands in for `python -m pipeline.train`: reads the spec, prints, sleeps, exits as told.
@@ -43,8 +43,12 @@ FAKE_TRAIN = textwrap.dedent("""
 
 
 def make_spec(tmp_path, name, **fake):
-    return {"name": name, "run_hash": f"hash-{name}", "output_dir": str(tmp_path / name),
-            "fake": fake}
+    return {
+        "name": name,
+        "run_hash": f"hash-{name}",
+        "output_dir": str(tmp_path / name),
+        "fake": fake,
+    }
 
 
 def executor(tmp_path, max_parallel=1):
@@ -67,8 +71,12 @@ def test_runs_every_spec_and_streams_prefixed_lines(tmp_path):
 
 
 def test_failures_are_reported_with_log_tail_and_others_finish(tmp_path):
-    specs = [make_spec(tmp_path, "good1"), make_spec(tmp_path, "bad", exit=3, lines=50),
-             make_spec(tmp_path, "config", exit=78), make_spec(tmp_path, "good2")]
+    specs = [
+        make_spec(tmp_path, "good1"),
+        make_spec(tmp_path, "bad", exit=3, lines=50),
+        make_spec(tmp_path, "config", exit=78),
+        make_spec(tmp_path, "good2"),
+    ]
     ex, out = executor(tmp_path, max_parallel=2)
     outcomes = {o.name: o for o in ex.run(specs)}
     assert outcomes["good1"].ok and outcomes["good2"].ok
@@ -104,8 +112,9 @@ def test_never_more_than_max_parallel_runs_at_once(tmp_path):
     itself in and out of a shared counter for as long as its body runs (inside its
     process's lifetime, so the count never exceeds the processes alive)."""
     counter = tmp_path / "alive"
-    specs = [make_spec(tmp_path, f"run{i}", sleep=1.0, lines=1, alive=str(counter))
-             for i in range(5)]
+    specs = [
+        make_spec(tmp_path, f"run{i}", sleep=1.0, lines=1, alive=str(counter)) for i in range(5)
+    ]
     ex, _ = executor(tmp_path, max_parallel=3)
     assert all(o.ok for o in ex.run(specs))
     now, most = map(int, counter.read_text().split())
@@ -141,8 +150,10 @@ def test_runs_get_the_remote_store_of_the_params(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://elsewhere:1")  # params.yaml wins
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    params = {"executor": {"kind": "local", "max_parallel": 1},
-              "storage": {"remote": "s3://bucket/grid/", "endpoint_url": "http://127.0.0.1:9"}}
+    params = {
+        "executor": {"kind": "local", "max_parallel": 1},
+        "storage": {"remote": "s3://bucket/grid/", "endpoint_url": "http://127.0.0.1:9"},
+    }
     ex = get_executor(params)
     ex.command, ex.out = [sys.executable, str(script)], io.StringIO()
     assert ex.run([make_spec(tmp_path, "r")])[0].ok

@@ -40,8 +40,7 @@ def test_shapes_params_and_channels_last(name, classes, size):
 def test_feature_widths_before_the_head():
     heads = {"vgg16": 512, "vgg19": 512, "convmixer_256_8": 256, "resnext18": 1024}
     for name, width in heads.items():
-        linear = [m for m in build_model(name, 10, 32).modules()
-                  if isinstance(m, torch.nn.Linear)]
+        linear = [m for m in build_model(name, 10, 32).modules() if isinstance(m, torch.nn.Linear)]
         assert [(m.in_features, m.out_features) for m in linear] == [(width, 10)]
 
 

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import run_spec, write_result
+
 from pipeline import lease as leases
 from pipeline.runlock import RunLock
 
@@ -22,10 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 # The grid of the two-stage test: two runs of a few steps each, tracked in SQLite.
-GRID = ["preset=ci", "data.root=data", "datasets=[cifar100]", "archs=[vgg]",
-        "optimizers=[sgd,adam]", "tune.enabled=false", "executor.max_parallel=1",
-        "protocol.cifar100.schedule={iterations: 4, step_size: 2, gamma: 0.5}",
-        "tracking.uri=sqlite:///mlflow.db"]
+GRID = [
+    "preset=ci",
+    "data.root=data",
+    "datasets=[cifar100]",
+    "archs=[vgg]",
+    "optimizers=[sgd,adam]",
+    "tune.enabled=false",
+    "executor.max_parallel=1",
+    "protocol.cifar100.schedule={iterations: 4, step_size: 2, gamma: 0.5}",
+    "tracking.uri=sqlite:///mlflow.db",
+]
 
 
 def sets(items):
@@ -43,6 +50,7 @@ def workspace(tmp_path, place_prepared):
 
 def mlflow_runs(workspace) -> list:
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vsgd-repro")
     return client.search_runs([experiment.experiment_id])
@@ -50,8 +58,12 @@ def mlflow_runs(workspace) -> list:
 
 def test_two_train_stages_started_together_train_each_run_once(workspace):
     cmd = [sys.executable, "-m", "pipeline", "train", *sets(GRID)]
-    stages = [subprocess.Popen(cmd, cwd=workspace, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    stages = [
+        subprocess.Popen(
+            cmd, cwd=workspace, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [stage.communicate(timeout=300)[0] for stage in stages]
     assert [stage.returncode for stage in stages] == [0, 0], outputs
     assert "Traceback" not in "".join(outputs)
@@ -59,8 +71,9 @@ def test_two_train_stages_started_together_train_each_run_once(workspace):
     assert len(stored) == 2
     # One MLflow run per run, not two.
     runs = mlflow_runs(workspace)
-    assert sorted(r.data.tags["run_hash"] for r in runs) == sorted(
-        p.parent.name for p in stored), [r.info.run_id for r in runs]
+    assert sorted(r.data.tags["run_hash"] for r in runs) == sorted(p.parent.name for p in stored), [
+        r.info.run_id for r in runs
+    ]
     for metrics in stored:
         log = (metrics.parent / "train.log").read_text()
         # One training of it, and nothing of the other launcher in its log.
@@ -86,8 +99,9 @@ HOLD = textwrap.dedent("""
 def hold(lock_file, tmp_path):
     """Another process holding a run lock until `release()`."""
     held, release = tmp_path / "held", tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(lock_file), str(held),
-                             str(release)], env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_file), str(held), str(release)], env=ENV
+    )
     deadline = time.monotonic() + 30
     while not held.exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -96,6 +110,7 @@ def hold(lock_file, tmp_path):
     def let_go():
         release.write_text("go")
         proc.wait(timeout=30)
+
     return let_go
 
 
@@ -107,11 +122,15 @@ def test_a_run_started_by_hand_waits_for_the_launcher_holding_it(data_root, tmp_
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     let_go = hold(RunLock.of(spec).path, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(3)
-    assert proc.poll() is None              # waiting, not training
+    assert proc.poll() is None  # waiting, not training
     assert not Path(spec["output_dir"]).exists()
     write_result(spec["output_dir"], spec)  # what the other launcher finished meanwhile
     let_go()
@@ -123,7 +142,9 @@ def test_a_run_started_by_hand_waits_for_the_launcher_holding_it(data_root, tmp_
 
 def test_gc_keeps_what_a_running_run_holds(tmp_path, monkeypatch, capsys):
     from conftest import fake_prepared
+
     from pipeline.__main__ import main
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fake_prepared(tmp_path / "data")
@@ -136,8 +157,9 @@ def test_gc_keeps_what_a_running_run_holds(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "checkpoints" / "0123456789abcdef"
     checkpoint.mkdir(parents=True)
     (checkpoint / "checkpoint.pt").write_bytes(b"state")
-    let_go = hold(RunLock(tmp_path / "results" / "store" / ".locks" /
-                          "0123456789abcdef.lock").path, tmp_path)
+    let_go = hold(
+        RunLock(tmp_path / "results" / "store" / ".locks" / "0123456789abcdef.lock").path, tmp_path
+    )
     args = ["gc", *sets(["preset=ci", "data.root=data", "tune.enabled=false"])]
     try:
         assert main(args) == 0
@@ -147,7 +169,7 @@ def test_gc_keeps_what_a_running_run_holds(tmp_path, monkeypatch, capsys):
         assert (checkpoint / "checkpoint.pt").exists()
     finally:
         let_go()
-    assert main(args) == 0   # once the run has ended, gc removes them
+    assert main(args) == 0  # once the run has ended, gc removes them
     assert not running.exists() and not checkpoint.exists()
 
 
@@ -160,6 +182,7 @@ def moto_server():
     """A moto S3 server on 127.0.0.1 for the module's tests (each test empties it: `s3`);
     yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -172,9 +195,14 @@ def s3(moto_server, monkeypatch):
     """The moto S3 server with a bucket, in this process's environment; yields its
     endpoint URL."""
     import boto3
+
     url = moto_server
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": url,
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="shared")
     yield url
@@ -187,10 +215,10 @@ def test_the_lease_is_taken_by_one_writer_only(s3):
     uri = "s3://shared/results/0123456789abcdef"
     first, second = leases.Lease(uri), leases.Lease(uri)
     assert first.try_acquire() is None
-    assert "pid" in second.try_acquire()       # held: who holds it
+    assert "pid" in second.try_acquire()  # held: who holds it
     first.release()
     assert second.try_acquire() is None
-    first.release()                              # not first's any more: left alone
+    first.release()  # not first's any more: left alone
     assert leases.holder(uri) is not None
     second.release()
     assert leases.holder(uri) is None
@@ -200,7 +228,7 @@ def test_an_expired_lease_is_taken_over_by_one_waiter(s3, monkeypatch):
     monkeypatch.setattr(leases, "LEASE_SECONDS", 1.0)
     uri = "s3://shared/results/0123456789abcdef"
     dead = leases.Lease(uri)
-    assert dead.try_acquire() is None            # its machine then died: never renewed
+    assert dead.try_acquire() is None  # its machine then died: never renewed
     a, b = leases.Lease(uri), leases.Lease(uri)
     assert a.try_acquire() is not None
     time.sleep(2.5)
@@ -211,23 +239,32 @@ def test_a_killed_holder_on_this_machine_leaves_its_lease_at_once(s3):
     """A run SIGKILLed (OOM, kill -9) cannot give its lease up; on its own machine its restart
     sees the holder's process is gone and takes the lease over without waiting it out."""
     uri = "s3://shared/results/0123456789abcdef"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from pipeline.lease import Lease
         assert Lease({uri!r}).try_acquire() is None
         print("held", flush=True)
         time.sleep(600)
-    """)], env={**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
-        stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        env={**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
-    assert "pid" in leases.Lease(uri).try_acquire()     # alive: held
+    assert "pid" in leases.Lease(uri).try_acquire()  # alive: held
     holder.kill()
     holder.wait()
-    assert leases.Lease(uri).try_acquire() is None       # gone: taken over, no wait
+    assert leases.Lease(uri).try_acquire() is None  # gone: taken over, no wait
 
 
 def test_a_run_on_a_second_machine_waits_for_the_lease_and_takes_the_result(
-        data_root, tmp_path, s3):
+    data_root, tmp_path, s3
+):
     """Two machines (two workspaces) sharing a remote store: the second launcher of a run
     waits for the first's lease, then takes the result it published instead of training."""
     spec = run_spec(data_root, tmp_path / "second-machine", iterations=2)
@@ -237,15 +274,24 @@ def test_a_run_on_a_second_machine_waits_for_the_lease_and_takes_the_result(
     first = leases.Lease(uri)
     assert first.try_acquire() is None
     # Short polls of the lease in the waiting process (the lease it waits for says 120 s).
-    env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
-           "VSGD_RESULTS_URI": uri, "VSGD_LEASE_SECONDS": "4"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env = {
+        **ENV,
+        **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
+        "VSGD_RESULTS_URI": uri,
+        "VSGD_LEASE_SECONDS": "4",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--spec", str(spec_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(4)
     assert proc.poll() is None and not Path(spec["output_dir"]).exists()
     # The first machine finishes: publishes its result, gives the lease up.
     from pipeline.storage import publish_result
+
     done = tmp_path / "first-machine"
     write_result(done, spec, test_acc=0.25)
     publish_result(done, uri)
@@ -258,33 +304,45 @@ def test_a_run_on_a_second_machine_waits_for_the_lease_and_takes_the_result(
     assert metrics["test_acc"] == 0.25
 
 
-def test_gc_remote_removes_only_unused_runs_and_never_a_leased_one(s3, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_gc_remote_removes_only_unused_runs_and_never_a_leased_one(
+    s3, tmp_path, monkeypatch, capsys
+):
     """`gc --remote` deletes under a prefix other pipelines may share: only results/<hash>/
     and checkpoints/<hash>/ of runs this grid does not use, never one whose lease is live,
     never the datasets or anything else."""
     import boto3
-
     from conftest import fake_prepared
+
     from pipeline import grid
     from pipeline.__main__ import main
     from pipeline.config import load_params
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fake_prepared(tmp_path / "data")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    overrides = ["preset=ci", "data.root=data", "tune.enabled=false", "datasets=[cifar100]",
-                 "archs=[vgg]", "storage.remote=s3://shared/pipe", f"storage.endpoint_url={s3}"]
-    monkeypatch.setattr(grid, "_dataset_uri", lambda *a: None)   # no dataset push needed
+    overrides = [
+        "preset=ci",
+        "data.root=data",
+        "tune.enabled=false",
+        "datasets=[cifar100]",
+        "archs=[vgg]",
+        "storage.remote=s3://shared/pipe",
+        f"storage.endpoint_url={s3}",
+    ]
+    monkeypatch.setattr(grid, "_dataset_uri", lambda *a: None)  # no dataset push needed
     [used, *_] = grid.expand(load_params("params.yaml", overrides))
     client = boto3.client("s3", endpoint_url=s3)
-    keys = [f"pipe/results/{used['run_hash']}/metrics.json",
-            f"pipe/checkpoints/{used['run_hash']}/LATEST.json",
-            "pipe/results/aaaaaaaaaaaaaaaa/metrics.json",       # unused: removed
-            "pipe/checkpoints/aaaaaaaaaaaaaaaa/LATEST.json",
-            "pipe/results/bbbbbbbbbbbbbbbb/metrics.json",       # unused but running elsewhere
-            "pipe/dvc/files/md5/ab/cdef",                        # a dataset: never
-            "pipe/notes.txt", "other/results/cccccccccccccccc/metrics.json"]
+    keys = [
+        f"pipe/results/{used['run_hash']}/metrics.json",
+        f"pipe/checkpoints/{used['run_hash']}/LATEST.json",
+        "pipe/results/aaaaaaaaaaaaaaaa/metrics.json",  # unused: removed
+        "pipe/checkpoints/aaaaaaaaaaaaaaaa/LATEST.json",
+        "pipe/results/bbbbbbbbbbbbbbbb/metrics.json",  # unused but running elsewhere
+        "pipe/dvc/files/md5/ab/cdef",  # a dataset: never
+        "pipe/notes.txt",
+        "other/results/cccccccccccccccc/metrics.json",
+    ]
     for key in keys:
         client.put_object(Bucket="shared", Key=key, Body=b"x")
     running = leases.Lease("s3://shared/pipe/results/bbbbbbbbbbbbbbbb")
@@ -296,18 +354,22 @@ def test_gc_remote_removes_only_unused_runs_and_never_a_leased_one(s3, tmp_path,
     assert "would remove s3://shared/pipe/results/aaaaaaaaaaaaaaaa/" in out
     assert "kept s3://shared/pipe/results/bbbbbbbbbbbbbbbb/: its run is in progress" in out
     left = {o["Key"] for o in client.list_objects_v2(Bucket="shared")["Contents"]}
-    assert left == set(keys) - {"pipe/results/aaaaaaaaaaaaaaaa/metrics.json",
-                                "pipe/checkpoints/aaaaaaaaaaaaaaaa/LATEST.json"} | {
-        "pipe/results/bbbbbbbbbbbbbbbb/LEASE.json"}
+    assert left == set(keys) - {
+        "pipe/results/aaaaaaaaaaaaaaaa/metrics.json",
+        "pipe/checkpoints/aaaaaaaaaaaaaaaa/LATEST.json",
+    } | {"pipe/results/bbbbbbbbbbbbbbbb/LEASE.json"}
     running.release()
 
 
 def test_gc_remote_without_a_remote_is_refused(tmp_path, monkeypatch, capsys):
     from conftest import fake_prepared
+
     from pipeline.__main__ import main
+
     monkeypatch.chdir(tmp_path)
     fake_prepared(tmp_path / "data")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    assert main(["gc", "--remote", *sets(["preset=ci", "data.root=data",
-                                          "tune.enabled=false"])]) == 78
+    assert (
+        main(["gc", "--remote", *sets(["preset=ci", "data.root=data", "tune.enabled=false"])]) == 78
+    )
     assert "storage.remote is null" in capsys.readouterr().err

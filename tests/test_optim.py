@@ -11,8 +11,10 @@ from torch import nn
 from vsgd import VSGD
 from vsgd.optim import _BLOCK_BYTES, _multi_tensor_vsgd, beta1_summary
 
-PATHS = [pytest.param(dict(foreach=False), id="single"),
-         pytest.param(dict(foreach=True), id="foreach")]
+PATHS = [
+    pytest.param(dict(foreach=False), id="single"),
+    pytest.param(dict(foreach=True), id="foreach"),
+]
 
 # Shapes covering packed small tensors, a tensor split over several blocks (float32 and
 # float64) and odd sizes that do not fill a vector register.
@@ -24,16 +26,18 @@ class Reference:
     """The VSGD update (the authors' Algorithm 1) written out once, per parameter, with no
     shortcuts."""
 
-    def __init__(self, lr=0.1, ghattg=30.0, ps=1e-8, tau1=0.81, tau2=0.9, weight_decay=0.0,
-                 eps=1e-8):
-        self.h = dict(lr=lr, ghattg=ghattg, ps=ps, tau1=tau1, tau2=tau2, wd=weight_decay,
-                      eps=eps)
+    def __init__(
+        self, lr=0.1, ghattg=30.0, ps=1e-8, tau1=0.81, tau2=0.9, weight_decay=0.0, eps=1e-8
+    ):
+        self.h = dict(lr=lr, ghattg=ghattg, ps=ps, tau1=tau1, tau2=tau2, wd=weight_decay, eps=eps)
         self.state = {}
 
     def step(self, p, g):
         h = self.h
-        st = self.state.setdefault(id(p), dict(t=0, mu=torch.zeros_like(p),
-                                                bg=torch.zeros_like(p), bhg=torch.zeros_like(p)))
+        st = self.state.setdefault(
+            id(p),
+            dict(t=0, mu=torch.zeros_like(p), bg=torch.zeros_like(p), bhg=torch.zeros_like(p)),
+        )
         a2 = 2 * h["ps"] + 1 + 1e-4
         b0g, b0h = 2 * h["ps"], 2 * h["ghattg"] * h["ps"]
         st["t"] += 1
@@ -45,9 +49,9 @@ class Reference:
             sg, sh = st["bg"] / a2, st["bhg"] / a2
         mu_old = st["mu"]
         mu = (g * sg + mu_old * sh) / (sg + sh)
-        m2 = sg * sh / (sg + sh) + mu ** 2
-        bg_new = b0g + m2 - 2 * mu * mu_old + mu_old ** 2
-        bhg_new = b0h + m2 - 2 * g * mu + g ** 2
+        m2 = sg * sh / (sg + sh) + mu**2
+        bg_new = b0g + m2 - 2 * mu * mu_old + mu_old**2
+        bhg_new = b0h + m2 - 2 * g * mu + g**2
         rho1, rho2 = t ** -h["tau1"], t ** -h["tau2"]
         st["bg"] = (1 - rho1) * st["bg"] + rho1 * bg_new
         st["bhg"] = (1 - rho2) * st["bhg"] + rho2 * bhg_new
@@ -63,9 +67,13 @@ def _params(dtype=torch.float64, shapes=SHAPES, seed=0):
 def _grads(params, steps, seed=1, missing=()):
     """Per step a list of gradients; (step, index) pairs in ``missing`` get None."""
     gen = torch.Generator().manual_seed(seed)
-    return [[None if (k, i) in missing else
-             torch.randn(p.shape, generator=gen, dtype=p.dtype)
-             for i, p in enumerate(params)] for k in range(steps)]
+    return [
+        [
+            None if (k, i) in missing else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            for i, p in enumerate(params)
+        ]
+        for k in range(steps)
+    ]
 
 
 def _train(opt, params, grads, before_step=None):
@@ -85,8 +93,7 @@ def _assert_equal(xs, ys):
 
 @pytest.mark.parametrize("kw", PATHS)
 def test_matches_reference_float64(kw):
-    hyper = dict(lr=0.05, ghattg=10.0, ps=1e-6, tau1=0.7, tau2=0.95, weight_decay=0.1,
-                 eps=1e-6)
+    hyper = dict(lr=0.05, ghattg=10.0, ps=1e-6, tau1=0.7, tau2=0.95, weight_decay=0.1, eps=1e-6)
     params = _params()
     ref_params = [p.detach().clone() for p in params]
     missing = {(2, 1), (3, 1), (4, 0)}
@@ -125,8 +132,10 @@ def test_foreach_is_bit_exact_with_single_tensor(dtype):
     (ps, single), (pf, multi) = runs
     _assert_equal([p.detach() for p in ps], [p.detach() for p in pf])
     for a, b in zip(ps, pf):
-        _assert_equal([single.state[a][k] for k in ("mu", "bg", "bhg")],
-                      [multi.state[b][k] for k in ("mu", "bg", "bhg")])
+        _assert_equal(
+            [single.state[a][k] for k in ("mu", "bg", "bhg")],
+            [multi.state[b][k] for k in ("mu", "bg", "bhg")],
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
@@ -134,12 +143,29 @@ def test_foreach_op_path_is_bit_exact_with_single_tensor(dtype):
     # The torch._foreach_* variant of the multi-tensor path (used off CPU), run on CPU.
     def run(blocked):
         params = _params(dtype, shapes=[(5, 4), (BIG,), (3,)])
-        state = [[torch.zeros(p.shape, dtype=torch.float32 if dtype == torch.float16 else dtype)
-                  for p in params] for _ in range(3)]
+        state = [
+            [
+                torch.zeros(p.shape, dtype=torch.float32 if dtype == torch.float16 else dtype)
+                for p in params
+            ]
+            for _ in range(3)
+        ]
         for k, gs in enumerate(_grads(params, steps=4)):
-            _multi_tensor_vsgd([p.detach() for p in params], gs, *state, [k + 1] * 3,
-                               lr=0.1, ghattg=30.0, ps=1e-8, tau1=0.81, tau2=0.9,
-                               weight_decay=0.05, eps=1e-8, maximize=False, blocked=blocked)
+            _multi_tensor_vsgd(
+                [p.detach() for p in params],
+                gs,
+                *state,
+                [k + 1] * 3,
+                lr=0.1,
+                ghattg=30.0,
+                ps=1e-8,
+                tau1=0.81,
+                tau2=0.9,
+                weight_decay=0.05,
+                eps=1e-8,
+                maximize=False,
+                blocked=blocked,
+            )
         return [p.detach() for p in params] + [t for s in state for t in s]
 
     _assert_equal(run(blocked=True), run(blocked=False))
@@ -180,7 +206,7 @@ def test_weight_decay_is_decoupled(kw):
     for _ in range(3):
         p.grad = torch.zeros_like(p)
         opt.step()
-    torch.testing.assert_close(p.detach(), p0 * 0.95 ** 3, rtol=1e-15, atol=0)
+    torch.testing.assert_close(p.detach(), p0 * 0.95**3, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("kw", PATHS)
@@ -188,8 +214,14 @@ def test_param_groups_behave_like_separate_optimizers(kw):
     a, b = _params(shapes=[(6,), (5, 2)])
     a2, b2 = (t.detach().clone().requires_grad_() for t in (a, b))
     grads = _grads([a, b], steps=4)
-    opt = VSGD([{"params": [a]}, {"params": [b], "lr": 0.01, "weight_decay": 0.3,
-                                   "tau1": 1.0, "ghattg": 3.0}], lr=0.2, **kw)
+    opt = VSGD(
+        [
+            {"params": [a]},
+            {"params": [b], "lr": 0.01, "weight_decay": 0.3, "tau1": 1.0, "ghattg": 3.0},
+        ],
+        lr=0.2,
+        **kw,
+    )
     _train(opt, [a, b], grads)
     opt_a = VSGD([a2], lr=0.2, **kw)
     opt_b = VSGD([b2], lr=0.01, weight_decay=0.3, tau1=1.0, ghattg=3.0, **kw)
@@ -215,8 +247,7 @@ def test_lr_scheduler_sets_the_step_size(kw):
         sched.step()
     assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     ref = VSGD(manual, lr=0.1, **kw)
-    _train(ref, manual, grads,
-           before_step=lambda k: ref.param_groups[0].__setitem__("lr", lrs[k]))
+    _train(ref, manual, grads, before_step=lambda k: ref.param_groups[0].__setitem__("lr", lrs[k]))
     _assert_equal([p.detach() for p in params], [p.detach() for p in manual])
 
 
@@ -226,7 +257,7 @@ def test_closure_is_evaluated_with_grad_and_returned():
 
     def closure():
         opt.zero_grad()
-        loss = (w ** 2).sum()
+        loss = (w**2).sum()
         loss.backward()
         return loss
 
@@ -263,11 +294,23 @@ def test_sparse_gradients_are_rejected():
         VSGD(emb.parameters()).step()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(lr=-0.1), dict(lr=float("nan")), dict(ghattg=0.0), dict(ps=0.0), dict(ps=-1.0),
-    dict(tau1=0.5), dict(tau1=1.01), dict(tau2=0.2), dict(weight_decay=-1e-4),
-    dict(eps=-1.0), dict(lr="0.1"), dict(foreach=True, fused=True),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-0.1),
+        dict(lr=float("nan")),
+        dict(ghattg=0.0),
+        dict(ps=0.0),
+        dict(ps=-1.0),
+        dict(tau1=0.5),
+        dict(tau1=1.01),
+        dict(tau2=0.2),
+        dict(weight_decay=-1e-4),
+        dict(eps=-1.0),
+        dict(lr="0.1"),
+        dict(foreach=True, fused=True),
+    ],
+)
 def test_invalid_hyperparameters_raise_value_error(kwargs):
     with pytest.raises(ValueError, match="VSGD"):
         VSGD([torch.zeros(2, requires_grad=True)], **kwargs)
@@ -310,8 +353,11 @@ def test_low_precision_params_keep_float32_state(kw, dtype):
     assert all(opt.state[p][k].dtype == torch.float32 for p in low for k in ("mu", "bg", "bhg"))
     # One step equals the float32 update of the same values, rounded once at the end.
     high = [p.detach().to(dtype).float().requires_grad_() for p in high]
-    _train(VSGD(high, weight_decay=0.1, **kw), high,
-           [[g.to(dtype).float() for g in gs] for gs in grads])
+    _train(
+        VSGD(high, weight_decay=0.1, **kw),
+        high,
+        [[g.to(dtype).float() for g in gs] for gs in grads],
+    )
     _assert_equal([p.detach() for p in low], [p.detach().to(dtype) for p in high])
 
 
@@ -324,14 +370,16 @@ def test_beta1_accessors():
     _train(opt, params, grads)
     betas = opt.beta1()
     assert [b.shape for b in betas] == [params[0].shape, params[1].shape]
-    expected = [opt.state[p]["bhg"] / (opt.state[p]["bg"] + opt.state[p]["bhg"])
-                for p in params[:2]]
+    expected = [
+        opt.state[p]["bhg"] / (opt.state[p]["bg"] + opt.state[p]["bhg"]) for p in params[:2]
+    ]
     _assert_equal(betas, expected)
     flat = torch.cat([b.reshape(-1) for b in betas]).double()
     assert ((flat > 0) & (flat < 1)).all()
     summary = beta1_summary(opt)
     assert {k: summary[k] for k in ("mean", "median")} == pytest.approx(
-        {"mean": flat.mean().item(), "median": flat.median().item()}, rel=1e-6)
+        {"mean": flat.mean().item(), "median": flat.median().item()}, rel=1e-6
+    )
 
 
 def test_converges_on_noisy_quadratic():
@@ -345,8 +393,7 @@ def test_converges_on_noisy_quadratic():
 
     start = loss()
     for _ in range(1500):
-        x.grad = curvature * x.detach() + 0.5 * torch.randn(50, generator=gen,
-                                                           dtype=torch.float64)
+        x.grad = curvature * x.detach() + 0.5 * torch.randn(50, generator=gen, dtype=torch.float64)
         opt.step()
     assert loss() < 1e-2 * start
 

@@ -29,8 +29,10 @@ from vsgd import VSGD
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "vsgd_authors_golden.json").read_text())
 
-PATHS = [pytest.param(dict(foreach=False), id="single"),
-         pytest.param(dict(foreach=True), id="foreach")]
+PATHS = [
+    pytest.param(dict(foreach=False), id="single"),
+    pytest.param(dict(foreach=True), id="foreach"),
+]
 CASES = [pytest.param(case, id=case["name"]) for case in GOLDEN["cases"]]
 
 
@@ -55,8 +57,7 @@ def max_param_error(case, variant, path):
     worst = 0.0
     for t, params, _ in run_steps(case, path):
         expected = case["steps"][variant][t - 1]["params"]
-        worst = max(worst, *((params[k] - f64(v)).abs().max().item()
-                             for k, v in expected.items()))
+        worst = max(worst, *((params[k] - f64(v)).abs().max().item() for k, v in expected.items()))
     return worst
 
 
@@ -78,8 +79,13 @@ def test_vsgd_matches_the_authors_update_rule_step_by_step(case, path):
     for t, params, opt in run_steps(case, path):
         expected = case["steps"]["float64_scalar_state"][t - 1]
         for k, value in expected["params"].items():
-            torch.testing.assert_close(params[k], f64(value), rtol=1e-12, atol=1e-14,
-                                       msg=lambda m: f"step {t}, {k}: {m}")
+            torch.testing.assert_close(
+                params[k],
+                f64(value),
+                rtol=1e-12,
+                atol=1e-14,
+                msg=lambda m, t=t, k=k: f"step {t}, {k}: {m}",
+            )
         # Per-parameter step counts: a parameter without a gradient neither decays nor
         # advances its t (the t**-tau step sizes), in their code and in ours.
         assert set(expected["state"]) == {k for k, p in params.items() if opt.state.get(p)}
@@ -87,14 +93,23 @@ def test_vsgd_matches_the_authors_update_rule_step_by_step(case, path):
             ours = opt.state[params[k]]
             assert ours["step"] == st["step"], (t, k)
             for name in ("mu", "bg", "bhg"):
-                torch.testing.assert_close(ours[name], f64(st[name]), rtol=1e-12, atol=1e-14,
-                                           msg=lambda m: f"step {t}, {k}.{name}: {m}")
+                torch.testing.assert_close(
+                    ours[name],
+                    f64(st[name]),
+                    rtol=1e-12,
+                    atol=1e-14,
+                    msg=lambda m, t=t, k=k, name=name: f"step {t}, {k}.{name}: {m}",
+                )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the published code keeps 2a, 2b0 and t as float32 0-dim tensors even for float64 "
-    "parameters (2a - 1 = 1.00016594e-4 instead of 1.0002e-4); this repository computes them "
-    "in float64, so it differs by up to ~5e-6 after five steps"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "the published code keeps 2a, 2b0 and t as float32 0-dim tensors even for float64 "
+        "parameters (2a - 1 = 1.00016594e-4 instead of 1.0002e-4); this repository computes them "
+        "in float64, so it differs by up to ~5e-6 after five steps"
+    ),
+)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
 def test_vsgd_matches_the_authors_implementation_step_by_step(case, path):

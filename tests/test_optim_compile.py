@@ -14,8 +14,7 @@ def test_fused_matches_single_tensor_and_compiles_once():
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 8), (8,), (3, 3, 2, 2)]
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-             for _ in range(5)]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(5)]
     lrs = [0.1, 0.1, 0.05, 0.05, 0.02]
     results = []
     graphs = []
@@ -33,10 +32,9 @@ def test_fused_matches_single_tensor_and_compiles_once():
     for a, b in zip(single, fused):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
         for k in ("mu", "bg", "bhg"):
-            torch.testing.assert_close(f_opt.state[b][k], s_opt.state[a][k],
-                                       rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(f_opt.state[b][k], s_opt.state[a][k], rtol=1e-12, atol=1e-14)
     # Learning-rate changes and t**-tau move through a tensor: one graph for all steps.
-    before, fused_graphs = graphs[len(lrs) - 1], graphs[len(lrs):]
+    before, fused_graphs = graphs[len(lrs) - 1], graphs[len(lrs) :]
     assert fused_graphs[0] == before + 1
     assert fused_graphs[-1] == fused_graphs[0]
 

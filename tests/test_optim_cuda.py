@@ -5,25 +5,28 @@ import torch
 
 from vsgd import VSGD
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 SHAPES = [(64, 32), (7,), (3, 3, 5, 5), (300_000,)]
 
 
 def _run(dtype, steps=5, **kw):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen, dtype=dtype).cuda().requires_grad_()
-              for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen, dtype=dtype).cuda() for s in SHAPES]
-             for _ in range(steps)]
+    params = [torch.randn(s, generator=gen, dtype=dtype).cuda().requires_grad_() for s in SHAPES]
+    grads = [
+        [torch.randn(s, generator=gen, dtype=dtype).cuda() for s in SHAPES] for _ in range(steps)
+    ]
     opt = VSGD(params, weight_decay=0.01, **kw)
     for k, gs in enumerate(grads):
         for i, (p, g) in enumerate(zip(params, gs)):
             p.grad = None if (k, i) == (2, 1) else g
         opt.step()
-    return [p.detach() for p in params] + [opt.state[p][k] for p in params
-                                           for k in ("mu", "bg", "bhg")]
+    return [p.detach() for p in params] + [
+        opt.state[p][k] for p in params for k in ("mu", "bg", "bhg")
+    ]
 
 
 def test_foreach_matches_single_tensor_on_cuda():

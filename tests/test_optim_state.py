@@ -15,8 +15,7 @@ from vsgd import VSGD
 
 STATE = ("mu", "bg", "bhg")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-PATHS = [pytest.param(dict(foreach=False), id="single"),
-         pytest.param(dict(), id="default")]
+PATHS = [pytest.param(dict(foreach=False), id="single"), pytest.param(dict(), id="default")]
 
 
 def _model(dtype, seed):
@@ -32,10 +31,19 @@ def _grads(model, steps, missing=()):
     """Per step one gradient per parameter (None for (step, index) in ``missing``)."""
     gen = torch.Generator().manual_seed(1)
     params = list(model.parameters())
-    return [[None if (k, i) in missing else
-             torch.randn(p.shape, generator=gen).to(p.dtype).contiguous(
-                 memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
-             for i, p in enumerate(params)] for k in range(steps)]
+    return [
+        [
+            None
+            if (k, i) in missing
+            else torch.randn(p.shape, generator=gen)
+            .to(p.dtype)
+            .contiguous(
+                memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format
+            )
+            for i, p in enumerate(params)
+        ]
+        for k in range(steps)
+    ]
 
 
 def _train(opt, model, grads):

@@ -15,11 +15,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -29,8 +29,19 @@ PROJECT = "vsgd-repro"
 EXTRAS = {"pipeline", "bench", "dev", "optimizers"}
 PIPELINE_STACK = ("mlflow", "dvc", "boto3", "kubernetes", "scipy")
 # Everything the pipeline extra brings: the library must import without any of it.
-NOT_FOR_THE_LIBRARY = ("yaml", "mlflow", "dvc", "boto3", "botocore", "kubernetes", "matplotlib",
-                       "scipy", "tqdm", "PIL", "torchvision")
+NOT_FOR_THE_LIBRARY = (
+    "yaml",
+    "mlflow",
+    "dvc",
+    "boto3",
+    "botocore",
+    "kubernetes",
+    "matplotlib",
+    "scipy",
+    "tqdm",
+    "PIL",
+    "torchvision",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +71,7 @@ def test_wheel_requires_only_torch_numpy_and_filelock(wheel):
     meta = metadata(wheel)
     reqs = requires(meta)
     assert set(meta.get_all("Provides-Extra")) == EXTRAS
-    unconditional = {canonicalize_name(r.name): str(r.specifier) for r in reqs
-                     if r.marker is None}
+    unconditional = {canonicalize_name(r.name): str(r.specifier) for r in reqs if r.marker is None}
     # filelock: vsgd.tracking's store lock; torch requires it too, so it adds nothing.
     assert unconditional == {"torch": "==2.14.1", "numpy": "", "filelock": ""}, unconditional
     for name in PIPELINE_STACK:
@@ -73,15 +83,24 @@ def test_wheel_requires_only_torch_numpy_and_filelock(wheel):
     assert not names & {"kmock", "pytest-asyncio"}
     # The test tools bring the pipeline, the benchmarks and the optimizers extra along
     # (through the project itself), so the suite covers all of them.
-    dev = {canonicalize_name(r.name): r for r in reqs if "dev" in extras_of(r, {"dev"})
-           and r.marker is not None}
+    dev = {
+        canonicalize_name(r.name): r
+        for r in reqs
+        if "dev" in extras_of(r, {"dev"}) and r.marker is not None
+    }
     assert dev[PROJECT].extras == {"pipeline", "bench", "optimizers"}
-    optimizers = {canonicalize_name(r.name) for r in reqs if r.marker is not None
-                  and "optimizers" in extras_of(r, {"optimizers"})}
-    assert optimizers == {"pytorch-optimizer"}   # no base dependency: an extra of its own
+    optimizers = {
+        canonicalize_name(r.name)
+        for r in reqs
+        if r.marker is not None and "optimizers" in extras_of(r, {"optimizers"})
+    }
+    assert optimizers == {"pytorch-optimizer"}  # no base dependency: an extra of its own
     assert {"pytest", "pytest-timeout", "moto", "kubernetes-validate"} <= set(dev)
-    bench = {canonicalize_name(r.name) for r in reqs if r.marker is not None
-             and "bench" in extras_of(r, {"bench"})}
+    bench = {
+        canonicalize_name(r.name)
+        for r in reqs
+        if r.marker is not None and "bench" in extras_of(r, {"bench"})
+    }
     assert "torchvision" in bench
 
 
@@ -92,13 +111,14 @@ def test_package_data_lists_exactly_the_data_files():
     package_data = config["package-data"]
     for package in ("vsgd", "pipeline"):
         base = ROOT / package
-        data = {p.relative_to(base).as_posix() for p in base.rglob("*")
-                if p.is_file() and p.suffix not in (".py", ".pyc")
-                and "__pycache__" not in p.parts}
+        data = {
+            p.relative_to(base).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+        }
         listed = set()
         for pattern in package_data.get(package, []):
-            matches = {p.relative_to(base).as_posix() for p in base.glob(pattern)
-                       if p.is_file()}
+            matches = {p.relative_to(base).as_posix() for p in base.glob(pattern) if p.is_file()}
             assert matches, f"package-data {package}: {pattern!r} matches no file"
             listed |= matches
         assert listed == data, (package, sorted(data - listed), sorted(listed - data))
@@ -122,20 +142,42 @@ def test_installed_package_renders_jobs(installed_project, tmp_path):
     code path) and loads the reference numbers."""
     target, work = installed_project, tmp_path / "work"
     work.mkdir()
-    shutil.copy2(ROOT / "params.yaml", work / "params.yaml")   # the user's own params file
+    shutil.copy2(ROOT / "params.yaml", work / "params.yaml")  # the user's own params file
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
 
-    probe = subprocess.run([sys.executable, "-c", RENDERED], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", RENDERED],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert Path(found["pipeline"]).is_relative_to(target), found
     assert Path(found["template"]).is_relative_to(target) and found["kind"] == "Job", found
     assert found["references"] > 0
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "render-jobs", "--out", "jobs",
-                           "--set", "storage.remote=s3://vsgd/grid", "--set", "seeds=[0]"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "render-jobs",
+            "--out",
+            "jobs",
+            "--set",
+            "storage.remote=s3://vsgd/grid",
+            "--set",
+            "seeds=[0]",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted((work / "jobs").glob("*.yaml"))
     assert files, proc.stdout
@@ -208,7 +250,13 @@ else:
 def test_library_imports_without_the_pipeline_extra(tmp_path):
     code = LIBRARY.format(blocked=NOT_FOR_THE_LIBRARY)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pip install 'vsgd-repro[pipeline]'" in proc.stdout, proc.stdout

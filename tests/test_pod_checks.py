@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_spec
+
 from pipeline.contract import STALE_IMAGE, TERMINATION_LOG_LIMIT
 from vsgd.spec import code_version, run_hash
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": str(ROOT)}
-for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "VSGD_TEE_LOG", "VSGD_REQUIRE_CUDA",
-            "VSGD_TERMINATION_LOG", "VSGD_RESULTS_URI"):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+for key in (
+    "MLFLOW_TRACKING_URI",
+    "DVC_STAGE",
+    "VSGD_TEE_LOG",
+    "VSGD_REQUIRE_CUDA",
+    "VSGD_TERMINATION_LOG",
+    "VSGD_RESULTS_URI",
+):
     ENV.pop(key, None)
 OTHER_CODE = "0123456789ab" + "0" * 52
 
@@ -28,9 +33,14 @@ def run_cli(spec: dict, tmp_path, **env) -> tuple[subprocess.CompletedProcess, s
     """`python -m pipeline.train --spec-json <spec>` with a termination log; the process and
     the termination message (None if none was written)."""
     log = tmp_path / "termination-log"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--spec-json",
-                           json.dumps(spec)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**ENV, "VSGD_TERMINATION_LOG": str(log), **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--spec-json", json.dumps(spec)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "VSGD_TERMINATION_LOG": str(log), **env},
+    )
     return proc, log.read_text() if log.exists() else None
 
 
@@ -45,8 +55,13 @@ def test_spec_from_other_code_is_a_stale_image_with_both_versions(data_root, tmp
     proc, message = run_cli(spec, tmp_path)
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.startswith(STALE_IMAGE), proc.stderr
-    for part in (OTHER_CODE[:12], code_version()[:12], spec["run_hash"], run_hash(spec),
-                 "make image"):
+    for part in (
+        OTHER_CODE[:12],
+        code_version()[:12],
+        spec["run_hash"],
+        run_hash(spec),
+        "make image",
+    ):
         assert part in proc.stderr, part
     assert message == proc.stderr.strip()
     assert "Traceback" not in proc.stderr and nothing_written(spec)
@@ -91,8 +106,11 @@ def test_termination_message_is_cut_to_the_kubernetes_limit(tmp_path):
 
 
 def test_unwritable_termination_log_does_not_mask_the_error(tmp_path):
-    proc, _ = run_cli({"dataset": "mnist"}, tmp_path,
-                      VSGD_TERMINATION_LOG=str(tmp_path / "missing" / "dir" / "log"))
+    proc, _ = run_cli(
+        {"dataset": "mnist"},
+        tmp_path,
+        VSGD_TERMINATION_LOG=str(tmp_path / "missing" / "dir" / "log"),
+    )
     assert proc.returncode == 78, proc.stderr
     assert "invalid configuration" in proc.stderr and "dataset" in proc.stderr
     assert "could not write the termination message" in proc.stderr
@@ -112,8 +130,7 @@ def test_crash_writes_its_last_line_as_termination_message(data_root, tmp_path):
     assert "no-such-data" in message
 
 
-def test_tee_log_is_published_with_the_result_and_appended_on_each_start(data_root,
-                                                                         tmp_path):
+def test_tee_log_is_published_with_the_result_and_appended_on_each_start(data_root, tmp_path):
     spec = run_spec(data_root, tmp_path, iterations=2)
     published = tmp_path / "published"
     env = {"VSGD_TEE_LOG": "1", "VSGD_RESULTS_URI": str(published)}

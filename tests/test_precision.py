@@ -5,19 +5,25 @@ float32 matmuls and tf32 does not."""
 
 import pytest
 import torch
-
 from conftest import run_spec
+
 from vsgd import trainer
 from vsgd.spec import PRECISIONS, check_spec
 
 # precision -> (float32 matmul precision, cuBLAS TF32, cuDNN TF32)
-EXPECTED = {"fp32": ("highest", False, False), "tf32": ("high", True, True),
-            "bf16": ("highest", False, False)}
+EXPECTED = {
+    "fp32": ("highest", False, False),
+    "tf32": ("high", True, True),
+    "bf16": ("highest", False, False),
+}
 
 
 def flags():
-    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32)
+    return (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
 
 
 def set_flags(matmul, cublas, cudnn):

@@ -17,19 +17,24 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_spec, untimed
 
-from conftest import ROOT, run_spec
 from pipeline import services, storage
 from pipeline.contract import RESULTS_ENV
 
 BUCKET = "vsgd-e2e"
-SENTINEL = "SENTINEL-secret-7f3a9c1e5b"        # AWS_SECRET_ACCESS_KEY of the run
+SENTINEL = "SENTINEL-secret-7f3a9c1e5b"  # AWS_SECRET_ACCESS_KEY of the run
 SENTINEL_MLFLOW = "SENTINEL-mlflow-pw-42d8e1"  # MLflow basic-auth password of the run
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 ITERATIONS = 40
-UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
-                     if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")}
 
 
 class Services:
@@ -46,9 +51,13 @@ class Services:
 
     def start_mlflow(self):
         self.mlflow, self._mlflow_proc = services.start_mlflow(
-            self.root / "mlflow", self.mlflow_port, backend=self.backend,
-            artifacts=f"s3://{BUCKET}/mlartifacts", s3_endpoint=self.s3.url,
-            env=services.MOTO_CREDENTIALS)
+            self.root / "mlflow",
+            self.mlflow_port,
+            backend=self.backend,
+            artifacts=f"s3://{BUCKET}/mlartifacts",
+            s3_endpoint=self.s3.url,
+            env=services.MOTO_CREDENTIALS,
+        )
 
     def kill_mlflow(self):
         os.killpg(self.mlflow.pid, signal.SIGKILL)
@@ -78,20 +87,32 @@ def remote(s3_remote):
 
 def _env(svc, tmp_path) -> dict:
     """A pod's environment: endpoints and credentials only through standard variables."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": svc.s3.url,
-           "AWS_ACCESS_KEY_ID": "e2e-access-key", "AWS_SECRET_ACCESS_KEY": SENTINEL,
-           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_TRACKING_USERNAME": "e2e",
-           "MLFLOW_TRACKING_PASSWORD": SENTINEL_MLFLOW,
-           "VSGD_SCRATCH": str(tmp_path / "scratch")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),
+        "AWS_ENDPOINT_URL": svc.s3.url,
+        "AWS_ACCESS_KEY_ID": "e2e-access-key",
+        "AWS_SECRET_ACCESS_KEY": SENTINEL,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_TRACKING_USERNAME": "e2e",
+        "MLFLOW_TRACKING_PASSWORD": SENTINEL_MLFLOW,
+        "VSGD_SCRATCH": str(tmp_path / "scratch"),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
 def _train(spec: dict, env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--spec-json",
-                             json.dumps(spec)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--spec-json", json.dumps(spec)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -106,10 +127,16 @@ def s3_env(remote, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.extended   # parts: test_storage (S3 checkpoints), test_tracking_outage, test_interrupt
+@pytest.mark.extended  # parts: test_storage (S3 checkpoints), test_tracking_outage, test_interrupt
 def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root, tmp_path):
-    kw = dict(iterations=ITERATIONS, optimizer=VSGD, eval_every=10, checkpoint_every=5,
-              log_every=1, batch_size=8)
+    kw = dict(
+        iterations=ITERATIONS,
+        optimizer=VSGD,
+        eval_every=10,
+        checkpoint_every=5,
+        log_every=1,
+        batch_size=8,
+    )
     ref = run_spec(data_root, tmp_path / "ref", **kw)
     spec = run_spec(data_root, tmp_path / "pod", tracking_uri=remote.mlflow.url, **kw)
     assert spec["run_hash"] == ref["run_hash"]
@@ -121,8 +148,7 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
     spec["output_dir"] = "out"
     pod = tmp_path / "pod-scratch"
     pod.mkdir()
-    env = {**_env(remote, tmp_path),
-           RESULTS_ENV: storage.results_uri(prefix, spec["run_hash"])}
+    env = {**_env(remote, tmp_path), RESULTS_ENV: storage.results_uri(prefix, spec["run_hash"])}
     logs = []
 
     # An uninterrupted local run, for the expected result.
@@ -170,11 +196,12 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
     # Same result as the uninterrupted run.
     read = lambda d, f: (Path(d) / f).read_text()  # noqa: E731
     m, m_ref = (json.loads(read(d, "metrics.json")) for d in (pod / "out", ref["output_dir"]))
-    assert UNTIMED(m) == UNTIMED(m_ref)
+    assert untimed(m) == untimed(m_ref)
     assert read(pod / "out", "curve.csv") == read(ref["output_dir"], "curve.csv")
 
     # The tracking server holds one FINISHED run with every step exactly once.
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=remote.mlflow.url)
     exp = client.get_experiment_by_name("test")
     runs = client.search_runs([exp.experiment_id], f"tags.run_hash = '{spec['run_hash']}'")
@@ -189,10 +216,12 @@ def test_remote_run_survives_kill_and_tracking_outage(remote, s3_env, data_root,
     assert any(k.endswith(f"{run.info.run_id}/artifacts/metrics.json") for k in objects)
 
     # The launcher finds the result by run hash from anywhere: in the store ...
-    params = {"storage": {"remote": prefix, "endpoint_url": remote.s3.url},
-              "tracking": {"uri": remote.mlflow.url, "experiment": "test"}}
+    params = {
+        "storage": {"remote": prefix, "endpoint_url": remote.s3.url},
+        "tracking": {"uri": remote.mlflow.url, "experiment": "test"},
+    }
     found = storage.find_result(params, spec)
-    assert found.source == "store" and UNTIMED(found.metrics) == UNTIMED(m)
+    assert found.source == "store" and untimed(found.metrics) == untimed(m)
     fetched = storage.fetch_result(params, spec, tmp_path / "fetched")
     assert read(fetched, "metrics.json") == read(pod / "out", "metrics.json")
     # ... and, without the store's copy, in MLflow.
@@ -217,30 +246,40 @@ def test_train_stage_with_remote_in_params(s3_remote, tmp_path, monkeypatch, pla
     work.mkdir()
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     prefix = f"s3://{BUCKET}/stage"
-    sets = ["preset=ci", "datasets=[cifar100]", "archs=[convmixer]", "optimizers=[sgd, vsgd]",
-            "tune.enabled=false",
-            f"storage.remote={prefix}", f"storage.endpoint_url={s3_remote.s3.url}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
-    env.update(services.MOTO_CREDENTIALS, PYTHONPATH=str(ROOT),
-               VSGD_SCRATCH=str(tmp_path / "scratch"))
+    sets = [
+        "preset=ci",
+        "datasets=[cifar100]",
+        "archs=[convmixer]",
+        "optimizers=[sgd, vsgd]",
+        "tune.enabled=false",
+        f"storage.remote={prefix}",
+        f"storage.endpoint_url={s3_remote.s3.url}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"
+    }
+    env.update(
+        services.MOTO_CREDENTIALS, PYTHONPATH=str(ROOT), VSGD_SCRATCH=str(tmp_path / "scratch")
+    )
 
     def stage(*command):
         args = [sys.executable, "-m", "pipeline", *command]
         for s in sets:
             args += ["--set", s]
-        proc = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
 
-    place_prepared(work / "data", "cifar100")   # what `prepare cifar100` makes here
+    place_prepared(work / "data", "cifar100")  # what `prepare cifar100` makes here
     out = stage("train")
     assert "2 runs in the grid, 0 done, 0 reused, 2 to run" in out, out
 
     from pipeline.config import load_params
     from pipeline.grid import expand
+
     monkeypatch.chdir(work)
     params = load_params("params.yaml", sets)
     specs = expand(params)
@@ -251,8 +290,7 @@ def test_train_stage_with_remote_in_params(s3_remote, tmp_path, monkeypatch, pla
     bucket = storage.open_store(f"s3://{BUCKET}", s3_remote.s3.url)
     for spec in specs:
         local = json.loads((work / spec["output_dir"] / "metrics.json").read_text())
-        published = json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/"
-                                                f"metrics.json"))
+        published = json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/metrics.json"))
         assert published == local
         assert bucket.exists(f"stage/checkpoints/{spec['run_hash']}/LATEST.json")
         # The run read its data from the store (pushed by the stage), not from ./data.
@@ -268,7 +306,8 @@ def test_train_stage_with_remote_in_params(s3_remote, tmp_path, monkeypatch, pla
     assert "2 runs in the grid, 0 done, 2 reused, 0 to run" in out, out
     for spec in specs:
         assert json.loads((work / spec["output_dir"] / "metrics.json").read_text()) == (
-            json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/metrics.json")))
+            json.loads(bucket.get_bytes(f"stage/results/{spec['run_hash']}/metrics.json"))
+        )
     storage.s3_client.cache_clear()
 
 
@@ -300,8 +339,16 @@ def test_services_command_up_status_down(tmp_path):
     state = tmp_path / ".services"
     cmd = [sys.executable, "-m", "pipeline", "services"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([*cmd, *a, "--dir", str(state)], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=180)
+
+    def run(*args):
+        return subprocess.run(
+            [*cmd, *args, "--dir", str(state)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
     up = run("up")
     try:
         assert up.returncode == 0, up.stderr

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_result
+
 from pipeline import grid, results
 from pipeline.__main__ import main
 from pipeline.config import load_params
@@ -24,14 +24,16 @@ def workdir(tmp_path, monkeypatch):
         d = tmp_path / "data" / "prepared" / ds
         d.mkdir(parents=True)
         (d / "manifest.json").write_text(json.dumps({"checksum": f"sum-{ds}"}))
-    (tmp_path / "params.yaml").write_text(PARAMS.read_text().replace("preset: null",
-                                                                     "preset: ci"))
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text().replace("preset: null", "preset: ci"))
     return tmp_path
 
 
 def specs_for(*overrides):
-    return grid.expand(load_params("params.yaml", ["datasets=[cifar100]", "archs=[vgg]",
-                                                   "tune.enabled=false", *overrides]))
+    return grid.expand(
+        load_params(
+            "params.yaml", ["datasets=[cifar100]", "archs=[vgg]", "tune.enabled=false", *overrides]
+        )
+    )
 
 
 def finish(spec, test_acc=0.5):
@@ -78,12 +80,21 @@ def test_gc_removes_only_what_no_run_of_the_grid_uses_and_says_so(workdir, capsy
     [stale] = [s for s in old if s["optimizer"]["name"] == "sgd"]
     keep = [s for s in old if s is not stale]
 
-    args = ["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]", "--set",
-            "tune.enabled=false"]
+    args = [
+        "gc",
+        "--set",
+        "datasets=[cifar100]",
+        "--set",
+        "archs=[vgg]",
+        "--set",
+        "tune.enabled=false",
+    ]
     assert main(args + ["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"would remove result results/store/{stale['run_hash']} ({stale['name']}, " \
-           "test_acc 0.5000)" in out
+    assert (
+        f"would remove result results/store/{stale['run_hash']} ({stale['name']}, "
+        "test_acc 0.5000)" in out
+    )
     assert f"would remove checkpoint checkpoints/{stale['run_hash']}" in out
     assert results.is_done(stale)  # a dry run removes nothing
 
@@ -98,8 +109,20 @@ def test_gc_refuses_without_prepared_data(workdir, capsys):
     for spec in specs_for():
         finish(spec)
     (workdir / "data" / "prepared" / "cifar100" / "manifest.json").unlink()
-    assert main(["gc", "--set", "datasets=[cifar100]", "--set", "archs=[vgg]", "--set",
-                 "tune.enabled=false"]) == 78
+    assert (
+        main(
+            [
+                "gc",
+                "--set",
+                "datasets=[cifar100]",
+                "--set",
+                "archs=[vgg]",
+                "--set",
+                "tune.enabled=false",
+            ]
+        )
+        == 78
+    )
     err = capsys.readouterr().err
     assert "no prepared data for cifar100" in err and "Traceback" not in err
     assert len(list(Path(grid.STORE_DIR).iterdir())) == 4

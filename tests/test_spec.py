@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_spec_imports_without_torch_or_numpy():
-    code = ("import sys, vsgd.spec, pipeline.config; "
-            "print(sorted(m for m in ('torch', 'numpy', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout.strip()
+    code = (
+        "import sys, vsgd.spec, pipeline.config; "
+        "print(sorted(m for m in ('torch', 'numpy', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.strip()
     assert out == "[]"
 
 
@@ -25,6 +28,7 @@ def test_pipeline_config_uses_the_library_definitions():
     from pipeline import config, contract, params_check
     from vsgd.data import registry
     from vsgd.models import MODELS
+
     for name in ("DATASETS", "MODELS", "ARCHS", "OPTIMIZERS"):
         assert getattr(params_check, name) is getattr(vsgd_spec, name)
     assert config.ConfigError is vsgd_spec.ConfigError
@@ -35,6 +39,7 @@ def test_pipeline_config_uses_the_library_definitions():
 
 def test_check_spec_reports_key_paths_and_allowed_values(data_root, tmp_path):
     from conftest import run_spec
+
     spec = run_spec(data_root, tmp_path)
     assert vsgd_spec.check_spec(spec) == []
     spec["optimizer"] = {"name": "vsgd", "lr": -1, "tau1": 2.0, "epsilon": 1e-8}
@@ -42,8 +47,9 @@ def test_check_spec_reports_key_paths_and_allowed_values(data_root, tmp_path):
     problems = vsgd_spec.check_spec(spec)
     assert "optimizer.lr: -1 is outside (0, inf)" in problems
     assert "optimizer.tau1: 2.0 is outside (0.5, 1]" in problems
-    assert any(p.startswith("optimizer.epsilon: unknown key (did you mean 'eps'?)")
-               for p in problems)
+    assert any(
+        p.startswith("optimizer.epsilon: unknown key (did you mean 'eps'?)") for p in problems
+    )
     assert "training.precision: fp8 is not allowed; allowed: fp32, tf32, bf16" in problems
 
 
@@ -53,14 +59,22 @@ def _copy_package(tmp_path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("module,changes_result", [
-    ("optim.py", True), ("engine.py", True), ("models/vgg.py", True),
-    ("data/augment.py", True),
-    ("tracking.py", False), ("checkpoint.py", False), ("trainer.py", False),
-    ("data/download.py", False), ("data/__main__.py", False), ("spec.py", False),
-])
-def test_code_version_covers_the_modules_that_compute_a_result(tmp_path, module,
-                                                               changes_result):
+@pytest.mark.parametrize(
+    "module,changes_result",
+    [
+        ("optim.py", True),
+        ("engine.py", True),
+        ("models/vgg.py", True),
+        ("data/augment.py", True),
+        ("tracking.py", False),
+        ("checkpoint.py", False),
+        ("trainer.py", False),
+        ("data/download.py", False),
+        ("data/__main__.py", False),
+        ("spec.py", False),
+    ],
+)
+def test_code_version_covers_the_modules_that_compute_a_result(tmp_path, module, changes_result):
     package = _copy_package(tmp_path)
     before = vsgd_spec.code_version(package)
     with open(package / module, "a") as f:
@@ -71,25 +85,33 @@ def test_code_version_covers_the_modules_that_compute_a_result(tmp_path, module,
 
 def test_identity_leaves_out_locations_tracking_and_bookkeeping(data_root, tmp_path):
     from conftest import run_spec
+
     spec = run_spec(data_root, tmp_path)
-    moved = dict(spec, name="other", output_dir="/elsewhere", checkpoint="s3://b/c",
-                 tracking={"uri": "http://mlflow:5000", "experiment": "x"},
-                 data=dict(spec["data"], dir="/scratch/x", uri="s3://b/d.dir"),
-                 training=dict(spec["training"], log_every=99, checkpoint_every=99,
-                               beta1_every=99),
-                 code_version="f" * 64)  # the launcher's code version: recorded, not identity
+    moved = dict(
+        spec,
+        name="other",
+        output_dir="/elsewhere",
+        checkpoint="s3://b/c",
+        tracking={"uri": "http://mlflow:5000", "experiment": "x"},
+        data=dict(spec["data"], dir="/scratch/x", uri="s3://b/d.dir"),
+        training=dict(spec["training"], log_every=99, checkpoint_every=99, beta1_every=99),
+        code_version="f" * 64,
+    )  # the launcher's code version: recorded, not identity
     assert vsgd_spec.run_hash(moved) == vsgd_spec.run_hash(spec)
     assert "code_version" not in vsgd_spec.identity(moved)
     assert vsgd_spec.check_spec(moved) == []
     assert vsgd_spec.check_spec(dict(spec, code_version=5)) == [
-        "code_version: expected a non-empty string, got 5"]
+        "code_version: expected a non-empty string, got 5"
+    ]
     for key, value in (("eval_every", 3), ("test_limit", 8), ("precision", "bf16")):
         other = dict(spec, training=dict(spec["training"], **{key: value}))
         assert vsgd_spec.run_hash(other) != vsgd_spec.run_hash(spec), key
     # Training keys left out of a spec take their defaults: the same run either way.
     explicit = dict(spec, training={**vsgd_spec.TRAINING_DEFAULTS, **spec["training"]})
-    trimmed = dict(spec, training={k: v for k, v in spec["training"].items()
-                                   if v != vsgd_spec.TRAINING_DEFAULTS[k]})
+    trimmed = dict(
+        spec,
+        training={k: v for k, v in spec["training"].items() if v != vsgd_spec.TRAINING_DEFAULTS[k]},
+    )
     assert vsgd_spec.run_hash(explicit) == vsgd_spec.run_hash(trimmed)
 
 
@@ -97,6 +119,7 @@ def test_the_stage_key_is_not_part_of_the_run_identity(data_root, tmp_path):
     """`stage` (which stage asked for the run: tune or train) is bookkeeping: the run hash of
     a spec is the same with it, and older specs without it stay valid."""
     from conftest import run_spec
+
     spec = run_spec(data_root, tmp_path)
     assert "stage" not in spec and vsgd_spec.check_spec(spec) == []
     for stage in vsgd_spec.STAGES:

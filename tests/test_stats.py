@@ -11,13 +11,22 @@ from pipeline.report.stats import BEST, NOT_ENOUGH, POINT, TIED, WORSE
 
 # Student t critical values as printed in t tables (NIST/SEMATECH e-Handbook of Statistical
 # Methods, section 1.3.6.7.2, prints them to 3 decimals; these are the same values to more).
-@pytest.mark.parametrize("p,df,table", [
-    (0.975, 1, 12.7062), (0.975, 2, 4.30265), (0.975, 4, 2.77645), (0.975, 10, 2.22814),
-    (0.975, 30, 2.04227), (0.975, 1e7, 1.95996), (0.995, 1, 63.657), (0.95, 10, 1.812),
-])
+@pytest.mark.parametrize(
+    "p,df,table",
+    [
+        (0.975, 1, 12.7062),
+        (0.975, 2, 4.30265),
+        (0.975, 4, 2.77645),
+        (0.975, 10, 2.22814),
+        (0.975, 30, 2.04227),
+        (0.975, 1e7, 1.95996),
+        (0.995, 1, 63.657),
+        (0.95, 10, 1.812),
+    ],
+)
 def test_t_quantiles_match_the_published_table(p, df, table):
     digits = len(f"{table}".split(".")[1])
-    assert stats.t_quantile(p, df) == pytest.approx(table, abs=0.6 * 10 ** -digits)
+    assert stats.t_quantile(p, df) == pytest.approx(table, abs=0.6 * 10**-digits)
     assert stats.t_quantile(1 - p, df) == pytest.approx(-stats.t_quantile(p, df))
 
 
@@ -30,9 +39,11 @@ def test_t_quantile_matches_closed_forms():
     for p in (0.001, 0.1, 0.3, 0.5, 0.7, 0.9, 0.975, 0.999):
         alpha = 4 * p * (1 - p)
         q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
-        closed = {1: math.tan(math.pi * (p - 0.5)),
-                  2: (2 * p - 1) / math.sqrt(2 * p * (1 - p)),
-                  4: math.copysign(2 * math.sqrt(q - 1), p - 0.5)}
+        closed = {
+            1: math.tan(math.pi * (p - 0.5)),
+            2: (2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+            4: math.copysign(2 * math.sqrt(q - 1), p - 0.5),
+        }
         for df, t in closed.items():
             assert stats.t_quantile(p, df) == pytest.approx(t, rel=1e-9, abs=1e-12), (p, df)
     # Plain floats, not numpy scalars: welch's excludes_zero (low > 0 or high < 0) is a bool,
@@ -59,8 +70,7 @@ def test_welch_interval_matches_the_hand_computation():
     assert d.mean_diff == pytest.approx(-3.5)
     assert d.df == pytest.approx(243 / 49)
     assert stats.t_quantile(0.975, d.df) == pytest.approx(2.57696, abs=5e-6)
-    assert (d.low, d.high) == (pytest.approx(-5.73171, abs=5e-6),
-                               pytest.approx(-1.26829, abs=5e-6))
+    assert (d.low, d.high) == (pytest.approx(-5.73171, abs=5e-6), pytest.approx(-1.26829, abs=5e-6))
     assert (d.n_a, d.n_b, d.level, d.note) == (3, 4, 0.95, "")
     assert d.excludes_zero is True
     # Swapping the sides mirrors the interval.
@@ -73,8 +83,7 @@ def test_an_interval_containing_zero_excludes_nothing():
     # (2/3)^2 / (2 * (1/3)^2 / 2) = 4 exactly; half-width 2.77645 * sqrt(2/3) = 2.26696.
     d = stats.welch([1, 2, 3], [2, 3, 4])
     assert d.df == pytest.approx(4)
-    assert (d.low, d.high) == (pytest.approx(-3.26696, abs=5e-6),
-                               pytest.approx(1.26696, abs=5e-6))
+    assert (d.low, d.high) == (pytest.approx(-3.26696, abs=5e-6), pytest.approx(1.26696, abs=5e-6))
     assert d.excludes_zero is False
 
 
@@ -83,8 +92,7 @@ def test_a_constant_side_leaves_the_other_sides_degrees_of_freedom():
     # 4.30265 * sqrt(1/3) = 2.48414 around -2: [-4.48414, 0.48414], which contains zero.
     d = stats.welch([1, 1, 1], [2, 3, 4])
     assert d.df == pytest.approx(2)
-    assert (d.low, d.high) == (pytest.approx(-4.48414, abs=5e-6),
-                               pytest.approx(0.48414, abs=5e-6))
+    assert (d.low, d.high) == (pytest.approx(-4.48414, abs=5e-6), pytest.approx(0.48414, abs=5e-6))
     assert d.excludes_zero is False
 
 
@@ -106,8 +114,10 @@ def test_one_seed_claims_no_interval():
 
 
 def test_a_higher_level_widens_the_interval():
-    narrow, wide = stats.welch([1, 2, 3], [4, 5, 6, 7]), stats.welch([1, 2, 3], [4, 5, 6, 7],
-                                                                      level=0.99)
+    narrow, wide = (
+        stats.welch([1, 2, 3], [4, 5, 6, 7]),
+        stats.welch([1, 2, 3], [4, 5, 6, 7], level=0.99),
+    )
     assert wide.low < narrow.low and wide.high > narrow.high and wide.level == 0.99
 
 
@@ -117,23 +127,22 @@ def test_a_higher_level_widens_the_interval():
 
 def test_a_clear_winner_is_best_and_the_rest_worse():
     # Three seeds each, 10 points apart, spread 1 point: every interval excludes zero.
-    s = stats.standing({"x": [0.80, 0.81, 0.82], "sgd": [0.70, 0.71, 0.72],
-                        "adam": [0.60, 0.61, 0.62]})
+    s = stats.standing(
+        {"x": [0.80, 0.81, 0.82], "sgd": [0.70, 0.71, 0.72], "adam": [0.60, 0.61, 0.62]}
+    )
     assert s == {"x": BEST, "sgd": WORSE, "adam": WORSE}
 
 
 def test_a_tie_within_noise_is_no_win():
     # x's mean is highest, but against y (1 point lower, spread 2 points) the interval
     # contains zero: both tied; z is far below the top: worse.
-    s = stats.standing({"x": [0.70, 0.72, 0.74], "y": [0.69, 0.71, 0.73],
-                        "z": [0.50, 0.51, 0.52]})
+    s = stats.standing({"x": [0.70, 0.72, 0.74], "y": [0.69, 0.71, 0.73], "z": [0.50, 0.51, 0.52]})
     assert s == {"x": TIED, "y": TIED, "z": WORSE}
 
 
 def test_a_top_not_separated_from_everyone_is_not_best():
     # x is separated from z but not from y; y is not separated from x: x and y tied, z worse.
-    s = stats.standing({"x": [0.70, 0.71, 0.72], "y": [0.66, 0.70, 0.74],
-                        "z": [0.60, 0.61, 0.62]})
+    s = stats.standing({"x": [0.70, 0.71, 0.72], "y": [0.66, 0.70, 0.74], "z": [0.60, 0.61, 0.62]})
     assert s == {"x": TIED, "y": TIED, "z": WORSE}
 
 

@@ -19,14 +19,18 @@ from pipeline.storage import IntegrityError
 
 BUCKET = "vsgd-test"
 DVC = str(Path(sys.executable).with_name("dvc"))
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret-value",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test-key",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-value",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free port of 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -60,6 +64,7 @@ def _raw_put(uri_key: str, data: bytes, metadata=None):
 
 # -- object stores ---------------------------------------------------------------------------
 
+
 def test_s3_store_round_trip_with_sha256_metadata(s3, prefix, tmp_path):
     store = storage.open_store(prefix)
     digest = store.put_bytes("a/b.txt", b"hello")
@@ -79,9 +84,15 @@ def test_s3_store_round_trip_with_sha256_metadata(s3, prefix, tmp_path):
 
 def test_large_objects_go_multipart_and_verify(s3, prefix, tmp_path, monkeypatch):
     from boto3.s3.transfer import TransferConfig
+
     mib = storage.MiB  # S3's smallest part is 5 MiB
-    monkeypatch.setattr(storage.objects, "transfer_config", lambda: TransferConfig(
-        multipart_threshold=5 * mib, multipart_chunksize=5 * mib, max_concurrency=2))
+    monkeypatch.setattr(
+        storage.objects,
+        "transfer_config",
+        lambda: TransferConfig(
+            multipart_threshold=5 * mib, multipart_chunksize=5 * mib, max_concurrency=2
+        ),
+    )
     data = os.urandom(12 * mib)
     (tmp_path / "big").write_bytes(data)
     store = storage.open_store(prefix)
@@ -125,13 +136,16 @@ def test_client_retries_with_backoff_and_honours_the_endpoint(s3, monkeypatch):
         assert client.meta.config.s3["addressing_style"] == "path"
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
         monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
-        assert storage.s3_client("http://127.0.0.1:2").meta.config.retries == \
-            {"mode": "adaptive", "total_max_attempts": 3}
+        assert storage.s3_client("http://127.0.0.1:2").meta.config.retries == {
+            "mode": "adaptive",
+            "total_max_attempts": 3,
+        }
     finally:
         storage.s3_client.cache_clear()
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+
 
 def test_s3_checkpoint_store_publishes_atomically(s3, prefix, monkeypatch):
     ckpt = storage.open_checkpoint_store(f"{prefix}/ckpt")
@@ -150,6 +164,7 @@ def test_s3_checkpoint_store_publishes_atomically(s3, prefix, monkeypatch):
         if key.startswith("checkpoint-"):
             raise ConnectionError("store went away mid-upload")
         return real_put(key, data)
+
     monkeypatch.setattr(ckpt.store, "put_bytes", failing_put)
     with pytest.raises(ConnectionError):
         ckpt.save(b"never published")
@@ -164,25 +179,33 @@ def test_s3_checkpoint_store_publishes_atomically(s3, prefix, monkeypatch):
 
 def test_open_checkpoint_store_local_dir(tmp_path):
     from vsgd.checkpoint import LocalCheckpointStore
+
     store = storage.open_checkpoint_store(str(tmp_path / "c"))
     assert isinstance(store, LocalCheckpointStore)
 
 
 # -- datasets: DVC's layout, staging ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A tiny prepared synthetic dataset."""
     from vsgd.data import prepare
+
     root = tmp_path_factory.mktemp("data")
-    manifest = prepare("cifar100", "synthetic", root,
-                       synthetic_sizes={"train": 64, "test": 16})
+    manifest = prepare("cifar100", "synthetic", root, synthetic_sizes={"train": 64, "test": 16})
     return root / "prepared" / "cifar100", manifest
 
 
 def _dvc(repo, *args, env=None):
-    out = subprocess.run([DVC, *args], cwd=repo, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300)
+    out = subprocess.run(
+        [DVC, *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     assert out.returncode == 0, f"dvc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
     return out.stdout
 
@@ -213,8 +236,9 @@ def test_dvc_push_and_our_staging_agree_on_the_objects(s3, prefix, dataset, tmp_
     assert staged == tmp_path / "scratch" / dvc_hash[:-4]
     for f in data_dir.iterdir():
         assert (staged / f.name).read_bytes() == f.read_bytes()
-    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()
-                  if not p.name.startswith(".")) == [staged.name]  # no temp dirs left
+    assert sorted(
+        p.name for p in (tmp_path / "scratch").iterdir() if not p.name.startswith(".")
+    ) == [staged.name]  # no temp dirs left
 
     # The other direction: our upload, then a fresh clone pulls it with DVC.
     other = f"{prefix}/other"
@@ -264,15 +288,21 @@ def test_a_wrong_checksum_on_a_staged_object_is_refused(s3, prefix, dataset, tmp
 
 
 def test_dataset_uri_form():
-    assert storage.split_dataset_uri("s3://b/p/dvc/files/md5/ab/cdef.dir") == \
-        ("s3://b/p/dvc", "abcdef.dir")
-    for bad in ("s3://b/p/dvc/files/md5/ab/cdef", "s3://b/p/abcdef.dir",
-                "s3://b/files/md5/abc/def.dir"):
+    assert storage.split_dataset_uri("s3://b/p/dvc/files/md5/ab/cdef.dir") == (
+        "s3://b/p/dvc",
+        "abcdef.dir",
+    )
+    for bad in (
+        "s3://b/p/dvc/files/md5/ab/cdef",
+        "s3://b/p/abcdef.dir",
+        "s3://b/files/md5/abc/def.dir",
+    ):
         with pytest.raises(ValueError):
             storage.split_dataset_uri(bad)
 
 
 # -- results ---------------------------------------------------------------------------------
+
 
 def test_results_are_published_found_and_fetched(s3, prefix, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -280,8 +310,10 @@ def test_results_are_published_found_and_fetched(s3, prefix, tmp_path, monkeypat
     (out / "config.json").write_text("{}")
     (out / "curve.csv").write_text("step,test_acc\n1,0.5\n")
     (out / "metrics.json").write_text(json.dumps({"run_hash": "abc", "test_acc": 0.5}))
-    params = {"storage": {"remote": prefix, "endpoint_url": None},
-              "tracking": {"uri": f"sqlite:///{tmp_path}/none.db", "experiment": "x"}}
+    params = {
+        "storage": {"remote": prefix, "endpoint_url": None},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/none.db", "experiment": "x"},
+    }
     spec = {"run_hash": "abc", "name": "r", "output_dir": str(tmp_path / "fetched")}
     assert storage.find_result(params, spec) is None
     assert storage.publish_result(out) is None  # no $VSGD_RESULTS_URI, no remote
@@ -290,14 +322,18 @@ def test_results_are_published_found_and_fetched(s3, prefix, tmp_path, monkeypat
     found = storage.find_result(params, spec)
     assert found.source == "store" and found.metrics["test_acc"] == 0.5
     storage.fetch_result(params, spec)
-    assert sorted(p.name for p in Path(spec["output_dir"]).iterdir()) == \
-        ["config.json", "curve.csv", "metrics.json"]
+    assert sorted(p.name for p in Path(spec["output_dir"]).iterdir()) == [
+        "config.json",
+        "curve.csv",
+        "metrics.json",
+    ]
     assert not Path(f"{tmp_path}/none.db").exists()  # the lookup created no tracking store
     with pytest.raises(FileNotFoundError):
         storage.fetch_result(params, {**spec, "run_hash": "other"})
 
 
 # -- secrets ---------------------------------------------------------------------------------
+
 
 def test_redaction_masks_credential_values_and_url_userinfo(monkeypatch, caplog):
     secret = "SENTINEL-sk-0123456789"
@@ -310,14 +346,16 @@ def test_redaction_masks_credential_values_and_url_userinfo(monkeypatch, caplog)
     logger = logging.getLogger("redact-test")
     logger.addHandler(handler)
     redact.install(logger)
-    record = logger.makeRecord("redact-test", logging.INFO, __file__, 1, "secret %s", (secret,),
-                               None)
+    record = logger.makeRecord(
+        "redact-test", logging.INFO, __file__, 1, "secret %s", (secret,), None
+    )
     assert handler.filter(record) and record.getMessage() == "secret ***"
     try:
         raise RuntimeError(f"failed with {secret}")
     except RuntimeError:
-        record = logger.makeRecord("redact-test", logging.ERROR, __file__, 1, "boom", (),
-                                   sys.exc_info())
+        record = logger.makeRecord(
+            "redact-test", logging.ERROR, __file__, 1, "boom", (), sys.exc_info()
+        )
     handler.filter(record)
     assert secret not in logging.Formatter().format(record)
 
@@ -333,12 +371,21 @@ def test_mlflow_lookups_retry_briefly_without_changing_the_environment(monkeypat
 
 def test_an_uncaught_exception_is_logged_without_the_secret(tmp_path):
     secret = "SENTINEL-uncaught-5e8d2a"
-    code = ("import logging; logging.basicConfig(); from pipeline import redact; "
-            "redact.install(); import os; "
-            "raise RuntimeError('bad key ' + os.environ['AWS_SECRET_ACCESS_KEY'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret,
-                              "PYTHONPATH": str(Path(__file__).parents[1])})
+    code = (
+        "import logging; logging.basicConfig(); from pipeline import redact; "
+        "redact.install(); import os; "
+        "raise RuntimeError('bad key ' + os.environ['AWS_SECRET_ACCESS_KEY'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+        },
+    )
     assert out.returncode == 1 and "RuntimeError: bad key ***" in out.stderr
     assert secret not in out.stderr
 

@@ -5,24 +5,28 @@ The trainer's clock is replaced by a fake one that only moves when the test says
 training step takes exactly STEP seconds and every piece of a log point's work a cost of its
 own, so what the run reports is exact, not a comparison of wall clocks."""
 
-import types
-
 import pytest
 import torch
-
 from conftest import run_spec
+
 from vsgd import engine
 from vsgd import trainer as trainer_module
 from vsgd.checkpoint import LocalCheckpointStore
 from vsgd.trainer import train
 
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 ITERATIONS, BATCH = 6, 2
-STEP = 0.25   # seconds per training step (binary fractions: the sums below are exact)
+STEP = 0.25  # seconds per training step (binary fractions: the sums below are exact)
 # What each piece of a log point's work takes on the fake clock, none of it a training step.
-COST = {"evaluation": 8.0, "logging": 16.0, "progress": 32.0, "beta1": 64.0,
-        "checkpoint": 128.0}
+COST = {"evaluation": 8.0, "logging": 16.0, "progress": 32.0, "beta1": 64.0, "checkpoint": 128.0}
 
 
 class FakeClock:
@@ -31,6 +35,7 @@ class FakeClock:
 
     def __init__(self):
         import time
+
         self._time, self.now = time, 1000.0
 
     def perf_counter(self):
@@ -62,16 +67,18 @@ def clock(monkeypatch):
 
 def costing(clock, calls, what, fn):
     """`fn`, which now takes COST[what] on the fake clock; its calls are counted."""
+
     def slow(*args, **kwargs):
         calls[what] = calls.get(what, 0) + 1
         clock.advance(COST[what])
         return fn(*args, **kwargs)
+
     return slow
 
 
-def test_seconds_per_iter_leaves_out_evaluation_logging_and_checkpoints(data_root, tmp_path,
-                                                                        monkeypatch, clock,
-                                                                        one_thread):
+def test_seconds_per_iter_leaves_out_evaluation_logging_and_checkpoints(
+    data_root, tmp_path, monkeypatch, clock, one_thread
+):
     calls = {}
 
     def step(*args, **kwargs):
@@ -83,24 +90,50 @@ def test_seconds_per_iter_leaves_out_evaluation_logging_and_checkpoints(data_roo
     train_step = engine.train_step
     monkeypatch.setattr(engine, "train_step", step)
     monkeypatch.setattr(engine, "measure", costing(clock, calls, "evaluation", engine.measure))
-    monkeypatch.setattr(trainer_module.Tracker, "log_metrics", costing(
-        clock, calls, "logging", trainer_module.Tracker.log_metrics))
-    monkeypatch.setattr(trainer_module, "beta1_summary", costing(
-        clock, calls, "beta1", trainer_module.beta1_summary))
-    monkeypatch.setattr(trainer_module, "save_checkpoint", costing(
-        clock, calls, "checkpoint", trainer_module.save_checkpoint))
+    monkeypatch.setattr(
+        trainer_module.Tracker,
+        "log_metrics",
+        costing(clock, calls, "logging", trainer_module.Tracker.log_metrics),
+    )
+    monkeypatch.setattr(
+        trainer_module,
+        "beta1_summary",
+        costing(clock, calls, "beta1", trainer_module.beta1_summary),
+    )
+    monkeypatch.setattr(
+        trainer_module,
+        "save_checkpoint",
+        costing(clock, calls, "checkpoint", trainer_module.save_checkpoint),
+    )
     progress = costing(clock, calls, "progress", lambda step, total, info: None)
 
-    spec = run_spec(data_root, tmp_path, iterations=ITERATIONS, batch_size=BATCH,
-                    optimizer=VSGD, eval_every=1, log_every=1, beta1_every=3,
-                    checkpoint_every=2, test_limit=8, eval_batch_size=8)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        iterations=ITERATIONS,
+        batch_size=BATCH,
+        optimizer=VSGD,
+        eval_every=1,
+        log_every=1,
+        beta1_every=3,
+        checkpoint_every=2,
+        test_limit=8,
+        eval_batch_size=8,
+    )
     start = clock.now
-    metrics = train(spec, checkpoint_store=LocalCheckpointStore(spec["checkpoint"]),
-                    progress=progress)
+    metrics = train(
+        spec, checkpoint_store=LocalCheckpointStore(spec["checkpoint"]), progress=progress
+    )
 
     # Every piece of work happened, at every log point where it is due ...
-    assert calls == {"step": ITERATIONS, "evaluation": ITERATIONS, "logging": ITERATIONS,
-                     "progress": ITERATIONS, "beta1": 2, "checkpoint": 3}
+    assert calls == {
+        "step": ITERATIONS,
+        "evaluation": ITERATIONS,
+        "logging": ITERATIONS,
+        "progress": ITERATIONS,
+        "beta1": 2,
+        "checkpoint": 3,
+    }
     excluded = sum(COST[what] * calls[what] for what in COST)
     assert clock.now - start == ITERATIONS * STEP + excluded
     # ... and none of it is in the time per step: exactly the steps' own.

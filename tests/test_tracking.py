@@ -9,17 +9,24 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_spec
 from mlflow.tracking import MlflowClient
 
 import vsgd.tracking as tracking
-from conftest import run_spec
 from pipeline.services import free_port
 from vsgd.checkpoint import LocalCheckpointStore
 from vsgd.tracking import Tracker, flatten
 from vsgd.trainer import train
 
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
 TAGS = ("dataset", "arch", "arch_key", "optimizer", "seed", "run_hash", "data_checksum")
 
 
@@ -36,8 +43,16 @@ def steps(client, run_id, key):
 
 def test_run_contents_and_resume_without_duplicates(data_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = run_spec(data_root, tmp_path, iterations=6, optimizer=VSGD, tracking_uri=uri,
-                    eval_every=3, checkpoint_every=2, validation_size=16)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        iterations=6,
+        optimizer=VSGD,
+        tracking_uri=uri,
+        eval_every=3,
+        checkpoint_every=2,
+        validation_size=16,
+    )
     store = LocalCheckpointStore(spec["checkpoint"])
 
     def crash_at_5(step, total, info):
@@ -72,16 +87,26 @@ def test_run_contents_and_resume_without_duplicates(data_root, tmp_path):
     assert not any(k.startswith("tracking") for k in params)
     tags = run.data.tags
     assert {k: tags[k] for k in TAGS} == {
-        "dataset": "cifar100", "arch": "convmixer_256_8", "arch_key": "convmixer",
-        "optimizer": "vsgd", "seed": "0", "run_hash": spec["run_hash"],
-        "data_checksum": spec["data"]["checksum"]}
+        "dataset": "cifar100",
+        "arch": "convmixer_256_8",
+        "arch_key": "convmixer",
+        "optimizer": "vsgd",
+        "seed": "0",
+        "run_hash": spec["run_hash"],
+        "data_checksum": spec["data"]["checksum"],
+    }
     # The code (tests/test_tracking_lineage.py): a checkout's commit, or none when unknown.
     assert len(tags.get("mlflow.source.git.commit", "x" * 40)) == 40
     # Every result file, so that a result can be fetched back from MLflow whole.
     assert sorted(a.path for a in client.list_artifacts(rid)) == [
-        "beta1.csv", "config.json", "curve.csv", "metrics.json"]
-    logged = json.loads(Path(client.download_artifacts(rid, "metrics.json", str(tmp_path)))
-                        .read_text())
+        "beta1.csv",
+        "config.json",
+        "curve.csv",
+        "metrics.json",
+    ]
+    logged = json.loads(
+        Path(client.download_artifacts(rid, "metrics.json", str(tmp_path))).read_text()
+    )
     assert logged == metrics
 
     # Without the checkpoint (lost, or another machine), the run is found by its run_hash tag
@@ -109,6 +134,7 @@ class Flaky:
                 self.left[name] -= 1
                 raise ConnectionError("tracking server unreachable")
             return fn(*args, **kw)
+
         return call
 
 
@@ -185,13 +211,20 @@ def test_unreachable_server_never_stops_training(data_root, tmp_path, monkeypatc
 
 
 def test_params_hold_no_credentials():
-    spec = {"data": {"uri": "s3://bucket/x", "endpoint": "http://user:hunter2@minio:9000"},
-            "tracking": {"uri": "http://u:p@mlflow"}, "aws_secret_access_key": "hunter2",
-            "storage": {"password": "hunter2", "token": "hunter2"}, "betas": [0.9, 0.99]}
+    spec = {
+        "data": {"uri": "s3://bucket/x", "endpoint": "http://user:hunter2@minio:9000"},
+        "tracking": {"uri": "http://u:p@mlflow"},
+        "aws_secret_access_key": "hunter2",
+        "storage": {"password": "hunter2", "token": "hunter2"},
+        "betas": [0.9, 0.99],
+    }
     flat = flatten(spec)
     assert "hunter2" not in json.dumps(flat)
-    assert flat == {"data.uri": "s3://bucket/x", "data.endpoint": "http://minio:9000",
-                    "betas": "[0.9, 0.99]"}
+    assert flat == {
+        "data.uri": "s3://bucket/x",
+        "data.endpoint": "http://minio:9000",
+        "betas": "[0.9, 0.99]",
+    }
 
 
 def test_tracking_off_logs_nothing(data_root, tmp_path):
@@ -201,8 +234,15 @@ def test_tracking_off_logs_nothing(data_root, tmp_path):
 
 
 def test_run_against_a_real_mlflow_server(data_root, tmp_path, mlflow_server):
-    spec = run_spec(data_root, tmp_path, iterations=4, optimizer=VSGD, eval_every=2,
-                    checkpoint_every=2, tracking_uri=mlflow_server)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        iterations=4,
+        optimizer=VSGD,
+        eval_every=2,
+        checkpoint_every=2,
+        tracking_uri=mlflow_server,
+    )
     store = LocalCheckpointStore(spec["checkpoint"])
 
     def crash_at_3(step, total, info):
@@ -219,4 +259,8 @@ def test_run_against_a_real_mlflow_server(data_root, tmp_path, mlflow_server):
     assert sorted(steps(client, run.info.run_id, "test_acc")) == [2, 4]
     assert run.data.params["optimizer.ghattg"] == "30.0"
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
-        "beta1.csv", "config.json", "curve.csv", "metrics.json"]
+        "beta1.csv",
+        "config.json",
+        "curve.csv",
+        "metrics.json",
+    ]

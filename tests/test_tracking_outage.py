@@ -17,15 +17,25 @@ class Flaky:
             if self.down:
                 raise ConnectionError("tracking server unreachable")
             return method(*args, **kwargs)
+
         return call
 
 
 def test_values_queued_before_a_resumed_run_is_reached_are_sent(tmp_path):
     from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = {"name": "r", "run_hash": "0123456789abcdef", "dataset": "cifar100",
-            "arch": "vgg16", "arch_key": "vgg", "optimizer": {"name": "sgd", "lr": 0.1},
-            "seed": 0, "data": {"checksum": "c"}, "tracking": {"uri": uri}}
+    spec = {
+        "name": "r",
+        "run_hash": "0123456789abcdef",
+        "dataset": "cifar100",
+        "arch": "vgg16",
+        "arch_key": "vgg",
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "seed": 0,
+        "data": {"checksum": "c"},
+        "tracking": {"uri": uri},
+    }
     first = Tracker(uri, "t")
     first.start(spec)
     for step in range(1, 6):

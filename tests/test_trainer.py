@@ -12,23 +12,45 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, crash_at, run_spec, untimed
 
-from conftest import ROOT, crash_at, run_spec
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
 from vsgd.spec import ConfigError, check_spec
 from vsgd.trainer import CURVE_COLUMNS, train
 
-METRICS_KEYS = {"name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "lr", "seed",
-                "iterations", "steps_done", "diverged", "test_acc", "test_loss", "train_loss",
-                "train_acc", "val_acc", "seconds_per_iter", "images_per_sec", "device",
-                "device_name", "mlflow_run_id"}
-# Wall-clock figures and the MLflow run differ between two runs of one spec; nothing else may.
-UNTIMED = lambda m: {k: v for k, v in m.items()  # noqa: E731
-                     if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")}
-VSGD = {"name": "vsgd", "lr": 0.01, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9,
-        "weight_decay": 0.0}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": str(ROOT)}
+METRICS_KEYS = {
+    "name",
+    "run_hash",
+    "dataset",
+    "arch",
+    "arch_key",
+    "optimizer",
+    "lr",
+    "seed",
+    "iterations",
+    "steps_done",
+    "diverged",
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "train_acc",
+    "val_acc",
+    "seconds_per_iter",
+    "images_per_sec",
+    "device",
+    "device_name",
+    "mlflow_run_id",
+}
+VSGD = {
+    "name": "vsgd",
+    "lr": 0.01,
+    "ghattg": 30.0,
+    "ps": 1e-8,
+    "tau1": 0.81,
+    "tau2": 0.9,
+    "weight_decay": 0.0,
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
 
@@ -49,18 +71,38 @@ def beta1_csv(spec) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-@pytest.mark.parametrize("dataset,arch,optimizer", [
-    ("cifar100", "vgg16", {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                           "weight_decay": 0.0}),
-    ("tinyimagenet", "vgg19", {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999],
-                               "eps": 1e-8, "weight_decay": 0.01}),
-    ("cifar100", "convmixer_256_8", VSGD),
-    ("cifar100", "resnext18", {"name": "sgd", "lr": 0.05, "momentum": 0.9,
-                                   "weight_decay": 5e-4}),
-])
+@pytest.mark.parametrize(
+    "dataset,arch,optimizer",
+    [
+        (
+            "cifar100",
+            "vgg16",
+            {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+        ),
+        (
+            "tinyimagenet",
+            "vgg19",
+            {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+        ),
+        ("cifar100", "convmixer_256_8", VSGD),
+        (
+            "cifar100",
+            "resnext18",
+            {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        ),
+    ],
+)
 def test_short_run_per_architecture(data_root, tmp_path, dataset, arch, optimizer):
-    spec = run_spec(data_root, tmp_path, dataset=dataset, arch=arch, optimizer=optimizer,
-                    iterations=2, eval_every=1, validation_size=16)
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        dataset=dataset,
+        arch=arch,
+        optimizer=optimizer,
+        iterations=2,
+        eval_every=1,
+        validation_size=16,
+    )
     seen = []
     metrics = train(spec, progress=lambda step, total, info: seen.append((step, info)))
     assert [s for s, _ in seen] == [1, 2]
@@ -90,15 +132,25 @@ def test_bf16_autocast_and_contiguous_layout(data_root, tmp_path):
 @pytest.fixture(scope="module")
 def learnable_root(tmp_path_factory):
     from vsgd.data import prepare
+
     root = tmp_path_factory.mktemp("learnable")
     prepare("cifar100", "synthetic", root, synthetic_sizes={"train": 2048, "test": 256})
     return root
 
 
 def test_synthetic_data_is_learnt_through_the_trainer(learnable_root, tmp_path):
-    spec = run_spec(learnable_root, tmp_path, arch="convmixer_256_8", iterations=60,
-                    batch_size=16, optimizer={"name": "adam", "lr": 2e-3},
-                    eval_every=60, log_every=20, test_limit=0, eval_batch_size=128)
+    spec = run_spec(
+        learnable_root,
+        tmp_path,
+        arch="convmixer_256_8",
+        iterations=60,
+        batch_size=16,
+        optimizer={"name": "adam", "lr": 2e-3},
+        eval_every=60,
+        log_every=20,
+        test_limit=0,
+        eval_batch_size=128,
+    )
     metrics = train(spec)
     assert metrics["test_acc"] > 0.05, metrics  # chance is 0.01 (100 classes, 256 images)
 
@@ -116,12 +168,11 @@ def test_resume_in_process_is_exact_and_a_finished_run_only_reports(data_root, t
     steps = []
     resumed = train(spec, checkpoint_store=store, progress=lambda s, t, i: steps.append(s))
     assert steps == [5, 6]
-    assert UNTIMED(resumed) == UNTIMED(ref)
+    assert untimed(resumed) == untimed(ref)
     ref_spec = run_spec(data_root, tmp_path / "ref", **kw)
     assert read_outputs(spec)[1] == read_outputs(ref_spec)[1]
     # beta1 rows at 2, 4 (in the checkpoint) and 6: the same as the uninterrupted run's.
-    assert [line.split(",")[0] for line in beta1_csv(spec).splitlines()] == \
-        ["step", "2", "4", "6"]
+    assert [line.split(",")[0] for line in beta1_csv(spec).splitlines()] == ["step", "2", "4", "6"]
     assert beta1_csv(spec) == beta1_csv(ref_spec)
 
     steps.clear()
@@ -154,9 +205,14 @@ def test_local_store_save_is_atomic(tmp_path, monkeypatch):
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=kw.get("cwd"),
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", *args],
+        cwd=kw.get("cwd"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_sigkill_mid_training_then_resume_is_bit_identical(data_root, tmp_path):
@@ -164,10 +220,8 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(data_root, tmp_path):
     3 and 6) and started again; it must end exactly as an uninterrupted run: same parameters,
     optimizer state and metrics, bit for bit."""
     kw = dict(iterations=12, optimizer=VSGD, eval_every=5, checkpoint_every=3)
-    ref = run_spec(data_root, tmp_path / "ref", tracking_uri=f"sqlite:///{tmp_path}/ref.db",
-                   **kw)
-    spec = run_spec(data_root, tmp_path / "kill", tracking_uri=f"sqlite:///{tmp_path}/k.db",
-                    **kw)
+    ref = run_spec(data_root, tmp_path / "ref", tracking_uri=f"sqlite:///{tmp_path}/ref.db", **kw)
+    spec = run_spec(data_root, tmp_path / "kill", tracking_uri=f"sqlite:///{tmp_path}/k.db", **kw)
     files = {"ref": tmp_path / "ref.json", "kill": tmp_path / "kill.json"}
     files["ref"].write_text(json.dumps(ref))
     files["kill"].write_text(json.dumps(spec))
@@ -190,21 +244,32 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(data_root, tmp_path):
     assert "resuming" in out and "at step 6/12" in out, out
 
     (m_ref, c_ref), (m, c) = read_outputs(ref), read_outputs(spec)
-    assert UNTIMED(m) == UNTIMED(m_ref) and c == c_ref
+    assert untimed(m) == untimed(m_ref) and c == c_ref
     assert beta1_csv(spec) == beta1_csv(ref) and len(beta1_csv(spec).splitlines()) == 1 + 6
     a = from_bytes(LocalCheckpointStore(ref["checkpoint"]).load())
     b = from_bytes(LocalCheckpointStore(spec["checkpoint"]).load())
-    for key in ("model", "optimizer", "scheduler", "rng", "data", "step", "curve", "beta1",
-                "nonfinite"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "data",
+        "step",
+        "curve",
+        "beta1",
+        "nonfinite",
+    ):
         assert _same(a[key], b[key]), key
 
     # The resumed process continued the killed one's MLflow run, replaying no logged step.
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=spec["tracking"]["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert run.info.run_id == m["mlflow_run_id"] and run.info.status == "FINISHED"
-    assert sorted(x.step for x in client.get_metric_history(run.info.run_id, "train_loss")) == \
-        list(range(1, 13))
+    assert sorted(x.step for x in client.get_metric_history(run.info.run_id, "train_loss")) == list(
+        range(1, 13)
+    )
 
 
 def _same(a, b) -> bool:
@@ -225,8 +290,7 @@ def test_check_spec_lists_every_problem(data_root, tmp_path):
     spec["optimizer"]["lr"] = -1.0
     spec["training"].update(precision="fp16", bogus=1)
     problems = check_spec(spec)
-    for part in ("dataset", "batch_size", "optimizer", "training.precision",
-                 "training.bogus"):
+    for part in ("dataset", "batch_size", "optimizer", "training.precision", "training.bogus"):
         assert any(p.startswith(part) for p in problems), (part, problems)
     with pytest.raises(ConfigError):
         train(spec)
@@ -240,10 +304,23 @@ def test_cli_invalid_spec_exits_78_without_traceback(tmp_path):
 
 
 def test_cli_builds_the_spec_from_params(data_root, tmp_path):
-    p = _cli("--params", str(ROOT / "params.yaml"), "--dataset", "cifar100", "--arch",
-             "convmixer", "--optimizer", "sgd", "--set", "preset=ci",
-             "--set", f"data.root={data_root}", "--set", "tracking.uri=sqlite:///m.db",
-             cwd=tmp_path)
+    p = _cli(
+        "--params",
+        str(ROOT / "params.yaml"),
+        "--dataset",
+        "cifar100",
+        "--arch",
+        "convmixer",
+        "--optimizer",
+        "sgd",
+        "--set",
+        "preset=ci",
+        "--set",
+        f"data.root={data_root}",
+        "--set",
+        "tracking.uri=sqlite:///m.db",
+        cwd=tmp_path,
+    )
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0, out
     [metrics] = [json.loads(m.read_text()) for m in tmp_path.glob("results/store/*/metrics.json")]

@@ -11,5 +11,6 @@ __all__ = ["VSGD"]
 def __getattr__(name):
     if name == "VSGD":
         from .optim import VSGD
+
         return VSGD
     raise AttributeError(f"module 'vsgd' has no attribute {name!r}")

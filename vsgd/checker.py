@@ -6,6 +6,7 @@ hands to torch and numpy must fit. No torch, nothing outside the standard librar
 import difflib
 import math
 
+
 class Range:
     """An allowed interval of numbers; `str` gives it in interval notation."""
 
@@ -13,16 +14,22 @@ class Range:
         self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
 
     def __contains__(self, value):
-        return not ((self.low is not None and (value <= self.low if self.low_open
-                                               else value < self.low))
-                    or (self.high is not None and (value >= self.high if self.high_open
-                                                   else value > self.high)))
+        return not (
+            (self.low is not None and (value <= self.low if self.low_open else value < self.low))
+            or (
+                self.high is not None
+                and (value >= self.high if self.high_open else value > self.high)
+            )
+        )
 
     def __str__(self):
-        return (("(" if self.low_open or self.low is None else "[")
-                + ("-inf" if self.low is None else _bound(self.low)) + ", "
-                + ("inf" if self.high is None else _bound(self.high))
-                + (")" if self.high_open or self.high is None else "]"))
+        return (
+            ("(" if self.low_open or self.low is None else "[")
+            + ("-inf" if self.low is None else _bound(self.low))
+            + ", "
+            + ("inf" if self.high is None else _bound(self.high))
+            + (")" if self.high_open or self.high is None else "]")
+        )
 
 
 def _bound(number) -> str:
@@ -32,7 +39,12 @@ def _bound(number) -> str:
 
 # Integers a run hands to torch and numpy (sizes, counts, step numbers) are int64 there: a
 # larger one is an OverflowError in the middle of a run, so every integer check bounds them.
-INT64 = (-2**63, 2**63 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+ANY_NUMBER = Range()  # every finite number
+
+
 class _Missing:
     """A required key that is absent (already reported): checks on it pass silently."""
 
@@ -88,8 +100,7 @@ class Checker:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.problem(f"{join(path, key)}: unknown key{hint}; allowed: "
-                             f"{', '.join(allowed)}")
+                self.problem(f"{join(path, key)}: unknown key{hint}; allowed: {', '.join(allowed)}")
         for key in required:
             if key not in value:
                 self.problem(f"{join(path, key)}: missing")
@@ -146,7 +157,7 @@ class Checker:
             return self.problem(f"{path}: {number_text(value)} must be <= {min(maximum, INT64[1])}")
         return True
 
-    def number(self, parent, key, path, allowed: Range = Range()):
+    def number(self, parent, key, path, allowed: Range = ANY_NUMBER):
         """A finite number (NaN and infinities never are a setting) within `allowed`; never
         a bool. A string spelling a number is coerced in place."""
         value = parent[key]
@@ -161,8 +172,9 @@ class Checker:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return self.problem(f"{path}: expected a number, got {value!r}")
         if not is_finite(value):
-            return self.problem(f"{path}: {number_text(value)} is not a finite number; allowed: "
-                                f"{allowed}")
+            return self.problem(
+                f"{path}: {number_text(value)} is not a finite number; allowed: {allowed}"
+            )
         if value not in allowed:
             return self.problem(f"{path}: {value!r} is outside {allowed}")
         return True
@@ -171,7 +183,7 @@ class Checker:
 def is_finite(number) -> bool:
     try:
         return math.isfinite(number)
-    except OverflowError:   # an int beyond any float
+    except OverflowError:  # an int beyond any float
         return False
 
 

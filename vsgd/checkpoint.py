@@ -32,9 +32,10 @@ would hide that run's progress while both go on writing there.
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from .files import atomic_write, fsync_dir, set_aside
 
@@ -52,6 +53,7 @@ class Damaged(Exception):
 class Candidate:
     """A checkpoint a store offers to resume from. `where`: its path or URI, for messages;
     `read()`: its bytes, or `Damaged`; `ref`: what the store itself knows it by."""
+
     where: str
     read: Callable[[], bytes]
     ref: Any = None
@@ -111,8 +113,11 @@ class LocalCheckpointStore:
             tmp.unlink(missing_ok=True)
 
     def candidates(self) -> list[Candidate]:
-        return [Candidate(str(path), _reader(path), path)
-                for path in (self.path, self.previous) if path.exists()]
+        return [
+            Candidate(str(path), _reader(path), path)
+            for path in (self.path, self.previous)
+            if path.exists()
+        ]
 
     def set_aside(self, candidate: Candidate, reason: str) -> str | None:
         try:
@@ -130,6 +135,7 @@ def _reader(path: Path) -> Callable[[], bytes]:
             return path.read_bytes()
         except FileNotFoundError as exc:
             raise Damaged(f"{path} disappeared") from exc
+
     return read
 
 
@@ -145,8 +151,12 @@ def newest_intact(store, required=()) -> tuple[dict, Candidate] | None:
         except Damaged as exc:
             damaged = True
             kept = store.set_aside(candidate, str(exc))
-            log.warning("checkpoint %s cannot be used (%s); set aside as %s", candidate.where,
-                        exc, kept or "(nothing left to keep)")
+            log.warning(
+                "checkpoint %s cannot be used (%s); set aside as %s",
+                candidate.where,
+                exc,
+                kept or "(nothing left to keep)",
+            )
     if damaged:
         log.warning("no intact checkpoint left in %r: the run starts from step 0", store)
     return None
@@ -159,8 +169,9 @@ def decode(data: bytes, required=()) -> dict:
         state = from_bytes(data)
     except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on non-checkpoints
         text = str(exc).strip().splitlines()
-        raise Damaged(f"unreadable ({len(data)} bytes): {type(exc).__name__}"
-                      f"{': ' + text[0] if text else ''}") from exc
+        raise Damaged(
+            f"unreadable ({len(data)} bytes): {type(exc).__name__}{': ' + text[0] if text else ''}"
+        ) from exc
     if not isinstance(state, dict):
         raise Damaged(f"holds a {type(state).__name__}, not a checkpoint")
     missing = [key for key in required if key not in state]
@@ -174,6 +185,7 @@ def to_bytes(state: dict) -> bytes:
     # torch is imported here, not with the module: the object-store side of the protocol
     # (pipeline.storage) uses this module from stages that never load torch.
     import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -183,4 +195,5 @@ def from_bytes(data: bytes) -> dict:
     """The inverse of `to_bytes`, onto the CPU; `weights_only` loading never runs code from
     the file, so a checkpoint from a shared bucket cannot execute anything."""
     import torch
+
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

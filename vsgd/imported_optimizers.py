@@ -23,9 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-from .spec import IMPORTED_CLASS as CLASS_KEY      # params.yaml / spec key of the import path
+from .spec import IMPORTED_CLASS as CLASS_KEY  # params.yaml / spec key of the import path
 from .spec import IMPORTED_PACKAGE as PACKAGE_KEY  # spec key: the providing distribution
 from .spec import ConfigError
+
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # Arguments every optimizer of the grid needs: the schedule scales lr, the tables show it.
 REQUIRED = ("lr",)
@@ -38,28 +39,31 @@ class ImportProblem(Exception):
 def load_class(path: str) -> type:
     """`module.sub:Class` -> the class; ImportProblem with one line saying why not."""
     if not isinstance(path, str) or not IMPORT_PATH.match(path):
-        raise ImportProblem(f"{path!r} is not an import path; allowed: module:Class, e.g. "
-                            f"torch.optim:RAdam or my_package.opt:MyOptimizer")
+        raise ImportProblem(
+            f"{path!r} is not an import path; allowed: module:Class, e.g. "
+            f"torch.optim:RAdam or my_package.opt:MyOptimizer"
+        )
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ImportProblem(f"cannot import module {module_name!r}: {type(exc).__name__}: "
-                            f"{exc}" + _install_hint(module_name, exc)) from None
+        raise ImportProblem(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: "
+            f"{exc}" + _install_hint(module_name, exc)
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ImportProblem(f"module {module_name!r} has no {attr!r}"
-                                + _close_names(obj, part))
+            raise ImportProblem(f"module {module_name!r} has no {attr!r}" + _close_names(obj, part))
         obj = getattr(obj, part)
     import torch
+
     if not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
-        raise ImportProblem(f"{path} is not a torch.optim.Optimizer subclass (it is "
-                            f"{_kind(obj)})")
+        raise ImportProblem(f"{path} is not a torch.optim.Optimizer subclass (it is {_kind(obj)})")
     return obj
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def provider(path: str) -> str:
     """Who provides the module of `path`: `<distribution>==<version>`, or `local:<12 hex>` of
     the module's source file when no installed distribution has it."""
@@ -78,7 +82,8 @@ def provider(path: str) -> str:
         name = sorted(dists)[0]
         return f"{name}=={importlib.metadata.version(name)}"
     module = sys.modules.get(path.partition(":")[0]) or importlib.import_module(
-        path.partition(":")[0])
+        path.partition(":")[0]
+    )
     source = Path(inspect.getsourcefile(module) or module.__file__)
     return f"local:{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
@@ -96,7 +101,7 @@ def arguments(cls: type) -> tuple[list[str], bool]:
     sig = inspect.signature(cls.__init__)
     names, var_kw = [], False
     for i, (name, p) in enumerate(sig.parameters.items()):
-        if i == 0 or name == "params":          # self, and what the optimizer optimizes
+        if i == 0 or name == "params":  # self, and what the optimizer optimizes
             continue
         if p.kind is p.VAR_KEYWORD:
             var_kw = True
@@ -124,27 +129,32 @@ def check(path: str, entry: dict, *, grid_keys=(), values=()) -> list[str]:
     problems = []
     for key in list(dict.fromkeys([*given, *grid_keys])):
         if key not in names and not var_kw:
-            problems.append(f"{path}.{key}: not an argument of {entry[CLASS_KEY]}; it takes: "
-                            f"{', '.join(names)}")
+            problems.append(
+                f"{path}.{key}: not an argument of {entry[CLASS_KEY]}; it takes: {', '.join(names)}"
+            )
     for key in REQUIRED:
         if key not in given:
-            problems.append(f"{path}.{key}: missing (every optimizer of the grid needs a "
-                            f"learning rate: the schedule scales it)")
+            problems.append(
+                f"{path}.{key}: missing (every optimizer of the grid needs a "
+                f"learning rate: the schedule scales it)"
+            )
         elif key not in names and not var_kw:
-            pass   # reported above
+            pass  # reported above
     if problems:
         return problems
     for where, args in values or [(path, {k: entry[k] for k in given})]:
         problem = try_build(cls, args)
         if problem:
-            problems.append(f"{where}: {entry[CLASS_KEY]} rejects these values "
-                            f"({_show(args)}): {problem}")
+            problems.append(
+                f"{where}: {entry[CLASS_KEY]} rejects these values ({_show(args)}): {problem}"
+            )
     return problems
 
 
 def try_build(cls: type, args: dict) -> str | None:
     """Build the optimizer once on a dummy parameter; the error's one line, or None."""
     import torch
+
     try:
         cls([torch.nn.Parameter(torch.zeros(2))], **constructor_args(args))
     except Exception as exc:  # noqa: BLE001 - whatever the constructor raises is the answer
@@ -162,31 +172,39 @@ def make(spec_optimizer: dict, params):
         raise ConfigError([f"optimizer.{CLASS_KEY}: {exc}"]) from None
     here, wanted = provider(path), spec_optimizer.get(PACKAGE_KEY)
     if wanted and here != wanted:
-        raise ConfigError([f"optimizer.{PACKAGE_KEY}: the run was planned with {wanted}, "
-                           f"this installation has {here}; install the same version (the "
-                           f"training image: requirements-optimizers.txt) or plan again"])
-    args = {k: v for k, v in spec_optimizer.items()
-            if k not in ("name", CLASS_KEY, PACKAGE_KEY)}
+        raise ConfigError(
+            [
+                f"optimizer.{PACKAGE_KEY}: the run was planned with {wanted}, "
+                f"this installation has {here}; install the same version (the "
+                f"training image: requirements-optimizers.txt) or plan again"
+            ]
+        )
+    args = {k: v for k, v in spec_optimizer.items() if k not in ("name", CLASS_KEY, PACKAGE_KEY)}
     return cls(params, **constructor_args(args))
 
 
 def _install_hint(module, exc):
     if isinstance(exc, ModuleNotFoundError):
-        return (f" (install it: pip install <the package providing {module.split('.')[0]}>; "
-                f"for cluster runs add it to requirements-optimizers.txt)")
+        return (
+            f" (install it: pip install <the package providing {module.split('.')[0]}>; "
+            f"for cluster runs add it to requirements-optimizers.txt)"
+        )
     return ""
 
 
 def _close_names(obj, wanted):
     import difflib
-    close = difflib.get_close_matches(wanted, [n for n in dir(obj) if not n.startswith("_")],
-                                      n=3)
+
+    close = difflib.get_close_matches(wanted, [n for n in dir(obj) if not n.startswith("_")], n=3)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def _kind(obj):
-    return f"the class {obj.__module__}.{obj.__qualname__}" if isinstance(obj, type) else \
-        f"a {type(obj).__name__}"
+    return (
+        f"the class {obj.__module__}.{obj.__qualname__}"
+        if isinstance(obj, type)
+        else f"a {type(obj).__name__}"
+    )
 
 
 def _show(args):

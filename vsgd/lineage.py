@@ -33,8 +33,13 @@ def git_commit() -> str:
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -62,31 +67,46 @@ def dataset_input(spec: dict):
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
     data = spec.get("data") or {}
     checksum, uri = data.get("checksum"), data.get("uri")
     if not checksum or not (uri or data.get("dir")):
         return None
     scheme = urlparse(uri).scheme if uri else ""
     if scheme and scheme != "file":
-        location, source_type = uri, scheme             # s3://: the DVC remote's listing
+        location, source_type = uri, scheme  # s3://: the DVC remote's listing
     else:
         # A path is shown absolute: a relative one means nothing away from its directory.
         location = uri if scheme else os.path.abspath(uri or data["dir"])
         source_type = "local"
     manifest = _manifest(data.get("dir"))
-    source = {"uri": without_userinfo(location), "origin": data.get("source") or manifest.get("source")}
+    source = {
+        "uri": without_userinfo(location),
+        "origin": data.get("source") or manifest.get("source"),
+    }
     if (manifest.get("archive") or {}).get("url"):
         source["archive"] = without_userinfo(manifest["archive"]["url"])
-    profile = {"checksum": checksum, "counts": manifest.get("counts"),
-               "image_shape": manifest.get("image_shape"),
-               "classes": len(manifest["classes"]) if manifest.get("classes") else None}
+    profile = {
+        "checksum": checksum,
+        "counts": manifest.get("counts"),
+        "image_shape": manifest.get("image_shape"),
+        "classes": len(manifest["classes"]) if manifest.get("classes") else None,
+    }
     training = {**TRAINING_DEFAULTS, **(spec.get("training") or {})}
-    dataset = Dataset(name=spec["dataset"], digest=checksum[:DIGEST_CHARS],
-                      source_type=source_type, source=json.dumps(source),
-                      profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
-    return DatasetInput(dataset, tags=[
-        InputTag(MLFLOW_DATASET_CONTEXT, "training"),
-        InputTag("validation_size", str(training["validation_size"]))])
+    dataset = Dataset(
+        name=spec["dataset"],
+        digest=checksum[:DIGEST_CHARS],
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({k: v for k, v in profile.items() if v is not None}),
+    )
+    return DatasetInput(
+        dataset,
+        tags=[
+            InputTag(MLFLOW_DATASET_CONTEXT, "training"),
+            InputTag("validation_size", str(training["validation_size"])),
+        ],
+    )
 
 
 def _manifest(directory) -> dict:

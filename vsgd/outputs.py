@@ -17,19 +17,19 @@ import json
 import math
 from pathlib import Path
 
+from .files import atomic_write
 from .spec import TRAINING_DEFAULTS, run_hash
 
 CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "train_acc", "lr")
 BETA1_COLUMNS = ("step", "mean", "q10", "q25", "median", "q75", "q90")
-METRICS = "metrics.json"   # written last: with the run's hash it marks the run done
+METRICS = "metrics.json"  # written last: with the run's hash it marks the run done
 SPEC = "config.json"
 CURVE = "curve.csv"
-BETA1 = "beta1.csv"        # VSGD runs only (`BETA1_OPTIMIZER`)
+BETA1 = "beta1.csv"  # VSGD runs only (`BETA1_OPTIMIZER`)
 BETA1_OPTIMIZER = "vsgd"
 
 # Key -> what it must be. The accuracies are fractions; a loss is a cross-entropy.
-STRINGS = ("name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "device",
-           "device_name")
+STRINGS = ("name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "device", "device_name")
 FRACTIONS = ("test_acc", "val_acc", "train_acc")
 LOSSES = ("test_loss", "train_loss")
 POSITIVE = ("lr", "seconds_per_iter", "images_per_sec")
@@ -105,22 +105,29 @@ def _check_metrics(m: dict, problems: list) -> None:
         bad("mlflow_run_id", "is not null or a string")
     diverged = m.get("diverged", "missing")
     if diverged is not None and not (
-            isinstance(diverged, dict) and _integer(diverged.get("step"))
-            and _integer(diverged.get("stopped_at"))
-            and 1 <= diverged["step"] <= diverged["stopped_at"]):
+        isinstance(diverged, dict)
+        and _integer(diverged.get("step"))
+        and _integer(diverged.get("stopped_at"))
+        and 1 <= diverged["step"] <= diverged["stopped_at"]
+    ):
         bad("diverged", "is not null or {step, stopped_at} with 1 <= step <= stopped_at")
         return
     if not (_integer(m.get("iterations")) and _integer(m.get("steps_done"))):
         return
     if diverged is None and m["steps_done"] != m["iterations"]:
-        problems.append(f"{METRICS}: steps_done {m['steps_done']} of {m['iterations']} "
-                        "iterations, and the run did not diverge")
+        problems.append(
+            f"{METRICS}: steps_done {m['steps_done']} of {m['iterations']} "
+            "iterations, and the run did not diverge"
+        )
     if diverged is not None and m["steps_done"] != diverged["stopped_at"]:
-        problems.append(f"{METRICS}: steps_done {m['steps_done']} is not the step where the "
-                        f"diverged run stopped ({diverged['stopped_at']})")
+        problems.append(
+            f"{METRICS}: steps_done {m['steps_done']} is not the step where the "
+            f"diverged run stopped ({diverged['stopped_at']})"
+        )
     if m["steps_done"] > m["iterations"]:
-        problems.append(f"{METRICS}: steps_done {m['steps_done']} beyond the "
-                        f"{m['iterations']} iterations")
+        problems.append(
+            f"{METRICS}: steps_done {m['steps_done']} beyond the {m['iterations']} iterations"
+        )
 
 
 def _check_spec(spec: dict, m: dict, problems: list) -> None:
@@ -128,8 +135,9 @@ def _check_spec(spec: dict, m: dict, problems: list) -> None:
     hash to the run hash (so that neither was edited after the run)."""
     for key in ("run_hash", "name", "dataset", "arch", "arch_key", "seed"):
         if spec.get(key) != m.get(key):
-            problems.append(f"{SPEC}: {key} {spec.get(key)!r} disagrees with {METRICS}'s "
-                            f"{m.get(key)!r}")
+            problems.append(
+                f"{SPEC}: {key} {spec.get(key)!r} disagrees with {METRICS}'s {m.get(key)!r}"
+            )
     try:
         recomputed = run_hash(spec)
         planned = spec["schedule"]["iterations"]
@@ -138,11 +146,14 @@ def _check_spec(spec: dict, m: dict, problems: list) -> None:
         problems.append(f"{SPEC}: not a run spec ({_first_line(exc)})")
         return
     if recomputed != spec.get("run_hash"):
-        problems.append(f"{SPEC}: its settings hash to {recomputed}, not to its run_hash "
-                        f"{spec.get('run_hash')!r} (edited, or written by other code)")
+        problems.append(
+            f"{SPEC}: its settings hash to {recomputed}, not to its run_hash "
+            f"{spec.get('run_hash')!r} (edited, or written by other code)"
+        )
     if planned != m.get("iterations"):
-        problems.append(f"{METRICS}: iterations {m.get('iterations')!r} is not the spec's "
-                        f"{planned!r}")
+        problems.append(
+            f"{METRICS}: iterations {m.get('iterations')!r} is not the spec's {planned!r}"
+        )
     if m.get("diverged"):
         return  # a diverged run reports its last finite evaluation, or none
     wanted = ["train_loss", "train_acc"]
@@ -174,8 +185,9 @@ def _read_rows(path: Path, columns: tuple, problems: list) -> list[dict] | None:
     rows = []
     for line, fields in enumerate(reader, start=2):
         if len(fields) != len(columns):
-            problems.append(f"{path.name}: line {line} has {len(fields)} fields, expected "
-                            f"{len(columns)}")
+            problems.append(
+                f"{path.name}: line {line} has {len(fields)} fields, expected {len(columns)}"
+            )
             return None
         try:
             rows.append({c: float(v) if v != "" else None for c, v in zip(columns, fields)})
@@ -198,14 +210,16 @@ def _check_curve(rows: list[dict], m: dict, diverged: bool, problems: list) -> N
         return
     last = rows[-1]
     if last["step"] != m["steps_done"]:
-        problems.append(f"{CURVE}: last step {int(last['step'])}, the run ended at "
-                        f"{m['steps_done']}")
+        problems.append(
+            f"{CURVE}: last step {int(last['step'])}, the run ended at {m['steps_done']}"
+        )
         return
     # The trainer reports the last evaluation (its exact repr in both files).
     for key in ("test_acc", "test_loss", "val_acc", "train_loss", "train_acc"):
         if not _same(last[key], m.get(key)):
-            problems.append(f"{METRICS}: {key} {m.get(key)!r} is not the curve's final "
-                            f"{last[key]!r}")
+            problems.append(
+                f"{METRICS}: {key} {m.get(key)!r} is not the curve's final {last[key]!r}"
+            )
 
 
 def _same(a, b) -> bool:
@@ -215,8 +229,7 @@ def _same(a, b) -> bool:
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer(value) -> bool:
@@ -226,3 +239,23 @@ def _integer(value) -> bool:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_outputs(
+    out_dir: Path, spec: dict, metrics: dict, curve: list[dict], beta1: list[dict] | None
+) -> None:
+    """curve.csv, beta1.csv (VSGD runs: `beta1` is not None), config.json, metrics.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "curve.csv", csv_text(CURVE_COLUMNS, curve))
+    if beta1 is not None:
+        atomic_write(out_dir / "beta1.csv", csv_text(BETA1_COLUMNS, beta1))
+    atomic_write(out_dir / "config.json", json.dumps(spec, indent=2) + "\n")
+    # metrics.json last: its presence (with the run hash) marks the run as done.
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def csv_text(columns: tuple, rows: list[dict]) -> str:
+    """A header and one line per row; None as an empty field, floats as `repr` (exact)."""
+    lines = [",".join(columns)]
+    lines += [",".join("" if row[c] is None else repr(row[c]) for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"

@@ -29,8 +29,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .data.registry import DATASETS as _DATASET_INFO
 from .checker import MISSING, Checker, Range, View, is_finite, join, kind, number_text
+from .data.registry import DATASETS as _DATASET_INFO
 from .files import canonical_json
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG; the Kubernetes podFailurePolicy fails fast on it
@@ -59,9 +59,9 @@ SEED = (0, 2**32 - 1)
 
 POSITIVE = Range(0.0, low_open=True)
 NON_NEGATIVE = Range(0.0)
-UNIT = Range(0.0, 1.0, high_open=True)          # [0, 1): momentum, Adam's betas
-TAU = Range(0.5, 1.0, low_open=True)            # VSGD's kappa_1, kappa_2 in (0.5, 1]
-BETAS = "betas"                                 # a pair of numbers in UNIT
+UNIT = Range(0.0, 1.0, high_open=True)  # [0, 1): momentum, Adam's betas
+TAU = Range(0.5, 1.0, low_open=True)  # VSGD's kappa_1, kappa_2 in (0.5, 1]
+BETAS = "betas"  # a pair of numbers in UNIT
 
 # An optimizer named by import path (vsgd.imported_optimizers) carries these in its spec
 # section: the path and the distribution that provides it, both part of the run identity.
@@ -73,8 +73,15 @@ OPTIMIZERS = {
     "sgd": {"lr": POSITIVE, "momentum": UNIT, "weight_decay": NON_NEGATIVE},
     "adam": {"lr": POSITIVE, "betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE},
     "adamw": {"lr": POSITIVE, "betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE},
-    "vsgd": {"lr": POSITIVE, "ghattg": POSITIVE, "ps": POSITIVE, "tau1": TAU, "tau2": TAU,
-             "weight_decay": NON_NEGATIVE, "eps": POSITIVE},
+    "vsgd": {
+        "lr": POSITIVE,
+        "ghattg": POSITIVE,
+        "ps": POSITIVE,
+        "tau1": TAU,
+        "tau2": TAU,
+        "weight_decay": NON_NEGATIVE,
+        "eps": POSITIVE,
+    },
 }
 
 # Training keys: default and what is allowed ("int>=N", a tuple of choices, or DEVICE_RE).
@@ -82,7 +89,7 @@ TRAINING = {
     "eval_every": (500, "int>=1"),
     "checkpoint_every": (1000, "int>=1"),
     "log_every": (50, "int>=1"),
-    "beta1_every": (100, "int>=1"),   # the authors log beta1 every 100 iterations
+    "beta1_every": (100, "int>=1"),  # the authors log beta1 every 100 iterations
     "eval_batch_size": (1000, "int>=1"),
     "validation_size": (0, "int>=0"),
     "test_limit": (0, "int>=0"),
@@ -97,8 +104,19 @@ TRAINING_DEFAULTS = {key: default for key, (default, _) in TRAINING.items()}
 # Training keys that only change what is logged or how often state is saved: not identity.
 BOOKKEEPING = ("log_every", "checkpoint_every", "beta1_every")
 
-REQUIRED = ("name", "run_hash", "dataset", "arch", "arch_key", "data", "optimizer", "schedule",
-            "batch_size", "seed", "output_dir")
+REQUIRED = (
+    "name",
+    "run_hash",
+    "dataset",
+    "arch",
+    "arch_key",
+    "data",
+    "optimizer",
+    "schedule",
+    "batch_size",
+    "seed",
+    "output_dir",
+)
 # Top-level spec keys and `data` keys that say where things are, not what is computed.
 LOCATIONS = ("name", "run_hash", "output_dir", "checkpoint", "tracking")
 # The code version the launcher built the spec with: recorded, not identity (see run_hash).
@@ -213,11 +231,16 @@ def check_spec(spec: dict) -> list[str]:
         c.string(opt.get(IMPORTED_PACKAGE, MISSING), f"optimizer.{IMPORTED_PACKAGE}")
         # Its hyperparameters' types are the constructor's business, but a NaN or infinity
         # (JSON can carry them) is never a setting.
-        check_finite(c, {k: v for k, v in opt.items()
-                         if k not in ("name", IMPORTED_CLASS, IMPORTED_PACKAGE)}, "optimizer")
+        check_finite(
+            c,
+            {k: v for k, v in opt.items() if k not in ("name", IMPORTED_CLASS, IMPORTED_PACKAGE)},
+            "optimizer",
+        )
         if opt["name"] in OPTIMIZERS:
-            c.problem(f"optimizer.name: {opt['name']!r} is a built-in; an imported "
-                      f"optimizer needs a key of its own")
+            c.problem(
+                f"optimizer.name: {opt['name']!r} is a built-in; an imported "
+                f"optimizer needs a key of its own"
+            )
     elif opt is not MISSING and c.choice(opt["name"], "optimizer.name", tuple(OPTIMIZERS)):
         # Arguments the spec leaves out take the constructor's defaults.
         args = {k: v for k, v in opt.items() if k != "name"}
@@ -232,10 +255,15 @@ def check_spec(spec: dict) -> list[str]:
 def check_test_set_use(c: "Checker", training) -> None:
     """A run that never evaluates the test set (`eval_test: false`) reports its validation
     accuracy instead, so it needs a validation split."""
-    if isinstance(training, dict) and training.get("eval_test") is False \
-            and training.get("validation_size", TRAINING_DEFAULTS["validation_size"]) == 0:
-        c.problem("training.eval_test: false needs training.validation_size > 0 (a run "
-                  "that never sees the test set reports val_acc)")
+    if (
+        isinstance(training, dict)
+        and training.get("eval_test") is False
+        and training.get("validation_size", TRAINING_DEFAULTS["validation_size"]) == 0
+    ):
+        c.problem(
+            "training.eval_test: false needs training.validation_size > 0 (a run "
+            "that never sees the test set reports val_acc)"
+        )
 
 
 def check_finite(c: "Checker", value, path: str) -> bool:
@@ -243,22 +271,24 @@ def check_finite(c: "Checker", value, path: str) -> bool:
     values of types only the code they are handed to knows, such as an imported optimizer's
     hyperparameters. Reported at each number's own key path."""
     ok, pending = True, [(value, path)]
-    while pending:   # a stack, not recursion: nesting depth is the input's
+    while pending:  # a stack, not recursion: nesting depth is the input's
         value, path = pending.pop()
         if isinstance(value, dict):
             pending += reversed([(v, join(path, k)) for k, v in value.items()])
         elif isinstance(value, (list, tuple)):
             pending += reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)])
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and not is_finite(value):
+        elif (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and not is_finite(value)
+        ):
             ok = c.problem(f"{path}: {number_text(value)} is not a finite number")
     return ok
 
 
 def check_schedule(c: "Checker", schedule, path: str, partial: bool = False) -> None:
     """StepLR: `iterations` and `step_size` integers >= 1, `gamma` in (0, 1]."""
-    schedule = c.mapping(schedule, path, required=() if partial else SCHEDULE_KEYS,
-                         optional=SCHEDULE_KEYS)
+    schedule = c.mapping(
+        schedule, path, required=() if partial else SCHEDULE_KEYS, optional=SCHEDULE_KEYS
+    )
     if schedule is None:
         return
     for key in ("iterations", "step_size"):
@@ -266,14 +296,16 @@ def check_schedule(c: "Checker", schedule, path: str, partial: bool = False) -> 
     c.number(schedule, "gamma", f"{path}.gamma", Range(0.0, 1.0, low_open=True))
 
 
-def check_optimizer(c: "Checker", name: str, args, path: str, partial: bool = False,
-                    extra: tuple = ()) -> None:
+def check_optimizer(
+    c: "Checker", name: str, args, path: str, partial: bool = False, extra: tuple = ()
+) -> None:
     """The constructor arguments of optimizer `name`: every one present (unless `partial`),
     none unknown, each within its range. Keys in `extra` are allowed and left to the
     caller (params.yaml's `lr_grid`)."""
     rules = OPTIMIZERS[name]
-    args = c.mapping(args, path, required=() if partial else tuple(rules),
-                     optional=tuple(rules) + tuple(extra))
+    args = c.mapping(
+        args, path, required=() if partial else tuple(rules), optional=tuple(rules) + tuple(extra)
+    )
     if args is None:
         return
     for key, rule in rules.items():
@@ -282,8 +314,7 @@ def check_optimizer(c: "Checker", name: str, args, path: str, partial: bool = Fa
             if betas is MISSING:
                 continue
             if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
-                c.problem(f"{path}.{key}: expected a list of two numbers in {UNIT}, "
-                          f"got {betas!r}")
+                c.problem(f"{path}.{key}: expected a list of two numbers in {UNIT}, got {betas!r}")
                 continue
             betas = args[key] = list(betas)
             for i in range(2):
@@ -294,8 +325,9 @@ def check_optimizer(c: "Checker", name: str, args, path: str, partial: bool = Fa
 
 def check_training(c: "Checker", training, path: str, partial: bool = False) -> None:
     """Training keys: all present (unless `partial`), none unknown, each allowed."""
-    t = c.mapping(training, path, required=() if partial else tuple(TRAINING),
-                  optional=tuple(TRAINING))
+    t = c.mapping(
+        training, path, required=() if partial else tuple(TRAINING), optional=tuple(TRAINING)
+    )
     if t is None:
         return
     for key, (_, rule) in TRAINING.items():
@@ -304,7 +336,6 @@ def check_training(c: "Checker", training, path: str, partial: bool = False) -> 
         elif isinstance(rule, tuple):
             c.choice(t[key], f"{path}.{key}", rule)
         elif t[key] is not MISSING and not (isinstance(t[key], str) and rule.match(t[key])):
-            c.problem(f"{path}.{key}: {t[key]!r} is not a device; allowed: auto, cpu, cuda, "
-                      "cuda:N, mps")
-
-
+            c.problem(
+                f"{path}.{key}: {t[key]!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps"
+            )

@@ -31,24 +31,18 @@ import re
 import threading
 import time
 
-from filelock import FileLock
-
 from .lineage import dataset_input, entry_point, git_commit
 from .lineage import without_userinfo as _redact
 from .spec import STAGE_KEY
+from .tracking_store import DEFAULT_EXPERIMENT, ensure_tracking_store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "vsgd-repro"
-MAX_QUEUE = 100_000        # buffered metric values while the server is unreachable
-BATCH = 1000               # MLflow's limit of metrics per log_batch
-BACKOFF = (1.0, 60.0)      # first and largest wait between attempts, seconds
-FINISH_TIMEOUT = 120.0     # how long `finish` keeps retrying
-SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|api_key",
-                        re.I)
-# How long a process waits for another one creating the same SQLite store; past it the
-# attempt fails like any other tracking outage and is retried.
-STORE_LOCK_TIMEOUT = 120.0
+MAX_QUEUE = 100_000  # buffered metric values while the server is unreachable
+BATCH = 1000  # MLflow's limit of metrics per log_batch
+BACKOFF = (1.0, 60.0)  # first and largest wait between attempts, seconds
+FINISH_TIMEOUT = 120.0  # how long `finish` keeps retrying
+SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|access_key|key_id|api_key", re.I)
 # HTTP statuses of a request the store will never accept (a bad value, an endpoint an older
 # server lacks, not implemented): retrying it would keep the run from ever opening.
 REFUSED = (400, 404, 501)
@@ -57,9 +51,11 @@ REFUSED = (400, 404, 501)
 # MLflow's client retries for the pipeline's own calls (result lookups, the export): a few
 # quick ones. Its default (7 retries, backoff factor 2) waits minutes per call while a server
 # is down. (Training runs set theirs in `Tracker.start`: they queue and retry themselves.)
-MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 @contextlib.contextmanager
@@ -98,44 +94,6 @@ def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def ensure_tracking_store(uri: str, experiment: str = DEFAULT_EXPERIMENT, *,
-                          client=None) -> str:
-    """Open the tracking store at `uri` and get or create `experiment`; its id.
-
-    Safe when several processes start at once: for a SQLite URI the store is opened (which
-    creates and migrates a fresh database) and the experiment created while holding a file
-    lock, `<database>.lock`; without it two processes run MLflow's schema migrations
-    together and fail ("duplicate column name"). An experiment another process creates
-    meanwhile (a server, or a lock that timed out) is found instead. `client`: an
-    MlflowClient already open on `uri` (the tracker's).
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-    with _store_lock(uri):
-        client = client or MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return client.create_experiment(experiment)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        return client.get_experiment_by_name(experiment).experiment_id
-
-
-def _store_lock(uri: str):
-    """The file lock guarding the creation of the SQLite database of `uri`; no lock for
-    other stores (a server serialises its own) or an in-memory database."""
-    if not uri.startswith("sqlite:"):
-        return contextlib.nullcontext()
-    from sqlalchemy.engine import make_url
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return contextlib.nullcontext()
-    return FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT)
-
-
 class Tracker:
     """`start` -> `log_metrics` + `flush_in_background` (or `flush`) at log points ->
     `set_tags` (outcomes such as `diverged`), `log_artifacts` -> `finish`.
@@ -169,8 +127,10 @@ class Tracker:
         written to ./mlflow.db unless asked."""
         tracking = spec.get("tracking") or {}
         off = "uri" in tracking and not tracking["uri"]
-        return cls(None if off else tracking_uri(tracking.get("uri")),
-                   tracking.get("experiment") or DEFAULT_EXPERIMENT)
+        return cls(
+            None if off else tracking_uri(tracking.get("uri")),
+            tracking.get("experiment") or DEFAULT_EXPERIMENT,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -181,13 +141,15 @@ class Tracker:
     def start(self, spec: dict, run_id: str | None = None) -> None:
         """Open (or find again) the run of `spec`; `run_id` comes from a checkpoint."""
         if not self.enabled:
-            log.info("MLflow tracking is off (no tracking URI in the spec or "
-                     "MLFLOW_TRACKING_URI)")
+            log.info("MLflow tracking is off (no tracking URI in the spec or MLFLOW_TRACKING_URI)")
             return
         if importlib.util.find_spec("mlflow") is None:
             # The library does not depend on MLflow: without it, train untracked.
-            log.info("MLflow tracking is off: mlflow is not installed "
-                     "(pip install 'vsgd-repro[pipeline]' to track to %s)", _redact(self.uri))
+            log.info(
+                "MLflow tracking is off: mlflow is not installed "
+                "(pip install 'vsgd-repro[pipeline]' to track to %s)",
+                _redact(self.uri),
+            )
             self.uri = None
             return
         self._spec, self.run_id = spec, run_id
@@ -203,6 +165,7 @@ class Tracker:
         if not self.enabled:
             return
         from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         with self._lock:
             for key, value in metrics.items():
@@ -229,8 +192,9 @@ class Tracker:
         if not self.enabled:
             return
         if self._sender is None:
-            self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender",
-                                            daemon=True)
+            self._sender = threading.Thread(
+                target=self._send_loop, name="mlflow-sender", daemon=True
+            )
             self._sender.start()
         self._wake.set()
 
@@ -260,11 +224,16 @@ class Tracker:
             self._sender.join()  # at most one request's timeout
             self._sender = None
         if self._dropped:
-            log.warning("MLflow: %d metric values were dropped while the tracking server was "
-                        "unreachable", self._dropped)
+            log.warning(
+                "MLflow: %d metric values were dropped while the tracking server was unreachable",
+                self._dropped,
+            )
         if not self._retrying(lambda: self._send() and self._terminate(status), FINISH_TIMEOUT):
-            log.warning("MLflow: could not finish run %s at %s; the results on disk are "
-                        "complete", self.run_id, _redact(self.uri))
+            log.warning(
+                "MLflow: could not finish run %s at %s; the results on disk are complete",
+                self.run_id,
+                _redact(self.uri),
+            )
 
     # -- internals --------------------------------------------------------------------------
 
@@ -273,8 +242,13 @@ class Tracker:
             ok = bool(fn())
         except Exception as exc:  # noqa: BLE001 - tracking must never end a training run
             self._next_try = time.monotonic() + self._delay
-            log.warning("MLflow unavailable (%s: %s); %d values queued, next try in %.0f s",
-                        type(exc).__name__, _first_line(exc), len(self._queue), self._delay)
+            log.warning(
+                "MLflow unavailable (%s: %s); %d values queued, next try in %.0f s",
+                type(exc).__name__,
+                _first_line(exc),
+                len(self._queue),
+                self._delay,
+            )
             self._delay = min(2 * self._delay, BACKOFF[1])
             return False
         self._delay, self._next_try = BACKOFF[0], 0.0
@@ -308,6 +282,7 @@ class Tracker:
 
     def _tag(self, tags: dict[str, str]) -> bool:
         from mlflow.entities import RunTag
+
         self._ensure_run()
         self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return True
@@ -323,6 +298,7 @@ class Tracker:
     def _open_run(self) -> bool:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+
         # Creates a fresh SQLite store under its lock; the client made after it finds the
         # store complete.
         exp_id = ensure_tracking_store(self.uri, self.experiment, client=self._client)
@@ -339,18 +315,23 @@ class Tracker:
             if run is not None and run.info.lifecycle_stage != "active":
                 run = None
         if run is None:
-            found = client.search_runs([exp_id], f"tags.run_hash = '{spec['run_hash']}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+            found = client.search_runs(
+                [exp_id],
+                f"tags.run_hash = '{spec['run_hash']}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             run = found[0] if found else client.create_run(exp_id, run_name=spec["name"])
         self.run_id = run.info.run_id
         if run.info.status != "RUNNING":
             client.update_run(self.run_id, status="RUNNING")
         # Resume: drop queued values of steps the run already holds, and never queue them.
-        held = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
-                for key in run.data.metrics}
+        held = {
+            key: max(m.step for m in client.get_metric_history(self.run_id, key))
+            for key in run.data.metrics
+        }
         with self._lock:
-            self._queue = collections.deque(m for m in self._queue
-                                            if m.step > held.get(m.key, -1))
+            self._queue = collections.deque(m for m in self._queue if m.step > held.get(m.key, -1))
             for key, step in held.items():
                 self._last_step[key] = max(step, self._last_step.get(key, -1))
         self._log_params_and_tags(run)
@@ -361,20 +342,31 @@ class Tracker:
 
     def _log_params_and_tags(self, run) -> None:
         from mlflow.entities import Param, RunTag, SourceType
-        from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME,
-                                              MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
+        from mlflow.utils.mlflow_tags import (
+            MLFLOW_GIT_COMMIT,
+            MLFLOW_RUN_NAME,
+            MLFLOW_SOURCE_NAME,
+            MLFLOW_SOURCE_TYPE,
+        )
+
         spec, held = self._spec, run.data.params
         params = flatten(spec)
         changed = sorted(k for k, v in params.items() if k in held and held[k] != v)
         if changed:
             log.info("MLflow: keeping the run's original params %s", ", ".join(changed))
         new = [Param(k, v) for k, v in params.items() if k not in held]
-        tags = {"dataset": spec["dataset"], "arch": spec["arch"], "arch_key": spec["arch_key"],
-                "optimizer": spec["optimizer"]["name"], "seed": str(spec["seed"]),
-                "run_hash": spec["run_hash"],
-                "data_checksum": str(spec["data"].get("checksum")),
-                MLFLOW_RUN_NAME: spec["name"], MLFLOW_SOURCE_NAME: entry_point(),
-                MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+        tags = {
+            "dataset": spec["dataset"],
+            "arch": spec["arch"],
+            "arch_key": spec["arch_key"],
+            "optimizer": spec["optimizer"]["name"],
+            "seed": str(spec["seed"]),
+            "run_hash": spec["run_hash"],
+            "data_checksum": str(spec["data"].get("checksum")),
+            MLFLOW_RUN_NAME: spec["name"],
+            MLFLOW_SOURCE_NAME: entry_point(),
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+        }
         commit = git_commit()
         if commit != "unknown":  # MLflow's UI would show it as a commit
             tags[MLFLOW_GIT_COMMIT] = commit
@@ -382,8 +374,9 @@ class Tracker:
             tags[STAGE_KEY] = spec[STAGE_KEY]
         tags = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(new), 1), 100):  # MLflow's limit of params per batch
-            self._client.log_batch(self.run_id, params=new[i:i + 100],
-                                   tags=tags if i == 0 else [])
+            self._client.log_batch(
+                self.run_id, params=new[i : i + 100], tags=tags if i == 0 else []
+            )
 
     def _log_dataset(self, run) -> None:
         """The run's dataset input, unless the run holds it already (a resumed run). A store
@@ -391,18 +384,23 @@ class Tracker:
         costs only the input, with a warning: the run and its metrics go on. Other failures
         (unreachable) are retried with the rest of the opening."""
         from mlflow.exceptions import MlflowException
+
         wanted = dataset_input(self._spec)
         held = run.inputs.dataset_inputs if run.inputs else []
-        if wanted is None or any((i.dataset.name, i.dataset.digest)
-                                 == (wanted.dataset.name, wanted.dataset.digest) for i in held):
+        if wanted is None or any(
+            (i.dataset.name, i.dataset.digest) == (wanted.dataset.name, wanted.dataset.digest)
+            for i in held
+        ):
             return
         try:
             self._client.log_inputs(self.run_id, datasets=[wanted])
         except MlflowException as exc:
             if exc.get_http_status_code() not in REFUSED:
                 raise
-            log.warning("MLflow: the run's dataset input was refused (%s); the run is "
-                        "tracked without it", _first_line(exc))
+            log.warning(
+                "MLflow: the run's dataset input was refused (%s); the run is tracked without it",
+                _first_line(exc),
+            )
 
     def _send(self) -> bool:
         # Called with `_io` held: only the training thread changes the queue meanwhile, by

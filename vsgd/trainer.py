@@ -36,7 +36,6 @@ first non-finite training loss, for every optimizer alike, because skipped steps
 they help an unstable optimizer (it just loses some steps) and hide how often it blew up.
 """
 
-import json
 import logging
 import math
 import platform
@@ -50,14 +49,12 @@ from . import checkpoint as ckpt
 from . import engine
 from .data.errors import DataError
 from .data.prepared import load_prepared
-from .files import atomic_write
 from .optim import VSGD, beta1_summary
-from .outputs import BETA1_COLUMNS, CURVE_COLUMNS
+from .outputs import write_outputs
 from .spec import TRAINING_DEFAULTS, ConfigError, check_spec
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
-
 
 
 class Stopped(Exception):
@@ -66,8 +63,10 @@ class Stopped(Exception):
 
     def __init__(self, step: int, iterations: int, checkpointed: bool):
         self.step, self.iterations, self.checkpointed = step, iterations, checkpointed
-        super().__init__(f"stopped at step {step}/{iterations}" + (
-            ": checkpoint saved" if checkpointed else ": no checkpoint store, nothing saved"))
+        super().__init__(
+            f"stopped at step {step}/{iterations}"
+            + (": checkpoint saved" if checkpointed else ": no checkpoint store, nothing saved")
+        )
 
 
 def train(spec: dict, *, checkpoint_store=None, progress=None, stop=None) -> dict:
@@ -106,8 +105,14 @@ def train(spec: dict, *, checkpoint_store=None, progress=None, stop=None) -> dic
                 saved = checkpoint_store is not None
                 if saved and not due.checkpoint:
                     # After a log point the window is closed (it starts at this step).
-                    save_checkpoint(spec, run, state, tracker, checkpoint_store,
-                                    window=None if due else clock.window(state))
+                    save_checkpoint(
+                        spec,
+                        run,
+                        state,
+                        tracker,
+                        checkpoint_store,
+                        window=None if due else clock.window(state),
+                    )
                 raise Stopped(state.step, run.iterations, saved)
         metrics = finish(spec, run, state, tracker)
         status = "FINISHED"
@@ -137,15 +142,30 @@ def setup(spec: dict) -> tuple[engine.Run, dict]:
     data = load_prepared(spec["data"]["dir"])
     expected = spec["data"].get("checksum")
     if expected and expected != data.manifest["checksum"]:
-        raise DataError(f"{spec['data']['dir']} holds data with checksum "
-                        f"{data.manifest['checksum']}, the spec expects {expected}")
+        raise DataError(
+            f"{spec['data']['dir']} holds data with checksum "
+            f"{data.manifest['checksum']}, the spec expects {expected}"
+        )
     return engine.build(spec, training, data), training
 
 
 # What `restore` reads from a checkpoint (`save_checkpoint` writes them); one without them all
 # is damaged. `window` is not among them: checkpoints of log points, and older ones, have none.
-CHECKPOINT_KEYS = ("run_hash", "step", "seconds", "curve", "beta1", "mlflow_run_id", "data",
-                   "sums", "nonfinite", "model", "optimizer", "scheduler", "rng")
+CHECKPOINT_KEYS = (
+    "run_hash",
+    "step",
+    "seconds",
+    "curve",
+    "beta1",
+    "mlflow_run_id",
+    "data",
+    "sums",
+    "nonfinite",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+)
 
 
 def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int, float]]:
@@ -164,9 +184,11 @@ def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int
         return state, (0, 0.0)
     saved, candidate = found
     if saved["run_hash"] != spec["run_hash"]:
-        raise RuntimeError(f"checkpoint {candidate.where} at {store!r} belongs to run "
-                           f"{saved['run_hash']}, not {spec['run_hash']}: a wrong checkpoint "
-                           f"location (it is left as it is)")
+        raise RuntimeError(
+            f"checkpoint {candidate.where} at {store!r} belongs to run "
+            f"{saved['run_hash']}, not {spec['run_hash']}: a wrong checkpoint "
+            f"location (it is left as it is)"
+        )
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -180,8 +202,9 @@ def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int
     state.epoch, state.batch = saved["data"]["epoch"], saved["data"]["batch"]
     state.sums.copy_(saved["sums"])
     state.nonfinite.copy_(saved["nonfinite"])
-    log.info("resuming %s from its checkpoint at step %d/%d", spec["name"], state.step,
-             run.iterations)
+    log.info(
+        "resuming %s from its checkpoint at step %d/%d", spec["name"], state.step, run.iterations
+    )
     # Checkpoints of log points, and those written before stops existed, have none: their
     # window starts at their step.
     window = saved.get("window") or {"step": state.step, "seconds": 0.0}
@@ -192,6 +215,7 @@ def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int
 class _Due:
     """What happens after a step: a log point (log), with an evaluation, a checkpoint and
     VSGD's adaptive-momentum summary where those are due. Every one of them is a log point."""
+
     log: bool
     eval: bool
     checkpoint: bool
@@ -200,12 +224,13 @@ class _Due:
     @classmethod
     def at(cls, step, run, training, store):
         final = step == run.iterations
-        due = cls(log=step % training["log_every"] == 0,
-                  eval=step % training["eval_every"] == 0 or final,
-                  checkpoint=store is not None and (
-                      step % training["checkpoint_every"] == 0 or final),
-                  beta1=isinstance(run.optimizer, VSGD) and (
-                      step % training["beta1_every"] == 0 or final))
+        due = cls(
+            log=step % training["log_every"] == 0,
+            eval=step % training["eval_every"] == 0 or final,
+            checkpoint=store is not None and (step % training["checkpoint_every"] == 0 or final),
+            beta1=isinstance(run.optimizer, VSGD)
+            and (step % training["beta1_every"] == 0 or final),
+        )
         return due
 
     def __bool__(self):
@@ -242,28 +267,44 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
     to MLflow and `progress`."""
     # One transfer for both; it waits for the window's last step, so the clock is read after
     # it (before it, on CUDA, the window would hold only the kernel launches).
-    *sums, nonfinite = torch.cat([state.sums.reshape(-1),
-                                  state.nonfinite.to(state.sums.dtype).reshape(1)]).tolist()
+    *sums, nonfinite = torch.cat(
+        [state.sums.reshape(-1), state.nonfinite.to(state.sums.dtype).reshape(1)]
+    ).tolist()
     window = clock.elapsed()
     state.seconds += window
     l_loss, l_correct, e_loss, e_correct = sums
     l_n = (state.step - clock.window_step) * run.batch_size
     e_n = (state.step - (state.curve[-1]["step"] if state.curve else 0)) * run.batch_size
     state.sums[0] = 0
-    out = {"train_loss": l_loss / l_n, "train_acc": l_correct / l_n, "lr": lr,
-           "images_per_sec": l_n / window}
+    out = {
+        "train_loss": l_loss / l_n,
+        "train_acc": l_correct / l_n,
+        "lr": lr,
+        "images_per_sec": l_n / window,
+    }
     if nonfinite >= 0:
         state.diverged = {"step": int(nonfinite), "stopped_at": state.step}
-        log.warning("training loss not finite at step %d: the run stops at step %d/%d as "
-                    "diverged", state.diverged["step"], state.step, run.iterations)
+        log.warning(
+            "training loss not finite at step %d: the run stops at step %d/%d as diverged",
+            state.diverged["step"],
+            state.step,
+            run.iterations,
+        )
         due = _Due(log=True, eval=False, checkpoint=False, beta1=False)
     if due.eval:
         state.sums[1] = 0
         out.update(engine.measure(run))
-        state.curve.append({"step": state.step, "test_acc": out["test_acc"],
-                            "test_loss": out["test_loss"], "val_acc": out["val_acc"],
-                            "train_loss": e_loss / e_n, "train_acc": e_correct / e_n,
-                            "lr": lr})
+        state.curve.append(
+            {
+                "step": state.step,
+                "test_acc": out["test_acc"],
+                "test_loss": out["test_loss"],
+                "val_acc": out["val_acc"],
+                "train_loss": e_loss / e_n,
+                "train_acc": e_correct / e_n,
+                "lr": lr,
+            }
+        )
     if due.beta1:
         b1 = beta1_summary(run.optimizer)
         state.beta1.append({"step": state.step, **b1})
@@ -279,20 +320,34 @@ def save_checkpoint(spec, run, state, tracker, store, window: dict | None = None
     """The state at `state.step`. `window`: the open log window of a checkpoint taken inside
     one (`_Clock.window`); None at a log point, where the window was just closed. `seconds`
     is always that of the closed windows, the open one's are in `window`."""
-    store.save(ckpt.to_bytes({
-        "run_hash": spec["run_hash"], "step": state.step, "seconds": state.seconds,
-        "window": window,
-        "curve": state.curve, "beta1": state.beta1, "mlflow_run_id": tracker.run_id,
-        "data": {"epoch": state.epoch, "batch": state.batch},
-        # -1 at a log point (a diverged run stops before its checkpoint); inside a window it
-        # may hold a step for the next log point to find, as if never stopped.
-        "sums": state.sums.cpu(), "nonfinite": state.nonfinite.cpu(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "augment": run.aug_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
-                else None},
-    }))
+    store.save(
+        ckpt.to_bytes(
+            {
+                "run_hash": spec["run_hash"],
+                "step": state.step,
+                "seconds": state.seconds,
+                "window": window,
+                "curve": state.curve,
+                "beta1": state.beta1,
+                "mlflow_run_id": tracker.run_id,
+                "data": {"epoch": state.epoch, "batch": state.batch},
+                # -1 at a log point (a diverged run stops before its checkpoint); inside a window it
+                # may hold a step for the next log point to find, as if never stopped.
+                "sums": state.sums.cpu(),
+                "nonfinite": state.nonfinite.cpu(),
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "augment": run.aug_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state(run.device)
+                    if run.device.type == "cuda"
+                    else None,
+                },
+            }
+        )
+    )
 
 
 def finish(spec, run, state, tracker) -> dict:
@@ -314,15 +369,24 @@ def finish(spec, run, state, tracker) -> dict:
     """
     last = last_finite_row(state.curve, state.diverged)
     metrics = {
-        "name": spec["name"], "run_hash": spec["run_hash"], "dataset": spec["dataset"],
-        "arch": spec["arch"], "arch_key": spec["arch_key"],
-        "optimizer": spec["optimizer"]["name"], "lr": spec["optimizer"]["lr"],
-        "seed": run.seed, "iterations": run.iterations, "steps_done": state.step,
+        "name": spec["name"],
+        "run_hash": spec["run_hash"],
+        "dataset": spec["dataset"],
+        "arch": spec["arch"],
+        "arch_key": spec["arch_key"],
+        "optimizer": spec["optimizer"]["name"],
+        "lr": spec["optimizer"]["lr"],
+        "seed": run.seed,
+        "iterations": run.iterations,
+        "steps_done": state.step,
         "diverged": state.diverged,
-        **{key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "train_acc",
-                                          "val_acc")},
+        **{
+            key: last.get(key)
+            for key in ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc")
+        },
         "seconds_per_iter": state.seconds / state.step,
-        "device": str(run.device), "device_name": device_name(run.device),
+        "device": str(run.device),
+        "device_name": device_name(run.device),
         "mlflow_run_id": tracker.run_id,
     }
     metrics["images_per_sec"] = run.batch_size / metrics["seconds_per_iter"]
@@ -332,9 +396,13 @@ def finish(spec, run, state, tracker) -> dict:
     if state.diverged:
         tracker.set_tags({"diverged": "true"})
     # Every result file, so that a result can be fetched back from MLflow whole.
-    tracker.log_artifacts([out_dir / name for name in ("config.json", "curve.csv", "beta1.csv",
-                                                       "metrics.json")
-                           if (out_dir / name).is_file()])
+    tracker.log_artifacts(
+        [
+            out_dir / name
+            for name in ("config.json", "curve.csv", "beta1.csv", "metrics.json")
+            if (out_dir / name).is_file()
+        ]
+    )
     return metrics
 
 
@@ -345,7 +413,8 @@ def last_finite_row(curve: list[dict], diverged: dict | None) -> dict:
         return curve[-1]
     for row in reversed(curve):
         if row["step"] < diverged["step"] and all(
-                math.isfinite(v) for v in row.values() if isinstance(v, float)):
+            math.isfinite(v) for v in row.values() if isinstance(v, float)
+        ):
             return row
     return {}
 
@@ -361,22 +430,3 @@ def device_name(device: torch.device) -> str:
         except OSError:
             pass
     return platform.processor() or platform.machine() or device.type
-
-
-def write_outputs(out_dir: Path, spec: dict, metrics: dict, curve: list[dict],
-                  beta1: list[dict] | None) -> None:
-    """curve.csv, beta1.csv (VSGD runs: `beta1` is not None), config.json, metrics.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "curve.csv", csv_text(CURVE_COLUMNS, curve))
-    if beta1 is not None:
-        atomic_write(out_dir / "beta1.csv", csv_text(BETA1_COLUMNS, beta1))
-    atomic_write(out_dir / "config.json", json.dumps(spec, indent=2) + "\n")
-    # metrics.json last: its presence (with the run hash) marks the run as done.
-    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def csv_text(columns: tuple, rows: list[dict]) -> str:
-    """A header and one line per row; None as an empty field, floats as `repr` (exact)."""
-    lines = [",".join(columns)]
-    lines += [",".join("" if row[c] is None else repr(row[c]) for c in columns) for row in rows]
-    return "\n".join(lines) + "\n"

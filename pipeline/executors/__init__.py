@@ -7,15 +7,24 @@ from .base import Executor, RunOutcome, spec_path, write_spec
 from .kubernetes import KubernetesExecutor
 from .local import LocalExecutor
 
-__all__ = ["Executor", "KubernetesExecutor", "LocalExecutor", "RunOutcome", "get_executor",
-           "spec_path", "write_spec"]
+__all__ = [
+    "Executor",
+    "KubernetesExecutor",
+    "LocalExecutor",
+    "RunOutcome",
+    "get_executor",
+    "spec_path",
+    "write_spec",
+]
 
 
 def get_executor(params: dict) -> Executor:
     kind = params["executor"]["kind"]
     if kind == "local":
-        return LocalExecutor(max_parallel=params["executor"]["max_parallel"] or 1,
-                             run_env=lambda spec: run_env(params, spec))
+        return LocalExecutor(
+            max_parallel=params["executor"]["max_parallel"] or 1,
+            run_env=lambda spec: run_env(params, spec),
+        )
     if kind == "kubernetes":
         return KubernetesExecutor(params)
     raise ValueError(f"unknown executor.kind {kind!r}")

@@ -20,10 +20,8 @@ class RunOutcome:
     name: str
     run_hash: str
     ok: bool
-    error: str | None = None      # one line: exit code / Job reason
-    log_tail: str = ""            # last lines of the run's log
-
-
+    error: str | None = None  # one line: exit code / Job reason
+    log_tail: str = ""  # last lines of the run's log
 
 
 class Executor:

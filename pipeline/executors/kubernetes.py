@@ -37,8 +37,9 @@ from ..k8s.client import (
     retry_after,
 )
 from ..k8s.cluster import report_stale
-from ..k8s.pods import Pods, pod_state
+from ..k8s.pods import Pods
 from ..k8s.preflight import preflight
+from ..k8s.progress import RunProgress
 from ..k8s.render import (
     RUN_HASH_LABEL,
     is_ours,
@@ -59,32 +60,32 @@ class _Run:
     spec: dict
     job: dict
     submitted_at: float
-    uid: str | None = None          # the Job we follow; events of other Jobs are stale
-    counts: tuple = ()              # (active, succeeded, failed) last shown
+    uid: str | None = None  # the Job we follow; events of other Jobs are stale
+    counts: tuple = ()  # (active, succeeded, failed) last shown
     outcome: RunOutcome | None = None
-    created: str = ""               # the Job's creationTimestamp: older events are not ours
-    trouble: tuple | None = None    # (kind, since, text) of a pod that does not start
-    suspended: bool = False         # held by a queue (spec.suspend)
+    created: str = ""  # the Job's creationTimestamp: older events are not ours
+    trouble: tuple | None = None  # (kind, since, text) of a pod that does not start
+    suspended: bool = False  # held by a queue (spec.suspend)
 
     @property
     def name(self):
         return self.job["metadata"]["name"]
 
 
-class KubernetesExecutor(Executor):
+class KubernetesExecutor(RunProgress, Executor):
     """`clock` (monotonic(), sleep()) times the grace periods, the outage budget and every
     wait; the watch windows are the API server's (timeoutSeconds)."""
 
     def __init__(self, params: dict, *, out=None, fetch_result=None, clock=SYSTEM_CLOCK):
         self.params = params
         self.cfg = settings(params)
-        self.max_parallel = max_parallel(params)    # None: no limit (a queue admits)
+        self.max_parallel = max_parallel(params)  # None: no limit (a queue admits)
         self.out = out or sys.stdout
         self._fetch = fetch_result or _fetch_from_store
         self.clock = clock
         self.namespace = None
         self.api = None
-        self._checked = False     # the preflight passed
+        self._checked = False  # the preflight passed
 
     # -- the Executor protocol ------------------------------------------------------------
 
@@ -117,8 +118,11 @@ class KubernetesExecutor(Executor):
         self._queue = []
         try:
             self._connect()
-            limit = (f"at most {self.max_parallel} at a time" if self.max_parallel else
-                     f"all at once: Kueue queue {queue_name(self.params)} admits them")
+            limit = (
+                f"at most {self.max_parallel} at a time"
+                if self.max_parallel
+                else f"all at once: Kueue queue {queue_name(self.params)} admits them"
+            )
             self._say(f"{len(runs)} runs -> Jobs in namespace {self.namespace} ({limit})")
             rv = self._sync(first=True)
             if self._queue and not self._checked:
@@ -143,14 +147,20 @@ class KubernetesExecutor(Executor):
     def _leaving(self, why):
         active = [r.name for r in self._runs.values() if r.uid and not r.outcome]
         if active:
-            self._say(f"{why}; {len(active)} Jobs keep running in {self.namespace}: run the "
-                      f"stage again (`dvc repro`) to adopt them, `python -m pipeline jobs "
-                      f"list` to see them, `python -m pipeline jobs cancel` to stop them")
+            self._say(
+                f"{why}; {len(active)} Jobs keep running in {self.namespace}: run the "
+                f"stage again (`dvc repro`) to adopt them, `python -m pipeline jobs "
+                f"list` to see them, `python -m pipeline jobs cancel` to stop them"
+            )
 
     def _connect(self):
         if self.api is None:
-            self.api = Api(self.cfg["context"], outage_budget=self.cfg["outage_budget"],
-                           say=self._say, clock=self.clock)
+            self.api = Api(
+                self.cfg["context"],
+                outage_budget=self.cfg["outage_budget"],
+                say=self._say,
+                clock=self.clock,
+            )
             self.pods = Pods(self.api, self.namespace, self.cfg["log_tail_lines"])
 
     def _preflight(self, job):
@@ -161,13 +171,16 @@ class KubernetesExecutor(Executor):
 
     def _sync(self, first=False):
         """List our Jobs: adopt (first time) or catch up (after 410); returns resourceVersion."""
-        listing = self.api.call(self.api.batch.list_namespaced_job, self.namespace,
-                                label_selector=managed_selector(self.params))
-        found = {}   # run hash -> its Job; a live one wins over a failed one being replaced
+        listing = self.api.call(
+            self.api.batch.list_namespaced_job,
+            self.namespace,
+            label_selector=managed_selector(self.params),
+        )
+        found = {}  # run hash -> its Job; a live one wins over a failed one being replaced
         for item in listing.items:
             job = self.api.to_dict(item)
             if not is_ours(job, self.params) or job["metadata"].get("deletionTimestamp"):
-                continue   # another pipeline's, or going away: submitted anew (after it)
+                continue  # another pipeline's, or going away: submitted anew (after it)
             key = job["metadata"].get("labels", {}).get(RUN_HASH_LABEL)
             if key in self._runs and (key not in found or condition(found[key], "Failed")):
                 found[key] = job
@@ -193,10 +206,11 @@ class KubernetesExecutor(Executor):
             # Resubmitting a failed run means "try again": replace the old Job (its pods
             # too: the API's default for Jobs would orphan them). Gone or replaced already
             # (another launcher): the create then adopts what is there.
-            self._say(f"[{run.name}] replacing Job {job['metadata']['name']} that failed "
-                      f"before ({failed.get('reason')})")
-            self.api.delete_job(job["metadata"]["name"], self.namespace,
-                                job["metadata"]["uid"])
+            self._say(
+                f"[{run.name}] replacing Job {job['metadata']['name']} that failed "
+                f"before ({failed.get('reason')})"
+            )
+            self.api.delete_job(job["metadata"]["name"], self.namespace, job["metadata"]["uid"])
             self._queue.append(run)
             return
         run.uid = job["metadata"]["uid"]
@@ -225,8 +239,11 @@ class KubernetesExecutor(Executor):
         when the run has ended (failed), None when a full ResourceQuota refused it for now."""
         for attempt in range(3):
             try:
-                created = self.api.call(self.api.batch.create_namespaced_job, self.namespace,
-                                        client.V1Job.from_dict(run.job))
+                created = self.api.call(
+                    self.api.batch.create_namespaced_job,
+                    self.namespace,
+                    client.V1Job.from_dict(run.job),
+                )
             except ApiException as exc:
                 if exc.status == 409:
                     # Created meanwhile (another launcher, or the replaced Job's name still
@@ -238,7 +255,7 @@ class KubernetesExecutor(Executor):
                     if existing is not None and not condition(existing, "Failed"):
                         self._adopt(run, existing)
                         return True
-                    self.clock.sleep(2 ** attempt)
+                    self.clock.sleep(2**attempt)
                     continue
                 quota = quota_refusal(exc)
                 if quota and not quota.beyond:
@@ -252,12 +269,17 @@ class KubernetesExecutor(Executor):
             run.uid = created.metadata.uid
             run.created = self.api.to_dict(created)["metadata"].get("creationTimestamp") or ""
             run.submitted_at = self.clock.monotonic()
-            self._say(f"[{run.name}] submitted Job {run.name} "
-                      f"({run.spec['dataset']} {run.spec['arch']} "
-                      f"{run.spec['optimizer']['name']} seed {run.spec['seed']})")
+            self._say(
+                f"[{run.name}] submitted Job {run.name} "
+                f"({run.spec['dataset']} {run.spec['arch']} "
+                f"{run.spec['optimizer']['name']} seed {run.spec['seed']})"
+            )
             return True
-        self._finish(run, False, f"Job {run.name} exists and cannot be replaced (being "
-                                 f"deleted?); run again later")
+        self._finish(
+            run,
+            False,
+            f"Job {run.name} exists and cannot be replaced (being deleted?); run again later",
+        )
         return False
 
     # -- following --------------------------------------------------------------------------
@@ -269,10 +291,15 @@ class KubernetesExecutor(Executor):
         outage = self.api.outage
         w = watch.Watch()
         try:
-            for event in w.stream(self.api.batch.list_namespaced_job, self.namespace,
-                                  label_selector=managed_selector(self.params),
-                                  resource_version=rv, allow_watch_bookmarks=True,
-                                  timeout_seconds=window, _request_timeout=(10, window + 30)):
+            for event in w.stream(
+                self.api.batch.list_namespaced_job,
+                self.namespace,
+                label_selector=managed_selector(self.params),
+                resource_version=rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=window,
+                _request_timeout=(10, window + 30),
+            ):
                 job = event["raw_object"]
                 rv = job.get("metadata", {}).get("resourceVersion") or rv
                 if event["type"] == "BOOKMARK":
@@ -297,16 +324,18 @@ class KubernetesExecutor(Executor):
             raise KubernetesError(api_error(exc, "watching Jobs")) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             left = outage.failed(f"watch connection lost: {type(exc).__name__}")
-            self._say(f"watch connection lost ({type(exc).__name__}); resuming from "
-                      f"resourceVersion {rv}")
+            self._say(
+                f"watch connection lost ({type(exc).__name__}); resuming from resourceVersion {rv}"
+            )
             self.clock.sleep(min(2, left))
             return rv
         outage.ok()
         return rv
 
     def _queue_has_room(self):
-        return bool(self._queue) and (self.max_parallel is None
-                                      or self._active() < self.max_parallel)
+        return bool(self._queue) and (
+            self.max_parallel is None or self._active() < self.max_parallel
+        )
 
     def _observe(self, run, job):
         # Only the terminal conditions count (pipeline.k8s.status).
@@ -321,25 +350,37 @@ class KubernetesExecutor(Executor):
         if spec_suspended != run.suspended:
             run.suspended = spec_suspended
             queue = job["metadata"].get("labels", {}).get(QUEUE_LABEL)
-            self._say(f"[{run.name}] " + (f"queued (suspended until Kueue queue {queue} admits "
-                                          f"it)" if spec_suspended and queue else
-                                          "queued (suspended)" if spec_suspended else
-                                          "admitted (no longer suspended)"))
+            self._say(
+                f"[{run.name}] "
+                + (
+                    f"queued (suspended until Kueue queue {queue} admits it)"
+                    if spec_suspended and queue
+                    else "queued (suspended)"
+                    if spec_suspended
+                    else "admitted (no longer suspended)"
+                )
+            )
         status = job.get("status") or {}
-        counts = (status.get("active") or 0, status.get("succeeded") or 0,
-                  status.get("failed") or 0)
+        counts = (
+            status.get("active") or 0,
+            status.get("succeeded") or 0,
+            status.get("failed") or 0,
+        )
         if counts != run.counts:
             if run.counts and counts[2] > run.counts[2]:
-                self._say(f"[{run.name}] pod failed ({counts[2]} so far); the Job retries, "
-                          f"resuming from the last checkpoint")
+                self._say(
+                    f"[{run.name}] pod failed ({counts[2]} so far); the Job retries, "
+                    f"resuming from the last checkpoint"
+                )
             run.counts = counts
 
     def _failed(self, run, failed):
         error = failure(run.name, failed)
         message = self.pods.termination_message(run.uid)
         if message and STALE_IMAGE in message:
-            error = (f"image is stale: rebuild and push (`make image push`), then run again "
-                     f"- {message}")
+            error = (
+                f"image is stale: rebuild and push (`make image push`), then run again - {message}"
+            )
         elif message:
             error += f": {message}"
         self._finish(run, False, error, self.pods.log_tail(run.uid))
@@ -349,8 +390,12 @@ class KubernetesExecutor(Executor):
         try:
             self._fetch(self.params, run.spec)
         except Exception:  # noqa: BLE001 - any failure to find the result means: not done
-            self._finish(run, False, f"Job {run.name} was deleted before it finished",
-                         self.pods.log_tail(run.uid))
+            self._finish(
+                run,
+                False,
+                f"Job {run.name} was deleted before it finished",
+                self.pods.log_tail(run.uid),
+            )
             return
         self._finish(run, True)
 
@@ -358,9 +403,13 @@ class KubernetesExecutor(Executor):
         try:
             self._fetch(self.params, run.spec)
         except Exception as exc:  # noqa: BLE001 - reported as this run's failure
-            self._finish(run, False, f"Job {run.name} completed but its results could not be "
-                                     f"fetched from {results_uri(self.params, run.spec)}: "
-                                     f"{type(exc).__name__}: {exc}")
+            self._finish(
+                run,
+                False,
+                f"Job {run.name} completed but its results could not be "
+                f"fetched from {results_uri(self.params, run.spec)}: "
+                f"{type(exc).__name__}: {exc}",
+            )
             return
         self._finish(run, True)
 
@@ -368,8 +417,7 @@ class KubernetesExecutor(Executor):
         run.outcome = RunOutcome(run.spec["name"], run.spec["run_hash"], ok, error, log_tail)
         if ok:
             minutes = (self.clock.monotonic() - run.submitted_at) / 60
-            self._say(f"[{run.name}] done ({minutes:.1f} min), results in "
-                      f"{run.spec['output_dir']}")
+            self._say(f"[{run.name}] done ({minutes:.1f} min), results in {run.spec['output_dir']}")
         else:
             self._say(f"[{run.name}] FAILED: {error}")
             for line in log_tail.splitlines():
@@ -377,64 +425,8 @@ class KubernetesExecutor(Executor):
 
     # -- progress and runs that cannot start -------------------------------------------------
 
-    def _progress(self):
-        for run in self._runs.values():
-            if not run.uid or run.outcome:
-                continue
-            try:
-                self._progress_of(run)
-            except ApiException as exc:
-                self._say(f"[{run.name}] (no progress: {api_error(exc, 'reading pods')})")
-
-    def _progress_of(self, run):
-        minutes = (self.clock.monotonic() - run.submitted_at) / 60
-        if run.suspended:
-            self._say(f"[{run.name}] queued, {minutes:.0f} min")
-            return
-        pods = self.pods.of(run.uid)
-        trouble = self.pods.start_failure(run.uid, run.created, pods)
-        self._track(run, trouble)
-        if run.outcome:
-            return
-        if not pods:
-            self._say(f"[{run.name}] waiting for a pod, {minutes:.0f} min"
-                      + (f" | {trouble[1]}" if trouble else ""))
-            return
-        pod = pods[-1]
-        line = ""
-        if pod.get("status", {}).get("phase") == "Running":
-            line = self.pods.read_log(pod, 1).strip()
-        self._say(f"[{run.name}] {pod_state(pod)}, {minutes:.0f} min"
-                  + (f" | {line}" if line else ""))
-
-    def _track(self, run, trouble):
-        """Fail the run when the same kind of trouble outlasts its grace period."""
-        if trouble is None:
-            run.trouble = None
-            return
-        kind, text = trouble
-        now = self.clock.monotonic()
-        grace = (self.cfg["unschedulable_limit"] if kind == "unschedulable"
-                 else self.cfg["start_grace"])
-        if run.trouble is None or run.trouble[0] != kind:
-            run.trouble = (kind, now, text)
-            self._say(f"[{run.name}] cannot start: {text}"
-                      + (f" (the run fails if this lasts {grace:.0f} s)" if grace else ""))
-            return
-        if grace is not None and now - run.trouble[1] >= grace:
-            self._say(f"[{run.name}] giving up after {now - run.trouble[1]:.0f} s"
-                      + (f"; deleting Job {run.name}" if run.uid else ""))
-            try:
-                if run.uid:
-                    self.api.delete_job(run.name, self.namespace, run.uid)
-            except ApiException as exc:
-                self._say(f"[{run.name}] (could not delete: {api_error(exc, 'deleting')})")
-            self._finish(run, False, f"Job {run.name} could not start for "
-                                     f"{now - run.trouble[1]:.0f} s: {text}")
-
     def _say(self, text):
-        print(f"[k8s] {text}" if not text.startswith("[") else text, file=self.out,
-              flush=True)
+        print(f"[k8s] {text}" if not text.startswith("[") else text, file=self.out, flush=True)
 
 
 def _fetch_from_store(params, spec):

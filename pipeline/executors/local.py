@@ -94,8 +94,10 @@ class LocalExecutor(Executor):
         handlers cannot be set)."""
         if threading.current_thread() is not threading.main_thread():
             return {}
-        return {signum: signal.signal(signum, self._on_signal)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+        return {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
 
     def _on_signal(self, signum, frame):
         if self._stopping.is_set():
@@ -130,8 +132,13 @@ class LocalExecutor(Executor):
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.run_env(spec),
-               STOP_WITH_LAUNCHER_ENV: "1", LOCK_FD_ENV: str(lock.fd)}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **self.run_env(spec),
+            STOP_WITH_LAUNCHER_ENV: "1",
+            LOCK_FD_ENV: str(lock.fd),
+        }
         env.pop(TEE_LOG_ENV, None)  # we keep the run's log ourselves, in the same file
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
         log_path = spec_path(spec).parent / LOG_NAME
@@ -141,10 +148,18 @@ class LocalExecutor(Executor):
                     return RunOutcome(name, spec["run_hash"], ok=False, error="not started")
                 # Its own process group: see the module docstring. The run inherits the
                 # locked descriptor, so the lock outlives us if we die before it.
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, errors="replace",
-                                        bufsize=1, env=env, process_group=0,
-                                        pass_fds=(lock.fd,))
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    bufsize=1,
+                    env=env,
+                    process_group=0,
+                    pass_fds=(lock.fd,),
+                )
                 self._procs.add(proc)
             self._say(f"[{name}] start")
             try:
@@ -171,8 +186,7 @@ class LocalExecutor(Executor):
         # run; the stage says which runs finished anyway.
         stopped = self._stopping.is_set() or code in STOPPED_CODES
         self._say(f"[{name}] {'stopped' if stopped else 'FAILED'}: {error}")
-        return RunOutcome(name, spec["run_hash"], ok=False, error=error,
-                          log_tail="\n".join(tail))
+        return RunOutcome(name, spec["run_hash"], ok=False, error=error, log_tail="\n".join(tail))
 
     def threads_per_run(self) -> int:
         return max(1, _cpu_count() // self.max_parallel)

@@ -10,10 +10,18 @@ included: a name the Role does not list is a 403 there, reported with that name.
 """
 
 ACCESS = (
-    ("batch", "jobs", ("create", "get", "list", "watch", "delete"),
-     "submit, adopt, follow and replace the runs' Jobs"),
-    ("batch", "jobs", ("patch",),
-     "`kubectl apply -f` of a rendered Job (docs/kubernetes.md) on an existing one"),
+    (
+        "batch",
+        "jobs",
+        ("create", "get", "list", "watch", "delete"),
+        "submit, adopt, follow and replace the runs' Jobs",
+    ),
+    (
+        "batch",
+        "jobs",
+        ("patch",),
+        "`kubectl apply -f` of a rendered Job (docs/kubernetes.md) on an existing one",
+    ),
     ("", "pods", ("list",), "find a Job's pods (by its controller-uid) for progress and state"),
     ("", "pods/log", ("get",), "the last log lines of a failed or running run"),
     ("", "events", ("list",), "why a Job cannot create its pod, or a pod cannot start"),

@@ -21,16 +21,18 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ..contract import Detached
-from .schema import parse_quantity
+from .names import parse_quantity
 
-REQUEST_TIMEOUT = (10, 60)      # connect, read seconds for ordinary API calls
+REQUEST_TIMEOUT = (10, 60)  # connect, read seconds for ordinary API calls
 TRANSIENT = (429, 500, 502, 503, 504)
-MAX_BACKOFF = 30                # seconds between retries during an outage
+MAX_BACKOFF = 30  # seconds between retries during an outage
 # The ResourceQuota admission plugin's refusal (a 403 Forbidden), in its words.
 # https://kubernetes.io/docs/concepts/policy/resource-quotas/
-QUOTA_REFUSAL = re.compile(r"exceeded quota: (?P<quota>[^,]+), "
-                           r"requested: (?P<requested>\S*), used: (?P<used>\S*), "
-                           r"limited: (?P<limited>\S*)")
+QUOTA_REFUSAL = re.compile(
+    r"exceeded quota: (?P<quota>[^,]+), "
+    r"requested: (?P<requested>\S*), used: (?P<used>\S*), "
+    r"limited: (?P<limited>\S*)"
+)
 
 
 class Clock:
@@ -55,8 +57,11 @@ def connect(context=None) -> client.ApiClient:
     configuration = client.Configuration()
     try:
         # KUBECONFIG read now: the client's default is read once, when it is imported.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
-                                context=context, client_configuration=configuration)
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None,
+            context=context,
+            client_configuration=configuration,
+        )
     except config.ConfigException as kube_error:
         if context:
             raise KubernetesError(f"kubeconfig context {context!r}: {kube_error}") from None
@@ -65,7 +70,8 @@ def connect(context=None) -> client.ApiClient:
         except config.ConfigException:
             raise KubernetesError(
                 f"no Kubernetes configuration: {kube_error}; set KUBECONFIG (or "
-                f"~/.kube/config), or run inside the cluster") from None
+                f"~/.kube/config), or run inside the cluster"
+            ) from None
     # Retries are ours (with the outage budget); urllib3's own would multiply them.
     configuration.retries = False
     return client.ApiClient(configuration)
@@ -80,8 +86,9 @@ class Outage:
 
     def ok(self):
         if self.since is not None:
-            self._say(f"Kubernetes API reachable again after "
-                      f"{self._clock.monotonic() - self.since:.0f} s")
+            self._say(
+                f"Kubernetes API reachable again after {self._clock.monotonic() - self.since:.0f} s"
+            )
         self.since = None
 
     def failed(self, what) -> float:
@@ -89,12 +96,16 @@ class Outage:
         now = self._clock.monotonic()
         if self.since is None:
             self.since = now
-            self._say(f"Kubernetes API unreachable ({what}); retrying for up to "
-                      f"{self.budget:.0f} s (executor.kubernetes.outage_budget)")
+            self._say(
+                f"Kubernetes API unreachable ({what}); retrying for up to "
+                f"{self.budget:.0f} s (executor.kubernetes.outage_budget)"
+            )
         left = self.budget - (now - self.since)
         if left <= 0:
-            raise Detached(f"the Kubernetes API has been unreachable for {now - self.since:.0f} "
-                           f"s (last: {what})")
+            raise Detached(
+                f"the Kubernetes API has been unreachable for {now - self.since:.0f} "
+                f"s (last: {what})"
+            )
         return left
 
 
@@ -104,8 +115,15 @@ class Api:
     Retry-After) for up to that many seconds, then `Detached`; without one, once. Other
     ApiExceptions (404, 403, 409, ...) propagate."""
 
-    def __init__(self, context=None, *, outage_budget=None, say=print, clock=SYSTEM_CLOCK,
-                 request_timeout=REQUEST_TIMEOUT):
+    def __init__(
+        self,
+        context=None,
+        *,
+        outage_budget=None,
+        say=print,
+        clock=SYSTEM_CLOCK,
+        request_timeout=REQUEST_TIMEOUT,
+    ):
         self.client = connect(context)
         self.batch = client.BatchV1Api(self.client)
         self.core = client.CoreV1Api(self.client)
@@ -160,10 +178,14 @@ class Api:
         leave them running) if it is still the Job with `uid`: one created anew meanwhile
         under the name is not the one meant. False when it was gone or replaced."""
         try:
-            self.call(self.batch.delete_namespaced_job, name, namespace,
-                      body=client.V1DeleteOptions(propagation_policy="Background",
-                                                  preconditions=client.V1Preconditions(
-                                                      uid=uid)))
+            self.call(
+                self.batch.delete_namespaced_job,
+                name,
+                namespace,
+                body=client.V1DeleteOptions(
+                    propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid)
+                ),
+            )
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
@@ -172,6 +194,7 @@ class Api:
 
 
 # -- what an API error says -----------------------------------------------------------------
+
 
 def retry_after(exc: ApiException) -> float | None:
     """Seconds from a 429's (or 503's) Retry-After header, as API Priority and Fairness
@@ -221,6 +244,7 @@ def api_error(exc: ApiException, doing: str) -> str:
 class QuotaRefusal:
     """A create refused by a ResourceQuota: its name and the amounts of the resources it
     would have exceeded (resource name -> quantity text)."""
+
     quota: str
     requested: dict
     used: dict
@@ -230,8 +254,11 @@ class QuotaRefusal:
     def beyond(self) -> list[str]:
         """The resources one such object alone asks more of than the quota ever allows: no
         amount of waiting admits it."""
-        return [k for k, v in self.requested.items()
-                if k in self.limited and parse_quantity(v) > parse_quantity(self.limited[k])]
+        return [
+            k
+            for k, v in self.requested.items()
+            if k in self.limited and parse_quantity(v) > parse_quantity(self.limited[k])
+        ]
 
     def amounts(self, what) -> str:
         return ",".join(f"{k}={v}" for k, v in getattr(self, what).items())
@@ -242,6 +269,8 @@ def quota_refusal(exc: ApiException) -> QuotaRefusal | None:
     match = QUOTA_REFUSAL.search(status_message(exc)) if exc.status == 403 else None
     if match is None:
         return None
-    amounts = [dict(part.split("=", 1) for part in match[what].split(",") if "=" in part)
-               for what in ("requested", "used", "limited")]
+    amounts = [
+        dict(part.split("=", 1) for part in match[what].split(",") if "=" in part)
+        for what in ("requested", "used", "limited")
+    ]
     return QuotaRefusal(match["quota"].strip(), *amounts)

@@ -20,7 +20,7 @@ from .render import (
 from .schema import settings
 from .status import finished
 
-LIST_TIMEOUT = (5, 20)   # the stages' stale-Job check must not hold them up
+LIST_TIMEOUT = (5, 20)  # the stages' stale-Job check must not hold them up
 
 
 class Cluster:
@@ -32,11 +32,15 @@ class Cluster:
         self.api = Api(settings(params)["context"], request_timeout=request_timeout)
 
     def jobs(self) -> list[dict]:
-        listing = self.api.call(self.api.batch.list_namespaced_job, self.namespace,
-                                label_selector=managed_selector(self.params))
+        listing = self.api.call(
+            self.api.batch.list_namespaced_job,
+            self.namespace,
+            label_selector=managed_selector(self.params),
+        )
         jobs = [self.api.to_dict(j) for j in listing.items]
-        return sorted((j for j in jobs if is_ours(j, self.params)),
-                      key=lambda j: j["metadata"]["name"])
+        return sorted(
+            (j for j in jobs if is_ours(j, self.params)), key=lambda j: j["metadata"]["name"]
+        )
 
     def stale(self, jobs: list[dict], grid: list[dict]) -> list[dict]:
         current = {s["run_hash"] for s in grid}
@@ -49,8 +53,7 @@ class Cluster:
     def cancel(self, job: dict) -> bool:
         """Delete the Job with its pods, only if it is still the Job that was listed (its
         uid). False when it is gone or was replaced."""
-        return self.api.delete_job(job["metadata"]["name"], self.namespace,
-                                   job["metadata"]["uid"])
+        return self.api.delete_job(job["metadata"]["name"], self.namespace, job["metadata"]["uid"])
 
 
 def run_hash_of(job):
@@ -64,8 +67,12 @@ def report_stale(params: dict, stage: str) -> None:
         cluster = Cluster(params, request_timeout=LIST_TIMEOUT)
         jobs = cluster.jobs()
     except Exception as exc:  # noqa: BLE001 - a check before the stage, not the stage
-        print(f"{stage}: could not look for Jobs of an earlier grid ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr, flush=True)
+        print(
+            f"{stage}: could not look for Jobs of an earlier grid ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     grid, complete = grid_specs(params)
     if not complete:
@@ -76,11 +83,14 @@ def report_stale(params: dict, stage: str) -> None:
     if stale:
         names = ", ".join(j["metadata"]["name"] for j in stale[:5])
         more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
-        print(f"{stage}: {len(stale)} Jobs of an earlier grid are still running in namespace "
-              f"{cluster.namespace} (their runs are not in this grid): {names}{more}; "
-              f"`python -m pipeline jobs list --stale` lists them, `python -m pipeline jobs "
-              f"cancel --stale` stops them (they are left alone otherwise)", file=sys.stderr,
-              flush=True)
+        print(
+            f"{stage}: {len(stale)} Jobs of an earlier grid are still running in namespace "
+            f"{cluster.namespace} (their runs are not in this grid): {names}{more}; "
+            f"`python -m pipeline jobs list --stale` lists them, `python -m pipeline jobs "
+            f"cancel --stale` stops them (they are left alone otherwise)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run_name(job):

@@ -29,15 +29,20 @@ from .status import state
 
 # -- the command ----------------------------------------------------------------------------
 
+
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True,
-                                help="list or cancel")
-    for action, text in (("list", "list this pipeline's Jobs"),
-                         ("cancel", "delete Jobs (their pods save a checkpoint and stop)")):
+    sub = parser.add_subparsers(
+        dest="action", metavar="<action>", required=True, help="list or cancel"
+    )
+    for action, text in (
+        ("list", "list this pipeline's Jobs"),
+        ("cancel", "delete Jobs (their pods save a checkpoint and stop)"),
+    ):
         p = sub.add_parser(action, help=text)
         add_params_arguments(p)
-        p.add_argument("--stale", action="store_true",
-                       help="only Jobs whose run is not in the current grid")
+        p.add_argument(
+            "--stale", action="store_true", help="only Jobs whose run is not in the current grid"
+        )
         if action == "cancel":
             p.add_argument("--all", action="store_true", help="every Job of this pipeline")
             p.add_argument("names", nargs="*", metavar="NAME", help="Jobs to cancel")
@@ -46,29 +51,41 @@ def add_arguments(parser):
 def run(args) -> int:
     params = load_params(args.params, args.set, build_imported=False)
     if not params["storage"]["remote"]:
-        raise ConfigError(["storage.remote: Jobs belong to a pipeline by its s3:// remote; "
-                           "set the one the Jobs were submitted with"])
+        raise ConfigError(
+            [
+                "storage.remote: Jobs belong to a pipeline by its s3:// remote; "
+                "set the one the Jobs were submitted with"
+            ]
+        )
     if args.action == "cancel":
         chosen = sum(bool(x) for x in (args.stale, args.all, args.names))
         if chosen != 1:
-            raise ConfigError(["jobs cancel: say which Jobs: --stale, --all or their names "
-                               "(exactly one of them)"])
+            raise ConfigError(
+                ["jobs cancel: say which Jobs: --stale, --all or their names (exactly one of them)"]
+            )
     cluster = Cluster(params)
     jobs = cluster.jobs()
     grid, complete = grid_specs(params)
     stale = {j["metadata"]["name"] for j in cluster.stale(jobs, grid)}
     if not complete and (args.stale):
-        print("note: the tune stage has not chosen yet (results/tuning/selected.yaml), so the "
-              "final runs are unknown and their Jobs count as stale", file=sys.stderr)
+        print(
+            "note: the tune stage has not chosen yet (results/tuning/selected.yaml), so the "
+            "final runs are unknown and their Jobs count as stale",
+            file=sys.stderr,
+        )
     if args.action == "list":
         shown = [j for j in jobs if not args.stale or j["metadata"]["name"] in stale]
         print(f"{'NAME':<63}  {'STATE':<8}  {'GRID':<7}  RUN")
         for job in shown:
             name = job["metadata"]["name"]
-            print(f"{name:<63}  {state(job):<8}  {'stale' if name in stale else 'current':<7}  "
-                  f"{run_name(job)}")
-        print(f"{len(shown)} Jobs in namespace {cluster.namespace}"
-              + (f" ({len(stale)} stale)" if not args.stale else ""))
+            print(
+                f"{name:<63}  {state(job):<8}  {'stale' if name in stale else 'current':<7}  "
+                f"{run_name(job)}"
+            )
+        print(
+            f"{len(shown)} Jobs in namespace {cluster.namespace}"
+            + (f" ({len(stale)} stale)" if not args.stale else "")
+        )
         return 0
     ours = {j["metadata"]["name"]: j for j in jobs}
     if args.names:
@@ -85,8 +102,11 @@ def run(args) -> int:
             cancelled += 1
             print(f"cancelled {name} ({state(ours[name])}, {run_name(ours[name])})")
         else:
-            print(f"{name}: gone or replaced since it was listed; left alone (see `python -m "
-                  f"pipeline jobs list`)", file=sys.stderr)
+            print(
+                f"{name}: gone or replaced since it was listed; left alone (see `python -m "
+                f"pipeline jobs list`)",
+                file=sys.stderr,
+            )
     print(f"{cancelled} Jobs cancelled in namespace {cluster.namespace}")
     return 0
 
@@ -95,8 +115,12 @@ def _refusal(cluster: Cluster, params: dict, name: str) -> str:
     """Why `jobs cancel NAME` will not delete that Job."""
     job = cluster.job(name)
     if job is None:
-        return (f"jobs cancel: {name}: no Job of that name in namespace {cluster.namespace}; "
-                f"`python -m pipeline jobs list` shows this pipeline's")
+        return (
+            f"jobs cancel: {name}: no Job of that name in namespace {cluster.namespace}; "
+            f"`python -m pipeline jobs list` shows this pipeline's"
+        )
     why = why_not_ours(job, params) or "it was created after the Jobs were listed (run again)"
-    return (f"jobs cancel: {name}: not a Job of this pipeline: {why}; it was left alone "
-            f"(only the pipeline that submitted it may cancel it)")
+    return (
+        f"jobs cancel: {name}: not a Job of this pipeline: {why}; it was left alone "
+        f"(only the pipeline that submitted it may cancel it)"
+    )

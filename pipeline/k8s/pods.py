@@ -13,19 +13,23 @@ from kubernetes.client.exceptions import ApiException
 from .client import Api, api_error, status_message
 from .schema import TRAIN_CONTAINER
 
-CONTROLLER_UID = "batch.kubernetes.io/controller-uid"   # set on a Job's pods (1.27+)
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # set on a Job's pods (1.27+)
 # Container waiting reasons that mean "this pod will not start by itself"
 # (https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#container-state-waiting),
 # grouped so that ErrImagePull <-> ImagePullBackOff flapping is one trouble, with a hint.
-_PULL = ("the nodes cannot pull the image: is it pushed (`make image push`), is the name right, "
-         "do the nodes have pull rights (image_pull_secrets)?")
+_PULL = (
+    "the nodes cannot pull the image: is it pushed (`make image push`), is the name right, "
+    "do the nodes have pull rights (image_pull_secrets)?"
+)
 START_FAILURES = {
     "ErrImagePull": ("image", _PULL),
     "ImagePullBackOff": ("image", _PULL),
     "InvalidImageName": ("image", "the image reference is not valid"),
     "ErrImageNeverPull": ("image", "imagePullPolicy Never and the image is not on the node"),
-    "CreateContainerConfigError": ("config", "a Secret or ConfigMap the pod refers to is "
-                                             "missing (kubectl apply -k k8s/overlays/...)"),
+    "CreateContainerConfigError": (
+        "config",
+        "a Secret or ConfigMap the pod refers to is missing (kubectl apply -k k8s/overlays/...)",
+    ),
     "CreateContainerError": ("config", "the container runtime refused the container"),
 }
 
@@ -38,8 +42,9 @@ def pod_state(pod) -> str:
         state = cs.get("state") or {}
         if state.get("waiting"):
             w = state["waiting"]
-            return f"{phase}: {w.get('reason')}" + (f" ({w['message']})" if w.get("message")
-                                                     else "")
+            return f"{phase}: {w.get('reason')}" + (
+                f" ({w['message']})" if w.get("message") else ""
+            )
         if state.get("terminated") and phase != "Running":
             t = state["terminated"]
             return f"{phase}: {t.get('reason') or 'terminated'} (exit {t.get('exitCode')})"
@@ -61,8 +66,11 @@ def pod_start_failure(pod) -> tuple[str, str] | None:
             text = f"{waiting['reason']}: {waiting.get('message') or ''}".strip()
             return kind, text + (f" ({hint})" if hint else "")
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and \
-                cond.get("reason") == "Unschedulable":
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
             return "unschedulable", f"Unschedulable: {cond.get('message') or ''}"
     return None
 
@@ -75,15 +83,23 @@ class Pods:
 
     def of(self, job_uid: str) -> list[dict]:
         """The pods of the Job with `job_uid`, newest last."""
-        pods = self.api.call(self.api.core.list_namespaced_pod, self.namespace,
-                             label_selector=f"{CONTROLLER_UID}={job_uid}").items
-        return sorted((self.api.to_dict(p) for p in pods),
-                      key=lambda p: p["metadata"].get("creationTimestamp") or "")
+        pods = self.api.call(
+            self.api.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{CONTROLLER_UID}={job_uid}",
+        ).items
+        return sorted(
+            (self.api.to_dict(p) for p in pods),
+            key=lambda p: p["metadata"].get("creationTimestamp") or "",
+        )
 
     def warnings(self, uid: str) -> list[dict]:
         """Warning events about the object with `uid`, oldest first."""
-        events = self.api.call(self.api.core.list_namespaced_event, self.namespace,
-                               field_selector=f"involvedObject.uid={uid},type=Warning").items
+        events = self.api.call(
+            self.api.core.list_namespaced_event,
+            self.namespace,
+            field_selector=f"involvedObject.uid={uid},type=Warning",
+        ).items
         events = [self.api.to_dict(e) for e in events]
         return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
@@ -93,8 +109,12 @@ class Pods:
         older events are of an earlier Job of that name); None otherwise."""
         if pods:
             return pod_start_failure(pods[-1])
-        fresh = [e for e in self.warnings(job_uid) if e.get("reason") == "FailedCreate"
-                 and (e.get("lastTimestamp") or e.get("eventTime") or "") >= created]
+        fresh = [
+            e
+            for e in self.warnings(job_uid)
+            if e.get("reason") == "FailedCreate"
+            and (e.get("lastTimestamp") or e.get("eventTime") or "") >= created
+        ]
         if fresh:
             return "create", f"FailedCreate: {fresh[-1].get('message') or ''}"
         return None
@@ -131,9 +151,13 @@ class Pods:
         (ContainerCreating, ImagePullBackOff, a pod on no node yet) has none: the API server
         answers 400 with why, which is what is shown instead."""
         try:
-            return self.api.call(self.api.core.read_namespaced_pod_log,
-                                 pod["metadata"]["name"], self.namespace,
-                                 container=TRAIN_CONTAINER, tail_lines=lines)
+            return self.api.call(
+                self.api.core.read_namespaced_pod_log,
+                pod["metadata"]["name"],
+                self.namespace,
+                container=TRAIN_CONTAINER,
+                tail_lines=lines,
+            )
         except ApiException as exc:
             if exc.status != 400:
                 raise

@@ -36,44 +36,62 @@ def preflight(api: Api, job: dict, *, start_grace: float, say) -> None:
     try:
         # A dry run goes through validation and admission like a real create (KEP-576):
         # what would refuse every Job refuses this one, and nothing is stored.
-        _, _, headers = api.call(api.batch.create_namespaced_job_with_http_info, ns,
-                                 client.V1Job.from_dict(job), dry_run="All")
+        _, _, headers = api.call(
+            api.batch.create_namespaced_job_with_http_info,
+            ns,
+            client.V1Job.from_dict(job),
+            dry_run="All",
+        )
     except ApiException as exc:
         quota = quota_refusal(exc)
         if exc.status == 404:
-            problems.append(f"executor.kubernetes.namespace: namespace {ns!r} does not "
-                            f"exist (create it: kubectl apply -k k8s/overlays/<local|"
-                            f"cloud>, docs/kubernetes.md)")
+            problems.append(
+                f"executor.kubernetes.namespace: namespace {ns!r} does not "
+                f"exist (create it: kubectl apply -k k8s/overlays/<local|"
+                f"cloud>, docs/kubernetes.md)"
+            )
         elif quota and quota.beyond:
             problems.append(
                 f"kubernetes: one Job alone exceeds ResourceQuota {quota.quota} of "
                 f"namespace {ns} (requested {quota.amounts('requested')}, the quota's "
                 f"hard limit {quota.amounts('limited')}): no Job can ever be admitted; "
-                f"raise the quota (kubectl -n {ns} describe resourcequota {quota.quota})")
+                f"raise the quota (kubectl -n {ns} describe resourcequota {quota.quota})"
+            )
         elif quota:
             # Full because of what runs now: that passes. Each run waits for room as a
             # pod refused by a quota does (FailedCreate), up to start_grace.
-            say(f"ResourceQuota {quota.quota} of namespace {ns} is full now (used "
+            say(
+                f"ResourceQuota {quota.quota} of namespace {ns} is full now (used "
                 f"{quota.amounts('used')} of {quota.amounts('limited')}): the runs "
                 f"wait for room, each for up to {start_grace:.0f} s "
-                f"(executor.kubernetes.start_grace)")
-        elif exc.status != 409:   # 409: the name exists; adoption decides about it
-            problems.append(f"kubernetes: a dry-run of Job {job['metadata']['name']} was "
-                            f"refused: {api_error(exc, 'creating a Job (dry run)')}")
+                f"(executor.kubernetes.start_grace)"
+            )
+        elif exc.status != 409:  # 409: the name exists; adoption decides about it
+            problems.append(
+                f"kubernetes: a dry-run of Job {job['metadata']['name']} was "
+                f"refused: {api_error(exc, 'creating a Job (dry run)')}"
+            )
     else:
         for warning in admission_warnings(headers):
-            say(f"the API server warns about the Job: {warning}"
-                + (" (Pod Security admission refuses such pods, not the Job, "
-                   "where the namespace enforces that level: every run would fail "
-                   "with FailedCreate)" if "PodSecurity" in warning else ""))
+            say(
+                f"the API server warns about the Job: {warning}"
+                + (
+                    " (Pod Security admission refuses such pods, not the Job, "
+                    "where the namespace enforces that level: every run would fail "
+                    "with FailedCreate)"
+                    if "PodSecurity" in warning
+                    else ""
+                )
+            )
     problems += _referenced_objects(api, job)
     problems += _missing_rights(api, ns)
     if problems:
-        problems.append("kubernetes: nothing was submitted; fix these, then run the "
-                        "stage again")
+        problems.append("kubernetes: nothing was submitted; fix these, then run the stage again")
         raise ConfigError(problems)
-    say(f"preflight ok: namespace {ns}, {len(referenced(job))} referenced objects, "
-        f"{sum(len(a[2]) for a in ACCESS)} rights")
+    say(
+        f"preflight ok: namespace {ns}, {len(referenced(job))} referenced objects, "
+        f"{sum(len(a[2]) for a in ACCESS)} rights"
+    )
 
 
 def admission_warnings(headers) -> list[str]:
@@ -88,8 +106,9 @@ def referenced(job: dict) -> list[tuple[str, str, str]]:
     optional) and the image pull secrets."""
     pod = job["spec"]["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == TRAIN_CONTAINER)
-    wanted = [("serviceaccounts", pod.get("serviceAccountName") or "default",
-               NAMED["serviceaccounts"][0])]
+    wanted = [
+        ("serviceaccounts", pod.get("serviceAccountName") or "default", NAMED["serviceaccounts"][0])
+    ]
     for ref in container.get("envFrom") or []:
         if "secretRef" in ref and not ref["secretRef"].get("optional"):
             wanted.append(("secrets", ref["secretRef"]["name"], NAMED["secrets"][0]))
@@ -105,9 +124,11 @@ def _referenced_objects(api: Api, job: dict) -> list[str]:
     by its name is also the check of the launcher's right to: a Role's resourceNames
     grant one name, not another (an image pull secret is not the credentials Secret)."""
     problems, ns = [], job["metadata"]["namespace"]
-    reads = {"serviceaccounts": api.core.read_namespaced_service_account,
-             "secrets": api.core.read_namespaced_secret,
-             "configmaps": api.core.read_namespaced_config_map}
+    reads = {
+        "serviceaccounts": api.core.read_namespaced_service_account,
+        "secrets": api.core.read_namespaced_secret,
+        "configmaps": api.core.read_namespaced_config_map,
+    }
     for resource, name, key in referenced(job):
         where = f"executor.kubernetes.{key}"
         what = f"{resource[:-1]} {ns}/{name}"
@@ -120,9 +141,11 @@ def _referenced_objects(api: Api, job: dict) -> list[str]:
             answer.release_conn()
         except ApiException as exc:
             if exc.status == 404:
-                problems.append(f"{where}: {what} does not exist (kubectl apply -k "
-                                f"k8s/overlays/<local|cloud>, or create it; "
-                                f"docs/kubernetes.md)")
+                problems.append(
+                    f"{where}: {what} does not exist (kubectl apply -k "
+                    f"k8s/overlays/<local|cloud>, or create it; "
+                    f"docs/kubernetes.md)"
+                )
             elif exc.status == 403:
                 # Not knowing is not "it exists": a missing one would only show as pods
                 # that never start, start_grace later, run after run.
@@ -131,7 +154,8 @@ def _referenced_objects(api: Api, job: dict) -> list[str]:
                     f"read it ({status_message(exc)}); grant get on it (its name in the "
                     f"resourceNames of the {resource} rule of the Role in "
                     f"k8s/base/launcher-rbac.yaml), or check that it exists: kubectl -n "
-                    f"{ns} get {resource[:-1]} {name}")
+                    f"{ns} get {resource[:-1]} {name}"
+                )
             else:
                 problems.append(f"{where}: {api_error(exc, f'reading {what}')}")
     return problems
@@ -142,23 +166,32 @@ def _missing_rights(api: Api, namespace: str) -> list[str]:
     for group, resource, verbs, why in ACCESS:
         resource, _, sub = resource.partition("/")
         if resource in NAMED:
-            continue   # gets of the referenced objects: _referenced_objects read them
+            continue  # gets of the referenced objects: _referenced_objects read them
         for verb in verbs:
             review = client.V1SelfSubjectAccessReview(
                 spec=client.V1SelfSubjectAccessReviewSpec(
                     resource_attributes=client.V1ResourceAttributes(
-                        namespace=namespace, verb=verb, group=group,
-                        resource=resource, subresource=sub or None)))
+                        namespace=namespace,
+                        verb=verb,
+                        group=group,
+                        resource=resource,
+                        subresource=sub or None,
+                    )
+                )
+            )
             try:
                 answer = api.call(api.auth.create_self_subject_access_review, review)
             except ApiException as exc:
-                problems.append("kubernetes: " + api_error(
-                    exc, "asking the API server about the launcher's rights"))
+                problems.append(
+                    "kubernetes: "
+                    + api_error(exc, "asking the API server about the launcher's rights")
+                )
                 return problems
             if not answer.status.allowed:
                 what = f"{resource}/{sub}" if sub else resource
                 problems.append(
                     f"kubernetes: missing right: {verb} {what} in "
                     f"{group or 'core'} API group, namespace {namespace} (to {why}); "
-                    f"grant the Role in k8s/base/launcher-rbac.yaml")
+                    f"grant the Role in k8s/base/launcher-rbac.yaml"
+                )
     return problems

@@ -25,14 +25,14 @@ from ..params_file import read_yaml
 from ..plan import LEAVE_OUT, plan
 from .schema import SCRATCH_VOLUME, SHM_VOLUME, settings, template_path, train_container
 
-MAX_NAME = 63               # Job names become pod label values: DNS label length
-HASH_SUFFIX = 12            # run-hash characters in the name: unique across any real grid
+MAX_NAME = 63  # Job names become pod label values: DNS label length
+HASH_SUFFIX = 12  # run-hash characters in the name: unique across any real grid
 LABEL_PREFIX = "vsgd-repro"
 RUN_HASH_LABEL = f"{LABEL_PREFIX}/run-hash"
 RUN_NAME_ANNOTATION = f"{LABEL_PREFIX}/run-name"
 RESULTS_ANNOTATION = f"{LABEL_PREFIX}/results"
-STORE_LABEL = f"{LABEL_PREFIX}/store"          # which pipeline's store the Job reports to
-OWNER_LABEL = f"{LABEL_PREFIX}/owner"          # executor.kubernetes.owner, when set
+STORE_LABEL = f"{LABEL_PREFIX}/store"  # which pipeline's store the Job reports to
+OWNER_LABEL = f"{LABEL_PREFIX}/owner"  # executor.kubernetes.owner, when set
 STORE_ANNOTATION = f"{LABEL_PREFIX}/store-uri"
 MANAGED_BY = "vsgd-pipeline"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
@@ -69,14 +69,18 @@ def why_not_ours(job: dict, params: dict) -> str | None:
     if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
         return f"not submitted by this project's launcher (no label {MANAGED_SELECTOR})"
     if labels.get(STORE_LABEL) != store_id(params):
-        store = (meta.get("annotations") or {}).get(STORE_ANNOTATION) or \
-            f"{STORE_LABEL}={labels.get(STORE_LABEL)}"
-        return (f"it reports to another store ({store}; this pipeline's: "
-                f"{params['storage']['remote']})")
+        store = (meta.get("annotations") or {}).get(
+            STORE_ANNOTATION
+        ) or f"{STORE_LABEL}={labels.get(STORE_LABEL)}"
+        return (
+            f"it reports to another store ({store}; this pipeline's: {params['storage']['remote']})"
+        )
     owner = settings(params).get("owner")
     if labels.get(OWNER_LABEL) != owner:
-        return (f"it has another owner ({OWNER_LABEL}: {labels.get(OWNER_LABEL) or 'none'}; "
-                f"this pipeline's: {owner or 'none'})")
+        return (
+            f"it has another owner ({OWNER_LABEL}: {labels.get(OWNER_LABEL) or 'none'}; "
+            f"this pipeline's: {owner or 'none'})"
+        )
     return None
 
 
@@ -89,10 +93,12 @@ def name_taken(job: dict, params: dict) -> str:
     adopted (its results go to another store) nor deleted (it is someone's work), and waiting
     could last as long as its TTL: the run fails, naming it, and the others go on."""
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
-    return (f"a Job named {name} exists in namespace {namespace} but is not this "
-            f"pipeline's: {why_not_ours(job, params)}; it was left alone. Delete it if nobody "
-            f"needs it (kubectl -n {namespace} delete job {name}), or give this pipeline its "
-            f"own executor.kubernetes.owner (its Jobs then get other names)")
+    return (
+        f"a Job named {name} exists in namespace {namespace} but is not this "
+        f"pipeline's: {why_not_ours(job, params)}; it was left alone. Delete it if nobody "
+        f"needs it (kubectl -n {namespace} delete job {name}), or give this pipeline its "
+        f"own executor.kubernetes.owner (its Jobs then get other names)"
+    )
 
 
 def job_name(spec: dict, params: dict | None = None) -> str:
@@ -108,11 +114,14 @@ def job_name(spec: dict, params: dict | None = None) -> str:
         suffix = hashlib.sha256(scope.encode()).hexdigest()[:HASH_SUFFIX]
     readable = spec["name"].lower()
     # The grid's names already end in a short run-hash prefix; the suffix replaces it.
-    readable = re.sub(r"-[0-9a-f]{4,16}$",
-                      lambda m: "" if spec["run_hash"].startswith(m[0][1:]) else m[0], readable)
+    readable = re.sub(
+        r"-[0-9a-f]{4,16}$",
+        lambda m: "" if spec["run_hash"].startswith(m[0][1:]) else m[0],
+        readable,
+    )
     readable = re.sub(r"[^a-z0-9-]+", "-", readable)
     readable = re.sub(r"-{2,}", "-", readable).strip("-")
-    readable = readable[:MAX_NAME - len(suffix) - 1].rstrip("-")
+    readable = readable[: MAX_NAME - len(suffix) - 1].rstrip("-")
     return f"{readable}-{suffix}" if readable else f"run-{suffix}"
 
 
@@ -142,8 +151,7 @@ def job_namespace(params: dict, template: dict | None = None) -> str:
     """Where the Jobs go: `executor.kubernetes.namespace`, else the template's."""
     if template is None:
         template = load_template(template_path(params))
-    return settings(params).get("namespace") or template["metadata"].get("namespace") or \
-        "default"
+    return settings(params).get("namespace") or template["metadata"].get("namespace") or "default"
 
 
 def render_job(spec: dict, params: dict, template: dict | None = None) -> dict:
@@ -153,22 +161,28 @@ def render_job(spec: dict, params: dict, template: dict | None = None) -> dict:
     job = copy.deepcopy(template)
     cfg = settings(params)
     name = job_name(spec, params)
-    labels = {**job["metadata"].get("labels", {}), **(cfg.get("labels") or {}),
-              "app.kubernetes.io/instance": name, **run_labels(spec), **ownership(params)}
+    labels = {
+        **job["metadata"].get("labels", {}),
+        **(cfg.get("labels") or {}),
+        "app.kubernetes.io/instance": name,
+        **run_labels(spec),
+        **ownership(params),
+    }
     job["metadata"] = {
         "name": name,
         "namespace": job_namespace(params, template),
         "labels": labels,
-        "annotations": {**job["metadata"].get("annotations", {}),
-                        **(cfg.get("annotations") or {}),
-                        RUN_NAME_ANNOTATION: spec["name"],
-                        RESULTS_ANNOTATION: results_uri(params, spec),
-                        STORE_ANNOTATION: params["storage"]["remote"]},
+        "annotations": {
+            **job["metadata"].get("annotations", {}),
+            **(cfg.get("annotations") or {}),
+            RUN_NAME_ANNOTATION: spec["name"],
+            RESULTS_ANNOTATION: results_uri(params, spec),
+            STORE_ANNOTATION: params["storage"]["remote"],
+        },
     }
     pod_meta = job["spec"]["template"].setdefault("metadata", {})
     pod_meta["labels"] = {**pod_meta.get("labels", {}), **labels}
-    pod_meta["annotations"] = {**pod_meta.get("annotations", {}),
-                               RUN_NAME_ANNOTATION: spec["name"]}
+    pod_meta["annotations"] = {**pod_meta.get("annotations", {}), RUN_NAME_ANNOTATION: spec["name"]}
     _apply_job_settings(job["spec"], cfg)
     pod = job["spec"]["template"]["spec"]
     _apply_pod_settings(pod, cfg)
@@ -184,9 +198,11 @@ def _apply_job_settings(spec, cfg):
         # Kueue also suspends a Job with a queue label itself (its webhook); this is for
         # other queue controllers, or to start runs by hand (`kubectl patch`).
         _set_or_drop(spec, "suspend", True if cfg["suspend"] else None)
-    for key, field in (("backoff_limit", "backoffLimit"),
-                       ("active_deadline_seconds", "activeDeadlineSeconds"),
-                       ("ttl_seconds_after_finished", "ttlSecondsAfterFinished")):
+    for key, field in (
+        ("backoff_limit", "backoffLimit"),
+        ("active_deadline_seconds", "activeDeadlineSeconds"),
+        ("ttl_seconds_after_finished", "ttlSecondsAfterFinished"),
+    ):
         if key in cfg:
             _set_or_drop(spec, field, cfg[key])
 
@@ -201,8 +217,9 @@ def _apply_pod_settings(pod, cfg):
     if "tolerations" in cfg:
         _set_or_drop(pod, "tolerations", [dict(t) for t in cfg["tolerations"]] or None)
     if "image_pull_secrets" in cfg:
-        _set_or_drop(pod, "imagePullSecrets",
-                     [{"name": n} for n in cfg["image_pull_secrets"]] or None)
+        _set_or_drop(
+            pod, "imagePullSecrets", [{"name": n} for n in cfg["image_pull_secrets"]] or None
+        )
     for volume in pod.get("volumes", []):
         if volume["name"] == SHM_VOLUME and "shm_size" in cfg:
             volume["emptyDir"]["sizeLimit"] = str(cfg["shm_size"])
@@ -239,18 +256,20 @@ def _apply_container_settings(container, cfg, results):
         # The scratch volume lives on the node's disk: the scheduler places the pod where it
         # fits only if the request says so.
         requests["ephemeral-storage"] = str(cfg["scratch_size"])
-    env_from = [e for e in container.get("envFrom", [])
-                if not ("configMapRef" in e and "endpoints_config_map" in cfg)
-                and not ("secretRef" in e and "credentials_secret" in cfg)]
+    env_from = [
+        e
+        for e in container.get("envFrom", [])
+        if not ("configMapRef" in e and "endpoints_config_map" in cfg)
+        and not ("secretRef" in e and "credentials_secret" in cfg)
+    ]
     if cfg.get("endpoints_config_map"):
         env_from.append({"configMapRef": {"name": cfg["endpoints_config_map"]}})
     if cfg.get("credentials_secret"):
         env_from.append({"secretRef": {"name": cfg["credentials_secret"]}})
     _set_or_drop(container, "envFrom", env_from or None)
-    extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()},
-             RESULTS_ENV: results}
+    extra = {**{k: str(v) for k, v in (cfg.get("env") or {}).items()}, RESULTS_ENV: results}
     if gpus:
-        extra[REQUIRE_CUDA_ENV] = "1"   # the pod fails at once without CUDA
+        extra[REQUIRE_CUDA_ENV] = "1"  # the pod fails at once without CUDA
     env = [e for e in container.get("env", []) if e["name"] not in extra]
     container["env"] = env + [{"name": k, "value": v} for k, v in extra.items()]
 
@@ -287,12 +306,13 @@ def write_jobs(specs: list[dict], params: dict, out_dir) -> list[Path]:
 
 # -- `python -m pipeline render-jobs` -------------------------------------------------------
 
+
 def grid_specs(params: dict) -> tuple[list[dict], bool]:
     """The runs of the current grid: the tune stage's and, once the tune stage has chosen
     for every tuned cell (results/tuning/selected.yaml), the final runs; `complete` is False
     without them."""
     planned = plan(params, LEAVE_OUT)
-    if planned.undecided:   # the final runs' values come from the tune stage
+    if planned.undecided:  # the final runs' values come from the tune stage
         return planned.tuning, False
     return planned.tuning + planned.final, True
 
@@ -300,19 +320,30 @@ def grid_specs(params: dict) -> tuple[list[dict], bool]:
 def add_arguments(parser):
     parser.add_argument("--out", required=True, help="directory for the Job YAML files")
     parser.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. executor.kubernetes.image=... (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. executor.kubernetes.image=... (repeatable)",
+    )
 
 
 def run(args) -> int:
     params = load_params(args.params, args.set)
     if not params["storage"]["remote"]:
-        raise ConfigError(["storage.remote: rendering Jobs needs an s3:// remote (pods reach "
-                           "their data, checkpoints and results through it)"])
+        raise ConfigError(
+            [
+                "storage.remote: rendering Jobs needs an s3:// remote (pods reach "
+                "their data, checkpoints and results through it)"
+            ]
+        )
     specs, complete = grid_specs(params)
     if not complete:
-        print(f"the grid's final runs need the tune stage's choice "
-              f"(results/tuning/selected.yaml): rendering its {len(specs)} tuning runs only")
+        print(
+            f"the grid's final runs need the tune stage's choice "
+            f"(results/tuning/selected.yaml): rendering its {len(specs)} tuning runs only"
+        )
     paths = write_jobs(specs, params, args.out)
     for spec, path in zip(specs, paths):
         print(f"{path}  ({spec['name']})")

@@ -8,26 +8,37 @@ instant.
 """
 
 import re
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from vsgd.checker import Checker, Range, View
 from vsgd.spec import ConfigError
 
 from ..params_file import read_yaml
+from .names import (
+    ANNOTATIONS_MAX_BYTES,
+    DNS_LABEL_RULE,
+    DNS_SUBDOMAIN_RULE,
+    LABEL_KEY_RULE,
+    LABEL_VALUE_RULE,
+    is_dns_label,
+    is_dns_subdomain,
+    is_label_key,
+    is_label_value,
+    parse_quantity,
+)
 
 # Package data of `pipeline`: an installed package (the image) has it too.
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "job-template.yaml"
-TRAIN_CONTAINER = "train"   # the template's container that runs the trainer
+TRAIN_CONTAINER = "train"  # the template's container that runs the trainer
 SHM_VOLUME = "dshm"
 SCRATCH_VOLUME = "scratch"
 
 # How the executor behaves (not part of the Job): key -> default.
 BEHAVIOUR = {
-    "context": None,              # kubeconfig context; null = current (or in-cluster config)
-    "template": None,             # Job template path; null = DEFAULT_TEMPLATE
-    "log_tail_lines": 30,         # pod log lines shown when a run fails
-    "progress_interval": 60,      # seconds between progress lines per run
+    "context": None,  # kubeconfig context; null = current (or in-cluster config)
+    "template": None,  # Job template path; null = DEFAULT_TEMPLATE
+    "log_tail_lines": 30,  # pod log lines shown when a run fails
+    "progress_interval": 60,  # seconds between progress lines per run
     # An unreachable API server (refused, reset, 5xx, 429) is retried with backoff this many
     # seconds; then the launcher leaves, the Jobs go on, and the next start adopts them.
     "outage_budget": 900,
@@ -45,11 +56,31 @@ BEHAVIOUR = {
 }
 
 # Job settings: key -> what is allowed (the checks are in _check_job_keys).
-JOB_KEYS = ("namespace", "image", "image_pull_policy", "image_pull_secrets", "service_account",
-            "gpus", "gpu_resource", "cpu", "memory", "shm_size", "scratch_size",
-            "node_selector", "tolerations", "priority_class", "backoff_limit",
-            "active_deadline_seconds", "ttl_seconds_after_finished", "endpoints_config_map",
-            "credentials_secret", "env", "labels", "annotations", "suspend")
+JOB_KEYS = (
+    "namespace",
+    "image",
+    "image_pull_policy",
+    "image_pull_secrets",
+    "service_account",
+    "gpus",
+    "gpu_resource",
+    "cpu",
+    "memory",
+    "shm_size",
+    "scratch_size",
+    "node_selector",
+    "tolerations",
+    "priority_class",
+    "backoff_limit",
+    "active_deadline_seconds",
+    "ttl_seconds_after_finished",
+    "endpoints_config_map",
+    "credentials_secret",
+    "env",
+    "labels",
+    "annotations",
+    "suspend",
+)
 KEYS = tuple(BEHAVIOUR) + JOB_KEYS
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -57,44 +88,11 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 # them) as quota frees up, so the launcher submits every run (https://kueue.sigs.k8s.io/docs/
 # tasks/run/jobs/).
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-MAX_GPUS = 1    # the trainer drives one device
+MAX_GPUS = 1  # the trainer drives one device
 TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
-# Kubernetes' own rules for what it accepts; validation applies them so that a value the API
-# server would refuse is found before any Job is built. Every pattern is matched whole
-# (`fullmatch`: `$` would let a trailing newline through).
-# Names (https://kubernetes.io/docs/concepts/overview/working-with-objects/names/): an RFC
-# 1123 label (namespaces; a Job's name, which becomes its pods' `job-name` label value) is at
-# most 63 lowercase alphanumerics or '-', alphanumeric at both ends; a DNS-1123 subdomain
-# (ServiceAccount, Secret, ConfigMap and PriorityClass names) is such labels joined by '.',
-# at most 253 characters in all.
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-DNS_LABEL_MAX = 63
-DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-DNS_SUBDOMAIN_MAX = 253
-# Label keys and values (https://kubernetes.io/docs/concepts/overview/working-with-objects/
-# labels/#syntax-and-character-set): a key is an optional DNS-subdomain prefix and '/', then
-# a name of at most 63 alphanumerics, '-', '_', '.', alphanumeric at both ends; a value is
-# empty or such a name. Annotation keys follow the same rule; their values are any strings,
-# all keys and values of an object together at most 256 KiB
-# (https://kubernetes.io/docs/concepts/overview/working-with-objects/annotations/
-# #syntax-and-character-set).
-LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
-LABEL_MAX = 63
-ANNOTATIONS_MAX_BYTES = 256 * 1024
-# The rules above as problem lines say what is allowed.
-DNS_LABEL_RULE = (f"an RFC 1123 label (at most {DNS_LABEL_MAX} lowercase letters, digits, '-', "
-                  "alphanumeric at both ends)")
-DNS_SUBDOMAIN_RULE = (f"a DNS-1123 subdomain (at most {DNS_SUBDOMAIN_MAX} lowercase letters, "
-                      "digits, '-', '.', alphanumeric at both ends of each '.'-separated part)")
-LABEL_VALUE_RULE = (f"a label value (at most {LABEL_MAX} letters, digits, '-', '_', '.', "
-                    "alphanumeric at both ends, or empty)")
-LABEL_KEY_RULE = (f"a label key: an optional DNS-1123 subdomain prefix (at most "
-                  f"{DNS_SUBDOMAIN_MAX}) and '/', then a name of at most {LABEL_MAX} letters, "
-                  "digits, '-', '_', '.', alphanumeric at both ends")
 # What pipeline.k8s.render adds to every Job's annotations besides the template's and these:
 # the store URI twice (itself, and the results URI under it) and at most this much more
 # (the keys, the run name, the results path).
@@ -109,11 +107,6 @@ INT32_MAX = 2**31 - 1
 # those as int64 nanoseconds, 292 years), a sleep, a comparison with the monotonic clock.
 EXECUTOR_SECONDS = Range(0, INT32_MAX, low_open=True)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
-                      r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
-_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-           "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
-           "Pi": 2**50, "Ei": 2**60}
 
 
 def section(params: dict) -> dict:
@@ -147,17 +140,6 @@ def template_path(params: dict) -> Path:
     return Path(path) if path else DEFAULT_TEMPLATE
 
 
-def parse_quantity(text) -> Decimal:
-    """A Kubernetes resource quantity ("16Gi", "500m", 4) as a number; ValueError if not one."""
-    match = QUANTITY.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity")
-    try:
-        return Decimal(match["num"]) * _SUFFIX[match["suffix"] or ""]
-    except InvalidOperation as exc:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity") from exc
-
-
 def validate(params: dict) -> list[str]:
     """Problems of `executor.kubernetes` (and what the kubernetes executor needs elsewhere).
     The Job template is read as the params file is (its path is a params value)."""
@@ -178,17 +160,18 @@ def validate(params: dict) -> list[str]:
     try:
         template = read_yaml(template_path(params))
     except ConfigError as exc:
-        problems += [f"{base}.template: cannot read the Job template: {p}"
-                     for p in exc.problems]
+        problems += [f"{base}.template: cannot read the Job template: {p}" for p in exc.problems]
     if isinstance(template, dict):
         _check_memory(raw, template, base, problems)
         _check_annotations_size(raw, template, params, base, problems)
     if executor.get("kind") == "kubernetes":
         remote = (params.get("storage") or {}).get("remote")
         if not remote:
-            problems.append("storage.remote: the kubernetes executor needs an s3:// remote "
-                            "(pods share no disk with this machine: data, checkpoints and "
-                            "results go through the store)")
+            problems.append(
+                "storage.remote: the kubernetes executor needs an s3:// remote "
+                "(pods share no disk with this machine: data, checkpoints and "
+                "results go through the store)"
+            )
     return problems
 
 
@@ -198,22 +181,25 @@ def _check_behaviour(raw, base, problems):
         if value is not None and not (isinstance(value, str) and value):
             problems.append(f"{base}.{key}: expected a non-empty string or null, got {value!r}")
     c, view = Checker(), View(raw)
-    if "log_tail_lines" in raw:   # the API's tailLines, an int64
+    if "log_tail_lines" in raw:  # the API's tailLines, an int64
         c.integer(view, "log_tail_lines", f"{base}.log_tail_lines", minimum=1)
     for key in ("progress_interval", "outage_budget", "start_grace", "unschedulable_limit"):
         # unschedulable_limit: null waits as long as the Job's activeDeadlineSeconds.
         if key in raw and not (key == "unschedulable_limit" and raw[key] is None):
-            c.number(view, key, f"{base}.{key}", EXECUTOR_SECONDS)   # seconds
+            c.number(view, key, f"{base}.{key}", EXECUTOR_SECONDS)  # seconds
     problems += c.problems
     # The owner is a label value on every Job (vsgd-repro/owner) and enters Job names only
     # through a hash (pipeline.k8s.render.job_name), so its label-value rule is all it needs.
-    if raw.get("owner") is not None and not _label_value_ok(raw["owner"]):
+    if raw.get("owner") is not None and not is_label_value(raw["owner"]):
         problems.append(f"{base}.owner: {raw['owner']!r}; allowed: null or {LABEL_VALUE_RULE}")
-    if "image_repository" in raw and not (isinstance(raw["image_repository"], str) and
-                                          re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*",
-                                                       raw["image_repository"])):
-        problems.append(f"{base}.image_repository: {raw['image_repository']!r}; allowed: an "
-                        "image repository such as registry.example.com/vsgd-repro")
+    if "image_repository" in raw and not (
+        isinstance(raw["image_repository"], str)
+        and re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*", raw["image_repository"])
+    ):
+        problems.append(
+            f"{base}.image_repository: {raw['image_repository']!r}; allowed: an "
+            "image repository such as registry.example.com/vsgd-repro"
+        )
 
 
 def _check_job_keys(raw, base, problems):
@@ -221,16 +207,23 @@ def _check_job_keys(raw, base, problems):
         problems.append(f"{base}.{key}: {raw[key]!r}; allowed: {allowed}")
 
     c, view = Checker(), View(raw)
-    if "namespace" in raw and not _dns_label(raw["namespace"]):
+    if "namespace" in raw and not is_dns_label(raw["namespace"]):
         bad("namespace", DNS_LABEL_RULE)
-    for key, what in (("service_account", "ServiceAccount"), ("priority_class", "PriorityClass"),
-                      ("endpoints_config_map", "ConfigMap"), ("credentials_secret", "Secret")):
+    for key, what in (
+        ("service_account", "ServiceAccount"),
+        ("priority_class", "PriorityClass"),
+        ("endpoints_config_map", "ConfigMap"),
+        ("credentials_secret", "Secret"),
+    ):
         value = raw.get(key)
         nullable = key != "service_account"
-        if key in raw and not ((nullable and value is None) or _dns_subdomain(value)):
+        if key in raw and not ((nullable and value is None) or is_dns_subdomain(value)):
             bad(key, f"a {what} name, {DNS_SUBDOMAIN_RULE}" + (", or null" if nullable else ""))
-    if "image" in raw and not (isinstance(raw["image"], str) and raw["image"].strip()
-                               and raw["image"] == raw["image"].strip()):
+    if "image" in raw and not (
+        isinstance(raw["image"], str)
+        and raw["image"].strip()
+        and raw["image"] == raw["image"].strip()
+    ):
         bad("image", "an image reference such as registry.example.com/vsgd-repro:0.1.0")
     if "image_pull_policy" in raw and raw["image_pull_policy"] not in PULL_POLICIES:
         bad("image_pull_policy", ", ".join(PULL_POLICIES))
@@ -239,25 +232,37 @@ def _check_job_keys(raw, base, problems):
         if not isinstance(value, list):
             bad("image_pull_secrets", f"a list of Secret names, each {DNS_SUBDOMAIN_RULE}")
         for i, name in enumerate(value if isinstance(value, list) else ()):
-            if not _dns_subdomain(name):
-                problems.append(f"{base}.image_pull_secrets[{i}]: {name!r}; allowed: a Secret "
-                                f"name, {DNS_SUBDOMAIN_RULE}")
-    if "gpus" in raw and c.integer(view, "gpus", f"{base}.gpus", minimum=0) \
-            and raw["gpus"] > MAX_GPUS:
-        bad("gpus", f"0 or {MAX_GPUS}: a run trains on one device (no multi-GPU runs yet), so "
-                    "more GPUs per Job would sit idle; run more Jobs at once instead "
-                    "(executor.max_parallel)")
+            if not is_dns_subdomain(name):
+                problems.append(
+                    f"{base}.image_pull_secrets[{i}]: {name!r}; allowed: a Secret "
+                    f"name, {DNS_SUBDOMAIN_RULE}"
+                )
+    if (
+        "gpus" in raw
+        and c.integer(view, "gpus", f"{base}.gpus", minimum=0)
+        and raw["gpus"] > MAX_GPUS
+    ):
+        bad(
+            "gpus",
+            f"0 or {MAX_GPUS}: a run trains on one device (no multi-GPU runs yet), so "
+            "more GPUs per Job would sit idle; run more Jobs at once instead "
+            "(executor.max_parallel)",
+        )
     # An extended resource is named by a label key with its domain prefix (nvidia.com/gpu).
-    if "gpu_resource" in raw and not (_label_key(raw["gpu_resource"])
-                                      and "/" in raw["gpu_resource"]):
-        bad("gpu_resource", "an extended resource name such as nvidia.com/gpu (a domain "
-                            "prefix, '/', a name)")
+    if "gpu_resource" in raw and not (
+        is_label_key(raw["gpu_resource"]) and "/" in raw["gpu_resource"]
+    ):
+        bad(
+            "gpu_resource",
+            "an extended resource name such as nvidia.com/gpu (a domain prefix, '/', a name)",
+        )
     for key in ("cpu", "memory", "shm_size", "scratch_size"):
         if key in raw and not _quantity(raw[key]):
             bad(key, "a positive Kubernetes quantity such as 4, 500m, 16Gi")
     if "node_selector" in raw:
-        _check_string_map(raw["node_selector"], f"{base}.node_selector", "a node label", True,
-                          problems)
+        _check_string_map(
+            raw["node_selector"], f"{base}.node_selector", "a node label", True, problems
+        )
     if "tolerations" in raw:
         _check_tolerations(raw["tolerations"], f"{base}.tolerations", problems)
     # The API's integer fields, by their types and its own minimums.
@@ -265,44 +270,62 @@ def _check_job_keys(raw, base, problems):
         c.integer(view, "backoff_limit", f"{base}.backoff_limit", 0, INT32_MAX)
     if "active_deadline_seconds" in raw:
         c.integer(view, "active_deadline_seconds", f"{base}.active_deadline_seconds", 1)
-    if raw.get("ttl_seconds_after_finished") is not None:   # null keeps finished Jobs
-        c.integer(view, "ttl_seconds_after_finished", f"{base}.ttl_seconds_after_finished",
-                  0, INT32_MAX)
+    if raw.get("ttl_seconds_after_finished") is not None:  # null keeps finished Jobs
+        c.integer(
+            view, "ttl_seconds_after_finished", f"{base}.ttl_seconds_after_finished", 0, INT32_MAX
+        )
     problems += c.problems
     for key in ("labels", "annotations"):
         if key in raw:
-            _check_string_map(raw[key], f"{base}.{key}",
-                              "a label" if key == "labels" else "an annotation",
-                              key == "labels", problems)
+            _check_string_map(
+                raw[key],
+                f"{base}.{key}",
+                "a label" if key == "labels" else "an annotation",
+                key == "labels",
+                problems,
+            )
     if isinstance(raw.get("labels"), dict) and any(
-            isinstance(k, str) and (k.startswith("vsgd-repro/")
-                                    or k == "app.kubernetes.io/managed-by")
-            for k in raw["labels"]):
-        bad("labels", "labels of your own: vsgd-repro/* and app.kubernetes.io/managed-by are "
-                      "the pipeline's (use `owner` to tell pipelines apart)")
+        isinstance(k, str) and (k.startswith("vsgd-repro/") or k == "app.kubernetes.io/managed-by")
+        for k in raw["labels"]
+    ):
+        bad(
+            "labels",
+            "labels of your own: vsgd-repro/* and app.kubernetes.io/managed-by are "
+            "the pipeline's (use `owner` to tell pipelines apart)",
+        )
     if "suspend" in raw and not isinstance(raw["suspend"], bool):
         bad("suspend", "true (Jobs start suspended: a queue such as Kueue starts them) or false")
     if "env" in raw:
         value = raw["env"]
-        if not (isinstance(value, dict) and all(
-                isinstance(k, str) and ENV_NAME.fullmatch(k)
-                and (isinstance(v, str) or _finite_number(v)) for k, v in value.items())):
-            bad("env", "a mapping of variable names to string values (no secrets: use the "
-                       "credentials Secret)")
+        if not (
+            isinstance(value, dict)
+            and all(
+                isinstance(k, str)
+                and ENV_NAME.fullmatch(k)
+                and (isinstance(v, str) or _finite_number(v))
+                for k, v in value.items()
+            )
+        ):
+            bad(
+                "env",
+                "a mapping of variable names to string values (no secrets: use the "
+                "credentials Secret)",
+            )
 
 
 def _check_string_map(value, path, what, values_are_labels, problems):
     """Labels, annotations, a node selector (`what`: "a label"...): label keys to strings
     (label values where `values_are_labels`), each bad entry reported at its key path."""
     if not isinstance(value, dict):
-        problems.append(f"{path}: expected a mapping of {what.split(' ', 1)[1]} keys to "
-                        f"{'label values' if values_are_labels else 'strings'}, got {value!r}")
+        problems.append(
+            f"{path}: expected a mapping of {what.split(' ', 1)[1]} keys to "
+            f"{'label values' if values_are_labels else 'strings'}, got {value!r}"
+        )
         return
     for key, item in value.items():
-        if not _label_key(key):
-            problems.append(f"{path}.{key}: {key!r} is not {what} key; allowed: "
-                            f"{LABEL_KEY_RULE}")
-        elif values_are_labels and not _label_value_ok(item):
+        if not is_label_key(key):
+            problems.append(f"{path}.{key}: {key!r} is not {what} key; allowed: {LABEL_KEY_RULE}")
+        elif values_are_labels and not is_label_value(item):
             problems.append(f"{path}.{key}: {item!r}; allowed: {LABEL_VALUE_RULE}")
         elif not isinstance(item, str):
             problems.append(f"{path}.{key}: {item!r}; allowed: a string (quote it in YAML)")
@@ -316,13 +339,18 @@ def _check_annotations_size(raw, template, params, base, problems):
         return
     remote = (params.get("storage") or {}).get("remote")
     theirs = (template.get("metadata") or {}).get("annotations") or {}
-    size = (_annotations_bytes({**theirs, **given}) + PIPELINE_ANNOTATIONS_BYTES
-            + 2 * len(str(remote or "").encode()))
+    size = (
+        _annotations_bytes({**theirs, **given})
+        + PIPELINE_ANNOTATIONS_BYTES
+        + 2 * len(str(remote or "").encode())
+    )
     if size > ANNOTATIONS_MAX_BYTES:
-        problems.append(f"{base}.annotations: the Job's annotations would total {size} bytes "
-                        f"(with the template's and the pipeline's own); allowed: at most "
-                        f"{ANNOTATIONS_MAX_BYTES} ({ANNOTATIONS_MAX_BYTES // 1024} KiB, the "
-                        "API's limit)")
+        problems.append(
+            f"{base}.annotations: the Job's annotations would total {size} bytes "
+            f"(with the template's and the pipeline's own); allowed: at most "
+            f"{ANNOTATIONS_MAX_BYTES} ({ANNOTATIONS_MAX_BYTES // 1024} KiB, the "
+            "API's limit)"
+        )
 
 
 def _annotations_bytes(annotations: dict) -> int:
@@ -340,23 +368,27 @@ def _check_tolerations(value, path, problems):
             continue
         operator = tol.get("operator", "Equal")
         if operator not in TOLERATION_OPERATORS:
-            problems.append(f"{where}.operator: {tol['operator']!r}; allowed: "
-                            f"{', '.join(TOLERATION_OPERATORS)}")
+            problems.append(
+                f"{where}.operator: {tol['operator']!r}; allowed: {', '.join(TOLERATION_OPERATORS)}"
+            )
         if "effect" in tol and tol["effect"] not in TOLERATION_EFFECTS:
-            problems.append(f"{where}.effect: {tol['effect']!r}; allowed: "
-                            f"{', '.join(TOLERATION_EFFECTS)}")
+            problems.append(
+                f"{where}.effect: {tol['effect']!r}; allowed: {', '.join(TOLERATION_EFFECTS)}"
+            )
         # The API: a label key, empty only with operator Exists (which matches every taint);
         # the value a label value, empty with Exists.
-        if "key" in tol and not (_label_key(tol["key"])
-                                 or (tol["key"] == "" and operator == "Exists")):
-            problems.append(f"{where}.key: {tol['key']!r}; allowed: {LABEL_KEY_RULE} (empty "
-                            "only with operator Exists)")
-        if "value" in tol and not _label_value_ok(tol["value"]):
+        if "key" in tol and not (
+            is_label_key(tol["key"]) or (tol["key"] == "" and operator == "Exists")
+        ):
+            problems.append(
+                f"{where}.key: {tol['key']!r}; allowed: {LABEL_KEY_RULE} (empty "
+                "only with operator Exists)"
+            )
+        if "value" in tol and not is_label_value(tol["value"]):
             problems.append(f"{where}.value: {tol['value']!r}; allowed: {LABEL_VALUE_RULE}")
         elif tol.get("value") and operator == "Exists":
-            problems.append(f"{where}.value: {tol['value']!r}; allowed: none with operator "
-                            "Exists")
-        if "tolerationSeconds" in tol:   # int64 in the API
+            problems.append(f"{where}.value: {tol['value']!r}; allowed: none with operator Exists")
+        if "tolerationSeconds" in tol:  # int64 in the API
             c = Checker()
             c.integer(View(tol), "tolerationSeconds", f"{where}.tolerationSeconds", minimum=0)
             problems += c.problems
@@ -367,12 +399,13 @@ def _check_memory(raw, template, base, problems):
     try:
         memory = raw.get("memory") or _template_memory_limit(template)
         shm = raw.get("shm_size") or _template_shm(template)
-        if memory is not None and shm is not None and \
-                parse_quantity(shm) > parse_quantity(memory):
-            problems.append(f"{base}.shm_size: {shm} is larger than the memory limit {memory} "
-                            "(/dev/shm is memory-backed and counts against it)")
+        if memory is not None and shm is not None and parse_quantity(shm) > parse_quantity(memory):
+            problems.append(
+                f"{base}.shm_size: {shm} is larger than the memory limit {memory} "
+                "(/dev/shm is memory-backed and counts against it)"
+            )
     except (ValueError, KeyError, TypeError):
-        return   # reported by the key checks, or the template's own tests
+        return  # reported by the key checks, or the template's own tests
 
 
 def _template_memory_limit(template):
@@ -406,28 +439,3 @@ def _quantity(value):
         return parse_quantity(value) > 0
     except ValueError:
         return False
-
-
-# One definition each of Kubernetes' name rules (see DNS_LABEL and LABEL_NAME above).
-def _name(value, pattern, limit):
-    return isinstance(value, str) and len(value) <= limit and bool(pattern.fullmatch(value))
-
-
-def _dns_label(value):
-    return _name(value, DNS_LABEL, DNS_LABEL_MAX)
-
-
-def _dns_subdomain(value):
-    return _name(value, DNS_SUBDOMAIN, DNS_SUBDOMAIN_MAX)
-
-
-def _label_value_ok(value):
-    return _name(value, LABEL_VALUE, LABEL_MAX)
-
-
-def _label_key(key):
-    """`[prefix/]name`: the prefix, when there is a '/', must be a non-empty DNS subdomain."""
-    if not isinstance(key, str):
-        return False
-    prefix, slash, name = key.rpartition("/")
-    return (not slash or _dns_subdomain(prefix)) and _name(name, LABEL_NAME, LABEL_MAX)

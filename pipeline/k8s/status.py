@@ -12,7 +12,7 @@ FAILED_REASONS = {
     "BackoffLimitExceeded": "every retry failed (backoffLimit reached)",
     "DeadlineExceeded": "ran longer than activeDeadlineSeconds",
     "PodFailurePolicy": "a pod failure matched the podFailurePolicy (exit code 78: invalid "
-                        "configuration, not retried)",
+    "configuration, not retried)",
 }
 
 

@@ -11,10 +11,18 @@ from collections import defaultdict
 from ..cells import tuned_cells
 from .table import DASH
 
-LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "vsgd": "VSGD",
-          "cifar100": "CIFAR-100", "tinyimagenet": "Tiny ImageNet",
-          "vgg16": "VGG16-bn", "vgg19": "VGG19-bn", "convmixer_256_8": "ConvMixer-256/8",
-          "resnext18": "ResNeXt-18"}
+LABELS = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "vsgd": "VSGD",
+    "cifar100": "CIFAR-100",
+    "tinyimagenet": "Tiny ImageNet",
+    "vgg16": "VGG16-bn",
+    "vgg19": "VGG19-bn",
+    "convmixer_256_8": "ConvMixer-256/8",
+    "resnext18": "ResNeXt-18",
+}
 RIVALS = ("sgd", "adam", "adamw")  # the paper's claim: VSGD above each of these
 
 
@@ -45,7 +53,8 @@ def build_cells(runs: list[dict], params: dict) -> dict:
                 selected = [r for r in cell_runs if not r.get("diverged")]
                 accs = [r["test_acc"] for r in selected]
                 cells[(ds, arch, opt)] = {
-                    "runs": selected, "n": len(selected),
+                    "runs": selected,
+                    "n": len(selected),
                     "diverged": len(cell_runs) - len(selected),
                     "lr": cell_runs[0]["lr"] if cell_runs else None,
                     "tuned": (ds, arch, opt) in tuned,
@@ -54,8 +63,9 @@ def build_cells(runs: list[dict], params: dict) -> dict:
                     "std": statistics.stdev(accs) if len(accs) > 1 else None,
                     "seconds_per_iter": mean_or_none([r["seconds_per_iter"] for r in selected]),
                     "images_per_sec": mean_or_none([r["images_per_sec"] for r in selected]),
-                    "devices": sorted({r.get("device_name") or r.get("device") or "?"
-                                       for r in selected}),
+                    "devices": sorted(
+                        {r.get("device_name") or r.get("device") or "?" for r in selected}
+                    ),
                     "iterations": max((r["iterations"] for r in selected), default=None),
                 }
     return cells
@@ -74,8 +84,11 @@ def accuracies(cell) -> list[float]:
 
 def best_in_row(cells, ds, arch, params) -> set:
     """The optimizers with the best mean of the row (all of them on a tie)."""
-    means = {o: cells[(ds, arch, o)]["mean"] for o in params["optimizers"]
-             if cells[(ds, arch, o)]["mean"] is not None}
+    means = {
+        o: cells[(ds, arch, o)]["mean"]
+        for o in params["optimizers"]
+        if cells[(ds, arch, o)]["mean"] is not None
+    }
     return {o for o, m in means.items() if m == max(means.values())} if means else set()
 
 
@@ -138,9 +151,11 @@ def choice_caption(cells, params) -> str:
     parts = []
     if tuned:
         t = params["tune"]
-        parts.append(f"Hyperparameters of {', '.join(tuned)} tuned on validation accuracy "
-                     f"({t['validation_size']} held-out training images, {t['budget']:g} of "
-                     "the iterations; every point: `results/tuning/tuning.md`).")
+        parts.append(
+            f"Hyperparameters of {', '.join(tuned)} tuned on validation accuracy "
+            f"({t['validation_size']} held-out training images, {t['budget']:g} of "
+            "the iterations; every point: `results/tuning/tuning.md`)."
+        )
     if pinned:
         parts.append(f"{', '.join(pinned)}: values pinned in params.yaml, not tuned.")
     parts.append(f"Precision: {params['training']['precision']}.")

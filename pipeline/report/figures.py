@@ -21,8 +21,12 @@ from .table import write_csv
 
 # Colour and line style per optimizer: curves that coincide (Adam and AdamW at short budgets)
 # stay visible as a dashed line over a solid one.
-STYLES = {"sgd": ("tab:green", "-", "o"), "adam": ("tab:orange", "-", "s"),
-          "adamw": ("tab:purple", "--", "^"), "vsgd": ("tab:blue", "-", "D")}
+STYLES = {
+    "sgd": ("tab:green", "-", "o"),
+    "adam": ("tab:orange", "-", "s"),
+    "adamw": ("tab:purple", "--", "^"),
+    "vsgd": ("tab:blue", "-", "D"),
+}
 # Any other optimizer: the tab10 colours STYLES leaves free (gray is the chance line's).
 EXTRA_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 EXTRA_LINES = ("-", "--", "-.", ":")
@@ -41,24 +45,32 @@ def style(opt: str, opts) -> tuple:
         return STYLES[opt]
     extras = sorted((set(opts) - set(STYLES)) | {opt})
     i = extras.index(opt)
-    return (EXTRA_COLORS[i % len(EXTRA_COLORS)],
-            EXTRA_LINES[i // len(EXTRA_COLORS) % len(EXTRA_LINES)],
-            EXTRA_MARKERS[i % len(EXTRA_MARKERS)])
+    return (
+        EXTRA_COLORS[i % len(EXTRA_COLORS)],
+        EXTRA_LINES[i // len(EXTRA_COLORS) % len(EXTRA_LINES)],
+        EXTRA_MARKERS[i % len(EXTRA_MARKERS)],
+    )
 
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def panel_grid(plt, params):
     """A figure with one panel per dataset (rows) x architecture (columns)."""
     datasets, archs = params["datasets"], params["archs"]
-    return plt.subplots(len(datasets), len(archs), squeeze=False,
-                        figsize=(4.2 * len(archs), 3.4 * len(datasets) + 0.6))
+    return plt.subplots(
+        len(datasets),
+        len(archs),
+        squeeze=False,
+        figsize=(4.2 * len(archs), 3.4 * len(datasets) + 0.6),
+    )
 
 
 def legend_handles(axes) -> dict:
@@ -74,8 +86,11 @@ def save(plt, fig, out: Path, name: str) -> None:
     """`<name>.png` and `<name>.svg`, without the date and software stamps, so that the same
     results give the same PNG."""
     for ext in ("png", "svg"):
-        fig.savefig(out / f"{name}.{ext}", dpi=150,
-                    metadata={"Date": None} if ext == "svg" else {"Software": None})
+        fig.savefig(
+            out / f"{name}.{ext}",
+            dpi=150,
+            metadata={"Date": None} if ext == "svg" else {"Software": None},
+        )
     plt.close(fig)
 
 
@@ -91,8 +106,12 @@ def mean_curve(runs: list[dict]):
             if row.get("test_acc") is not None:
                 by_step[int(row["step"])].append(row["test_acc"])
     steps = sorted(by_step)
-    return (steps, [mean_or_none(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
-            [max(by_step[s]) for s in steps])
+    return (
+        steps,
+        [mean_or_none(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
 
 
 def write_curves(cells, out: Path):
@@ -103,9 +122,13 @@ def write_curves(cells, out: Path):
     for (ds, arch, opt), cell in cells.items():
         steps, mean, low, high = mean_curve(cell["runs"])
         if steps:
-            write_csv(out / f"{ds}_{arch}_{opt}.csv",
-                      [{"step": s, "test_acc": m, "test_acc_min": lo, "test_acc_max": hi}
-                       for s, m, lo, hi in zip(steps, mean, low, high)])
+            write_csv(
+                out / f"{ds}_{arch}_{opt}.csv",
+                [
+                    {"step": s, "test_acc": m, "test_acc_min": lo, "test_acc_max": hi}
+                    for s, m, lo, hi in zip(steps, mean, low, high)
+                ],
+            )
 
 
 def write_test_acc(cells, params, refs, out: Path):
@@ -126,14 +149,30 @@ def write_test_acc(cells, params, refs, out: Path):
                     continue
                 color, ls, marker = style(opt, opts)
                 # Short budgets give a handful of evaluations: show them as points too.
-                ax.plot(steps, mean, color=color, ls=ls, label=label(opt), lw=1.6,
-                        marker=marker if len(steps) <= 12 else None, ms=4, alpha=0.9)
+                ax.plot(
+                    steps,
+                    mean,
+                    color=color,
+                    ls=ls,
+                    label=label(opt),
+                    lw=1.6,
+                    marker=marker if len(steps) <= 12 else None,
+                    ms=4,
+                    alpha=0.9,
+                )
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
                 ref = refs.get((ds, arch, opt))
                 # The published value only means something at the iteration it was read at.
                 if ref and cell["iterations"] == ref["iterations"]:
-                    ax.errorbar([ref["iterations"]], [ref["value"]], yerr=ref["precision"],
-                                fmt="x", color=color, ms=7, capsize=3)
+                    ax.errorbar(
+                        [ref["iterations"]],
+                        [ref["value"]],
+                        yerr=ref["precision"],
+                        fmt="x",
+                        color=color,
+                        ms=7,
+                        capsize=3,
+                    )
             model = label(params["protocol"][ds]["models"][arch])
             ax.set_title(f"{label(ds)}: {model}", fontsize=10)
             ax.set_xlabel("iteration")
@@ -146,29 +185,46 @@ def write_test_acc(cells, params, refs, out: Path):
                 ax.set_xlim(0, iterations * 1.03 or None)
                 ax.set_ylim(bottom=0)
             else:
-                ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
-                        transform=ax.transAxes, color="gray")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no finished runs",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="gray",
+                )
     # One legend for all panels, outside them: it never hides a curve.
     handles, labels = legend_handles(axes), {}
-    seeds = {opt: sorted({cells[k]["n"] for k in cells if k[2] == opt and cells[k]["n"]})
-             for opt in opts}
+    seeds = {
+        opt: sorted({cells[k]["n"] for k in cells if k[2] == opt and cells[k]["n"]}) for opt in opts
+    }
     for opt in opts:
         if label(opt) in handles:
             n = seeds[opt]
-            labels[label(opt)] = (f"{label(opt)} (n={n[0]})" if len(n) == 1 else
-                                   f"{label(opt)} (n={n[0]}–{n[-1]})")
+            labels[label(opt)] = (
+                f"{label(opt)} (n={n[0]})" if len(n) == 1 else f"{label(opt)} (n={n[0]}–{n[-1]})"
+            )
     chance = plt.Line2D([], [], color="gray", ls=":", lw=1)
     # At most 6 entries a row, and room below the panels for every row: a long grid of
     # optimizers wraps instead of running off the figure.
     ncol = min(len(handles) + 1, 6)
     legend_rows = -(-(len(handles) + 1) // ncol)
     if handles:
-        fig.legend(list(handles.values()) + [chance],
-                   [labels[k] for k in handles] + ["chance"], loc="lower center",
-                   ncol=ncol, fontsize=9, frameon=False)
-    fig.suptitle("Test accuracy vs iteration (line: mean over seeds; band: min–max; "
-                 "x: published value)\n" + choice_caption(cells, params), fontsize=9,
-                 wrap=True)
+        fig.legend(
+            list(handles.values()) + [chance],
+            [labels[k] for k in handles] + ["chance"],
+            loc="lower center",
+            ncol=ncol,
+            fontsize=9,
+            frameon=False,
+        )
+    fig.suptitle(
+        "Test accuracy vs iteration (line: mean over seeds; band: min–max; "
+        "x: published value)\n" + choice_caption(cells, params),
+        fontsize=9,
+        wrap=True,
+    )
     fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     save(plt, fig, out, "test_acc")
 
@@ -185,9 +241,14 @@ def beta1_curve(runs: list[dict]) -> list[dict]:
         for row in r.get("beta1") or []:
             if row.get("step") is not None:
                 by_step[int(row["step"])].append(row)
-    return [{"step": s, **{k: mean_or_none([row.get(k) for row in by_step[s]])
-                           for k in BETA1_STATS},
-             "n": len(by_step[s])} for s in sorted(by_step)]
+    return [
+        {
+            "step": s,
+            **{k: mean_or_none([row.get(k) for row in by_step[s]]) for k in BETA1_STATS},
+            "n": len(by_step[s]),
+        }
+        for s in sorted(by_step)
+    ]
 
 
 def write_beta1(cells, params, curves: Path, figures: Path) -> None:
@@ -211,38 +272,84 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
             cell = cells.get((ds, arch, "vsgd"))
             curve = beta1_curve(cell["runs"]) if cell else []
             if curve:
-                write_csv(curves / f"{ds}_{arch}.csv", curve,
-                          fields=["step", *BETA1_STATS, "n"])
+                write_csv(curves / f"{ds}_{arch}.csv", curve, fields=["step", *BETA1_STATS, "n"])
             points = [r for r in curve if all(r[k] is not None for k in BETA1_STATS)]
             model = label(params["protocol"][ds]["models"][arch])
             seeds = f" (n={cell['n']})" if cell and cell["n"] else ""
             ax.set_title(f"{label(ds)}: {model}{seeds}", fontsize=10)
             if points:
                 steps = [r["step"] for r in points]
-                ax.fill_between(steps, [r["q10"] for r in points], [r["q90"] for r in points],
-                                color=color, alpha=0.15, lw=0, label="10–90% of parameters")
-                ax.fill_between(steps, [r["q25"] for r in points], [r["q75"] for r in points],
-                                color=color, alpha=0.35, lw=0, label="25–75% of parameters")
-                ax.plot(steps, [r["median"] for r in points], color=color, lw=1.6,
-                        marker="D" if len(points) <= 12 else None, ms=4, label="VSGD median")
+                ax.fill_between(
+                    steps,
+                    [r["q10"] for r in points],
+                    [r["q90"] for r in points],
+                    color=color,
+                    alpha=0.15,
+                    lw=0,
+                    label="10–90% of parameters",
+                )
+                ax.fill_between(
+                    steps,
+                    [r["q25"] for r in points],
+                    [r["q75"] for r in points],
+                    color=color,
+                    alpha=0.35,
+                    lw=0,
+                    label="25–75% of parameters",
+                )
+                ax.plot(
+                    steps,
+                    [r["median"] for r in points],
+                    color=color,
+                    lw=1.6,
+                    marker="D" if len(points) <= 12 else None,
+                    ms=4,
+                    label="VSGD median",
+                )
                 ax.set_xlim(0, max(cell["iterations"] or 0, steps[-1]) * 1.03 or None)
             else:
-                why = ("VSGD is not in the grid" if cell is None else
-                       "no finished VSGD run" if not cell["runs"] else
-                       "no beta1 values in the VSGD runs\n(no beta1.csv, or only NaN)")
-                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes,
-                        color="gray", fontsize=9)
-            ax.axhline(ADAM_BETA1, color=STYLES["adam"][0], ls="--", lw=1.2,
-                       label=f"Adam β1 = {ADAM_BETA1} (fixed)")
+                why = (
+                    "VSGD is not in the grid"
+                    if cell is None
+                    else "no finished VSGD run"
+                    if not cell["runs"]
+                    else "no beta1 values in the VSGD runs\n(no beta1.csv, or only NaN)"
+                )
+                ax.text(
+                    0.5,
+                    0.5,
+                    why,
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="gray",
+                    fontsize=9,
+                )
+            ax.axhline(
+                ADAM_BETA1,
+                color=STYLES["adam"][0],
+                ls="--",
+                lw=1.2,
+                label=f"Adam β1 = {ADAM_BETA1} (fixed)",
+            )
             ax.set_ylim(0, 1)
             ax.set_xlabel("iteration")
             ax.set_ylabel("β1")
             ax.grid(alpha=0.3)
     handles = legend_handles(axes)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
-               fontsize=9, frameon=False)
-    fig.suptitle("VSGD's adaptive momentum β1 over parameter elements (line: median; bands: "
-                 "quantiles; mean over seeds) and Adam's fixed β1", fontsize=10)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=len(handles),
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(
+        "VSGD's adaptive momentum β1 over parameter elements (line: median; bands: "
+        "quantiles; mean over seeds) and Adam's fixed β1",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     save(plt, fig, figures, "beta1")
 
@@ -259,11 +366,17 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
     rows = list(csv.DictReader(tuning_csv.open())) if tuning_csv.exists() else []
     keys = [k for k in (rows[0] if rows else {}) if k not in CELL_COLUMNS + POINT_COLUMNS]
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4), squeeze=False
+    )
     if not keys:
-        axes[0][0].text(0.5, 0.5, "no hyperparameter was tuned\n(every grid empty, or "
-                        "tune.enabled false)", ha="center", va="center")
+        axes[0][0].text(
+            0.5,
+            0.5,
+            "no hyperparameter was tuned\n(every grid empty, or tune.enabled false)",
+            ha="center",
+            va="center",
+        )
         axes[0][0].set_axis_off()
     for ax, key in zip(axes[0], keys):
         lines: dict = defaultdict(dict)
@@ -281,11 +394,18 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
         for (ds, arch, opt), points in sorted(lines.items()):
             xs = sorted(points)
             color, ls, marker = style(opt, params["optimizers"])
-            ax.plot(xs, [points[x] for x in xs], color=color, linestyle=ls, marker=marker,
-                    label=f"{label(ds)} {arch} {label(opt)}")
+            ax.plot(
+                xs,
+                [points[x] for x in xs],
+                color=color,
+                linestyle=ls,
+                marker=marker,
+                label=f"{label(ds)} {arch} {label(opt)}",
+            )
         if crosses:
-            ax.scatter(crosses, [0] * len(crosses), marker="x", color="black",
-                       label="diverged", zorder=3)
+            ax.scatter(
+                crosses, [0] * len(crosses), marker="x", color="black", label="diverged", zorder=3
+            )
         values = [x for p in lines.values() for x in p] + crosses
         if values and min(values) > 0 and max(values) / min(values) > 10:
             ax.set_xscale("log")
@@ -295,8 +415,7 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   fontsize="small")
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.suptitle("Tuning: validation accuracy per grid point (results/tuning/tuning.csv)")
     fig.tight_layout()
     for ext in ("png", "svg"):

@@ -21,9 +21,11 @@ from vsgd.tracking import mlflow_http_settings, tracking_uri
 from ..redact import redact
 from .table import write_csv
 
-LINEAGE_TAGS = ("mlflow.source.git.commit",)   # kept in mlflow_runs.csv
-REDO = ("re-run `python -m pipeline aggregate` (or `dvc repro --force aggregate`) once the "
-        "tracking server is reachable")
+LINEAGE_TAGS = ("mlflow.source.git.commit",)  # kept in mlflow_runs.csv
+REDO = (
+    "re-run `python -m pipeline aggregate` (or `dvc repro --force aggregate`) once the "
+    "tracking server is reachable"
+)
 
 
 def export_status(params, path: Path) -> dict:
@@ -43,9 +45,13 @@ def export_status(params, path: Path) -> dict:
             n = export_mlflow(params, path, fetched)
     except (MlflowException, RequestsConnectionError, Timeout, Urllib3Error, OSError) as exc:
         shown, cause = redact(uri), innermost_cause(exc)
-        print(f"aggregate: warning: MLflow export incomplete: tracking store {shown} failed "
-              f"({cause}); {path} holds only the {len(fetched)} runs fetched before that; "
-              f"the tables and figure are complete; {REDO}", file=sys.stderr, flush=True)
+        print(
+            f"aggregate: warning: MLflow export incomplete: tracking store {shown} failed "
+            f"({cause}); {path} holds only the {len(fetched)} runs fetched before that; "
+            f"the tables and figure are complete; {REDO}",
+            file=sys.stderr,
+            flush=True,
+        )
         return {"complete": False, "uri": shown, "cause": cause, "runs": len(fetched)}
     print(f"aggregate: {n} MLflow runs exported to {path}")
     return {"complete": True, "runs": n}
@@ -64,16 +70,29 @@ def export_mlflow(params, path: Path, fetched: list | None = None) -> int:
         experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
         token = None
         while experiment is not None:
-            page = client.search_runs([experiment.experiment_id], max_results=1000,
-                                      page_token=token, order_by=["attributes.start_time ASC"])
+            page = client.search_runs(
+                [experiment.experiment_id],
+                max_results=1000,
+                page_token=token,
+                order_by=["attributes.start_time ASC"],
+            )
             for r in page:
-                row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
-                       "status": r.info.status, "start_time": r.info.start_time,
-                       "end_time": r.info.end_time}
+                row = {
+                    "run_id": r.info.run_id,
+                    "run_name": r.info.run_name,
+                    "status": r.info.status,
+                    "start_time": r.info.start_time,
+                    "end_time": r.info.end_time,
+                }
                 # MLflow's own tags are its bookkeeping, except the lineage it shows:
                 # the commit each run's code came from.
-                row.update({f"tags.{k}": v for k, v in r.data.tags.items()
-                            if not k.startswith("mlflow.") or k in LINEAGE_TAGS})
+                row.update(
+                    {
+                        f"tags.{k}": v
+                        for k, v in r.data.tags.items()
+                        if not k.startswith("mlflow.") or k in LINEAGE_TAGS
+                    }
+                )
                 row.update({f"params.{k}": v for k, v in r.data.params.items()})
                 row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
                 rows.append(row)
@@ -81,8 +100,12 @@ def export_mlflow(params, path: Path, fetched: list | None = None) -> int:
             if not token:
                 break
     finally:
-        fields = list(dict.fromkeys(["run_id", "run_name", "status", "start_time",
-                                     "end_time"] + sorted({k for row in rows for k in row})))
+        fields = list(
+            dict.fromkeys(
+                ["run_id", "run_name", "status", "start_time", "end_time"]
+                + sorted({k for row in rows for k in row})
+            )
+        )
         write_csv(path, rows, fields=fields)
     return len(rows)
 

@@ -26,14 +26,21 @@ def load_runs(runs_dir: Path, params: dict) -> list[dict]:
         if wrong:
             damaged.append(f"{metrics_path.parent}: damaged result: {'; '.join(wrong)}")
     if damaged:
-        raise ConfigError(damaged + [
-            "run the train stage (`dvc repro train` or `python -m pipeline train`): it sets "
-            "damaged results aside and trains their runs again"])
+        raise ConfigError(
+            damaged
+            + [
+                "run the train stage (`dvc repro train` or `python -m pipeline train`): it sets "
+                "damaged results aside and trains their runs again"
+            ]
+        )
     runs = []
     for metrics_path in sorted(runs_dir.glob(f"*/{METRICS}")):
         m = json.loads(metrics_path.read_text())
-        if (m["dataset"] in params["datasets"] and m["arch_key"] in params["archs"]
-                and m["optimizer"] in params["optimizers"]):
+        if (
+            m["dataset"] in params["datasets"]
+            and m["arch_key"] in params["archs"]
+            and m["optimizer"] in params["optimizers"]
+        ):
             m["curve"] = read_curve(metrics_path.parent / CURVE)
             m["beta1"] = read_curve(metrics_path.parent / BETA1)  # VSGD runs: [] if none
             runs.append(m)
@@ -55,8 +62,11 @@ def load_references(path: Path = REFERENCES) -> dict:
         for arch, values in src["values"].items():
             for opt, value in values.items():
                 out[(src["dataset"], arch, opt)] = {
-                    "value": value, "precision": src["precision"],
-                    "iterations": src["iterations"], "source": " ".join(src["source"].split())}
+                    "value": value,
+                    "precision": src["precision"],
+                    "iterations": src["iterations"],
+                    "source": " ".join(src["source"].split()),
+                }
     return out
 
 

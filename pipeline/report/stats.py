@@ -22,13 +22,12 @@ BEST, TIED, WORSE = "best", "tied within noise", "worse"
 # quoted by the captions.
 STANDING = {
     BEST: "the highest mean of the cell, and its interval against every other optimizer of "
-          "the cell excludes zero",
+    "the cell excludes zero",
     TIED: "the highest mean without that, or a lower mean whose interval against the cell's "
-          "highest-mean optimizer includes zero",
-    WORSE: "a lower mean whose interval against the cell's highest-mean optimizer excludes "
-           "zero",
+    "highest-mean optimizer includes zero",
+    WORSE: "a lower mean whose interval against the cell's highest-mean optimizer excludes zero",
     NOT_ENOUGH: "some optimizer of the cell has fewer than 2 finished seeds, so no interval "
-                "(the whole cell is not ranked)",
+    "(the whole cell is not ranked)",
 }
 
 
@@ -41,6 +40,7 @@ class Difference:
     `mean_diff` is None only when a side has no value at all. When both sides have zero
     variance the interval is the point difference (`low == high == mean_diff`, `df` None,
     `note` POINT): nothing varies, so nothing is noise."""
+
     mean_diff: float | None
     low: float | None
     high: float | None
@@ -69,7 +69,7 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> Difference:
     # The same interval as scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(),
     # which however sees a constant side's rounding error (numpy's variance) as spread.
     se2 = va + vb
-    df = se2 ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+    df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
     half = t_quantile((1 + level) / 2, df) * math.sqrt(se2)
     low, high = diff - half, diff + half
     return Difference(diff, low, high, df, n_a, n_b, low > 0 or high < 0, level)
@@ -91,8 +91,9 @@ def standing(samples: dict[str, list[float]], level: float = 0.95) -> dict[str, 
     out = {}
     for o, values in samples.items():
         if o in tops:
-            separated = all(welch(values, samples[p], level).excludes_zero
-                            for p in samples if p != o)
+            separated = all(
+                welch(values, samples[p], level).excludes_zero for p in samples if p != o
+            )
             out[o] = BEST if separated else TIED
         else:
             below = all(welch(values, samples[t], level).excludes_zero for t in tops)
@@ -118,4 +119,5 @@ def t_quantile(p: float, df: float) -> float:
     if df <= 0:
         raise ValueError(f"df must be > 0, not {df}")
     import scipy.stats
+
     return float(scipy.stats.t.ppf(p, df))

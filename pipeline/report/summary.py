@@ -26,10 +26,14 @@ def build_summary(cells, params, refs) -> dict:
         row["vsgd_best"] = verdict
         row["vsgd_best_strength"] = claim_strength(cells, ds, arch, params)
         table.setdefault(ds, {})[arch] = row
-    return {"test_acc": table,
-            "claim": {"holds": sum(v is True for v in verdicts),
-                      "rows": sum(v is not None for v in verdicts)},
-            "standing": standing_counts(cells, params)}
+    return {
+        "test_acc": table,
+        "claim": {
+            "holds": sum(v is True for v in verdicts),
+            "rows": sum(v is not None for v in verdicts),
+        },
+        "standing": standing_counts(cells, params),
+    }
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -31,6 +31,7 @@ class Table:
     `align` is the LaTeX column format (`l` for text, `c` for values); `tex_head` and
     `tex_rows`, in raw LaTeX, replace the escaped markdown where LaTeX shows more than the
     escaped text (a title in math mode, bold, a minus sign)."""
+
     head: list[str]
     rows: list[list[str]]
     align: str = ""
@@ -47,12 +48,16 @@ class Table:
         import pandas
 
         head = self.tex_head if self.tex_head is not None else list(map(tex_escape, self.head))
-        rows = (self.tex_rows if self.tex_rows is not None else
-                [list(map(tex_escape, row)) for row in self.rows])
+        rows = (
+            self.tex_rows
+            if self.tex_rows is not None
+            else [list(map(tex_escape, row)) for row in self.rows]
+        )
         # Numbered columns, the titles given apart: two optimizers may share a title.
         frame = pandas.DataFrame(rows, columns=range(len(head)))
-        return frame.to_latex(index=False, header=head, escape=False,
-                              column_format=self.align).rstrip("\n")
+        return frame.to_latex(
+            index=False, header=head, escape=False, column_format=self.align
+        ).rstrip("\n")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class TableFile:
     `markdown`: blocks (text or `Table`) a blank line apart; `latex`: blocks (`%` comment
     lines or `Table`) one line apart; `records`: the CSV's rows, with every value as it is
     (None: an empty field), `fields` its columns (default: the first record's keys)."""
+
     name: str
     markdown: list
     latex: list

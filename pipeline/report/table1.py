@@ -18,38 +18,68 @@ def build_table1(cells, params, refs) -> TableFile:
     ours against the published numbers and the claim per row; the CSV one record per cell."""
     opts = params["optimizers"]
     accuracy = Table(
-        ["dataset", "architecture"] + [label(o) for o in opts], [],
+        ["dataset", "architecture"] + [label(o) for o in opts],
+        [],
         align="ll" + "c" * len(opts),
         tex_head=["Dataset", "Architecture"] + [tex_escape(label(o)) for o in opts],
-        tex_rows=[])
-    versus = Table(["dataset", "architecture", "optimizer", "ours", "paper",
-                    "Δ (ours − paper)"], [])
+        tex_rows=[],
+    )
+    versus = Table(
+        ["dataset", "architecture", "optimizer", "ours", "paper", "Δ (ours − paper)"], []
+    )
     claims = Table(["dataset", "architecture", "ours", "paper"], [])
     records = []
     for ds, arch in rows_of(params):
         best = best_in_row(cells, ds, arch, params)
         model = label(cells[(ds, arch, opts[0])]["model"])
         row = [cells[(ds, arch, o)] for o in opts]
-        accuracy.rows.append([label(ds), model] + [
-            accuracy_text(c, o in best, latex=False) for o, c in zip(opts, row)])
-        accuracy.tex_rows.append([tex_escape(label(ds)), tex_escape(model)] + [
-            accuracy_text(c, o in best, latex=True) for o, c in zip(opts, row)])
+        accuracy.rows.append(
+            [label(ds), model]
+            + [accuracy_text(c, o in best, latex=False) for o, c in zip(opts, row)]
+        )
+        accuracy.tex_rows.append(
+            [tex_escape(label(ds)), tex_escape(model)]
+            + [accuracy_text(c, o in best, latex=True) for o, c in zip(opts, row)]
+        )
         for o, c in zip(opts, row):
             ref = refs.get((ds, arch, o))
             delta = (c["mean"] - ref["value"]) if (ref and c["mean"] is not None) else None
-            versus.rows.append([label(ds), model, label(o),
-                                DASH if c["mean"] is None else f"{c['mean']:.3f}",
-                                f"{ref['value']:.3f} ± {ref['precision']}" if ref else DASH,
-                                f"{delta:+.3f}" if delta is not None else DASH])
-            records.append({"dataset": ds, "arch": arch, "model": c["model"], "optimizer": o,
-                            "lr": c["lr"], "tuned": c["tuned"], "n": c["n"],
-                            "diverged": c["diverged"], "test_acc_mean": c["mean"],
-                            "test_acc_std": c["std"], "best_in_row": o in best,
-                            "paper": ref["value"] if ref else None,
-                            "paper_precision": ref["precision"] if ref else None,
-                            "delta": delta})
-        claims.rows.append([label(ds), model, claim_strength(cells, ds, arch, params),
-                            claim_text(paper_claim(refs, ds, arch))])
+            versus.rows.append(
+                [
+                    label(ds),
+                    model,
+                    label(o),
+                    DASH if c["mean"] is None else f"{c['mean']:.3f}",
+                    f"{ref['value']:.3f} ± {ref['precision']}" if ref else DASH,
+                    f"{delta:+.3f}" if delta is not None else DASH,
+                ]
+            )
+            records.append(
+                {
+                    "dataset": ds,
+                    "arch": arch,
+                    "model": c["model"],
+                    "optimizer": o,
+                    "lr": c["lr"],
+                    "tuned": c["tuned"],
+                    "n": c["n"],
+                    "diverged": c["diverged"],
+                    "test_acc_mean": c["mean"],
+                    "test_acc_std": c["std"],
+                    "best_in_row": o in best,
+                    "paper": ref["value"] if ref else None,
+                    "paper_precision": ref["precision"] if ref else None,
+                    "delta": delta,
+                }
+            )
+        claims.rows.append(
+            [
+                label(ds),
+                model,
+                claim_strength(cells, ds, arch, params),
+                claim_text(paper_claim(refs, ds, arch)),
+            ]
+        )
     markdown = [
         "# Table 1: final test accuracy",
         "Mean ± sample std over seeds (n = number of finished seeds; diverged runs are "
@@ -67,7 +97,8 @@ def build_table1(cells, params, refs) -> TableFile:
         "are not part of the claim; without VSGD or one of those three in the grid it is "
         "not tested. The paper column compares the published values that exist (AdamW "
         "and SGD).",
-        claims]
+        claims,
+    ]
     return TableFile("table1", markdown, [accuracy], records)
 
 
@@ -89,5 +120,12 @@ def accuracy_text(cell, bold: bool, latex: bool) -> str:
 def sources(refs) -> str:
     """Each published source once: its name, the iteration its numbers were read at and
     their precision."""
-    return "; ".join(sorted({f"{r['source'].split('(')[0].strip()} at {r['iterations']} "
-                             f"iterations, ±{r['precision']}" for r in refs.values()}))
+    return "; ".join(
+        sorted(
+            {
+                f"{r['source'].split('(')[0].strip()} at {r['iterations']} "
+                f"iterations, ±{r['precision']}"
+                for r in refs.values()
+            }
+        )
+    )

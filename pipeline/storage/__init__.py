@@ -18,19 +18,68 @@ after every download; a mismatch deletes the download and raises `IntegrityError
 """
 
 from .checkpoints import S3CheckpointStore, open_checkpoint_store
-from .datasets import (DVC_FILES, DVC_PREFIX, dataset_uri, dvc_dir_hash, dvc_remote, dvc_tree,
-                       push_dataset, scratch_root, split_dataset_uri, stage_data,
-                       stage_dataset)
-from .objects import (MiB, IntegrityError, LocalStore, S3Store, endpoint_from_env, open_store,
-                      s3_client, split_s3)
-from .results import (RESULT_FILES, RESULTS_PREFIX, Result, fetch_result, find_result,
-                      publish_result, results_uri, run_env)
+from .datasets import (
+    DVC_FILES,
+    DVC_PREFIX,
+    dataset_uri,
+    dvc_dir_hash,
+    dvc_remote,
+    dvc_tree,
+    push_dataset,
+    scratch_root,
+    split_dataset_uri,
+    stage_data,
+    stage_dataset,
+)
+from .objects import (
+    IntegrityError,
+    LocalStore,
+    MiB,
+    S3Store,
+    endpoint_from_env,
+    open_store,
+    s3_client,
+    split_s3,
+)
+from .results import (
+    RESULT_FILES,
+    RESULTS_PREFIX,
+    Result,
+    fetch_result,
+    find_result,
+    publish_result,
+    results_uri,
+    run_env,
+)
 
 __all__ = [
-    "DVC_FILES", "DVC_PREFIX", "RESULTS_PREFIX", "RESULT_FILES", "IntegrityError",
-    "LocalStore", "MiB", "Result", "S3CheckpointStore", "S3Store", "dataset_uri",
-    "dvc_dir_hash", "dvc_remote", "dvc_tree", "endpoint_from_env", "fetch_result",
-    "find_result", "open_checkpoint_store", "open_store", "publish_result", "push_dataset",
-    "results_uri", "run_env", "s3_client", "scratch_root", "split_dataset_uri", "split_s3",
-    "stage_data", "stage_dataset",
+    "DVC_FILES",
+    "DVC_PREFIX",
+    "RESULTS_PREFIX",
+    "RESULT_FILES",
+    "IntegrityError",
+    "LocalStore",
+    "MiB",
+    "Result",
+    "S3CheckpointStore",
+    "S3Store",
+    "dataset_uri",
+    "dvc_dir_hash",
+    "dvc_remote",
+    "dvc_tree",
+    "endpoint_from_env",
+    "fetch_result",
+    "find_result",
+    "open_checkpoint_store",
+    "open_store",
+    "publish_result",
+    "push_dataset",
+    "results_uri",
+    "run_env",
+    "s3_client",
+    "scratch_root",
+    "split_dataset_uri",
+    "split_s3",
+    "stage_data",
+    "stage_dataset",
 ]

@@ -38,7 +38,7 @@ class S3CheckpointStore:
     """
 
     POINTER = "LATEST.json"
-    DAMAGED = "damaged"                 # prefix of what set_aside keeps
+    DAMAGED = "damaged"  # prefix of what set_aside keeps
     KEY = re.compile(r"checkpoint-([0-9a-f]{64})\.pt")
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
@@ -55,10 +55,12 @@ class S3CheckpointStore:
             return None
         data = self.store.get_bytes(pointer["key"])
         if data is None:
-            raise IntegrityError(f"{self.uri}/{self.POINTER} names {pointer['key']}, which "
-                                 f"does not exist")
-        verify_digest(f"{self.uri}/{pointer['key']}", pointer["sha256"],
-                hashlib.sha256(data).hexdigest())
+            raise IntegrityError(
+                f"{self.uri}/{self.POINTER} names {pointer['key']}, which does not exist"
+            )
+        verify_digest(
+            f"{self.uri}/{pointer['key']}", pointer["sha256"], hashlib.sha256(data).hexdigest()
+        )
         return data
 
     def save(self, data: bytes) -> None:
@@ -67,8 +69,10 @@ class S3CheckpointStore:
         self.store.put_bytes(key, data)
         info = self.store.head(key)
         if info is None or info["size"] != len(data) or info["sha256"] not in (None, digest):
-            raise IntegrityError(f"{self.uri}/{key}: the store holds {info} after the upload "
-                                 f"of {len(data)} bytes with sha256 {digest}; not published")
+            raise IntegrityError(
+                f"{self.uri}/{key}: the store holds {info} after the upload "
+                f"of {len(data)} bytes with sha256 {digest}; not published"
+            )
         try:
             current, before = self._entries(self._pointer())
         except (ValueError, IntegrityError):  # a damaged pointer names nothing worth keeping
@@ -99,8 +103,11 @@ class S3CheckpointStore:
         return self._entry(pointer), None if previous is None else self._entry(previous)
 
     def _entry(self, entry) -> dict:
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or \
-                not isinstance(entry.get("sha256"), str):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("key"), str)
+            or not isinstance(entry.get("sha256"), str)
+        ):
             raise ValueError(f"{self.POINTER} does not name a checkpoint: {entry!r}")
         return {k: entry.get(k) for k in ("key", "sha256", "size")}
 
@@ -110,8 +117,13 @@ class S3CheckpointStore:
             named = [e for e in self._entries(self._pointer()) if e is not None]
         except (ValueError, IntegrityError) as exc:
             named = []
-            out.append(Candidate(f"{self.uri}/{self.POINTER}",
-                                 functools.partial(_damaged, str(exc)), self.POINTER))
+            out.append(
+                Candidate(
+                    f"{self.uri}/{self.POINTER}",
+                    functools.partial(_damaged, str(exc)),
+                    self.POINTER,
+                )
+            )
         keys = {e["key"] for e in named}
         for key in self.store.list_keys("checkpoint-"):
             match = self.KEY.fullmatch(key)
@@ -122,8 +134,11 @@ class S3CheckpointStore:
         for entry in named:
             if entry["key"] not in seen:
                 seen.add(entry["key"])
-                out.append(Candidate(f"{self.uri}/{entry['key']}",
-                                     functools.partial(self._read, entry), entry))
+                out.append(
+                    Candidate(
+                        f"{self.uri}/{entry['key']}", functools.partial(self._read, entry), entry
+                    )
+                )
         return out
 
     def _read(self, entry: dict) -> bytes:
@@ -136,8 +151,9 @@ class S3CheckpointStore:
             raise Damaged(f"{where} does not exist")
         actual = hashlib.sha256(data).hexdigest()
         if actual != entry["sha256"]:
-            raise Damaged(f"{where}: content hash {actual} differs from its recorded "
-                          f"{entry['sha256']}")
+            raise Damaged(
+                f"{where}: content hash {actual} differs from its recorded {entry['sha256']}"
+            )
         return data
 
     def set_aside(self, candidate: Candidate, reason: str) -> str | None:
@@ -162,9 +178,12 @@ class S3CheckpointStore:
         if not self.store.exists(key):
             return None
         if isinstance(self.store, S3Store):
-            self.store.client.copy({"Bucket": self.store.bucket, "Key": self.store._key(key)},
-                                   self.store.bucket, self.store._key(dest),
-                                   Config=transfer_config())
+            self.store.client.copy(
+                {"Bucket": self.store.bucket, "Key": self.store._key(key)},
+                self.store.bucket,
+                self.store._key(dest),
+                Config=transfer_config(),
+            )
         else:
             self.store.put_file(dest, self.store._path(key))
         self.store.delete(key)
@@ -183,5 +202,3 @@ def open_checkpoint_store(uri: str, endpoint_url: str | None = None):
     if uri.startswith("s3://"):
         return S3CheckpointStore(uri, endpoint_url)
     return LocalCheckpointStore(uri)
-
-

@@ -20,9 +20,8 @@ from .objects import IntegrityError, open_store, verify_digest
 
 log = logging.getLogger(__name__)
 
-DVC_PREFIX = "dvc"                  # the DVC remote is <storage.remote>/dvc
-DVC_FILES = "files/md5"             # DVC 3's layout inside a remote
-
+DVC_PREFIX = "dvc"  # the DVC remote is <storage.remote>/dvc
+DVC_FILES = "files/md5"  # DVC 3's layout inside a remote
 
 
 def dvc_remote(remote: str) -> str:
@@ -46,8 +45,12 @@ def dvc_tree(data_dir) -> list[dict]:
     for path in root.rglob("*"):
         if path.is_file():
             st = path.stat()
-            entries.append({"md5": _cached_md5(str(path), st.st_size, st.st_mtime_ns),
-                            "relpath": path.relative_to(root).as_posix()})
+            entries.append(
+                {
+                    "md5": _cached_md5(str(path), st.st_size, st.st_mtime_ns),
+                    "relpath": path.relative_to(root).as_posix(),
+                }
+            )
     if not entries:
         raise FileNotFoundError(f"{root} holds no files (not prepared?)")
     return sorted(entries, key=lambda e: e["relpath"])
@@ -93,12 +96,14 @@ def push_dataset(data_dir, remote: str, endpoint_url: str | None = None) -> str:
 
 
 def scratch_root() -> Path:
-    return Path(os.environ.get(SCRATCH_ENV) or
-                Path.home() / ".cache" / "vsgd-repro" / "data").expanduser()
+    return Path(
+        os.environ.get(SCRATCH_ENV) or Path.home() / ".cache" / "vsgd-repro" / "data"
+    ).expanduser()
 
 
-def stage_dataset(uri: str, checksum: str | None = None, *, scratch=None,
-                  endpoint_url: str | None = None) -> Path:
+def stage_dataset(
+    uri: str, checksum: str | None = None, *, scratch=None, endpoint_url: str | None = None
+) -> Path:
     """The local directory of the dataset at `uri` (see `dataset_uri`), fetched once into
     `<scratch>/<md5>` and verified: each file's md5 against the `.dir` listing, each array's
     sha256 against manifest.json, and the manifest checksum against `checksum` (the spec's
@@ -107,7 +112,7 @@ def stage_dataset(uri: str, checksum: str | None = None, *, scratch=None,
     run's `vsgd.data.load_prepared` verifies every array's sha256 as it reads it."""
     remote, dir_hash = split_dataset_uri(uri)
     root = Path(scratch) if scratch else scratch_root()
-    dest = root / dir_hash[:-len(".dir")]
+    dest = root / dir_hash[: -len(".dir")]
     if dest.is_dir():
         check_manifest(dest, checksum, rehash=False)
         return dest
@@ -125,16 +130,21 @@ def stage_dataset(uri: str, checksum: str | None = None, *, scratch=None,
 def _fetch_tree(store, dir_hash: str, uri: str, root: Path, dest: Path, checksum) -> None:
     listing = store.get_bytes(_object_key(dir_hash))
     if listing is None:
-        raise FileNotFoundError(f"{uri} is not in the store; push the prepared dataset "
-                                f"first (`dvc push`, docs/remote.md)")
-    verify_digest(uri, dir_hash[:-len(".dir")], hashlib.md5(listing).hexdigest())
+        raise FileNotFoundError(
+            f"{uri} is not in the store; push the prepared dataset "
+            f"first (`dvc push`, docs/remote.md)"
+        )
+    verify_digest(uri, dir_hash[: -len(".dir")], hashlib.md5(listing).hexdigest())
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=root))
     try:
         for entry in json.loads(listing):
             path = tmp / entry["relpath"]
             store.get_file(_object_key(entry["md5"]), path)
-            verify_digest(f"{uri}: {entry['relpath']} ({_object_key(entry['md5'])})", entry["md5"],
-                    file_digest(path, "md5"))
+            verify_digest(
+                f"{uri}: {entry['relpath']} ({_object_key(entry['md5'])})",
+                entry["md5"],
+                file_digest(path, "md5"),
+            )
         check_manifest(tmp, checksum, rehash=True)
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
@@ -149,8 +159,10 @@ def check_manifest(directory: Path, checksum: str | None, *, rehash: bool) -> No
     if json_sha256(files) != manifest["checksum"]:
         raise IntegrityError(f"{directory}/manifest.json: checksum does not match its files")
     if checksum is not None and manifest["checksum"] != checksum:
-        raise IntegrityError(f"{directory}: dataset checksum {manifest['checksum']} is not "
-                             f"the spec's data.checksum {checksum}")
+        raise IntegrityError(
+            f"{directory}: dataset checksum {manifest['checksum']} is not "
+            f"the spec's data.checksum {checksum}"
+        )
     for name, digest in files.items():
         path = directory / name
         # Hashed once per process: the run's `load_prepared` right after staging finds the
@@ -165,5 +177,3 @@ def stage_data(spec: dict, endpoint_url: str | None = None) -> str:
     if not data.get("uri"):
         return data["dir"]
     return str(stage_dataset(data["uri"], data.get("checksum"), endpoint_url=endpoint_url))
-
-

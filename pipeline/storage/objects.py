@@ -18,15 +18,12 @@ from ..contract import ENDPOINT_ENV
 
 log = logging.getLogger(__name__)
 
-SHA256_META = "sha256"              # object metadata key (x-amz-meta-sha256)
+SHA256_META = "sha256"  # object metadata key (x-amz-meta-sha256)
 MiB = 1 << 20
-
 
 
 class IntegrityError(Exception):
     """Downloaded bytes differ from the hash they were stored under."""
-
-
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -50,21 +47,28 @@ def s3_client(endpoint_url: str | None = None):
     """
     import boto3
     from botocore.config import Config
+
     endpoint = endpoint_url or endpoint_from_env()
     config = Config(
-        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                 "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))},
-        connect_timeout=10, read_timeout=120,
+        retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10")),
+        },
+        connect_timeout=10,
+        read_timeout=120,
         # Self-hosted stores (MinIO, SeaweedFS, Ceph, moto) rarely resolve bucket subdomains.
-        s3={"addressing_style": "path"} if endpoint else None)
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def transfer_config():
     from boto3.s3.transfer import TransferConfig
+
     # Multipart above 64 MiB (checkpoints, dataset arrays): parts retry individually.
-    return TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
-                          max_concurrency=4)
+    return TransferConfig(
+        multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=4
+    )
 
 
 class S3Store:
@@ -81,6 +85,7 @@ class S3Store:
     def _unless_missing(self, call, key: str):
         """`call(Bucket=, Key=)` for `key`; None if the object does not exist."""
         from botocore.exceptions import ClientError
+
         try:
             return call(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
@@ -90,16 +95,24 @@ class S3Store:
 
     def put_file(self, key: str, path) -> str:
         digest = file_digest(path)
-        self.client.upload_file(str(path), self.bucket, self._key(key),
-                                ExtraArgs={"Metadata": {SHA256_META: digest}},
-                                Config=transfer_config())
+        self.client.upload_file(
+            str(path),
+            self.bucket,
+            self._key(key),
+            ExtraArgs={"Metadata": {SHA256_META: digest}},
+            Config=transfer_config(),
+        )
         return digest
 
     def put_bytes(self, key: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
-                                   ExtraArgs={"Metadata": {SHA256_META: digest}},
-                                   Config=transfer_config())
+        self.client.upload_fileobj(
+            io.BytesIO(data),
+            self.bucket,
+            self._key(key),
+            ExtraArgs={"Metadata": {SHA256_META: digest}},
+            Config=transfer_config(),
+        )
         return digest
 
     def head(self, key: str) -> dict | None:
@@ -122,8 +135,7 @@ class S3Store:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._key(key), tmp,
-                                      Config=transfer_config())
+            self.client.download_file(self.bucket, self._key(key), tmp, Config=transfer_config())
             verify_digest(f"{self.uri}/{key}", info["sha256"], file_digest(tmp))
             os.replace(tmp, dest)
         finally:
@@ -136,17 +148,21 @@ class S3Store:
         if r is None:
             return None
         data = r["Body"].read()
-        verify_digest(f"{self.uri}/{key}", r.get("Metadata", {}).get(SHA256_META),
-                hashlib.sha256(data).hexdigest())
+        verify_digest(
+            f"{self.uri}/{key}",
+            r.get("Metadata", {}).get(SHA256_META),
+            hashlib.sha256(data).hexdigest(),
+        )
         return data
 
     def list_keys(self, prefix: str = "") -> list[str]:
         base = self._key("")
         keys = []
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix))
+            Bucket=self.bucket, Prefix=self._key(prefix)
+        )
         for page in pages:
-            keys.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
+            keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []))
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -159,7 +175,7 @@ class LocalStore:
 
     def __init__(self, root):
         root = str(root)
-        self.root = Path(root[len("file://"):] if root.startswith("file://") else root)
+        self.root = Path(root[len("file://") :] if root.startswith("file://") else root)
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -232,8 +248,8 @@ def open_store(uri: str, endpoint_url: str | None = None):
 
 def verify_digest(what: str, expected: str | None, actual: str) -> None:
     if expected is not None and expected != actual:
-        raise IntegrityError(f"{what}: content hash {actual} differs from the stored "
-                             f"{expected}; the download was discarded (corrupted or "
-                             f"tampered object, upload it again)")
-
-
+        raise IntegrityError(
+            f"{what}: content hash {actual} differs from the stored "
+            f"{expected}; the download was discarded (corrupted or "
+            f"tampered object, upload it again)"
+        )

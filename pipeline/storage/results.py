@@ -23,7 +23,6 @@ RESULTS_PREFIX = "results"
 RESULT_FILES = ("config.json", "curve.csv", "beta1.csv", "train.log", "metrics.json")
 
 
-
 def results_uri(remote: str, run_hash: str) -> str:
     return f"{remote.rstrip('/')}/{RESULTS_PREFIX}/{run_hash}"
 
@@ -42,8 +41,9 @@ def run_env(params: dict, spec: dict) -> dict:
     return env
 
 
-def publish_result(output_dir, uri: str | None = None,
-                   endpoint_url: str | None = None) -> str | None:
+def publish_result(
+    output_dir, uri: str | None = None, endpoint_url: str | None = None
+) -> str | None:
     """Copy a finished run's files to `uri` (default: $VSGD_RESULTS_URI); None without one.
     metrics.json goes last: a result with metrics.json is complete."""
     uri = uri or os.environ.get(RESULTS_ENV)
@@ -60,8 +60,8 @@ def publish_result(output_dir, uri: str | None = None,
 @dataclass
 class Result:
     run_hash: str
-    source: str                  # "store" or "mlflow"
-    location: str                # results URI or MLflow run id
+    source: str  # "store" or "mlflow"
+    location: str  # results URI or MLflow run id
     metrics: dict | None = None
 
 
@@ -79,8 +79,9 @@ def find_result(params: dict, spec: dict) -> Result | None:
                 metrics = json.loads(raw)
             except ValueError:
                 metrics = None
-            return Result(spec["run_hash"], "store", uri,
-                          metrics if isinstance(metrics, dict) else None)
+            return Result(
+                spec["run_hash"], "store", uri, metrics if isinstance(metrics, dict) else None
+            )
     return _find_in_mlflow(params, spec["run_hash"])
 
 
@@ -88,7 +89,7 @@ def _tracking_uri(params: dict) -> str | None:
     uri = tracking_uri(params["tracking"]["uri"])
     if uri is None:
         return None
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return None  # nothing tracked yet; opening it would create an empty database
     return uri
 
@@ -98,35 +99,41 @@ def _find_in_mlflow(params: dict, run_hash: str) -> Result | None:
     if uri is None:
         return None
     from mlflow.tracking import MlflowClient
+
     try:
         with mlflow_http_settings():
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(params["tracking"]["experiment"])
             if exp is None:
                 return None
-            runs = client.search_runs([exp.experiment_id],
-                                      f"tags.run_hash = '{run_hash}' and "
-                                      f"attributes.status = 'FINISHED'",
-                                      order_by=["attributes.end_time DESC"], max_results=5)
+            runs = client.search_runs(
+                [exp.experiment_id],
+                f"tags.run_hash = '{run_hash}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.end_time DESC"],
+                max_results=5,
+            )
             for run in runs:
-                if any(a.path == "metrics.json"
-                       for a in client.list_artifacts(run.info.run_id)):
+                if any(a.path == "metrics.json" for a in client.list_artifacts(run.info.run_id)):
                     return Result(run_hash, "mlflow", run.info.run_id)
     except Exception as exc:  # noqa: BLE001 - a tracking outage only means "not known there"
-        log.warning("MLflow lookup of run %s failed (%s); treating it as not finished",
-                    run_hash, redact(str(exc).splitlines()[0] if str(exc) else repr(exc)))
+        log.warning(
+            "MLflow lookup of run %s failed (%s); treating it as not finished",
+            run_hash,
+            redact(str(exc).splitlines()[0] if str(exc) else repr(exc)),
+        )
     return None
 
 
-def fetch_result(params: dict, spec: dict, output_dir=None,
-                 result: Result | None = None) -> Path:
+def fetch_result(params: dict, spec: dict, output_dir=None, result: Result | None = None) -> Path:
     """Copy the finished result of `spec` (`result`, else looked up with `find_result`) into
     `output_dir` (default: the spec's); FileNotFoundError if there is none. The copy is not
     checked here: `pipeline.results` decides whether it is whole."""
     result = result or find_result(params, spec)
     if result is None:
-        raise FileNotFoundError(f"no finished result for run {spec['run_hash']} "
-                                f"({spec.get('name')}) in the store or MLflow")
+        raise FileNotFoundError(
+            f"no finished result for run {spec['run_hash']} "
+            f"({spec.get('name')}) in the store or MLflow"
+        )
     dest = Path(output_dir or spec["output_dir"])
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp:
@@ -137,12 +144,16 @@ def fetch_result(params: dict, spec: dict, output_dir=None,
                     store.get_file(name, Path(tmp) / name)
         else:
             import mlflow.artifacts
+
             for name in RESULT_FILES:
                 try:
                     with mlflow_http_settings():
                         mlflow.artifacts.download_artifacts(
-                            run_id=result.location, artifact_path=name, dst_path=tmp,
-                            tracking_uri=_tracking_uri(params))
+                            run_id=result.location,
+                            artifact_path=name,
+                            dst_path=tmp,
+                            tracking_uri=_tracking_uri(params),
+                        )
                 except Exception:  # noqa: BLE001 - curve/config are optional artifacts
                     if name == "metrics.json":
                         raise

@@ -2,6 +2,7 @@
 and watches streamed as chunked JSON events."""
 
 import copy
+import functools
 import json
 import re
 import socket
@@ -18,8 +19,10 @@ from .selectors import field_terms, field_value, matches
 
 JOB_PATH = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(/(?P<name>[^/]+))?$")
 POD_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(/(?P<name>[^/]+)(?P<log>/log)?)?$")
-CORE_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>events|serviceaccounts|"
-                       r"secrets|configmaps|resourcequotas)(/(?P<name>[^/]+))?$")
+CORE_PATH = re.compile(
+    r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>events|serviceaccounts|"
+    r"secrets|configmaps|resourcequotas)(/(?P<name>[^/]+))?$"
+)
 NS_PATH = re.compile(r"^/api/v1/namespaces(/(?P<name>[^/]+))?$")
 SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
@@ -30,7 +33,7 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     kube = None
 
-    def log_message(self, *args):   # quiet
+    def log_message(self, *args):  # quiet
         pass
 
     def setup(self):
@@ -54,7 +57,7 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         try:
             super().handle()
         except OSError:
-            pass   # a client that stopped its watch, or a connection the fake dropped
+            pass  # a client that stopped its watch, or a connection the fake dropped
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -90,28 +93,47 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         if kind == "reset":
             # Read, then reset the connection without an answer (SO_LINGER 0: an RST).
             self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
             return None
-        self._body()   # drain it, so that the connection stays usable
+        self._body()  # drain it, so that the connection stays usable
         retry = fault["retry_after"]
         if kind == "429":
             # What API Priority and Fairness (and max-in-flight) answer: 429 with
             # Retry-After and a plain-text body, no Status object.
             # https://kubernetes.io/docs/concepts/cluster-administration/flow-control/
-            return self._text(429, "Too many requests, please try again later.\n", {
-                "Retry-After": str(1 if retry is None else retry),
-                "X-Kubernetes-PF-FlowSchema-UID": "fake-flowschema-uid",
-                "X-Kubernetes-PF-PriorityLevel-UID": "fake-prioritylevel-uid"})
+            return self._text(
+                429,
+                "Too many requests, please try again later.\n",
+                {
+                    "Retry-After": str(1 if retry is None else retry),
+                    "X-Kubernetes-PF-FlowSchema-UID": "fake-flowschema-uid",
+                    "X-Kubernetes-PF-PriorityLevel-UID": "fake-prioritylevel-uid",
+                },
+            )
         headers = {} if retry is None else {"Retry-After": str(retry)}
         details = None if retry is None else {"retryAfterSeconds": retry}
         if kind == "503":
-            return self._send(503, error_status(503, "ServiceUnavailable", "the server is "
-                              "currently unable to handle the request", details), headers)
-        return self._send(500, error_status(500, "InternalError", "Internal error occurred: fake "
-                                       "outage", {**(details or {}), "causes": [
-                                           {"message": "fake outage"}]}), headers)
+            return self._send(
+                503,
+                error_status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                    details,
+                ),
+                headers,
+            )
+        return self._send(
+            500,
+            error_status(
+                500,
+                "InternalError",
+                "Internal error occurred: fake outage",
+                {**(details or {}), "causes": [{"message": "fake outage"}]},
+            ),
+            headers,
+        )
 
     def _forbidden(self, verb, group, resource, ns, name):
         """403 with the message the API server writes for an authorization denial.
@@ -121,13 +143,19 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         qualified = f"{base}.{group}" if group else base
         scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
         subject = f'{qualified} "{name}"' if name else qualified
-        message = (f'{subject} is forbidden: User "{self.kube.user}" cannot {verb} resource '
-                   f'"{resource}" in API group "{group}" {scope}')
-        return self._send(403, error_status(403, "Forbidden", message,
-                                       {"name": name or "", "group": group, "kind": base}))
+        message = (
+            f'{subject} is forbidden: User "{self.kube.user}" cannot {verb} resource '
+            f'"{resource}" in API group "{group}" {scope}'
+        )
+        return self._send(
+            403,
+            error_status(
+                403, "Forbidden", message, {"name": name or "", "group": group, "kind": base}
+            ),
+        )
 
     def _route(self, method):
-        self.__dict__.pop("_read_body", None)   # one handler serves a keep-alive connection
+        self.__dict__.pop("_read_body", None)  # one handler serves a keep-alive connection
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         kube = self.kube
@@ -145,32 +173,49 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             return self._ssar(method)
         if m := JOB_PATH.match(url.path):
             attrs = ("batch", "jobs", m["ns"], m["name"])
-            target = lambda: self._jobs(method, m["ns"], m["name"], query)  # noqa: E731
+            target = functools.partial(self._jobs, method, m["ns"], m["name"], query)
         elif m := POD_PATH.match(url.path):
             attrs = ("", "pods/log" if m["log"] else "pods", m["ns"], m["name"])
-            target = lambda: self._pods(method, m["ns"], m["name"], bool(m["log"]),  # noqa
-                                        query)
+            target = functools.partial(
+                self._pods, method, m["ns"], m["name"], bool(m["log"]), query
+            )
         elif m := CORE_PATH.match(url.path):
             attrs = ("", m["kind"], m["ns"], m["name"])
-            target = lambda: self._read_only(method, m["kind"], m["ns"], m["name"],  # noqa
-                                             query)
+            target = functools.partial(
+                self._read_only, method, m["kind"], m["ns"], m["name"], query
+            )
         elif m := NS_PATH.match(url.path):
             # For namespaces the request's namespace is the namespace named.
             attrs = ("", "namespaces", m["name"], m["name"])
             target = lambda: self._namespaces(method, m["name"], query)  # noqa: E731
         else:
-            return self._send(404, error_status(404, "NotFound", f"the server could not find the "
-                                                            f"requested resource ({url.path})"))
+            return self._send(
+                404,
+                error_status(
+                    404,
+                    "NotFound",
+                    f"the server could not find the requested resource ({url.path})",
+                ),
+            )
         group, resource, ns, name = attrs
-        verb = {"POST": "create", "PATCH": "patch", "PUT": "update",
-                "DELETE": "delete" if name else "deletecollection"}.get(method)
+        verb = {
+            "POST": "create",
+            "PATCH": "patch",
+            "PUT": "update",
+            "DELETE": "delete" if name else "deletecollection",
+        }.get(method)
         named = name
         if method == "GET":
-            verb = ("get" if name else "watch" if query.get("watch") in ("true", "1")
-                    else "list")
-            if not name:   # a list or watch of one name is authorized as that name
-                named = next((v for k, v, negate in self._terms(query) if not negate
-                              and k == "metadata.name"), None)
+            verb = "get" if name else "watch" if query.get("watch") in ("true", "1") else "list"
+            if not name:  # a list or watch of one name is authorized as that name
+                named = next(
+                    (
+                        v
+                        for k, v, negate in self._terms(query)
+                        if not negate and k == "metadata.name"
+                    ),
+                    None,
+                )
         if not kube.authorized(verb, group, resource, ns, named):
             self._body()
             return self._forbidden(verb, group, resource, ns, name)
@@ -179,8 +224,10 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
     @staticmethod
     def _terms(query):
         try:
-            return [(k, v, negate) for k, v, negate in
-                    field_terms("any", query.get("fieldSelector"), check=False)]
+            return [
+                (k, v, negate)
+                for k, v, negate in field_terms("any", query.get("fieldSelector"), check=False)
+            ]
         except ValueError:
             return []
 
@@ -217,8 +264,15 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         job = kube.job(name, ns)
         if job is None:
             self._body()
-            return self._send(404, error_status(404, "NotFound", f'jobs.batch "{name}" not found',
-                                           {"name": name, "group": "batch", "kind": "jobs"}))
+            return self._send(
+                404,
+                error_status(
+                    404,
+                    "NotFound",
+                    f'jobs.batch "{name}" not found',
+                    {"name": name, "group": "batch", "kind": "jobs"},
+                ),
+            )
         if method == "GET":
             return self._send(200, job)
         if method == "DELETE":
@@ -240,14 +294,18 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             pod = copy.deepcopy(kube.objects["pods"].get((ns, name)))
             lines = list(kube.logs.get((ns, name), []))
         if pod is None:
-            return self._send(404, error_status(404, "NotFound", f'pods "{name}" not found',
-                                           {"name": name, "kind": "pods"}))
+            return self._send(
+                404,
+                error_status(
+                    404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}
+                ),
+            )
         if not log:
             return self._send(200, pod)
         if refusal := log_refusal(pod, query.get("container")):
             return self._send(400, error_status(400, "BadRequest", refusal))
         if "tailLines" in query:
-            lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) else []
+            lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
         return self._text(200, "".join(line + "\n" for line in lines))
 
     def _read_only(self, method, kind, ns, name, query):
@@ -260,8 +318,12 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         with kube.cond:
             obj = copy.deepcopy(kube.objects[kind].get((ns, name)))
         if obj is None:
-            return self._send(404, error_status(404, "NotFound", f'{kind} "{name}" not found',
-                                           {"name": name, "kind": kind}))
+            return self._send(
+                404,
+                error_status(
+                    404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind}
+                ),
+            )
         if kind == "resourcequotas":
             obj["status"] = kube._quota_status(obj)
         return self._send(200, obj)
@@ -272,13 +334,25 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             self._body()
             return self._send(405, error_status(405, "MethodNotAllowed", method))
         if name is None:
-            return self._send(200, {"kind": "NamespaceList", "apiVersion": "v1",
-                                    "metadata": {"resourceVersion": str(kube.rv)},
-                                    "items": [kube._namespace(n)
-                                              for n in sorted(kube.namespaces)]})
+            return self._send(
+                200,
+                {
+                    "kind": "NamespaceList",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(kube.rv)},
+                    "items": [kube._namespace(n) for n in sorted(kube.namespaces)],
+                },
+            )
         if name not in kube.namespaces:
-            return self._send(404, error_status(404, "NotFound", f'namespaces "{name}" not found',
-                                           {"name": name, "kind": "namespaces"}))
+            return self._send(
+                404,
+                error_status(
+                    404,
+                    "NotFound",
+                    f'namespaces "{name}" not found',
+                    {"name": name, "kind": "namespaces"},
+                ),
+            )
         return self._send(200, kube._namespace(name))
 
     def _ssar(self, method):
@@ -297,13 +371,24 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             resource = attrs.get("resource", "")
             if attrs.get("subresource"):
                 resource += "/" + attrs["subresource"]
-            allowed = kube.authorized(attrs.get("verb"), attrs.get("group", ""), resource,
-                                      attrs.get("namespace"), attrs.get("name"))
+            allowed = kube.authorized(
+                attrs.get("verb"),
+                attrs.get("group", ""),
+                resource,
+                attrs.get("namespace"),
+                attrs.get("name"),
+            )
             kube.access_reviews.append(copy.deepcopy(attrs))
-        return self._send(201, {"kind": "SelfSubjectAccessReview",
-                                "apiVersion": "authorization.k8s.io/v1",
-                                "metadata": {"creationTimestamp": None}, "spec": spec,
-                                "status": {"allowed": allowed}})
+        return self._send(
+            201,
+            {
+                "kind": "SelfSubjectAccessReview",
+                "apiVersion": "authorization.k8s.io/v1",
+                "metadata": {"creationTimestamp": None},
+                "spec": spec,
+                "status": {"allowed": allowed},
+            },
+        )
 
     def _list(self, kind, list_kind, api_version, ns, query):
         kube = self.kube
@@ -315,16 +400,26 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         # chunked lists (`limit`, `continue`) consistent.
         # https://kubernetes.io/docs/reference/using-api/api-concepts/#retrieving-large-results-sets-in-chunks
         with kube.cond:
-            items = [copy.deepcopy(o) for (n, _), o in sorted(kube.objects[kind].items())
-                     if n == ns and matches(o["metadata"].get("labels", {}),
-                                             query.get("labelSelector"))
-                     and all((field_value(o, f) == v) != negate for f, v, negate in fields)]
+            items = [
+                copy.deepcopy(o)
+                for (n, _), o in sorted(kube.objects[kind].items())
+                if n == ns
+                and matches(o["metadata"].get("labels", {}), query.get("labelSelector"))
+                and all((field_value(o, f) == v) != negate for f, v, negate in fields)
+            ]
             if kind == "resourcequotas":
                 for quota in items:
                     quota["status"] = kube._quota_status(quota)
             rv = str(kube.rv)
-        return self._send(200, {"kind": list_kind, "apiVersion": api_version,
-                                "metadata": {"resourceVersion": rv}, "items": items})
+        return self._send(
+            200,
+            {
+                "kind": list_kind,
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": rv},
+                "items": items,
+            },
+        )
 
     def _watch(self, kind, ns, query):
         """Stream events as chunks until the timeout, a cut, or an expiry. The watch counts
@@ -348,8 +443,15 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             kube.open_watches += 1
             kube.cond.notify_all()
             try:
-                return self._stream(kind, ns, query, since, deadline, bookmarks,
-                                    (generation, bookmark_generation, expire_generation))
+                return self._stream(
+                    kind,
+                    ns,
+                    query,
+                    since,
+                    deadline,
+                    bookmarks,
+                    (generation, bookmark_generation, expire_generation),
+                )
             finally:
                 kube.open_watches -= 1
                 kube.cond.notify_all()
@@ -359,12 +461,17 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
         kube = self.kube
         generation, bookmark_generation, expire_generation = generations
         if since and since < kube.compacted_rv:
-            self._chunk({"type": "ERROR", "object": error_status(
-                410, "Expired", f"too old resource version: {since} ({kube.compacted_rv})")})
+            self._chunk(
+                {
+                    "type": "ERROR",
+                    "object": error_status(
+                        410, "Expired", f"too old resource version: {since} ({kube.compacted_rv})"
+                    ),
+                }
+            )
             return self._end()
-        if not since:   # "0"/unset: the current state first, as ADDED events
-            pending = [(kube.rv, kind, "ADDED", o)
-                       for _, o in sorted(kube.objects[kind].items())]
+        if not since:  # "0"/unset: the current state first, as ADDED events
+            pending = [(kube.rv, kind, "ADDED", o) for _, o in sorted(kube.objects[kind].items())]
             since = kube.rv
         else:
             pending = []
@@ -373,27 +480,41 @@ class Handler(JobWrites, BaseHTTPRequestHandler):
             for rv, _, event, obj in pending:
                 since = max(since, rv)
                 if obj["metadata"]["namespace"] == ns and matches(
-                        obj["metadata"].get("labels", {}), query.get("labelSelector")):
+                    obj["metadata"].get("labels", {}), query.get("labelSelector")
+                ):
                     self._chunk({"type": event, "object": obj})
             pending = []
             if kube.expire_generation != expire_generation:
-                self._chunk({"type": "ERROR", "object": error_status(
-                    410, "Expired", f"too old resource version: {since} "
-                                    f"({kube.compacted_rv})")})
+                self._chunk(
+                    {
+                        "type": "ERROR",
+                        "object": error_status(
+                            410,
+                            "Expired",
+                            f"too old resource version: {since} ({kube.compacted_rv})",
+                        ),
+                    }
+                )
                 return self._end()
             if kube.bookmark_generation != bookmark_generation:
                 bookmark_generation = kube.bookmark_generation
                 if bookmarks:
                     since = max(since, kube.rv)
-                    self._chunk({"type": "BOOKMARK", "object": {
-                        "kind": "Job" if kind == "jobs" else "Pod",
-                        "apiVersion": "batch/v1" if kind == "jobs" else "v1",
-                        "metadata": {"resourceVersion": str(since)}}})
+                    self._chunk(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": "Job" if kind == "jobs" else "Pod",
+                                "apiVersion": "batch/v1" if kind == "jobs" else "v1",
+                                "metadata": {"resourceVersion": str(since)},
+                            },
+                        }
+                    )
             left = deadline - kube.clock.monotonic()
             if kube.cut_generation != generation:
                 self.close_connection = True
                 self.wfile.flush()
-                self.connection.shutdown(2)   # no final chunk: the client sees a cut
+                self.connection.shutdown(2)  # no final chunk: the client sees a cut
                 return None
             if left <= 0:
                 return self._end()
@@ -418,6 +539,7 @@ def serve(kube, port=0) -> ThreadingHTTPServer:
     KubeHandler.kube = kube
     server = ThreadingHTTPServer(("127.0.0.1", port), KubeHandler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     return server

@@ -3,11 +3,13 @@ conditions, and the kinds it serves read only."""
 
 from datetime import datetime, timezone
 
-READ_ONLY_KINDS = {"serviceaccounts": ("ServiceAccount", "ServiceAccountList"),
-                   "secrets": ("Secret", "SecretList"),
-                   "configmaps": ("ConfigMap", "ConfigMapList"),
-                   "events": ("Event", "EventList"),
-                   "resourcequotas": ("ResourceQuota", "ResourceQuotaList")}
+READ_ONLY_KINDS = {
+    "serviceaccounts": ("ServiceAccount", "ServiceAccountList"),
+    "secrets": ("Secret", "SecretList"),
+    "configmaps": ("ConfigMap", "ConfigMapList"),
+    "events": ("Event", "EventList"),
+    "resourcequotas": ("ResourceQuota", "ResourceQuotaList"),
+}
 NODE = "node-1"
 
 
@@ -19,17 +21,25 @@ def timestamp():
 def error_status(code, reason, message, details=None):
     # The Status object of every error answer:
     # https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/status/
-    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
     if details:
         body["details"] = details
     return body
 
 
-
 def condition(obj, type_):
-    return next((c for c in (obj.get("status") or {}).get("conditions") or []
-                 if c.get("type") == type_), None)
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_),
+        None,
+    )
 
 
 def set_condition(obj, type_, status, reason, message=""):
@@ -43,7 +53,13 @@ def set_condition(obj, type_, status, reason, message=""):
                 cond["lastTransitionTime"] = now
             cond.update(status=status, reason=reason, message=message, lastProbeTime=now)
             return
-    conditions.append({"type": type_, "status": status, "reason": reason,
-                       "message": message, "lastProbeTime": now,
-                       "lastTransitionTime": now})
-
+    conditions.append(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastProbeTime": now,
+            "lastTransitionTime": now,
+        }
+    )

@@ -6,14 +6,14 @@ import uuid
 
 from test_k8s_manifests import restricted_violations
 
-from pipeline.k8s.schema import parse_quantity
+from pipeline.k8s.names import parse_quantity
 
 from .objects import timestamp
 
 # Pod Security admission: the namespace labels of each mode, and the levels modelled.
 # https://kubernetes.io/docs/concepts/security/pod-security-admission/#pod-security-admission-labels-for-namespaces
 PSA_LABEL = "pod-security.kubernetes.io/"
-PSA_LEVELS = ("privileged", "restricted")   # baseline alone is not modelled
+PSA_LEVELS = ("privileged", "restricted")  # baseline alone is not modelled
 
 # The pod resources a ResourceQuota can track, by the quota's name for them: requests of the
 # compute resources under their bare name too; extended resources (GPUs) by requests only.
@@ -24,6 +24,7 @@ BARE_REQUESTS = ("cpu", "memory", "ephemeral-storage")
 def resources_text(resources):
     """A resource list as the API server prints it in a quota error: `k=v` sorted by name,
     comma-separated, each quantity in the form of its unit (binary suffixes for bytes)."""
+
     def quantity(name, value):
         if value == value.to_integral_value():
             number = int(value)
@@ -33,6 +34,7 @@ def resources_text(resources):
                         return f"{number >> power}{suffix}"
             return str(number)
         return f"{int(value * 1000)}m"
+
     return ",".join(f"{k}={quantity(k, v)}" for k, v in sorted(resources.items()))
 
 
@@ -57,7 +59,6 @@ def pod_requests(spec):
         for name, value in limits.items():
             usage[f"limits.{name}"] = usage.get(f"limits.{name}", 0) + parse_quantity(value)
     return usage
-
 
 
 class Policy:
@@ -91,11 +92,13 @@ class Policy:
             return True
         for role_ns, rules in self.roles:
             if role_ns is not None and role_ns != ns:
-                continue   # a Role grants rights in its own namespace only
+                continue  # a Role grants rights in its own namespace only
             for rule in rules:
-                if not (grants(rule.get("apiGroups"), group)
-                        and grants(rule.get("resources"), resource)
-                        and grants(rule.get("verbs"), verb)):
+                if not (
+                    grants(rule.get("apiGroups"), group)
+                    and grants(rule.get("resources"), resource)
+                    and grants(rule.get("verbs"), verb)
+                ):
                     continue
                 if rule.get("resourceNames") and name not in rule["resourceNames"]:
                     continue
@@ -107,8 +110,11 @@ class Policy:
     def label_namespace(self, ns, labels):
         """Set namespace labels, e.g. the Pod Security levels of k8s/base/namespace.yaml."""
         for key, level in labels.items():
-            if key.startswith(PSA_LABEL) and not key.endswith("-version") and \
-                    level not in PSA_LEVELS:
+            if (
+                key.startswith(PSA_LABEL)
+                and not key.endswith("-version")
+                and level not in PSA_LEVELS
+            ):
                 raise ValueError(f"Pod Security level {level!r} is not modelled")
         self.namespace_labels.setdefault(ns, {}).update(labels)
 
@@ -134,16 +140,26 @@ class Policy:
         controller's status.used, without its delay): every Job for `count/jobs.batch`,
         finished or not; every pod not Succeeded or Failed for the pod resources.
         https://kubernetes.io/docs/concepts/policy/resource-quotas/"""
-        obj = {"apiVersion": "v1", "kind": "ResourceQuota",
-               "metadata": {"name": name, "namespace": ns, "uid": str(uuid.uuid4()),
-                            "creationTimestamp": timestamp()},
-               "spec": {"hard": {k: str(v) for k, v in hard.items()}}}
+        obj = {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": timestamp(),
+            },
+            "spec": {"hard": {k: str(v) for k, v in hard.items()}},
+        }
         return self._put("resourcequotas", obj, "ADDED")
 
     def _quota_used(self, ns):
         with self.cond:
-            used = {"count/jobs.batch": parse_quantity(
-                sum(1 for (n, _) in self.objects["jobs"] if n == ns))}
+            used = {
+                "count/jobs.batch": parse_quantity(
+                    sum(1 for (n, _) in self.objects["jobs"] if n == ns)
+                )
+            }
             for (n, _), pod in self.objects["pods"].items():
                 if n != ns or pod["status"].get("phase") in ("Succeeded", "Failed"):
                     continue
@@ -154,9 +170,13 @@ class Policy:
     def _quota_status(self, quota):
         hard = quota["spec"]["hard"]
         used = self._quota_used(quota["metadata"]["namespace"])
-        return {"hard": dict(hard),
-                "used": {k: resources_text({k: used.get(k, parse_quantity(0))}).split("=", 1)[1]
-                         for k in hard}}
+        return {
+            "hard": dict(hard),
+            "used": {
+                k: resources_text({k: used.get(k, parse_quantity(0))}).split("=", 1)[1]
+                for k in hard
+            },
+        }
 
     def _quota_refusal(self, ns, requested):
         """The ResourceQuota admission plugin: the first quota of the namespace (by name) that
@@ -166,8 +186,10 @@ class Policy:
         https://kubernetes.io/docs/concepts/policy/resource-quotas/ ("the control plane
         rejects that request with HTTP status code 403 Forbidden")"""
         with self.cond:
-            quotas = sorted((o for (n, _), o in self.objects["resourcequotas"].items()
-                             if n == ns), key=lambda q: q["metadata"]["name"])
+            quotas = sorted(
+                (o for (n, _), o in self.objects["resourcequotas"].items() if n == ns),
+                key=lambda q: q["metadata"]["name"],
+            )
         used = self._quota_used(ns)
         for quota in quotas:
             hard = {k: parse_quantity(v) for k, v in quota["spec"]["hard"].items()}
@@ -175,9 +197,10 @@ class Policy:
             exceeded = [k for k, v in tracked.items() if used.get(k, 0) + v > hard[k]]
             if exceeded:
                 zero = parse_quantity(0)
-                return (f"exceeded quota: {quota['metadata']['name']}, "
-                        f"requested: {resources_text({k: tracked[k] for k in exceeded})}, "
-                        f"used: {resources_text({k: used.get(k, zero) for k in exceeded})}, "
-                        f"limited: {resources_text({k: hard[k] for k in exceeded})}")
+                return (
+                    f"exceeded quota: {quota['metadata']['name']}, "
+                    f"requested: {resources_text({k: tracked[k] for k in exceeded})}, "
+                    f"used: {resources_text({k: used.get(k, zero) for k in exceeded})}, "
+                    f"limited: {resources_text({k: hard[k] for k in exceeded})}"
+                )
         return None
-

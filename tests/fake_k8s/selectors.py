@@ -8,13 +8,31 @@ import re
 # https://kubernetes.io/docs/concepts/overview/working-with-objects/field-selectors/
 FIELDS = {
     "jobs": {"metadata.name", "metadata.namespace", "status.successful"},
-    "pods": {"metadata.name", "metadata.namespace", "spec.nodeName", "spec.restartPolicy",
-             "spec.schedulerName", "spec.serviceAccountName", "status.phase",
-             "status.nominatedNodeName"},
-    "events": {"metadata.name", "metadata.namespace", "involvedObject.kind",
-               "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
-               "involvedObject.apiVersion", "involvedObject.resourceVersion",
-               "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type"},
+    "pods": {
+        "metadata.name",
+        "metadata.namespace",
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "status.phase",
+        "status.nominatedNodeName",
+    },
+    "events": {
+        "metadata.name",
+        "metadata.namespace",
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
     "secrets": {"metadata.name", "metadata.namespace", "type"},
     "serviceaccounts": {"metadata.name", "metadata.namespace"},
     "configmaps": {"metadata.name", "metadata.namespace"},
@@ -64,9 +82,9 @@ def matches(labels, selector):
 
 
 def field_value(obj, path):
-    if path == "source":   # events: the reporting component
+    if path == "source":  # events: the reporting component
         return (obj.get("source") or {}).get("component") or ""
-    if path == "status.successful":   # jobs
+    if path == "status.successful":  # jobs
         return str((obj.get("status") or {}).get("succeeded") or 0)
     value = obj
     for part in path.split("."):
@@ -80,8 +98,13 @@ def field_terms(kind, selector, check=True):
     terms = []
     for term in split_terms(selector or ""):
         negate = "!=" in term
-        key, value = (term.split("!=", 1) if negate else
-                      term.split("==", 1) if "==" in term else term.split("=", 1))
+        key, value = (
+            term.split("!=", 1)
+            if negate
+            else term.split("==", 1)
+            if "==" in term
+            else term.split("=", 1)
+        )
         key = key.strip()
         if check and key not in FIELDS.get(kind, ()):
             raise ValueError(f"field label not supported: {key}")
@@ -129,4 +152,3 @@ def json_patch(target, ops):
         elif op["op"] == "remove":
             parent.pop(last)
     return target
-

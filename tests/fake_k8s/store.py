@@ -23,33 +23,39 @@ class Store:
         self.clock = clock
         self.cond = threading.Condition()
         self.rv = 1000
-        self.objects = {"jobs": {}, "pods": {}, "events": {}, "serviceaccounts": {},
-                        "secrets": {}, "configmaps": {},
-                        "resourcequotas": {}}       # kind -> (ns, name) -> object
-        self.logs = {}                              # (ns, pod) -> list of lines
-        self.history = []                           # (rv, kind, type, object)
-        self.compacted_rv = 0                       # watches from at or below: 410
-        self.cut_generation = 0                     # bumped to cut open watches
-        self.bookmark_generation = 0                # bumped to send BOOKMARKs
-        self.expire_generation = 0                  # bumped to end watches with a 410
-        self.reject_create = None                   # job -> (code, reason, message) | None
-        self.webhook = None                         # (job, dry_run) -> the same, see JobWrites
-        self.on_create = None                       # job -> None, run in a thread
-        self.requests = []                          # (method, path) of every request
-        self.watches = []                           # path of every watch=true request
-        self.watch_starts = []                      # resourceVersion of every watch served
-        self.open_watches = 0                       # watches being served now
-        self.namespaces = {"vsgd", "default"}       # namespaces that exist
-        self.namespace_labels = {}                  # ns -> labels (Pod Security levels)
-        self.user = "fake"                          # who the kubeconfig's token is
-        self.roles = None                           # [(ns, rules)] bound, see bind_role
-        self.denied = set()                         # (verb, group, resource) not granted
-        self.access_reviews = []                    # resourceAttributes of every SSAR
-        self.outages = []                           # faults, see outage()
-        self.faulted = []                           # (method, path, kind) answered by one
-        self.deletions = []                         # (job name, propagationPolicy | None)
-        self.dry_runs = []                          # names of dry-run created Jobs
-        self.gc_delay = 0.05                        # seconds before the GC acts
+        self.objects = {
+            "jobs": {},
+            "pods": {},
+            "events": {},
+            "serviceaccounts": {},
+            "secrets": {},
+            "configmaps": {},
+            "resourcequotas": {},
+        }  # kind -> (ns, name) -> object
+        self.logs = {}  # (ns, pod) -> list of lines
+        self.history = []  # (rv, kind, type, object)
+        self.compacted_rv = 0  # watches from at or below: 410
+        self.cut_generation = 0  # bumped to cut open watches
+        self.bookmark_generation = 0  # bumped to send BOOKMARKs
+        self.expire_generation = 0  # bumped to end watches with a 410
+        self.reject_create = None  # job -> (code, reason, message) | None
+        self.webhook = None  # (job, dry_run) -> the same, see JobWrites
+        self.on_create = None  # job -> None, run in a thread
+        self.requests = []  # (method, path) of every request
+        self.watches = []  # path of every watch=true request
+        self.watch_starts = []  # resourceVersion of every watch served
+        self.open_watches = 0  # watches being served now
+        self.namespaces = {"vsgd", "default"}  # namespaces that exist
+        self.namespace_labels = {}  # ns -> labels (Pod Security levels)
+        self.user = "fake"  # who the kubeconfig's token is
+        self.roles = None  # [(ns, rules)] bound, see bind_role
+        self.denied = set()  # (verb, group, resource) not granted
+        self.access_reviews = []  # resourceAttributes of every SSAR
+        self.outages = []  # faults, see outage()
+        self.faulted = []  # (method, path, kind) answered by one
+        self.deletions = []  # (job name, propagationPolicy | None)
+        self.dry_runs = []  # names of dry-run created Jobs
+        self.gc_delay = 0.05  # seconds before the GC acts
         self._ns_uids = {}
         self._connections = set()
         self._server = None
@@ -62,10 +68,12 @@ class Store:
         for ns in sorted(self.namespaces):
             self.add_object("serviceaccounts", "default", ns)
         self.add_object("serviceaccounts", "vsgd-train")
-        self.add_object("secrets", "vsgd-credentials",
-                        data={"AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake"})
-        self.add_object("configmaps", "vsgd-endpoints",
-                        data={"AWS_DEFAULT_REGION": "us-east-1"})
+        self.add_object(
+            "secrets",
+            "vsgd-credentials",
+            data={"AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake"},
+        )
+        self.add_object("configmaps", "vsgd-endpoints", data={"AWS_DEFAULT_REGION": "us-east-1"})
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -91,11 +99,19 @@ class Store:
         self._drop_connections()
 
     def kubeconfig(self, url, namespace="vsgd") -> dict:
-        return {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": url}}],
-                "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake",
-                                                          "namespace": namespace}}]}
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [
+                {
+                    "name": "fake",
+                    "context": {"cluster": "fake", "user": "fake", "namespace": namespace},
+                }
+            ],
+        }
 
     def _later(self, seconds, fn, *args):
         self._timers.append(self.clock.timer(seconds, fn, *args))
@@ -131,9 +147,14 @@ class Store:
             raise ValueError("an outage needs seconds= or count=")
         if kind == "refused" and (seconds is None or count is not None or match is not None):
             raise ValueError('a "refused" outage takes seconds= only')
-        fault = {"kind": kind, "left": count, "match": match, "retry_after": retry_after,
-                 "until": None if seconds is None else self.clock.monotonic() + seconds,
-                 "done": False}
+        fault = {
+            "kind": kind,
+            "left": count,
+            "match": match,
+            "retry_after": retry_after,
+            "until": None if seconds is None else self.clock.monotonic() + seconds,
+            "done": False,
+        }
         with self.cond:
             self.outages.append(fault)
         if kind == "refused":
@@ -181,7 +202,7 @@ class Store:
         deadline = time.monotonic() + 5
         while not self._stopped:
             try:
-                self._serve(self._port)   # HTTPServer sets SO_REUSEADDR: same port again
+                self._serve(self._port)  # HTTPServer sets SO_REUSEADDR: same port again
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -220,8 +241,9 @@ class Store:
     def create_job(self, job):
         created = self._put("jobs", self._prepare_job(job), "ADDED")
         if (created.get("spec") or {}).get("suspend"):
-            self._suspend_changed(created["metadata"]["name"], created["metadata"]["namespace"],
-                                  True)
+            self._suspend_changed(
+                created["metadata"]["name"], created["metadata"]["namespace"], True
+            )
         return created
 
     def job(self, name, ns="vsgd"):
@@ -254,16 +276,26 @@ class Store:
         ConfigMap, its data; for a ServiceAccount, fields merged into the object (e.g.
         {"imagePullSecrets": [{"name": "x"}]})."""
         if kind not in ("serviceaccounts", "secrets", "configmaps"):
-            raise ValueError(f"add_object kind must be serviceaccounts, secrets or "
-                             f"configmaps, not {kind!r}")
-        obj = {"apiVersion": "v1", "kind": READ_ONLY_KINDS[kind][0],
-               "metadata": {"name": name, "namespace": ns, "uid": str(uuid.uuid4()),
-                            "creationTimestamp": timestamp()}}
+            raise ValueError(
+                f"add_object kind must be serviceaccounts, secrets or configmaps, not {kind!r}"
+            )
+        obj = {
+            "apiVersion": "v1",
+            "kind": READ_ONLY_KINDS[kind][0],
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": timestamp(),
+            },
+        }
         if kind == "secrets":
             # https://kubernetes.io/docs/reference/kubernetes-api/config-and-storage-resources/secret-v1/
             obj["type"] = "Opaque"
-            obj["data"] = {k: base64.b64encode(v.encode() if isinstance(v, str) else v).decode()
-                           for k, v in (data or {}).items()}
+            obj["data"] = {
+                k: base64.b64encode(v.encode() if isinstance(v, str) else v).decode()
+                for k, v in (data or {}).items()
+            }
         elif kind == "configmaps":
             # https://kubernetes.io/docs/reference/kubernetes-api/config-and-storage-resources/config-map-v1/
             obj["data"] = dict(data or {})
@@ -280,12 +312,22 @@ class Store:
     def _namespace(self, name):
         # https://kubernetes.io/docs/reference/kubernetes-api/cluster-resources/namespace-v1/
         uid = self._ns_uids.setdefault(name, str(uuid.uuid4()))
-        return {"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "uid": uid, "resourceVersion": "1",
-                             "creationTimestamp": "2024-01-01T00:00:00Z",
-                             "labels": {**self.namespace_labels.get(name, {}),
-                                        "kubernetes.io/metadata.name": name}},
-                "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": name,
+                "uid": uid,
+                "resourceVersion": "1",
+                "creationTimestamp": "2024-01-01T00:00:00Z",
+                "labels": {
+                    **self.namespace_labels.get(name, {}),
+                    "kubernetes.io/metadata.name": name,
+                },
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
 
     # -- watches --------------------------------------------------------------------------
     # https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes
@@ -299,8 +341,9 @@ class Store:
             while not (len(self.watch_starts) >= count and self.open_watches):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no watch open after {len(self.watch_starts)} of "
-                                         f"{count} watches")
+                    raise AssertionError(
+                        f"no watch open after {len(self.watch_starts)} of {count} watches"
+                    )
                 self.cond.wait(left)
 
     def compact(self):
@@ -327,4 +370,3 @@ class Store:
         with self.cond:
             self.bookmark_generation += 1
             self.cond.notify_all()
-

@@ -9,10 +9,16 @@ import importlib
 
 _WHERE = {
     "Augmenter": "augment",
-    "ArchiveError": "errors", "ChecksumError": "errors", "DataError": "errors",
+    "ArchiveError": "errors",
+    "ChecksumError": "errors",
+    "DataError": "errors",
     "DownloadError": "errors",
-    "Prepared": "prepared", "load_prepared": "prepared", "prepare": "prepared",
-    "DATASETS": "registry", "DatasetInfo": "registry", "get_dataset": "registry",
+    "Prepared": "prepared",
+    "load_prepared": "prepared",
+    "prepare": "prepared",
+    "DATASETS": "registry",
+    "DatasetInfo": "registry",
+    "get_dataset": "registry",
 }
 __all__ = sorted(_WHERE) + ["SOURCES"]
 
@@ -20,6 +26,7 @@ __all__ = sorted(_WHERE) + ["SOURCES"]
 def __getattr__(name):
     if name == "SOURCES":
         from ..spec import SOURCES
+
         return SOURCES
     if name in _WHERE:
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -22,8 +22,15 @@ CHUNK = 1 << 20
 PROGRESS_EVERY = 32 << 20  # bytes between progress log lines
 
 
-def fetch(url: str, dest: Path, md5: str, *, retries: int = 5, backoff_s: float = 2.0,
-          timeout_s: float = 60.0) -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    md5: str,
+    *,
+    retries: int = 5,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60.0,
+) -> Path:
     """Make `dest` a verified copy of `url`; returns `dest`. Does nothing if it already is."""
     dest = Path(dest)
     if dest.exists():
@@ -38,22 +45,35 @@ def fetch(url: str, dest: Path, md5: str, *, retries: int = 5, backoff_s: float 
             _transfer(url, part, timeout_s)
             break
         except (OSError, http.client.HTTPException, _Incomplete) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500 \
-                    and exc.code not in (408, 416, 429):
+            if (
+                isinstance(exc, urllib.error.HTTPError)
+                and 400 <= exc.code < 500
+                and exc.code not in (408, 416, 429)
+            ):
                 raise DownloadError(f"GET {url} failed: HTTP {exc.code} {exc.reason}") from exc
             if attempt == retries:
-                raise DownloadError(f"GET {url} failed after {retries} attempts: {exc}; "
-                                    f"the partial file {part} is kept and a re-run "
-                                    f"resumes it") from exc
+                raise DownloadError(
+                    f"GET {url} failed after {retries} attempts: {exc}; "
+                    f"the partial file {part} is kept and a re-run "
+                    f"resumes it"
+                ) from exc
             delay = backoff_s * 2 ** (attempt - 1)
-            log.warning("download attempt %d/%d of %s failed (%s); retrying in %.1fs",
-                        attempt, retries, url, exc, delay)
+            log.warning(
+                "download attempt %d/%d of %s failed (%s); retrying in %.1fs",
+                attempt,
+                retries,
+                url,
+                exc,
+                delay,
+            )
             time.sleep(delay)
     actual = file_digest(part, "md5")
     if actual != md5:
         part.unlink()  # a wrong file must not be resumed; the next run starts afresh
-        raise ChecksumError(f"{url}: md5 {actual} != expected {md5}; the download is corrupt "
-                            f"or the mirror serves a different file (deleted it)")
+        raise ChecksumError(
+            f"{url}: md5 {actual} != expected {md5}; the download is corrupt "
+            f"or the mirror serves a different file (deleted it)"
+        )
     os.replace(part, dest)
     return dest
 
@@ -81,8 +101,12 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
         expected = response.headers.get("Content-Length")
         expected = int(expected) if expected is not None else None
         received = 0
-        log.info("downloading %s (%s bytes%s)", url, expected if expected is not None else "?",
-                 f", resuming at {have}" if resumed else "")
+        log.info(
+            "downloading %s (%s bytes%s)",
+            url,
+            expected if expected is not None else "?",
+            f", resuming at {have}" if resumed else "",
+        )
         with open(part, "ab" if resumed else "wb") as f:
             for block in iter(lambda: response.read(CHUNK), b""):
                 f.write(block)

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class Splits(NamedTuple):
-    train_x: np.ndarray   # uint8 (N, H, W, 3)
-    train_y: np.ndarray   # int64 (N,)
+    train_x: np.ndarray  # uint8 (N, H, W, 3)
+    train_y: np.ndarray  # int64 (N,)
     test_x: np.ndarray
     test_y: np.ndarray
     classes: list
@@ -35,20 +35,33 @@ def read_archive(dataset: str, path: Path) -> Splits:
         return reader(Path(path))
     except ArchiveError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
-            pickle.UnpicklingError, KeyError, ValueError) as exc:
-        raise ArchiveError(f"{path} is corrupted, truncated or not the official "
-                           f"{dataset} archive ({type(exc).__name__}: {exc}); delete it and "
-                           f"run prepare again") from exc
+    except (
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        KeyError,
+        ValueError,
+    ) as exc:
+        raise ArchiveError(
+            f"{path} is corrupted, truncated or not the official "
+            f"{dataset} archive ({type(exc).__name__}: {exc}); delete it and "
+            f"run prepare again"
+        ) from exc
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """The CIFAR pickles hold only dicts, lists, strings and numpy arrays; refusing every other
     global keeps a tampered archive from running code."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -85,8 +98,10 @@ def _pil_image():
     try:
         from PIL import Image
     except ImportError as exc:
-        raise ImportError("converting Tiny ImageNet's JPEG images needs Pillow: "
-                          "pip install 'vsgd-repro[pipeline]'") from exc
+        raise ImportError(
+            "converting Tiny ImageNet's JPEG images needs Pillow: "
+            "pip install 'vsgd-repro[pipeline]'"
+        ) from exc
     return Image
 
 
@@ -106,21 +121,34 @@ def read_tinyimagenet(path: Path, size: int = 64) -> Splits:
         # Labels follow the sorted wnids, as in the authors' loader and ImageFolder.
         wnids = sorted(zf.read(root + "wnids.txt").decode().split())
         label = {w: i for i, w in enumerate(wnids)}
-        words = dict(line.split("\t", 1) for line in
-                     zf.read(root + "words.txt").decode().splitlines() if "\t" in line)
+        words = dict(
+            line.split("\t", 1)
+            for line in zf.read(root + "words.txt").decode().splitlines()
+            if "\t" in line
+        )
         classes = [words.get(w, w).strip() for w in wnids]
 
-        train = sorted(n for n in names if n.startswith(root + "train/")
-                       and n.endswith(".JPEG") and n.split("/")[-2] == "images")
+        train = sorted(
+            n
+            for n in names
+            if n.startswith(root + "train/")
+            and n.endswith(".JPEG")
+            and n.split("/")[-2] == "images"
+        )
         train_y = [label[n.split("/")[2]] for n in train]
-        val = [line.split("\t")[:2] for line in
-               zf.read(root + "val/val_annotations.txt").decode().splitlines() if line.strip()]
+        val = [
+            line.split("\t")[:2]
+            for line in zf.read(root + "val/val_annotations.txt").decode().splitlines()
+            if line.strip()
+        ]
         test = [root + "val/images/" + fname for fname, _ in val]
         test_y = [label[w] for _, w in val]
         missing = [n for n in test if n not in names]
         if missing:
-            raise ArchiveError(f"{path}: {len(missing)} val images listed in "
-                               f"val_annotations.txt are missing, e.g. {missing[0]}")
+            raise ArchiveError(
+                f"{path}: {len(missing)} val images listed in "
+                f"val_annotations.txt are missing, e.g. {missing[0]}"
+            )
 
         def decode(members: list) -> np.ndarray:
             out = np.empty((len(members), size, size, 3), dtype=np.uint8)
@@ -130,5 +158,10 @@ def read_tinyimagenet(path: Path, size: int = 64) -> Splits:
                     log.info("decoded %d/%d images", i + 1, len(members))
             return out
 
-        return Splits(decode(train), np.asarray(train_y, dtype=np.int64),
-                      decode(test), np.asarray(test_y, dtype=np.int64), classes)
+        return Splits(
+            decode(train),
+            np.asarray(train_y, dtype=np.int64),
+            decode(test),
+            np.asarray(test_y, dtype=np.int64),
+            classes,
+        )

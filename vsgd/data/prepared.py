@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..files import CHUNK, file_digest, file_identity, hashed_before, json_sha256, note_hashed
+from ..spec import SOURCES
 from . import synthetic
 from .download import fetch
 from .errors import DataError
 from .formats import Splits, read_archive
 from .registry import DatasetInfo, get_dataset
-from ..files import CHUNK, file_digest, file_identity, hashed_before, json_sha256, note_hashed
-from ..spec import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,22 @@ ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 class Prepared(NamedTuple):
-    train_x: np.ndarray   # uint8 (N, H, W, 3)
-    train_y: np.ndarray   # int64 (N,)
+    train_x: np.ndarray  # uint8 (N, H, W, 3)
+    train_y: np.ndarray  # int64 (N,)
     test_x: np.ndarray
     test_y: np.ndarray
     manifest: dict
 
 
-def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
-            synthetic_sizes: dict | None = None, expected_md5: str | None = None) -> dict:
+def prepare(
+    dataset: str,
+    source: str,
+    root,
+    *,
+    mirror: str | None = None,
+    synthetic_sizes: dict | None = None,
+    expected_md5: str | None = None,
+) -> dict:
     """Make `<root>/prepared/<dataset>/` hold `dataset` from `source`; return its manifest.
 
     `mirror` replaces the base URL of the official archive (the file name is kept) and must
@@ -61,8 +68,9 @@ def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
     out = root / "prepared" / dataset
 
     if source == "official":
-        url = info.archive.url if mirror is None else \
-            f"{mirror.rstrip('/')}/{info.archive.filename}"
+        url = (
+            info.archive.url if mirror is None else f"{mirror.rstrip('/')}/{info.archive.filename}"
+        )
         archive = {"url": url, "md5": expected_md5 or info.archive.md5}
         counts = None  # whatever the archive holds
     else:
@@ -82,14 +90,12 @@ def prepare(dataset: str, source: str, root, *, mirror: str | None = None,
         if out.exists():
             log.info("replacing %s (different source or damaged)", out)
         if source == "official":
-            path = fetch(archive["url"], root / "downloads" / info.archive.filename,
-                         archive["md5"])
+            path = fetch(archive["url"], root / "downloads" / info.archive.filename, archive["md5"])
             log.info("converting %s", path)
             splits = read_archive(dataset, path)
             held = {"train": len(splits.train_y), "test": len(splits.test_y)}
             if held != info.counts:
-                log.warning("%s holds %s images, the official archive %s", path, held,
-                            info.counts)
+                log.warning("%s holds %s images, the official archive %s", path, held, info.counts)
         else:
             log.info("generating synthetic %s: %s", dataset, counts)
             splits = synthetic.generate(info, counts)
@@ -117,9 +123,11 @@ def _same_data(manifest: dict, source: str, archive: dict | None, counts: dict |
 def _synthetic_sizes(info: DatasetInfo, sizes: dict | None) -> dict:
     sizes = dict(info.counts if sizes is None else sizes)
     if set(sizes) != {"train", "test"} or not all(
-            isinstance(v, int) and v > 0 for v in sizes.values()):
-        raise ValueError(f"synthetic_sizes must be {{'train': n, 'test': m}} with positive "
-                         f"integers, got {sizes}")
+        isinstance(v, int) and v > 0 for v in sizes.values()
+    ):
+        raise ValueError(
+            f"synthetic_sizes must be {{'train': n, 'test': m}} with positive integers, got {sizes}"
+        )
     return sizes
 
 
@@ -138,8 +146,7 @@ def _check(info: DatasetInfo, s: Splits) -> None:
         raise DataError(f"converted {info.name} is not as expected: {'; '.join(problems)}")
 
 
-def _publish(out: Path, info: DatasetInfo, source: str, archive: dict | None,
-             s: Splits) -> dict:
+def _publish(out: Path, info: DatasetInfo, source: str, archive: dict | None, s: Splits) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the data from other users/pods
@@ -208,23 +215,29 @@ def load_prepared(directory) -> Prepared:
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{directory} is not a prepared dataset ({exc}); run "
-                        f"`python -m vsgd.data prepare` first") from exc
+        raise DataError(
+            f"{directory} is not a prepared dataset ({exc}); run "
+            f"`python -m vsgd.data prepare` first"
+        ) from exc
     files = _listed_files(directory, manifest)
     try:
-        arrays = {a: _load_verified(directory / f"{a}.npy", files[f"{a}.npy"], manifest)
-                  for a in ARRAYS}
+        arrays = {
+            a: _load_verified(directory / f"{a}.npy", files[f"{a}.npy"], manifest) for a in ARRAYS
+        }
     except OSError as exc:
-        raise DataError(f"{directory} is not a prepared dataset ({exc}); run "
-                        f"`python -m vsgd.data prepare` first") from exc
+        raise DataError(
+            f"{directory} is not a prepared dataset ({exc}); run "
+            f"`python -m vsgd.data prepare` first"
+        ) from exc
     shape = tuple(manifest["image_shape"])
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         n = manifest["counts"][split]
-        if x.shape != (n, *shape) or y.shape != (n,) or x.dtype != np.uint8 \
-                or y.dtype != np.int64:
-            raise DataError(f"{directory}: {split} arrays {x.dtype}{x.shape}/{y.dtype}{y.shape} "
-                            f"disagree with the manifest ({n} x {shape}); prepare it again")
+        if x.shape != (n, *shape) or y.shape != (n,) or x.dtype != np.uint8 or y.dtype != np.int64:
+            raise DataError(
+                f"{directory}: {split} arrays {x.dtype}{x.shape}/{y.dtype}{y.shape} "
+                f"disagree with the manifest ({n} x {shape}); prepare it again"
+            )
     return Prepared(**arrays, manifest=manifest)
 
 
@@ -233,13 +246,17 @@ def _listed_files(directory: Path, manifest: dict) -> dict:
     checksum (the one in run hashes) the digest of exactly these."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not {f"{a}.npy" for a in ARRAYS} <= set(files):
-        raise DataError(f"{directory}/manifest.json does not list the sha256 of every array "
-                        f"({', '.join(f'{a}.npy' for a in ARRAYS)}). "
-                        f"{_prepare_again(directory, manifest)}")
+        raise DataError(
+            f"{directory}/manifest.json does not list the sha256 of every array "
+            f"({', '.join(f'{a}.npy' for a in ARRAYS)}). "
+            f"{_prepare_again(directory, manifest)}"
+        )
     if json_sha256(files) != manifest.get("checksum"):
-        raise DataError(f"{directory}/manifest.json: its checksum {manifest.get('checksum')} "
-                        f"is not the sha256 of its files ({json_sha256(files)}): the manifest "
-                        f"was changed after `prepare`. {_prepare_again(directory, manifest)}")
+        raise DataError(
+            f"{directory}/manifest.json: its checksum {manifest.get('checksum')} "
+            f"is not the sha256 of its files ({json_sha256(files)}): the manifest "
+            f"was changed after `prepare`. {_prepare_again(directory, manifest)}"
+        )
     return files
 
 
@@ -252,12 +269,16 @@ def _load_verified(path: Path, expected: str, manifest: dict) -> np.ndarray:
         try:
             array, digest = _read_hashing(f)
         except ValueError as exc:  # the header: not an array we wrote any more
-            raise DataError(f"{path} is not a readable .npy array ({exc}). "
-                            f"{_prepare_again(path.parent, manifest)}") from exc
+            raise DataError(
+                f"{path} is not a readable .npy array ({exc}). "
+                f"{_prepare_again(path.parent, manifest)}"
+            ) from exc
         if digest != expected:
-            raise DataError(f"{path} differs from the data `prepare` wrote: its sha256 is "
-                            f"{digest}, manifest.json lists {expected}. "
-                            f"{_prepare_again(path.parent, manifest)}")
+            raise DataError(
+                f"{path} differs from the data `prepare` wrote: its sha256 is "
+                f"{digest}, manifest.json lists {expected}. "
+                f"{_prepare_again(path.parent, manifest)}"
+            )
         if file_identity(os.fstat(f.fileno())) == identity:  # else it changed while read
             note_hashed(identity, digest)
     return array
@@ -285,10 +306,10 @@ def _read_hashing(f) -> tuple[np.ndarray, str]:
     view = memoryview(flat).cast("B")
     done = 0
     while done < len(view):
-        n = f.readinto(view[done:done + CHUNK])
+        n = f.readinto(view[done : done + CHUNK])
         if not n:  # truncated: the digest of what is there cannot match
             break
-        digest.update(view[done:done + n])
+        digest.update(view[done : done + n])
         done += n
     for block in iter(lambda: f.read(CHUNK), b""):  # bytes after the array: hashed as well
         digest.update(block)
@@ -297,10 +318,11 @@ def _read_hashing(f) -> tuple[np.ndarray, str]:
 
 def _prepare_again(directory: Path, manifest) -> str:
     """How to get the prepared dataset back as `prepare` wrote it."""
-    dataset = manifest.get("dataset", "<dataset>") if isinstance(manifest, dict) \
-        else "<dataset>"
-    return (f"Prepare it again: `python -m pipeline prepare {dataset}` (in the DVC pipeline "
-            f"`dvc repro prepare@{dataset}`; without params.yaml `python -m vsgd.data prepare "
-            f"--dataset {dataset} --source <official|synthetic> --root <root>`), which "
-            f"rewrites {directory}; a copy staged from the remote store (under $VSGD_SCRATCH, "
-            f"by default ~/.cache/vsgd-repro/data) is fetched again once moved aside")
+    dataset = manifest.get("dataset", "<dataset>") if isinstance(manifest, dict) else "<dataset>"
+    return (
+        f"Prepare it again: `python -m pipeline prepare {dataset}` (in the DVC pipeline "
+        f"`dvc repro prepare@{dataset}`; without params.yaml `python -m vsgd.data prepare "
+        f"--dataset {dataset} --source <official|synthetic> --root <root>`), which "
+        f"rewrites {directory}; a copy staged from the remote store (under $VSGD_SCRATCH, "
+        f"by default ~/.cache/vsgd-repro/data) is fetched again once moved aside"
+    )

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Archive:
-    url: str        # official location; a mirror replaces everything before `filename`
+    url: str  # official location; a mirror replaces everything before `filename`
     filename: str
     md5: str
 
@@ -17,7 +17,7 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    counts: dict            # official split sizes, also the synthetic default
+    counts: dict  # official split sizes, also the synthetic default
     archive: Archive
 
     def __getitem__(self, key: str):
@@ -32,19 +32,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = {
     # URL and md5 as in torchvision.datasets.CIFAR100.
     "cifar100": DatasetInfo(
-        name="cifar100", image_size=32, num_classes=100,
-        mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
+        name="cifar100",
+        image_size=32,
+        num_classes=100,
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
         counts={"train": 50_000, "test": 10_000},
-        archive=Archive("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                        "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+        archive=Archive(
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "cifar-100-python.tar.gz",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+        ),
     ),
     # The CS231n zip (248,100,043 bytes); its labelled val/ split is the paper's test set.
     "tinyimagenet": DatasetInfo(
-        name="tinyimagenet", image_size=64, num_classes=200,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        name="tinyimagenet",
+        image_size=64,
+        num_classes=200,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         counts={"train": 100_000, "test": 10_000},
-        archive=Archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-                        "tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de"),
+        archive=Archive(
+            "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            "tiny-imagenet-200.zip",
+            "90528d7ca1a48142e341f4ef8d21d0de",
+        ),
     ),
 }
 
