@@ -262,10 +262,17 @@ def _up(state_dir: Path, args) -> int:
     return 0
 
 
-def _down(state_dir: Path, args) -> int:
+def _recorded(state_dir: Path) -> dict | None:
+    """The services `up` recorded in `state_dir`; None (said) when there are none."""
     state = _load(state_dir)
     if state is None:
         print(f"no services recorded in {state_dir}")
+    return state
+
+
+def _down(state_dir: Path, args) -> int:
+    state = _recorded(state_dir)
+    if state is None:
         return 0
     for service in reversed(state["services"]):
         stop(service)
@@ -276,9 +283,8 @@ def _down(state_dir: Path, args) -> int:
 
 
 def _status(state_dir: Path, args) -> int:
-    state = _load(state_dir)
+    state = _recorded(state_dir)
     if state is None:
-        print(f"no services recorded in {state_dir}")
         return 3
     up = True
     for s in state["services"]:

@@ -83,25 +83,24 @@ class Pods:
 
     def of(self, job_uid: str) -> list[dict]:
         """The pods of the Job with `job_uid`, newest last."""
-        pods = self.api.call(
-            self.api.core.list_namespaced_pod,
-            self.namespace,
-            label_selector=f"{CONTROLLER_UID}={job_uid}",
-        ).items
-        return sorted(
-            (self.api.to_dict(p) for p in pods),
-            key=lambda p: p["metadata"].get("creationTimestamp") or "",
+        pods = self._list(
+            self.api.core.list_namespaced_pod, label_selector=f"{CONTROLLER_UID}={job_uid}"
         )
+        return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
     def warnings(self, uid: str) -> list[dict]:
         """Warning events about the object with `uid`, oldest first."""
-        events = self.api.call(
+        events = self._list(
             self.api.core.list_namespaced_event,
-            self.namespace,
             field_selector=f"involvedObject.uid={uid},type=Warning",
-        ).items
-        events = [self.api.to_dict(e) for e in events]
+        )
         return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+    def _list(self, method, **selector) -> list[dict]:
+        """The objects of a namespaced list call in this namespace, as dicts."""
+        return [
+            self.api.to_dict(o) for o in self.api.call(method, self.namespace, **selector).items
+        ]
 
     def start_failure(self, job_uid: str, created: str, pods: list[dict]):
         """(kind, text) when the Job's newest pod cannot start, or the Job cannot create one

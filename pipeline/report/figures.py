@@ -279,24 +279,19 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
             ax.set_title(f"{label(ds)}: {model}{seeds}", fontsize=10)
             if points:
                 steps = [r["step"] for r in points]
-                ax.fill_between(
-                    steps,
-                    [r["q10"] for r in points],
-                    [r["q90"] for r in points],
-                    color=color,
-                    alpha=0.15,
-                    lw=0,
-                    label="10–90% of parameters",
-                )
-                ax.fill_between(
-                    steps,
-                    [r["q25"] for r in points],
-                    [r["q75"] for r in points],
-                    color=color,
-                    alpha=0.35,
-                    lw=0,
-                    label="25–75% of parameters",
-                )
+                for low, high, alpha, share in (
+                    ("q10", "q90", 0.15, "10–90%"),
+                    ("q25", "q75", 0.35, "25–75%"),
+                ):
+                    ax.fill_between(
+                        steps,
+                        [r[low] for r in points],
+                        [r[high] for r in points],
+                        color=color,
+                        alpha=alpha,
+                        lw=0,
+                        label=f"{share} of parameters",
+                    )
                 ax.plot(
                     steps,
                     [r["median"] for r in points],

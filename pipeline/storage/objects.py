@@ -130,16 +130,12 @@ class S3Store:
         info = self.head(key)
         if info is None:
             raise FileNotFoundError(f"{self.uri}/{key} does not exist")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
+
+        def download(tmp):
             self.client.download_file(self.bucket, self._key(key), tmp, Config=transfer_config())
             verify_digest(f"{self.uri}/{key}", info["sha256"], file_digest(tmp))
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+
+        write_atomically(dest, download)
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, verified; None if it does not exist. One GET, so the
@@ -213,15 +209,7 @@ class LocalStore:
     def get_file(self, key: str, dest) -> None:
         if not self.exists(key):
             raise FileNotFoundError(f"{self.uri}/{key} does not exist")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(self._path(key), tmp)
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomically(dest, lambda tmp: shutil.copyfile(self._path(key), tmp))
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -237,6 +225,20 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def write_atomically(dest, fill) -> None:
+    """`fill(tmp)` writes a temporary file beside `dest`, which then replaces `dest` whole; a
+    fill that raises leaves `dest` as it was (and no temporary file)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        fill(tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def open_store(uri: str, endpoint_url: str | None = None):

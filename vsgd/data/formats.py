@@ -21,12 +21,15 @@ from .errors import ArchiveError
 log = logging.getLogger(__name__)
 
 
-class Splits(NamedTuple):
-    train_x: np.ndarray  # uint8 (N, H, W, 3)
-    train_y: np.ndarray  # int64 (N,)
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: list
+# A dataset's four arrays: images uint8 (N, H, W, 3) and labels int64 (N,) of each split.
+ARRAY_FIELDS = [
+    ("train_x", np.ndarray),
+    ("train_y", np.ndarray),
+    ("test_x", np.ndarray),
+    ("test_y", np.ndarray),
+]
+# What an official archive converts to: the arrays and the class names.
+Splits = NamedTuple("Splits", [*ARRAY_FIELDS, ("classes", list)])
 
 
 def read_archive(dataset: str, path: Path) -> Splits:

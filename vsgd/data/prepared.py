@@ -24,20 +24,14 @@ from ..spec import SOURCES
 from . import synthetic
 from .download import fetch
 from .errors import DataError
-from .formats import Splits, read_archive
+from .formats import ARRAY_FIELDS, Splits, read_archive
 from .registry import DatasetInfo, get_dataset
 
 log = logging.getLogger(__name__)
 
-ARRAYS = ("train_x", "train_y", "test_x", "test_y")
-
-
-class Prepared(NamedTuple):
-    train_x: np.ndarray  # uint8 (N, H, W, 3)
-    train_y: np.ndarray  # int64 (N,)
-    test_x: np.ndarray
-    test_y: np.ndarray
-    manifest: dict
+ARRAYS = tuple(name for name, _ in ARRAY_FIELDS)
+# A prepared dataset as a run loads it: the arrays and the manifest.
+Prepared = NamedTuple("Prepared", [*ARRAY_FIELDS, ("manifest", dict)])
 
 
 def prepare(
