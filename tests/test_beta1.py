@@ -12,8 +12,9 @@ from conftest import run_spec
 
 from vsgd import VSGD, trainer
 from vsgd.optim import beta1_summary
+from vsgd.outputs import BETA1_COLUMNS
 from vsgd.spec import BOOKKEEPING, TRAINING_DEFAULTS
-from vsgd.trainer import BETA1_COLUMNS, train
+from vsgd.trainer import train
 
 VSGD_SPEC = {
     "name": "vsgd",

@@ -15,8 +15,9 @@ import torch
 from conftest import ROOT, crash_at, run_spec, untimed
 
 from vsgd.checkpoint import LocalCheckpointStore, from_bytes
+from vsgd.outputs import CURVE_COLUMNS
 from vsgd.spec import ConfigError, check_spec
-from vsgd.trainer import CURVE_COLUMNS, train
+from vsgd.trainer import train
 
 METRICS_KEYS = {
     "name",
