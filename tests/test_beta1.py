@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run_spec
 
-from vsgd import VSGD, trainer
+from vsgd import VSGD, outputs
 from vsgd.optim import beta1_summary
 from vsgd.outputs import BETA1_COLUMNS
 from vsgd.spec import BOOKKEEPING, TRAINING_DEFAULTS
@@ -73,9 +73,9 @@ def test_beta1_every_defaults_to_100_and_is_bookkeeping():
 
 def test_vsgd_run_writes_beta1_csv_before_metrics(data_root, tmp_path, monkeypatch):
     written = []
-    atomic_write = trainer.atomic_write
+    atomic_write = outputs.atomic_write  # the result files' writer
     monkeypatch.setattr(
-        trainer,
+        outputs,
         "atomic_write",
         lambda path, data: (written.append(Path(path).name), atomic_write(path, data)),
     )
