@@ -24,8 +24,25 @@ class RunOutcome:
     log_tail: str = ""  # last lines of the run's log
 
 
+class RunEvents:
+    """What a stage hears of its runs while they run (the stage's grid-level progress,
+    `pipeline.execute`); the executor calls these from any thread. The defaults ignore them."""
+
+    def run_started(self, name: str, where: str | None = None) -> None:
+        """A run's process started; `where`: on what, e.g. "GPU 3" (None: nothing to say)."""
+
+    def run_output(self, name: str, line: str) -> None:
+        """A line of a run's own output (its log), as the executor receives it."""
+
+    def run_ended(self, outcome: "RunOutcome") -> None:
+        """A run ended, finished or not."""
+
+
 class Executor:
     """What every executor does; the defaults do nothing."""
+
+    # Set by the stage before `run`.
+    events: RunEvents = RunEvents()
 
     def before_stage(self, stage: str, unfinished: list[dict]) -> None:
         """Called by the stage before any lookup, upload or run, with the runs it has not
