@@ -19,6 +19,12 @@ precision, device), images per second:
     256 = 7.8%; the batch sizes come from params.yaml's protocol) and the final evaluation
     inside the timed window.
 
+Every row computes as (c) does: before each row starts, the float32 flags are set to (c)'s
+`training.precision` (strict fp32 by default: TF32 off for cuDNN convolutions and matmuls,
+which PyTorch would otherwise use for convolutions on Ampere and later), and (b) is compiled
+where (c) compiles (`training.compile`: true, or auto on CUDA). Each row records the flags it
+ran under in the JSON (`flags`, per round) and which rows were compiled (`compiled`).
+
 All rows train on the same synthetic images in the dataset's format (`vsgd.data` synthetic
 source; for (a) written out as CIFAR-100 python pickles or as Tiny ImageNet-style JPEG
 files). Each row is timed for `--iters` iterations after `--warmup`; the rows take turns for
@@ -56,12 +62,31 @@ from vsgd.data import (  # noqa: E402
     augment,  # noqa: E402
     prepare,
 )
+from vsgd.engine import set_float32_precision  # noqa: E402
 from vsgd.models import build_model  # noqa: E402
 from vsgd.spec import TRAINING_DEFAULTS  # noqa: E402
 from vsgd.trainer import train  # noqa: E402
 
 OPTIMIZER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
+# (c)'s training keys that decide how the model computes; (a) and (b) follow them. No row
+# but (c) autocasts, so `bf16` would not compare like with like: keep fp32 or tf32.
+TRAINING = {"precision": "fp32", "compile": "auto", "channels_last": "auto"}
+
+
+def compiles(compile_setting, device: torch.device) -> bool:
+    """Whether the trainer compiles the model: `compile` true, or "auto" on CUDA. The rule of
+    vsgd/engine.py `build`, restated here because it is inline there; keep the two equal."""
+    return compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
+
+
+def precision_flags() -> dict:
+    """The process-wide float32 flags a row runs under (set by `set_float32_precision`)."""
+    return {
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
 
 
 @functools.cache
@@ -157,8 +182,10 @@ def build(dataset, arch, device, memory_format=torch.contiguous_format):
     return model, torch.optim.SGD(model.parameters(), **args)
 
 
-def baseline(datasets, config, batch, warmup, iters, device) -> float:
-    """(a): the authors' pipeline."""
+def baseline(datasets, config, batch, warmup, iters, device, precision) -> tuple[float, dict]:
+    """(a): the authors' pipeline, under `precision`'s float32 flags; (images/s, the flags at
+    the start of its window)."""
+    set_float32_precision(precision)
     dataset, arch = config.split(":")
     train_set, val_set, test_set = datasets
     loader_args = dict(batch_size=batch, num_workers=1, pin_memory=device.type == "cuda")
@@ -177,6 +204,7 @@ def baseline(datasets, config, batch, warmup, iters, device) -> float:
     stats = []  # what the authors' loop reads back every step
     for i in range(warmup + iters):
         if i == warmup:
+            flags = precision_flags()
             t0 = time.perf_counter()
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -206,7 +234,7 @@ def baseline(datasets, config, batch, warmup, iters, device) -> float:
     seconds = time.perf_counter() - t0
     batches.close()  # stops the loaders' worker processes
     val_batches.close()
-    return iters * batch / seconds
+    return iters * batch / seconds, flags
 
 
 @torch.no_grad()
@@ -226,10 +254,14 @@ def _forever(loader):
         yield from loader
 
 
-def ceiling(dataset, arch, batch, warmup, iters, device) -> float:
-    """(b): fwd + bwd + step on one batch on the device, channels_last as the trainer."""
+def ceiling(dataset, arch, batch, warmup, iters, device, precision, compiled) -> tuple[float, dict]:
+    """(b): fwd + bwd + step on one batch on the device, channels_last, float32 flags and
+    compilation as the trainer (compiled during the warm-up); (images/s, the flags at the
+    start of its window)."""
+    set_float32_precision(precision)
     info = DATASETS[dataset]
     model, opt = build(dataset, arch, device, torch.channels_last)
+    forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, info.image_size, info.image_size, device=device).contiguous(
         memory_format=torch.channels_last
     )
@@ -237,25 +269,28 @@ def ceiling(dataset, arch, batch, warmup, iters, device) -> float:
     for i in range(warmup + iters):
         if i == warmup:
             _sync(device)
+            flags = precision_flags()
             t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(forward(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     _sync(device)
-    return iters * batch / (time.perf_counter() - t0)
+    return iters * batch / (time.perf_counter() - t0), flags
 
 
-def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) -> float:
-    """(c): the trainer, timed from its first log point after warm-up (`start`) to its last
-    one (which follows the final evaluation). It also evaluates at `start`, outside the
-    window, so that the evaluation's first-call costs (torch.compile of the eval graph on
-    CUDA) stay out of it, as they would in a long run."""
+def window_start(warmup, log_every) -> int:
+    """(c)'s first log point after the warm-up, where its timed window starts."""
+    return -(-warmup // log_every) * log_every
+
+
+def trainer_spec(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) -> dict:
+    """(c)'s run spec."""
     from vsgd.spec import run_hash
 
     dataset, arch = config.split(":")
     total = warmup + iters
-    start = -(-warmup // log_every) * log_every
+    start = window_start(warmup, log_every)
     evals = len(set(range(2 * start, total + 1, start)) | {total})  # inside the window
     spec = {
         "name": f"bench-{dataset}-{arch}",
@@ -277,9 +312,7 @@ def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) 
             "checkpoint_every": total,
             "log_every": log_every,
             "validation_size": 0,
-            "precision": "fp32",
-            "compile": "auto",
-            "channels_last": "auto",
+            **TRAINING,
             "device": str(device),
             "eval_batch_size": 1000,
             "beta1_every": 500,
@@ -290,13 +323,25 @@ def ours(config, data_root, tmp, batch, warmup, iters, device, log_every, seed) 
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "bench"},
     }
     spec["run_hash"] = run_hash(spec)
-    marks = {}
+    return spec
+
+
+def ours(spec, warmup, log_every) -> tuple[float, dict]:
+    """(c): the trainer, timed from its first log point after warm-up (`start`) to its last
+    one (which follows the final evaluation); (images/s, the flags at `start`, which the
+    trainer set itself). It also evaluates at `start`, outside the window, so that the
+    evaluation's first-call costs (torch.compile of the eval graph on CUDA) stay out of it,
+    as they would in a long run."""
+    total, start = spec["schedule"]["iterations"], window_start(warmup, log_every)
+    marks, flags = {}, {}
 
     def progress(step, _total, _info):
         marks[step] = time.perf_counter()
+        if step == start:
+            flags.update(precision_flags())
 
     train(spec, progress=progress)
-    return (total - start) * batch / (marks[total] - marks[start])
+    return (total - start) * spec["batch_size"] / (marks[total] - marks[start]), flags
 
 
 def _sync(device):
@@ -338,7 +383,7 @@ def parse_args(argv):
     unknown = [c for c in args.configs if c not in known]
     if unknown:
         p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    first_log = -(-args.warmup // args.log_every) * args.log_every
+    first_log = window_start(args.warmup, args.log_every)
     if args.warmup < 1 or first_log >= args.warmup + args.iters:
         p.error(
             f"row (c) is timed between the trainer's log points: no log point (every "
@@ -354,8 +399,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     rows = []
+    compiled = compiles(TRAINING["compile"], device)
     print(
-        f"{args.device} ({torch.get_num_threads()} threads), fp32, SGD momentum; best of "
+        f"{args.device} ({torch.get_num_threads()} threads), {TRAINING['precision']}, "
+        f"{'(b) and (c) compiled' if compiled else 'not compiled'}, SGD momentum; best of "
         f"{args.rounds} rounds of {args.iters} timed iterations after {args.warmup}"
     )
     print(
@@ -384,24 +431,33 @@ def main(argv=None):
                     dataset, data_root / "prepared" / dataset, tmp / dataset
                 )
             runs = {"a": [], "b": [], "c": []}
+            flags = {"a": [], "b": [], "c": []}  # per round, at the start of each window
             for r in range(args.rounds):
-                runs["a"].append(
-                    baseline(authors[dataset], config, batch, args.warmup, args.iters, device)
+                spec = trainer_spec(
+                    config,
+                    data_root,
+                    tmp,
+                    batch,
+                    args.warmup,
+                    args.iters,
+                    device,
+                    args.log_every,
+                    seed=r,
                 )
-                runs["b"].append(ceiling(dataset, arch, batch, args.warmup, args.iters, device))
-                runs["c"].append(
-                    ours(
-                        config,
-                        data_root,
-                        tmp,
-                        batch,
-                        args.warmup,
-                        args.iters,
-                        device,
-                        args.log_every,
-                        seed=r,
-                    )
-                )
+                precision = spec["training"]["precision"]
+                compiled = compiles(spec["training"]["compile"], device)
+                timed = {  # in this order: a, b, c
+                    "a": baseline(
+                        authors[dataset], config, batch, args.warmup, args.iters, device, precision
+                    ),
+                    "b": ceiling(
+                        dataset, arch, batch, args.warmup, args.iters, device, precision, compiled
+                    ),
+                    "c": ours(spec, args.warmup, args.log_every),
+                }
+                for row, (speed, row_flags) in timed.items():
+                    runs[row].append(speed)
+                    flags[row].append(row_flags)
             a, b, c = (max(runs[k]) for k in "abc")
             rows.append(
                 {
@@ -413,6 +469,9 @@ def main(argv=None):
                     "ceiling": b,
                     "ours": c,
                     "rounds": runs,
+                    "precision": precision,
+                    "compiled": {"a": False, "b": compiled, "c": compiled},
+                    "flags": flags,
                 }
             )
             print(

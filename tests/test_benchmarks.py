@@ -1,10 +1,14 @@
 """The benchmarks still run end to end (their figures live in docs/performance.md; no speed is
 asserted here): tiny sizes, every code path of each row."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +55,54 @@ def test_train_throughput_rows_for_both_datasets(tmp_path):
         ("cifar100", "convmixer_256_8", 2),
         ("tinyimagenet", "convmixer_256_8", 2),
     ]
+    # Every row times under the float32 flags of (c)'s precision: strict fp32 for all three,
+    # (a) and (b) included although they run before the trainer first sets the flags.
+    strict_fp32 = {
+        "cudnn_allow_tf32": False,
+        "matmul_allow_tf32": False,
+        "float32_matmul_precision": "highest",
+    }
     for row in rows:
         for key, row_id in (("baseline", "a"), ("ceiling", "b"), ("ours", "c")):
             assert row[key] > 0 and row["rounds"][row_id] == [row[key]]
+            assert row["flags"][row_id] == [strict_fp32], (row_id, row["flags"])
+        assert row["precision"] == "fp32"
+        assert row["compiled"] == {"a": False, "b": False, "c": False}  # compile auto: CUDA only
     assert "tinyimagenet:convmixer_256_8" in proc.stdout
+
+
+def load_train_throughput():
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", ROOT / "benchmarks" / "train_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "setting, device, compiled",
+    [
+        ("auto", "cuda", True),
+        ("auto", "cpu", False),
+        (True, "cpu", True),
+        (False, "cuda", False),
+    ],
+)
+def test_train_throughput_compiles_the_ceiling_where_the_trainer_compiles(
+    monkeypatch, setting, device, compiled
+):
+    """The ceiling follows vsgd.engine.build's rule for `training.compile` (restated in the
+    benchmark); torch.compile is recorded, not run (compiling on CPU takes about a minute)."""
+    bench = load_train_throughput()
+    assert bench.compiles(setting, torch.device(device)) is compiled
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model: calls.append(model) or model)
+    speed, flags = bench.ceiling(
+        "cifar100", "convmixer_256_8", 2, 1, 1, torch.device("cpu"), "fp32", compiled
+    )
+    assert speed > 0 and flags["cudnn_allow_tf32"] is False
+    assert len(calls) == (1 if compiled else 0)
 
 
 def test_train_throughput_rejects_bad_arguments(tmp_path):
