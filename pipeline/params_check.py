@@ -58,6 +58,10 @@ TOP_LEVEL = (
 TUNE = ("enabled", "budget", "validation_size", "seed")
 TIMING = ("steps", "warmup", "rounds", "device")
 EXECUTORS = ("local", "kubernetes")
+# `executor.local`: which GPUs the local executor hands out (all the machine shows it, none,
+# or indices as this process numbers them) and how many runs share one GPU at once.
+LOCAL_DEFAULTS = {"gpus": "all", "runs_per_gpu": 1}
+LOCAL_GPUS_ALLOWED = "all, none, or a list of GPU indices, e.g. [0, 2]"
 
 
 def validate(params: dict, build_imported: bool = True) -> list[str]:
@@ -334,10 +338,14 @@ def _check_data(c, p):
 
 def _check_small_sections(c, p):
     e = c.mapping(
-        p["executor"], "executor", required=("kind", "max_parallel"), optional=("kubernetes",)
+        p["executor"],
+        "executor",
+        required=("kind", "max_parallel"),
+        optional=("local", "kubernetes"),
     )
     if e is not None:
         c.choice(e["kind"], "executor.kind", EXECUTORS)
+        _check_local(c, e["local"])
         # null: the executor's own default (one at a time; on Kubernetes with a Kueue
         # queue, every run: admission is the queue's job).
         if e["max_parallel"] is not None:
@@ -363,6 +371,30 @@ def _check_small_sections(c, p):
             c.problem(f"storage.endpoint_url: {endpoint!r}; allowed: null or http(s)://host:port")
     if p["preset"] not in (None, MISSING) and not isinstance(p["preset"], str):
         c.problem(f"preset: expected a preset name or null, got {p['preset']!r}")
+
+
+def local_settings(params: dict) -> dict:
+    """`executor.local` with its defaults (the section absent or null: every default)."""
+    return {**LOCAL_DEFAULTS, **((params.get("executor") or {}).get("local") or {})}
+
+
+def _check_local(c, raw):
+    """`executor.local`; whether the GPUs it lists exist is the executor's question, asked
+    on the machine that runs the stage (validation may run elsewhere)."""
+    local = (
+        None if raw is None else c.mapping(raw, "executor.local", optional=tuple(LOCAL_DEFAULTS))
+    )
+    if local is None:
+        return
+    gpus = local["gpus"]
+    if isinstance(gpus, list) and gpus:
+        path = "executor.local.gpus"
+        indices = [c.integer(gpus, i, f"{path}[{i}]", minimum=0) for i in range(len(gpus))]
+        if all(indices) and len(set(gpus)) != len(gpus):
+            c.problem(f"{path}: duplicates in {gpus!r}; list each GPU once")
+    elif gpus is not MISSING and not (isinstance(gpus, str) and gpus in ("all", "none")):
+        c.problem(f"executor.local.gpus: {gpus!r} is not allowed; allowed: {LOCAL_GPUS_ALLOWED}")
+    c.integer(local, "runs_per_gpu", "executor.local.runs_per_gpu", minimum=1)
 
 
 def _check_cross(c, params):

@@ -20,16 +20,31 @@ the run's spec or log and passes it on to the run's process, so a second stage o
 workspace (or `python -m pipeline.train` started by hand) never trains it at the same time,
 never writes into its log, and waits for it instead; it starts the run only if the other
 launcher stopped before finishing it.
+
+GPUs: a run that may use one (`training.device` auto or cuda) gets exactly one, through
+`CUDA_VISIBLE_DEVICES` in its environment (inside the run, `cuda` is that GPU), from
+`executor.local.gpus` (default all this machine shows the launcher: `CUDA_VISIBLE_DEVICES`
+honoured, as CUDA reads it), at most `executor.local.runs_per_gpu` runs per GPU, the least
+loaded GPU first; a GPU goes to the next waiting run the moment its run ends. Unset,
+`max_parallel` is one run per GPU place; set, it caps the runs at once, and a run that needs
+a GPU still waits for a free place. Without a GPU (none here, or `gpus: none`) such a run
+sees none (`CUDA_VISIBLE_DEVICES` empty: `auto` trains on the CPU). `before_stage` refuses,
+for the whole stage, a run that names CUDA where it cannot have it: `cuda` without a GPU,
+and `cuda:N` (N > 0) with one, which the run would see as cuda:0. cpu and mps runs are left
+as they are. The cores are split between the runs that can run at once, GPU runs or not.
 """
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from vsgd.spec import TRAINING_DEFAULTS, ConfigError
 
 from .. import results
 from ..contract import (
@@ -51,11 +66,34 @@ TAIL_LINES = 30
 # Job template's terminationGracePeriodSeconds (pipeline/templates/job-template.yaml), the
 # same budget a run has in a pod.
 GRACE_SECONDS = 120
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+# How often a run waiting for a free GPU looks whether the stage is stopping.
+WAIT_POLL_SECONDS = 0.2
 
 
 class LocalExecutor(Executor):
-    def __init__(self, max_parallel: int = 1, command=None, out=None, run_env=None):
-        self.max_parallel = max(1, int(max_parallel))
+    def __init__(
+        self,
+        max_parallel: int | None = 1,
+        command=None,
+        out=None,
+        run_env=None,
+        *,
+        gpus="all",
+        runs_per_gpu: int = 1,
+        machine_gpus=None,
+    ):
+        # None: one run per GPU place when the runs use GPUs, else one at a time.
+        self.max_parallel = None if max_parallel is None else max(1, int(max_parallel))
+        # executor.local: "all", "none" or indices into the machine's GPUs.
+        self.gpus = gpus
+        self.runs_per_gpu = max(1, int(runs_per_gpu))
+        # () -> the GPUs this machine shows us (`visible_gpus`, which the factory passes),
+        # asked once, and only when a run may use a GPU; by default none.
+        self.machine_gpus = machine_gpus or (lambda: [])
+        self._machine = None
+        self._places = None  # GpuPlaces of the current `run`, None without GPUs
+        self._at_once = None  # runs that can run at once in the current `run`
         # spec -> extra environment variables of its process (they win over ours).
         self.run_env = run_env or (lambda spec: {})
         # The single-run CLI; `--spec <file>` is appended. Tests substitute a stand-in.
@@ -68,7 +106,14 @@ class LocalExecutor(Executor):
     def run(self, specs: list[dict]) -> list[RunOutcome]:
         if not specs:
             return []
-        pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="run")
+        gpus = self._gpus_for(specs)
+        self._places = GpuPlaces(gpus, self.runs_per_gpu) if gpus else None
+        places = len(gpus) * self.runs_per_gpu
+        on_gpus = sum(map(takes_gpu, specs)) if gpus else 0
+        workers = self.max_parallel or (places if on_gpus else 1)
+        # What shares the cores: runs on GPUs never outnumber the GPU places.
+        self._at_once = min(workers, places) if on_gpus == len(specs) else workers
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="run")
         previous = self._install_handlers()
         if previous and os.environ.get("DVC_STAGE"):
             # `dvc repro` dies of a SIGTERM without passing it on: stop as if we had it.
@@ -111,7 +156,64 @@ class LocalExecutor(Executor):
         # Through the main thread's handler, which ignores it if a signal came first.
         signal_main_thread(signal.SIGTERM)
 
+    def before_stage(self, stage: str, unfinished: list[dict]) -> None:
+        self._gpus_for(unfinished)
+
+    def _gpus_for(self, specs: list[dict]) -> list[str]:
+        """The GPUs the runs of `specs` are given ([] when none may use one, without asking
+        the machine); ConfigError for what would fail them: GPUs listed that the machine does
+        not have, and runs that name CUDA where they cannot have it."""
+        wanting = [s for s in specs if takes_gpu(s)]
+        if not wanting:
+            return []
+        if self._machine is None:
+            self._machine = list(self.machine_gpus())
+        machine, problems = self._machine, []
+        if self.gpus in ("all", "none"):
+            gpus = machine if self.gpus == "all" else []
+        else:
+            gpus = [machine[i] for i in self.gpus if i < len(machine)]
+            problems += [
+                f"executor.local.gpus[{n}]: {i} is not a GPU here; {self._machine_text()}"
+                for n, i in enumerate(self.gpus)
+                if i >= len(machine)
+            ]
+        named = collections.defaultdict(list)  # a CUDA device -> the runs that name it
+        for spec in wanting:
+            if device_of(spec).startswith("cuda"):
+                named[device_of(spec)].append(spec["name"])
+        for device, names in named.items():
+            runs = f"{len(names)} run{'s' if len(names) > 1 else ''}, e.g. {names[0]}"
+            if not gpus:
+                why = "executor.local.gpus is none" if self.gpus == "none" else self._machine_text()
+                problems.append(
+                    f"training.device: {device!r} ({runs}) needs a CUDA GPU, but {why}; "
+                    "allowed here: auto (CUDA where there is a GPU, else the CPU), cpu"
+                )
+            elif device not in ("cuda", "cuda:0"):
+                problems.append(
+                    f"training.device: {device!r} ({runs}): the local executor gives each run "
+                    "one GPU, which the run sees as cuda:0; allowed: auto, cuda, cuda:0, cpu "
+                    "(executor.local.gpus chooses the GPUs)"
+                )
+        if problems:
+            raise ConfigError(problems)
+        return gpus
+
+    def _machine_text(self) -> str:
+        visible = os.environ.get(VISIBLE_ENV)
+        given = "" if visible is None else f" ({VISIBLE_ENV}={visible!r})"
+        if not self._machine:
+            return f"no CUDA GPU is visible here{given}"
+        last = len(self._machine) - 1
+        return f"the GPUs visible here are 0 to {last}{given}"
+
     def _run_one(self, spec: dict) -> RunOutcome:
+        outcome = self._hold_and_run(spec)
+        self.events.run_ended(outcome)
+        return outcome
+
+    def _hold_and_run(self, spec: dict) -> RunOutcome:
         """The run, holding its run lock from before its log is opened until its process
         has ended (`pipeline.runlock`); a run another launcher holds is waited for, and only
         trained here if that launcher stopped without finishing it."""
@@ -129,6 +231,20 @@ class LocalExecutor(Executor):
             return self._start(spec, lock)
 
     def _start(self, spec: dict, lock: RunLock) -> RunOutcome:
+        """The run on a free GPU place if it may use a GPU and there are any (waiting for one,
+        unless the stage stops first); the place is given back as soon as its process ends."""
+        gpu = None
+        if self._places is not None and takes_gpu(spec):
+            gpu = self._places.take(cancel=self._stopping.is_set)
+            if gpu is None:
+                return RunOutcome(spec["name"], spec["run_hash"], ok=False, error="not started")
+        try:
+            return self._start_on(spec, lock, gpu)
+        finally:
+            if gpu is not None:
+                self._places.give_back(gpu)
+
+    def _start_on(self, spec: dict, lock: RunLock, gpu: str | None) -> RunOutcome:
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
@@ -141,6 +257,11 @@ class LocalExecutor(Executor):
         }
         env.pop(TEE_LOG_ENV, None)  # we keep the run's log ourselves, in the same file
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
+        if takes_gpu(spec):
+            # Its GPU alone (inside the run, `cuda` is that GPU), or none at all: never one
+            # that another run was given.
+            env[VISIBLE_ENV] = gpu or ""
+        where = None if gpu is None else f"GPU {gpu}" if gpu.isdigit() else gpu
         log_path = spec_path(spec).parent / LOG_NAME
         with open(log_path, "a", encoding="utf-8") as log:
             with self._lock:
@@ -161,7 +282,8 @@ class LocalExecutor(Executor):
                     pass_fds=(lock.fd,),
                 )
                 self._procs.add(proc)
-            self._say(f"[{name}] start")
+            self._say(f"[{name}] start" + (f" on {where}" if where else ""))
+            self.events.run_started(name, where)
             try:
                 for line in proc.stdout:
                     # tqdm redraws with \r; the last state of a line is what matters here.
@@ -169,6 +291,7 @@ class LocalExecutor(Executor):
                     log.write(line + "\n")
                     tail.append(line)
                     self._say(f"[{name}] {line}")
+                    self.events.run_output(name, line)
                 code = proc.wait()
             finally:
                 with self._lock:
@@ -189,7 +312,7 @@ class LocalExecutor(Executor):
         return RunOutcome(name, spec["run_hash"], ok=False, error=error, log_tail="\n".join(tail))
 
     def threads_per_run(self) -> int:
-        return max(1, _cpu_count() // self.max_parallel)
+        return max(1, _cpu_count() // (self._at_once or self.max_parallel or 1))
 
     def _say(self, text: str):
         with self._lock:
@@ -218,3 +341,84 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class GpuPlaces:
+    """Places on GPUs, `per_gpu` on each: `take` gives a run the least loaded GPU with a free
+    place (the first listed among equals), waiting for one in the order the runs asked;
+    `give_back` frees it. Thread-safe."""
+
+    def __init__(self, gpus: list[str], per_gpu: int):
+        self._load = dict.fromkeys(gpus, 0)
+        self._per_gpu = per_gpu
+        self._waiting = collections.deque()
+        self._changed = threading.Condition()
+
+    def take(self, cancel=lambda: False) -> str | None:
+        """A GPU, or None if `cancel()` turned true while waiting for one."""
+        turn = object()
+        with self._changed:
+            self._waiting.append(turn)
+            try:
+                while True:
+                    gpu = min(self._load, key=self._load.get)
+                    if self._waiting[0] is turn and self._load[gpu] < self._per_gpu:
+                        self._load[gpu] += 1
+                        return gpu
+                    if cancel():
+                        return None
+                    self._changed.wait(WAIT_POLL_SECONDS)
+            finally:
+                self._waiting.remove(turn)
+                self._changed.notify_all()
+
+    def give_back(self, gpu: str) -> None:
+        with self._changed:
+            self._load[gpu] -= 1
+            self._changed.notify_all()
+
+
+def device_of(spec: dict) -> str:
+    return {**TRAINING_DEFAULTS, **(spec.get("training") or {})}["device"]
+
+
+def takes_gpu(spec: dict) -> bool:
+    """Whether the run may use a GPU: `auto` uses CUDA where it finds it, `cuda` needs it."""
+    return device_of(spec) not in ("cpu", "mps")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them for a child."""
+    return cuda_visible_devices(os.environ.get(VISIBLE_ENV), _cuda_device_count())
+
+
+def cuda_visible_devices(value: str | None, device_count: int) -> list[str]:
+    """The GPUs a `CUDA_VISIBLE_DEVICES` of `value` shows, read as CUDA reads it (and as
+    torch.cuda does, `_parse_visible_devices`): unset, every GPU by index; else indices
+    (leading digits, as strtoul reads them) or UUIDs (`GPU-...`/`MIG-...`, when the first
+    entry is one), the list ending at the first entry that is not one; an entry listed twice
+    shows none at all. `device_count`: how many GPUs CUDA counts with this value (torch's
+    count, which ends the list at the first index the machine does not have)."""
+    if value is None:
+        return [str(i) for i in range(device_count)]
+    entries = [entry.strip() for entry in value.split(",")]
+    prefix = next((p for p in ("GPU-", "MIG-") if entries[0].startswith(p)), None)
+    shown = []
+    for entry in entries:
+        if prefix is None:
+            index = re.match(r"\+?\d+", entry)
+            entry = str(int(index.group())) if index else None
+        elif not entry.startswith(prefix):
+            entry = None
+        if entry is None:
+            break
+        if entry in shown:
+            return []
+        shown.append(entry)
+    return shown[:device_count]
+
+
+def _cuda_device_count() -> int:
+    import torch  # only here, and only when a run may use a GPU: the launcher needs no torch
+
+    return torch.cuda.device_count()
