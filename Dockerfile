@@ -25,6 +25,19 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
 # Jobs run `python`; some bases only ship `python3`.
 RUN command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python
 
+# A C and C++ toolchain for torch.compile (`training.compile: auto` compiles on CUDA): Triton
+# builds a small C launcher against Python.h at the first compiled CUDA step, and inductor's
+# CPU code is C++. A `-runtime` base may have no compiler, or gcc without the libc headers,
+# and then the first compiled step fails. g++ without recommends brings gcc and the libc and
+# libstdc++ headers (already installed packages are left as they are); python3-dev only where
+# the interpreter has no Python.h (a system Python: conda's has it), looked up where Triton
+# looks (build.py reads Debian's posix_local scheme as posix_prefix).
+RUN headers=$(python -c "import sysconfig as s; scheme = s.get_default_scheme(); print(s.get_paths('posix_prefix' if scheme == 'posix_local' else scheme)['include'])") \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+      $(test -f "$headers/Python.h" || echo python3-dev) \
+ && rm -rf /var/lib/apt/lists/*
+
 # A fixed non-root uid/gid: the Job template's securityContext runs as 10001.
 RUN groupadd --gid 10001 vsgd \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin vsgd \
@@ -40,6 +53,23 @@ COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['pipeline'] if not r.startswith(p['name'])))" > /tmp/requirements.txt \
  && python -m pip install -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
+
+# The toolchain check, with the torch and Triton the runs use: Triton's own C build (its
+# compiler lookup, the libc and Python headers, a shared object linked) and torch.compile of a
+# tiny function on CPU (inductor's C++ path, OpenMP). Without a GPU at build time it cannot
+# prove the CUDA side: Triton's launcher built against cuda.h and linked to the driver's
+# libcuda.so (mounted into the container only at run time), ptxas for the GPU's architecture,
+# a compiled kernel running; the first compiled training step does that.
+RUN cd / && export TRITON_CACHE_DIR=/tmp/toolchain-check TORCHINDUCTOR_CACHE_DIR=/tmp/toolchain-check \
+ && python -c "\
+import torch; \
+from triton.runtime.build import compile_so_from_src; \
+so = compile_so_from_src('#include <Python.h>' + chr(10) + 'int check(void) { return Py_IsInitialized(); }', 'toolchain_check'); \
+compiled = torch.compile(lambda x: 2 * x + 1); \
+x = torch.arange(4.0); \
+assert torch.equal(compiled(x), 2 * x + 1), 'torch.compile computed another result'; \
+print('C toolchain: Triton builds', so, 'and torch.compile runs on CPU')" \
+ && rm -rf /tmp/toolchain-check
 
 # What the build is of (`make image` passes both): the commit, `-dirty` with uncommitted
 # changes, which the trainer records with each run; and the tag, which the check below

@@ -331,3 +331,111 @@ def test_the_image_installs_the_listed_optimizer_packages_and_only_those(tmp_pat
     assert replay() == (
         "-m pip install -c /app/requirements.lock -r pipeline/requirements-optimizers.txt\n"
     )
+
+
+# -- the C toolchain torch.compile needs ------------------------------------------------------
+
+
+def run_index(marker):
+    """(index among the instructions, arguments) of the one RUN whose arguments hold `marker`."""
+    [(index, args)] = [
+        (i, args)
+        for i, (op, args) in enumerate(dockerfile_instructions())
+        if op == "RUN" and marker in args
+    ]
+    return index, args
+
+
+def test_the_image_installs_a_c_toolchain_as_root_and_cleans_up_after_apt():
+    """Triton compiles its launcher with the first compiled CUDA step: a `-runtime` base
+    without gcc fails there, hours into a grid, not at build time."""
+    instructions = dockerfile_instructions()
+    index, run = run_index("apt-get install")
+    install = run.split("apt-get install", 1)[1].split("&&")[0].split()
+    assert "--no-install-recommends" in install and "-y" in install
+    assert "g++" in install  # brings gcc and, through libstdc++'s headers, libc's
+    assert run.index("apt-get update") < run.index("apt-get install")
+    assert run.rstrip().endswith("rm -rf /var/lib/apt/lists/*")  # no package lists kept
+    users = [i for i, (op, _) in enumerate(instructions) if op == "USER"]
+    assert users and index < users[0]  # apt needs root
+
+
+@pytest.mark.parametrize("python_headers", [True, False])
+def test_the_toolchain_step_adds_python_headers_only_where_missing(tmp_path, python_headers):
+    """The step replayed with a stand-in apt-get: g++ always; python3-dev only when the
+    interpreter's include directory has no Python.h (Triton's launcher includes it)."""
+    _, run = run_index("apt-get install")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "stale").write_text("")
+    step = run.replace("/var/lib/apt/lists/", f"{lists}/")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    include = tmp_path / "include"
+    include.mkdir()
+    if python_headers:
+        (include / "Python.h").write_text("")
+    # A stand-in interpreter that answers the step's include-directory question.
+    (bin_dir / "python").write_text(f"#!/bin/sh\necho {include}\n")
+    for tool in ("apt-get", "python"):
+        (bin_dir / tool).chmod(0o755)
+    subprocess.run(
+        ["sh", "-c", step], cwd=tmp_path, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=True
+    )
+    install = "install -y --no-install-recommends g++"
+    expected = ["update", install if python_headers else f"{install} python3-dev"]
+    assert (tmp_path / "calls").read_text().splitlines() == expected
+    assert not list(lists.iterdir())
+
+
+def test_the_include_directory_the_step_asks_for_is_the_one_triton_compiles_with():
+    """The step's own question, asked of this interpreter, names the directory Triton's
+    build passes to the compiler (its `posix_local` -> `posix_prefix` rule)."""
+    import sysconfig
+
+    _, run = run_index("apt-get install")
+    [question] = re.findall(r'headers=\$\(python -c "(.*?)"\)', run)
+    asked = subprocess.run(
+        [sys.executable, "-c", question], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme
+    assert asked == sysconfig.get_paths(scheme=scheme)["include"]
+    assert (Path(asked) / "Python.h").is_file()  # Triton built its launchers here with it
+
+
+def toolchain_check():
+    """The Python code of the Dockerfile's toolchain check."""
+    _, run = run_index("compile_so_from_src")
+    code = re.search(r'python -c "(.*)"\s+&& rm -rf /tmp/toolchain-check', run)
+    assert code and "\\" not in code[1] and "$" not in code[1], run  # no shell escapes
+    return code[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", [None, "CC", "CXX"])
+def test_the_toolchain_check_fails_a_build_without_a_compiler(tmp_path, missing):
+    """The check replayed here (which has gcc and g++): it passes, and it fails the build
+    when Triton's C compiler (CC) or inductor's C++ compiler (CXX) is not there."""
+    env = {
+        **os.environ,
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    if missing:
+        env[missing] = str(tmp_path / "no-such-compiler")
+    proc = subprocess.run(
+        [sys.executable, "-c", toolchain_check()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if missing is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "torch.compile runs on CPU" in proc.stdout
+    else:
+        assert proc.returncode != 0 and "no-such-compiler" in proc.stderr, proc.stderr[-3000:]
