@@ -26,7 +26,14 @@ from pipeline.k8s import access as k8s_access
 from pipeline.k8s import names as k8s_names
 from pipeline.k8s import schema as k8s_schema
 from pipeline.k8s.names import parse_quantity
-from pipeline.k8s.render import MAX_NAME, RUN_HASH_LABEL, job_name, load_template, render_job
+from pipeline.k8s.render import (
+    COMPILE_THREADS_ENV,
+    MAX_NAME,
+    RUN_HASH_LABEL,
+    job_name,
+    load_template,
+    render_job,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -830,6 +837,58 @@ def test_params_settings_reach_the_job():
     assert {"name": "TORCH_LOGS", "value": "recompiles"} in c["env"]
     [shm] = [v for v in pod["volumes"] if v["name"] == "dshm"]
     assert shm["emptyDir"]["sizeLimit"] == "8Gi"
+
+
+def container_env(job) -> dict:
+    return {e["name"]: e.get("value") for e in k8s_schema.train_container(job)["env"]}
+
+
+@pytest.mark.parametrize(
+    "cpu, threads",
+    [
+        (None, "4"),  # the template's request
+        ("3500m", "3"),
+        ("500m", "1"),
+        ("1.5", "1"),
+        ("12", "12"),
+        ("96", "32"),  # inductor's own ceiling
+    ],
+)
+def test_compile_threads_follow_the_cpu_request(cpu, threads):
+    """Inductor would start a compile worker per CPU of the node (up to 32), whatever the
+    pod's share: the Job caps them at the CPUs it requests."""
+    params = params_with(*([f"executor.kubernetes.cpu={cpu}"] if cpu else []))
+    job = render_job(expand(params)[0], params)
+    validate_strictly(job)
+    assert container_env(job)[COMPILE_THREADS_ENV] == threads
+
+
+def test_compile_threads_without_a_cpu_request():
+    """A template without a CPU request: the limit, which Kubernetes makes the request;
+    with neither, nothing to size the workers by, so inductor's own count stays."""
+    params = params_with()
+    template = load_template(k8s_schema.DEFAULT_TEMPLATE)
+    resources = k8s_schema.train_container(template)["resources"]
+    del resources["requests"]["cpu"]
+    job = render_job(expand(params)[0], params, template)
+    validate_strictly(job)
+    assert COMPILE_THREADS_ENV not in container_env(job)
+    resources["limits"]["cpu"] = "6"
+    job = render_job(expand(params)[0], params, template)
+    validate_strictly(job)
+    assert container_env(job)[COMPILE_THREADS_ENV] == "6"
+
+
+def test_compile_threads_set_in_the_params_env_win():
+    params = params_with(
+        "executor.kubernetes.cpu=8", f"executor.kubernetes.env={{{COMPILE_THREADS_ENV}: 2}}"
+    )
+    job = render_job(expand(params)[0], params)
+    validate_strictly(job)
+    env = k8s_schema.train_container(job)["env"]
+    assert [e for e in env if e["name"] == COMPILE_THREADS_ENV] == [
+        {"name": COMPILE_THREADS_ENV, "value": "2"}
+    ]
 
 
 def test_cpu_only_jobs_request_no_gpu():
