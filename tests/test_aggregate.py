@@ -452,6 +452,9 @@ def test_table2_shows_timing_ratios_first_then_seconds_then_the_runs(results):
     assert tex.count(r"\begin{tabular}") == 3 and "RTX 2080 Ti" in tex
     assert tex.index("% (a) relative to SGD") < tex.index("% (b)") < tex.index("% (c)")
     assert r"CIFAR-100 & VGG16-bn & 256 & 1.00 & 1.10 & 1.12 & 1.25 \\" in tex
+    # The timing device, in LaTeX too: (a)'s comment, (b)'s device column.
+    assert "% (a) relative to SGD, timing stage on Timing GPU (cuda:0)" in tex
+    assert r"0.1250 (2048) & Timing GPU \\" in tex
     rows = {
         (r["arch"], r["optimizer"]): r
         for r in csv.DictReader((results / "tables" / "table2.csv").open())
