@@ -9,11 +9,14 @@ CLI (`python -m pipeline.train`), both executors and the Job renderer agree on.
   needs (`CUDA_DRIVER`).
 - The launcher watch: a run stops (as on SIGTERM) when the process that started it dies
   (`watch_launcher`), since DVC does not pass its own SIGTERM on.
+- A run's progress line (`STEP_FORMAT`, written by `pipeline.run_log.Progress`), from which a
+  launcher reads the step a run is at and its total (`parse_step`).
 
 A leaf: it imports nothing of the project but `vsgd.spec`'s exit code.
 """
 
 import os
+import re
 import select
 import signal
 import threading
@@ -62,6 +65,35 @@ EXIT_CODES = {
     128 + signal.SIGINT: "stopped by SIGINT, checkpoint saved",
     128 + signal.SIGTERM: "stopped by SIGTERM, checkpoint saved",
 }
+
+
+# How a run's progress line begins, at each log point when it does not print to a terminal
+# (`pipeline.run_log.Progress`; what follows is for people). A launcher reads the run's step
+# and total from it (`parse_step`): the stage's grid-level progress and its ETA.
+STEP_FORMAT = "step {step}/{total}"
+_STEP_LINE = re.compile(
+    # The local executor echoes a run's line as `[<name>] <line>`: tolerated, not required.
+    r"^(?:\[[^\]]*\] )?"
+    + re.escape(STEP_FORMAT)
+    .replace(re.escape("{step}"), r"(?P<step>\d+)")
+    .replace(re.escape("{total}"), r"(?P<total>\d+)")
+    + r"(?!\S)"
+)
+
+
+def step_line(step: int, total: int) -> str:
+    """The start of a run's progress line at `step` of `total`."""
+    return STEP_FORMAT.format(step=step, total=total)
+
+
+def parse_step(line: str) -> tuple[int, int] | None:
+    """(step, total) of a run's progress line (`step_line`), bare or as the local executor
+    echoes it; None for any other line."""
+    match = _STEP_LINE.match(line.strip())
+    if match is None:
+        return None
+    step, total = int(match["step"]), int(match["total"])
+    return (step, total) if 0 <= step <= total and total > 0 else None
 
 
 class Detached(Exception):

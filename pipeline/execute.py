@@ -6,10 +6,12 @@ result is in the local store (`pipeline.results`) or, with `storage.remote`, in 
 store (fetched then, checked, not retrained). A diverged run is finished too. A damaged result
 is set aside and its run trained again. A run that another launcher holds (its run lock on
 this machine) is left to it and waited for. Interrupted runs resume from their checkpoints at
-the next call; failed runs are reported with the tail of their logs.
+the next call; failed runs are reported with the tail of their logs. While the executor runs,
+the stage shows its progress as a whole (`pipeline.stage_progress`).
 """
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from vsgd.tracking_store import ensure_tracking_store
 
 from . import results
 from .contract import Detached
-from .executors import get_executor, write_spec
+from .executors import Executor, get_executor, write_spec
+from .executors.base import RunEvents
 from .grid import STORE_DIR, data_checksum
 from .runlock import LOCKS_DIR
+from .stage_progress import StageProgress
 from .storage import fetch_result, find_result, push_dataset
 
 
@@ -106,7 +110,8 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
     if pending:
         _init_tracking(params)
     try:
-        outcomes = executor.run(pending)
+        with _progress_shown(executor, stage, pending, done + reused):
+            outcomes = executor.run(pending)
     except (KeyboardInterrupt, SystemExit):
         # Say what is kept: results in the store count as done, whatever the run's exit.
         kept = sum(results.is_done(s) for s in pending)
@@ -148,6 +153,26 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
             file=sys.stderr,
         )
     return StageReport(len(specs), len(pending), [o.name for o in failed])
+
+
+@contextmanager
+def _progress_shown(executor: Executor, stage: str, pending: list[dict], done_before: int):
+    """The stage's progress while `executor` runs `pending`: it hears the executor's events,
+    and the executor prints through it (each line kept whole next to the progress line)."""
+    out = executor.out
+    progress = StageProgress(
+        stage,
+        pending,
+        done_before=done_before,
+        slots=lambda: executor.max_parallel,
+        out=out or sys.stdout,
+    )
+    executor.events, executor.out = progress, progress.stream
+    try:
+        yield progress
+    finally:
+        progress.close()
+        executor.events, executor.out = RunEvents(), out
 
 
 def view_lock() -> FileLock:

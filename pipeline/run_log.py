@@ -11,7 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from .contract import LOG_NAME, TEE_LOG_ENV, TERMINATION_LOG_ENV, TERMINATION_LOG_LIMIT
+from .contract import (
+    LOG_NAME,
+    TEE_LOG_ENV,
+    TERMINATION_LOG_ENV,
+    TERMINATION_LOG_LIMIT,
+    step_line,
+)
 
 
 class Progress:
@@ -29,9 +35,10 @@ class Progress:
             self._bar(step, total, info)
             return
         rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
-        eta = _hms((total - step) / rate) if step > self.step0 else "?"
+        eta = hms((total - step) / rate) if step > self.step0 else "?"
+        # Its start is the contract's (launchers read the step from it: `parse_step`).
         line = (
-            f"step {step}/{total} loss {info['loss']:.4f} acc {info['acc']:.4f} "
+            f"{step_line(step, total)} loss {info['loss']:.4f} acc {info['acc']:.4f} "
             f"lr {info['lr']:.4g} {info['images_per_sec']:.0f} img/s eta {eta}"
         )
         if "test_acc" in info:
@@ -59,7 +66,8 @@ class Progress:
             self.bar.close()
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """A duration as H:MM:SS (an ETA)."""
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 

@@ -43,6 +43,13 @@ class Executor:
 
     # Set by the stage before `run`.
     events: RunEvents = RunEvents()
+    # How many runs it runs at once; None: no limit of its own (every run when a Kueue queue
+    # admits them). The stage's ETA counts on it.
+    max_parallel: int | None = 1
+    # The stream its lines about runs go to; None: stdout. The stage puts one of its own
+    # there while it shows its progress (`pipeline.stage_progress`): it keeps each line whole
+    # next to the stage's progress line.
+    out = None
 
     def before_stage(self, stage: str, unfinished: list[dict]) -> None:
         """Called by the stage before any lookup, upload or run, with the runs it has not

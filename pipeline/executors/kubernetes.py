@@ -12,6 +12,8 @@ the Jobs run on. Running again adopts this pipeline's Jobs (also one another lau
 moment ago: its create answers 409) and replaces failed ones; another pipeline's Job is never
 adopted or deleted, even of the same name (that run fails, naming it), and deletions carry the
 uid of the Job meant. Finished results are copied from the store into each run's output_dir.
+The stage hears of each run as it goes (`events`): its pod first seen running, the pod's last
+log line every `progress_interval`, its outcome.
 """
 
 import sys
@@ -66,6 +68,7 @@ class _Run:
     created: str = ""  # the Job's creationTimestamp: older events are not ours
     trouble: tuple | None = None  # (kind, since, text) of a pod that does not start
     suspended: bool = False  # held by a queue (spec.suspend)
+    started: bool = False  # its pod was seen running (told to `events`)
 
     @property
     def name(self):
@@ -415,6 +418,7 @@ class KubernetesExecutor(RunProgress, Executor):
 
     def _finish(self, run, ok, error=None, log_tail=""):
         run.outcome = RunOutcome(run.spec["name"], run.spec["run_hash"], ok, error, log_tail)
+        self.events.run_ended(run.outcome)
         if ok:
             minutes = (self.clock.monotonic() - run.submitted_at) / 60
             self._say(f"[{run.name}] done ({minutes:.1f} min), results in {run.spec['output_dir']}")

@@ -5,7 +5,9 @@ to start the same way beyond its grace period (`start_grace`; `unschedulable_lim
 unschedulable pod) fails, its Job deleted.
 
 A part of `pipeline.executors.kubernetes.KubernetesExecutor` (mixed in): it uses the
-executor's `clock`, `cfg`, `pods`, `api`, `namespace`, `_runs`, `_finish` and `_say`.
+executor's `clock`, `cfg`, `pods`, `api`, `namespace`, `_runs`, `_finish`, `_say` and
+`events`. For the stage's progress (`events`), a run starts when its pod is first seen
+running, and the pod's last log line, read every `progress_interval`, is the run's output.
 """
 
 from kubernetes.client.exceptions import ApiException
@@ -43,7 +45,17 @@ class RunProgress:
         pod = pods[-1]
         line = ""
         if pod.get("status", {}).get("phase") == "Running":
+            name = run.spec["name"]
+            if not run.started:
+                # Running (not submitted) is when a run's steps begin: a Job waiting for
+                # admission or a pod is queued as far as the stage's progress goes.
+                run.started = True
+                node = (pod.get("spec") or {}).get("nodeName")
+                where = f"pod {pod['metadata']['name']}" + (f" on {node}" if node else "")
+                self.events.run_started(name, where)
             line = self.pods.read_log(pod, 1).strip()
+            if line:
+                self.events.run_output(name, line)
         self._say(
             f"[{run.name}] {pod_state(pod)}, {minutes:.0f} min" + (f" | {line}" if line else "")
         )
