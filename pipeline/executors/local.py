@@ -1,9 +1,10 @@
 """Run specs as `python -m pipeline.train --spec <file>` subprocesses on this machine.
 
-Up to `max_parallel` at a time. Every output line of a run is echoed with its name as prefix
-and kept in `<output_dir>/train.log`; a failed run does not stop the others. Parallel runs
-share the CPU cores: each gets `cores // max_parallel` threads (OMP_NUM_THREADS, unless set),
-so that they do not oversubscribe the cores (which slows CPU training down severalfold).
+Up to `executor.max_parallel` at a time (and no more than the GPU places, below). Every output
+line of a run is echoed with its name as prefix and kept in `<output_dir>/train.log`; a failed
+run does not stop the others. Parallel runs share the CPU cores: each gets `cores // runs at
+once` threads (OMP_NUM_THREADS, unless set), so that they do not oversubscribe the cores
+(which slows CPU training down severalfold); runs on GPUs too.
 With a remote store in params.yaml, each run also gets `pipeline.storage.run_env`: where to
 publish its result (so that any machine finds it by run hash) and the S3 endpoint.
 
@@ -83,8 +84,12 @@ class LocalExecutor(Executor):
         runs_per_gpu: int = 1,
         machine_gpus=None,
     ):
-        # None: one run per GPU place when the runs use GPUs, else one at a time.
-        self.max_parallel = None if max_parallel is None else max(1, int(max_parallel))
+        # executor.max_parallel; None: one run per GPU place when the runs use GPUs, else
+        # one at a time.
+        self.parallel = None if max_parallel is None else max(1, int(max_parallel))
+        # How many runs run at once (what shares the cores; the stage's ETA counts on it):
+        # set for the runs at hand by `before_stage` and `run`.
+        self.max_parallel = self.parallel or 1
         # executor.local: "all", "none" or indices into the machine's GPUs.
         self.gpus = gpus
         self.runs_per_gpu = max(1, int(runs_per_gpu))
@@ -93,7 +98,6 @@ class LocalExecutor(Executor):
         self.machine_gpus = machine_gpus or (lambda: [])
         self._machine = None
         self._places = None  # GpuPlaces of the current `run`, None without GPUs
-        self._at_once = None  # runs that can run at once in the current `run`
         # spec -> extra environment variables of its process (they win over ours).
         self.run_env = run_env or (lambda spec: {})
         # The single-run CLI; `--spec <file>` is appended. Tests substitute a stand-in.
@@ -106,13 +110,8 @@ class LocalExecutor(Executor):
     def run(self, specs: list[dict]) -> list[RunOutcome]:
         if not specs:
             return []
-        gpus = self._gpus_for(specs)
+        gpus, workers = self._plan(specs)
         self._places = GpuPlaces(gpus, self.runs_per_gpu) if gpus else None
-        places = len(gpus) * self.runs_per_gpu
-        on_gpus = sum(map(takes_gpu, specs)) if gpus else 0
-        workers = self.max_parallel or (places if on_gpus else 1)
-        # What shares the cores: runs on GPUs never outnumber the GPU places.
-        self._at_once = min(workers, places) if on_gpus == len(specs) else workers
         pool = ThreadPoolExecutor(workers, thread_name_prefix="run")
         previous = self._install_handlers()
         if previous and os.environ.get("DVC_STAGE"):
@@ -157,7 +156,18 @@ class LocalExecutor(Executor):
         signal_main_thread(signal.SIGTERM)
 
     def before_stage(self, stage: str, unfinished: list[dict]) -> None:
-        self._gpus_for(unfinished)
+        self._plan(unfinished)
+
+    def _plan(self, specs: list[dict]) -> tuple[list[str], int]:
+        """(the GPUs the runs get, how many runs are started at once) for `specs`; sets
+        `max_parallel`, the runs that can run at once: runs on GPUs never outnumber the
+        GPU places, whatever `executor.max_parallel` allows."""
+        gpus = self._gpus_for(specs)
+        places = len(gpus) * self.runs_per_gpu
+        on_gpus = sum(map(takes_gpu, specs)) if gpus else 0
+        workers = self.parallel or (places if on_gpus else 1)
+        self.max_parallel = min(workers, places) if specs and on_gpus == len(specs) else workers
+        return gpus, workers
 
     def _gpus_for(self, specs: list[dict]) -> list[str]:
         """The GPUs the runs of `specs` are given ([] when none may use one, without asking
@@ -312,7 +322,7 @@ class LocalExecutor(Executor):
         return RunOutcome(name, spec["run_hash"], ok=False, error=error, log_tail="\n".join(tail))
 
     def threads_per_run(self) -> int:
-        return max(1, _cpu_count() // (self._at_once or self.max_parallel or 1))
+        return max(1, _cpu_count() // self.max_parallel)
 
     def _say(self, text: str):
         with self._lock:
@@ -360,14 +370,13 @@ class GpuPlaces:
         with self._changed:
             self._waiting.append(turn)
             try:
-                while True:
+                while not cancel():
                     gpu = min(self._load, key=self._load.get)
                     if self._waiting[0] is turn and self._load[gpu] < self._per_gpu:
                         self._load[gpu] += 1
                         return gpu
-                    if cancel():
-                        return None
                     self._changed.wait(WAIT_POLL_SECONDS)
+                return None
             finally:
                 self._waiting.remove(turn)
                 self._changed.notify_all()
