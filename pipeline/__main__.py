@@ -51,6 +51,10 @@ COMMANDS = {
         "the training image's reference: tagged with the code version (`make image` builds it)",
     ),
     "services": ("pipeline.services", "start/stop a local MLflow server and S3 store"),
+    "doctor": (
+        "pipeline.doctor.command",
+        "whether this machine can run the protocol; --gpu-check: a bounded GPU node acceptance",
+    ),
 }
 
 
