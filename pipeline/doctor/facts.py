@@ -83,11 +83,6 @@ def precision_facts(precision: str, cuda: dict) -> dict:
     }
 
 
-def uses_cuda(cuda: dict) -> bool:
-    """Whether `device: auto` resolves to CUDA here (engine.resolve_device's rule)."""
-    return bool(cuda.get("available"))
-
-
 def cuda_works(cuda: dict) -> bool:
     return bool(cuda.get("available")) and all(g["tiny_op"]["ok"] for g in cuda["gpus"])
 
@@ -95,11 +90,10 @@ def cuda_works(cuda: dict) -> bool:
 def device_problems(key: str, device: str, cuda: dict) -> tuple[list[str], str]:
     """Problems with a device setting (`training.device`, `timing.device`) on this machine,
     and where it resolves to (engine.resolve_device's rule, with the probe's facts)."""
-    why = cuda.get("error") or "its first operation failed"
+    # A GPU that fails its first operation is a problem of its own (the report's), whichever
+    # setting would use it.
     if device == "auto":
         if cuda.get("available"):
-            if not cuda_works(cuda):
-                return [f"{key}: auto picks CUDA here, but CUDA does not work ({why})"], "cuda"
             return [], "cuda"
         if torch.backends.mps.is_available():
             return [], "mps"
@@ -113,12 +107,10 @@ def device_problems(key: str, device: str, cuda: dict) -> tuple[list[str], str]:
     # cuda or cuda:N
     index = int(device.split(":", 1)[1]) if ":" in device else 0
     if not cuda.get("available"):
-        return [f"{key}: {device!r} but CUDA is not available here ({why})"], device
+        return [f"{key}: {device!r} but CUDA is not available here ({cuda.get('error')})"], device
     if index >= cuda["device_count"]:
         return [
             f"{key}: {device!r} but this machine has {cuda['device_count']} GPU(s) "
             f"(cuda:0 to cuda:{cuda['device_count'] - 1})"
         ], device
-    if not cuda["gpus"][index]["tiny_op"]["ok"]:
-        return [f"{key}: {device!r} fails its first operation ({why})"], device
     return [], device

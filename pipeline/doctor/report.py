@@ -18,14 +18,14 @@ from ..executors import get_executor
 from ..executors.local import VISIBLE_ENV, cuda_visible_devices
 from ..grid import data_checksum
 from ..plan import PINNED, plan
-from . import cuda_probe
+from . import cuda_probe, reachability
 from .facts import (
     device_problems,
     package_versions,
     precision_facts,
     python_facts,
 )
-from .reachability import WAIT_SECONDS, store_status, tracking_status
+from .reachability import store_status, tracking_status
 
 # Which package a configured service needs: (what needs it, distribution).
 NEEDED = {
@@ -35,9 +35,11 @@ NEEDED = {
 }
 
 
-def build(params_path="params.yaml", overrides=(), wait: float = WAIT_SECONDS) -> dict:
+def build(params_path="params.yaml", overrides=(), wait: float | None = None) -> dict:
     """The doctor's report: the facts, `problems` (each a line) and `notes`; `ok` when there
-    is no problem (exit 0)."""
+    is no problem (exit 0). `wait`: seconds each service has to answer (default
+    `reachability.WAIT_SECONDS`)."""
+    wait = reachability.WAIT_SECONDS if wait is None else wait
     problems, notes = [], []
     cuda = cuda_probe.probe_cuda()
     report = {
@@ -75,8 +77,9 @@ def build(params_path="params.yaml", overrides=(), wait: float = WAIT_SECONDS) -
         return report
     report["params"] = {"file": str(params_path), "preset": params.get("preset")}
     report["precision"] = precision_facts(params["training"]["precision"], cuda)
-    report["devices"] = _devices(params, cuda, problems, notes)
+    # The executor first: the local one judges `training.device` for its runs itself.
     report["executor"] = _executor(params, cuda, problems)
+    report["devices"] = _devices(params, cuda, problems, notes)
     report["tracking"] = tracking_status(params["tracking"]["uri"], wait)
     report["storage"] = store_status(
         params["storage"]["remote"], params["storage"]["endpoint_url"], wait
@@ -104,7 +107,8 @@ def _devices(params, cuda, problems, notes) -> dict:
             out[key] = {"setting": device, "resolves_to": "the cluster's (Kubernetes Jobs)"}
             continue
         found, where = device_problems(key, device, cuda)
-        problems.extend(found)
+        if not any(p.startswith(key) for p in problems):  # said once, the executor's word first
+            problems.extend(found)
         out[key] = {"setting": device, "resolves_to": where}
     if not cuda["available"] and not any(p.startswith("training.device") for p in problems):
         if executor_kind == "local":
