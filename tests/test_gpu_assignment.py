@@ -162,7 +162,8 @@ def test_runs_per_gpu_packs_runs_on_a_gpu(tmp_path):
     specs = [make_spec(tmp_path, f"run{i}", sleep=1.5) for i in range(4)]
     assert all(o.ok for o in ex.run(specs))
     by_gpu = per_gpu(tmp_path, specs)
-    # Four places: all four at once (their sleeps overlap however slowly they start), two on each GPU (the least loaded GPU first).
+    # Four places: all four at once (their sleeps overlap however slowly they start), two on
+    # each GPU.
     assert {gpu: most_at_once(i) for gpu, i in by_gpu.items()} == {"0": 2, "1": 2}
     assert most_at_once([i for intervals in by_gpu.values() for i in intervals]) == 4
     # Fewer runs than places: spread over the GPUs before any GPU takes a second one.
@@ -309,7 +310,7 @@ def test_runs_that_need_cuda_are_refused_before_any_run(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as refused:
         ex.before_stage("train", [make_spec(tmp_path, "a")])
     assert refused.value.problems == [
-        f"executor.local.gpus[{n}]: {i} is not a GPU here; the GPUs visible here are 0 to 1 "
+        f"executor.local.gpus[{n}]: {i} is not a GPU here; the GPU indices here are 0 to 1 "
         "(CUDA_VISIBLE_DEVICES='0,1')"
         for n, i in ((1, 2), (2, 5))
     ]

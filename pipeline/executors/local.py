@@ -216,7 +216,7 @@ class LocalExecutor(Executor):
         if not self._machine:
             return f"no CUDA GPU is visible here{given}"
         last = len(self._machine) - 1
-        return f"the GPUs visible here are 0 to {last}{given}"
+        return f"the GPU indices here are {'0' if last == 0 else f'0 to {last}'}{given}"
 
     def _run_one(self, spec: dict) -> RunOutcome:
         outcome = self._hold_and_run(spec)
