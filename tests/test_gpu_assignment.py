@@ -364,3 +364,37 @@ def test_validate_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert proc.stdout.strip() == "False"
+
+
+# What the child reports on a real GPU: how many devices CUDA shows it, and which one `cuda` is.
+CUDA_CHILD = textwrap.dedent("""
+    import json, os, sys, torch
+    spec = json.load(open(sys.argv[sys.argv.index("--spec") + 1]))
+    print("sees", torch.cuda.device_count(), "uuid", torch.cuda.get_device_properties(0).uuid,
+          flush=True)
+""")
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu_each_run_sees_exactly_its_gpu(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    count = torch.cuda.device_count()
+    params = {
+        "executor": {"kind": "local", "max_parallel": None},
+        "storage": {"remote": None, "endpoint_url": None},
+    }
+    ex = get_executor(params)  # the machine's own GPUs, through torch
+    script = tmp_path / "cuda_child.py"
+    script.write_text(CUDA_CHILD)
+    ex.command, ex.out = [sys.executable, str(script)], io.StringIO()
+    specs = [make_spec(tmp_path, f"run{i}", "cuda") for i in range(count)]
+    ex.before_stage("train", specs)
+    assert ex.max_parallel == count
+    assert all(o.ok for o in ex.run(specs)), ex.out.getvalue()
+    out = ex.out.getvalue()
+    uuids = {str(torch.cuda.get_device_properties(i).uuid) for i in range(count)}
+    seen = {line.split(" uuid ")[1] for line in out.splitlines() if " sees 1 uuid " in line}
+    assert seen == uuids, out  # one GPU each, every GPU used once
