@@ -15,6 +15,7 @@ CLI (`python -m pipeline.train`), both executors and the Job renderer agree on.
 A leaf: it imports nothing of the project but `vsgd.spec`'s exit code.
 """
 
+import math
 import os
 import re
 import select
@@ -54,6 +55,10 @@ ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable for the S3 endpoint
 SCRATCH_ENV = "VSGD_SCRATCH"  # where a run stages a remote dataset
 # The run lock's descriptor the local executor hands its run (`pipeline.runlock`).
 LOCK_FD_ENV = "VSGD_RUN_LOCK_FD"
+# Inductor's own variable: how many worker processes torch.compile compiles kernels with, and
+# the most it starts by itself (torch/_inductor/config.py, decide_compile_threads).
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+INDUCTOR_MAX_COMPILE_THREADS = 32
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (`Detached`: the runs go on, a restart adopts them)
 # A run's exit code -> what it means (anything else: a failure, with its log's tail).
@@ -158,3 +163,17 @@ def watch_launcher(on_death) -> bool:
 
 def launched_by_dvc_or_executor() -> bool:
     return bool(os.environ.get("DVC_STAGE")) or os.environ.get(STOP_WITH_LAUNCHER_ENV) == "1"
+
+
+def compile_threads(cpus: float | None) -> int | None:
+    """Inductor's compile workers for a run that may use `cpus` CPUs (a pod's CPU request, a
+    local run's share of the cores): its whole CPUs, at least 1, at most inductor's own
+    ceiling; None without a figure.
+
+    Inductor counts the machine's CPUs (up to 32), not the run's share: 32 workers on a big
+    node can outgrow a pod's memory limit and get it OOM-killed while it compiles, and they
+    would only contend for the CPUs the run has.
+    """
+    if cpus is None:
+        return None
+    return min(INDUCTOR_MAX_COMPILE_THREADS, max(1, math.floor(cpus)))

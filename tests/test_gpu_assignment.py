@@ -38,6 +38,7 @@ FAKE_TRAIN = textwrap.dedent("""
     time.sleep(spec["fake"].get("sleep", 0))
     with open(os.path.join(spec["output_dir"], "ran.json"), "w") as f:
         json.dump({"gpu": gpu, "threads": os.environ.get("OMP_NUM_THREADS"),
+                   "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),
                    "start": start, "end": time.monotonic()}, f)
     sys.exit(spec["fake"].get("exit", 0))
 """)
@@ -125,6 +126,7 @@ def test_cuda_visible_devices_is_read_as_cuda_reads_it():
 
 def test_each_run_gets_one_gpu_and_its_share_of_the_cores(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr("pipeline.executors.local._cpu_count", lambda: 16)
     ex = local_executor(tmp_path, ["0", "1", "2", "3"])
     specs = [make_spec(tmp_path, f"run{i}", sleep=1.5) for i in range(4)]
@@ -134,6 +136,8 @@ def test_each_run_gets_one_gpu_and_its_share_of_the_cores(tmp_path, monkeypatch)
     # with a quarter of the cores.
     assert sorted(r["gpu"] for r in runs.values()) == ["0", "1", "2", "3"]
     assert {r["threads"] for r in runs.values()} == {"4"}
+    # torch.compile's workers sized to the same share (inductor would start 16 in each).
+    assert {r["compile_threads"] for r in runs.values()} == {"4"}
     assert most_at_once([(r["start"], r["end"]) for r in runs.values()]) == 4
     out = ex.out.getvalue()
     for name, r in runs.items():

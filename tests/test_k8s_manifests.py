@@ -20,14 +20,13 @@ import yaml
 
 from pipeline import image
 from pipeline.config import load_params
-from pipeline.contract import RUN_MODULE
+from pipeline.contract import COMPILE_THREADS_ENV, RUN_MODULE
 from pipeline.grid import expand
 from pipeline.k8s import access as k8s_access
 from pipeline.k8s import names as k8s_names
 from pipeline.k8s import schema as k8s_schema
 from pipeline.k8s.names import parse_quantity
 from pipeline.k8s.render import (
-    COMPILE_THREADS_ENV,
     MAX_NAME,
     RUN_HASH_LABEL,
     job_name,

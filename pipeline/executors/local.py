@@ -49,6 +49,7 @@ from vsgd.spec import TRAINING_DEFAULTS, ConfigError
 
 from .. import results
 from ..contract import (
+    COMPILE_THREADS_ENV,
     EXIT_CODES,
     LOCK_FD_ENV,
     LOG_NAME,
@@ -56,6 +57,7 @@ from ..contract import (
     STOP_WITH_LAUNCHER_ENV,
     STOPPED_CODES,
     TEE_LOG_ENV,
+    compile_threads,
     signal_main_thread,
     watch_launcher,
 )
@@ -267,6 +269,8 @@ class LocalExecutor(Executor):
         }
         env.pop(TEE_LOG_ENV, None)  # we keep the run's log ourselves, in the same file
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
+        # Compile workers sized to the run's share of the cores, as in a pod (contract).
+        env.setdefault(COMPILE_THREADS_ENV, str(compile_threads(self.threads_per_run())))
         if takes_gpu(spec):
             # Its GPU alone (inside the run, `cuda` is that GPU), or none at all: never one
             # that another run was given.

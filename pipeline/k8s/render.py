@@ -10,7 +10,6 @@ A Job's name and labels say whose it is: the run (its hash) and the pipeline (it
 import copy
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from vsgd.spec import ConfigError
 
 from .. import storage
 from ..config import load_params
-from ..contract import REQUIRE_CUDA_ENV, RESULTS_ENV
+from ..contract import COMPILE_THREADS_ENV, REQUIRE_CUDA_ENV, RESULTS_ENV, compile_threads
 from ..image import image_ref
 from ..params_file import read_yaml
 from ..plan import LEAVE_OUT, plan
@@ -38,10 +37,6 @@ OWNER_LABEL = f"{LABEL_PREFIX}/owner"  # executor.kubernetes.owner, when set
 STORE_ANNOTATION = f"{LABEL_PREFIX}/store-uri"
 MANAGED_BY = "vsgd-pipeline"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-# Inductor's own variable: how many worker processes torch.compile compiles kernels with, and
-# the most it starts by itself (torch/_inductor/config.py, decide_compile_threads).
-COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
-INDUCTOR_MAX_COMPILE_THREADS = 32
 
 
 def store_id(params: dict) -> str:
@@ -275,7 +270,7 @@ def _apply_container_settings(container, cfg, results):
     _set_or_drop(container, "envFrom", env_from or None)
     # The CPU request, else the limit (Kubernetes defaults the request to it). With neither
     # there is nothing to size the workers by: inductor's own count stays.
-    threads = compile_threads(requests.get("cpu", limits.get("cpu")))
+    threads = pod_compile_threads(requests.get("cpu", limits.get("cpu")))
     extra = {
         **({COMPILE_THREADS_ENV: str(threads)} if threads else {}),
         # executor.kubernetes.env may set the compile threads itself: it wins.
@@ -288,18 +283,10 @@ def _apply_container_settings(container, cfg, results):
     container["env"] = env + [{"name": k, "value": v} for k, v in extra.items()]
 
 
-def compile_threads(cpu) -> int | None:
-    """Inductor's compile workers for a container that may use `cpu` (a Kubernetes CPU
-    quantity: "3500m" -> 3): its whole CPUs, at least 1, at most inductor's own ceiling;
-    None without a figure.
-
-    Inductor counts the node's CPUs (up to 32), not the pod's share: 32 workers on a big node
-    can outgrow the pod's memory limit and get it OOM-killed while it compiles, and would
-    only contend for the CPUs the pod has.
-    """
-    if cpu is None:
-        return None
-    return min(INDUCTOR_MAX_COMPILE_THREADS, max(1, math.floor(parse_quantity(cpu))))
+def pod_compile_threads(cpu) -> int | None:
+    """`pipeline.contract.compile_threads` for a container whose CPU request is `cpu` (a
+    Kubernetes quantity: "3500m" -> 3); None without one."""
+    return compile_threads(None if cpu is None else parse_quantity(cpu))
 
 
 def _set_or_drop(obj, key, value):
