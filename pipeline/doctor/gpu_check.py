@@ -92,7 +92,7 @@ CPU = Sizes(
     optim_steps=30,
     fused=False,
     sharing_counts=(1, 2),
-    sharing_seconds=1.0,
+    sharing_seconds=0.5,
     resume_iterations=6,
     resume_stop_at=2,
     resume_batch=2,
@@ -106,7 +106,7 @@ class Check:
 
     def __init__(self, params, device, sizes: Sizes, log):
         self.params, self.device, self.sizes, self.log = params, device, sizes, log
-        self.rows, self.sharing = [], None
+        self.rows = []  # the configurations' figures (item 3), for the estimate
         self.deadline = 0.0
 
     def left(self) -> float:
@@ -157,7 +157,7 @@ def _configurations(check: Check) -> dict:
     wanted = [(ds, arch) for ds in params["datasets"] for arch in params["archs"]]
     precisions = [params["training"]["precision"]]
     precisions += [p for p in ("fp32", "bf16") if p not in precisions]
-    skipped, longest = {}, 0.0  # why -> what
+    skipped, failed, longest = {}, [], 0.0  # skipped: why -> what
     for precision in precisions:  # the protocol's precision for every configuration first
         for ds, arch in wanted:
             name = f"{ds}/{arch}/{precision}"
@@ -169,11 +169,20 @@ def _configurations(check: Check) -> dict:
                 continue
             start = time.monotonic()
             spec = throughput.configuration_spec(params, ds, arch, s.batch)
-            row = throughput.measure(spec, precision, check.device, s.warmup, s.steps, check.log)
+            try:
+                row = throughput.measure(
+                    spec, precision, check.device, s.warmup, s.steps, check.log
+                )
+            except Exception as exc:  # noqa: BLE001 - out of memory, say: the others still run
+                failed.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                check.log(f"  {failed[-1]}")
+                continue
+            finally:
+                longest = max(longest, time.monotonic() - start)
             check.rows.append(row)
-            longest = max(longest, time.monotonic() - start)
     return {
-        "status": "passed" if check.rows else "skipped",
+        "status": "failed" if failed else "passed" if check.rows else "skipped",
+        "errors": failed,
         "rows": check.rows,
         "warmup": s.warmup,
         "steps": s.steps,
@@ -201,6 +210,7 @@ def _host_sync(check: Check) -> dict:
 
 def _sharing(check: Check) -> dict:
     s, params = check.sizes, check.params
+    throughput.release(check.device)  # the runs' processes get the whole GPU
     spec = throughput.configuration_spec(params, *SHARING_CONFIG, s.batch)
     training = throughput.training_keys(spec, params["training"]["precision"], check.device)
     threads = None if check.device.type == "cuda" else torch.get_num_threads()
@@ -232,6 +242,7 @@ def _sharing(check: Check) -> dict:
 
 def _resume(check: Check) -> dict:
     s = check.sizes
+    throughput.release(check.device)
     work = Path(tempfile.mkdtemp(prefix="vsgd-doctor-resume-"))
     try:
         found = resume_check.check(

@@ -29,7 +29,11 @@ def render(report: dict) -> str:
         "|---|---|---|---:|---|",
     ]
     for item in report["items"]:
-        notes = "; ".join(item.get("notes", []) + ([item["error"]] if "error" in item else []))
+        notes = "; ".join(
+            item.get("notes", [])
+            + item.get("errors", [])
+            + ([item["error"]] if "error" in item else [])
+        )
         lines.append(
             f"| {item['title']} | {item['status']} | {item['size']} | "
             f"{_num(item.get('seconds'), 0)} | {notes.replace('|', '/')} |"

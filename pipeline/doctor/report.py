@@ -79,7 +79,7 @@ def build(params_path="params.yaml", overrides=(), wait: float | None = None) ->
     report["precision"] = precision_facts(params["training"]["precision"], cuda)
     # The executor first: the local one judges `training.device` for its runs itself.
     report["executor"] = _executor(params, cuda, problems)
-    report["devices"] = _devices(params, cuda, problems, notes)
+    report["devices"] = _devices(params, cuda, report["executor"], problems, notes)
     report["tracking"] = tracking_status(params["tracking"]["uri"], wait)
     report["storage"] = store_status(
         params["storage"]["remote"], params["storage"]["endpoint_url"], wait
@@ -94,7 +94,7 @@ def build(params_path="params.yaml", overrides=(), wait: float | None = None) ->
     return report
 
 
-def _devices(params, cuda, problems, notes) -> dict:
+def _devices(params, cuda, executor, problems, notes) -> dict:
     """Where the runs and the timing stage compute, by their device settings."""
     out = {}
     executor_kind = params["executor"]["kind"]
@@ -109,14 +109,18 @@ def _devices(params, cuda, problems, notes) -> dict:
         found, where = device_problems(key, device, cuda)
         if not any(p.startswith(key) for p in problems):  # said once, the executor's word first
             problems.extend(found)
+        if key == "training.device" and device == "auto" and not executor.get("gpus"):
+            where = "cpu"  # the local executor gives its runs no GPU (none, or `gpus: none`)
         out[key] = {"setting": device, "resolves_to": where}
-    if not cuda["available"] and not any(p.startswith("training.device") for p in problems):
-        if executor_kind == "local":
-            notes.append(
-                "no GPU here: the protocol runs on this CPU, slowly (days per run at the "
-                "paper's sizes; `python -m pipeline doctor --gpu-check` estimates the whole "
-                "protocol)"
-            )
+    training = out["training.device"]
+    if training["resolves_to"] == "cpu" and not any(
+        p.startswith("training.device") for p in problems
+    ):
+        notes.append(
+            ("no GPU here" if not cuda["available"] else "training.device: cpu")
+            + ": the protocol runs on this CPU, slowly (hours to days per run at the paper's "
+            "sizes; `python -m pipeline doctor --gpu-check` estimates the whole protocol)"
+        )
     return out
 
 

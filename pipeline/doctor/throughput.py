@@ -148,10 +148,9 @@ def _ceiling(spec, precision, device, warmup, steps, compiled, channels_last) ->
         memory_format=fmt
     )
     y = torch.randint(0, info.num_classes, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = F.cross_entropy(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,6 +164,13 @@ def _ceiling(spec, precision, device, warmup, steps, compiled, channels_last) ->
         step()
     _sync(device)
     return batch * steps / (time.perf_counter() - t0)
+
+
+def release(device) -> None:
+    """Give back what this process holds of the device (before other processes use it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _fresh(cuda: bool) -> None:
