@@ -142,6 +142,7 @@ def build_spec(
         "tracking": {
             "uri": tracking_uri(params["tracking"]["uri"]),
             "experiment": params["tracking"]["experiment"],
+            "system_metrics": params["tracking"].get("system_metrics", "auto"),
         },
     }
     spec["run_hash"] = run_hash(spec)

@@ -30,6 +30,7 @@ from vsgd.spec import (
     check_training,
 )
 from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
+from vsgd.system_metrics import SETTINGS as SYSTEM_METRICS
 
 from .cells import dataset_sizes, grid_cells, optimizer_names, resolve_run, tuned_cells, valid_names
 from .k8s import schema as k8s_schema
@@ -354,10 +355,13 @@ def _check_small_sections(c, p):
         # template, so it is not checked then.
         if e["kind"] == "kubernetes" or e["kubernetes"] not in (None, MISSING, {}):
             c.problems.extend(k8s_schema.validate(p.data))
-    t = c.mapping(p["tracking"], "tracking", required=("uri", "experiment"))
+    t = c.mapping(
+        p["tracking"], "tracking", required=("uri", "experiment"), optional=("system_metrics",)
+    )
     if t is not None:
         check_tracking(c, t["uri"])
         c.string(t["experiment"], "tracking.experiment")
+        c.choice(t["system_metrics"], "tracking.system_metrics", SYSTEM_METRICS)
     s = c.mapping(p["storage"], "storage", required=("remote", "endpoint_url"))
     if s is not None:
         remote, endpoint = s["remote"], s["endpoint_url"]

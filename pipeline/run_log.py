@@ -36,10 +36,12 @@ class Progress:
             return
         rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-9)
         eta = hms((total - step) / rate) if step > self.step0 else "?"
+        # None where the window's only step compiled the model: nothing was timed.
+        speed = info.get("images_per_sec")
         # Its start is the contract's (launchers read the step from it: `parse_step`).
         line = (
             f"{step_line(step, total)} loss {info['loss']:.4f} acc {info['acc']:.4f} "
-            f"lr {info['lr']:.4g} {info['images_per_sec']:.0f} img/s eta {eta}"
+            f"lr {info['lr']:.4g} {'-' if speed is None else f'{speed:.0f}'} img/s eta {eta}"
         )
         if "test_acc" in info:
             line += f" | test_acc {info['test_acc']:.4f} test_loss {info['test_loss']:.4f}"

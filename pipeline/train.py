@@ -308,9 +308,10 @@ def _done_line(spec: dict, metrics: dict) -> str:
     diverged = (
         f"diverged at step {metrics['diverged']['step']}; " if metrics.get("diverged") else ""
     )
+    speed = metrics["images_per_sec"]  # None when no step was timed (only compile steps)
     return (
-        f"done {spec['name']}: {diverged}{shown} ({metrics['images_per_sec']:.0f} img/s) "
-        f"-> {spec['output_dir']}"
+        f"done {spec['name']}: {diverged}{shown} "
+        f"({'-' if speed is None else f'{speed:.0f}'} img/s) -> {spec['output_dir']}"
     )
 
 

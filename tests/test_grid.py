@@ -89,7 +89,11 @@ def test_spec_follows_the_contract(params, tmp_path):
     assert spec["name"] == f"cifar100-vgg16-vsgd-s0-{spec['run_hash'][:8]}"
     assert spec["output_dir"] == f"results/store/{spec['run_hash']}"
     assert spec["checkpoint"] == f"checkpoints/{spec['run_hash']}"
-    assert spec["tracking"] == {"uri": "sqlite:///mlflow.db", "experiment": "vsgd-repro"}
+    assert spec["tracking"] == {
+        "uri": "sqlite:///mlflow.db",
+        "experiment": "vsgd-repro",
+        "system_metrics": "auto",
+    }
     assert spec["stage"] == "train"
     adam = grid.build_spec(params, "tinyimagenet", "vgg", "adam", seed=1)
     assert adam["arch"] == "vgg19" and adam["optimizer"]["betas"] == [0.9, 0.999]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_spec
 
-from vsgd import engine
+from vsgd import engine, step_clock
 from vsgd import trainer as trainer_module
 from vsgd.checkpoint import LocalCheckpointStore
 from vsgd.trainer import train
@@ -30,8 +30,9 @@ COST = {"evaluation": 8.0, "logging": 16.0, "progress": 32.0, "beta1": 64.0, "ch
 
 
 class FakeClock:
-    """Stands in for the `time` module inside vsgd.trainer: `perf_counter` reads a time that
-    only `advance` moves; anything else is the real module's."""
+    """Stands in for the `time` module inside vsgd.step_clock (the trainer's clock):
+    `perf_counter` reads a time that only `advance` moves; anything else is the real
+    module's."""
 
     def __init__(self):
         import time
@@ -61,7 +62,7 @@ def one_thread():
 @pytest.fixture
 def clock(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(step_clock, "time", clock)
     return clock
 
 

@@ -37,6 +37,8 @@ METRICS_KEYS = {
     "train_acc",
     "val_acc",
     "seconds_per_iter",
+    "timed_steps",
+    "compile_seconds",
     "images_per_sec",
     "device",
     "device_name",

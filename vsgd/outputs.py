@@ -33,6 +33,12 @@ STRINGS = ("name", "run_hash", "dataset", "arch", "arch_key", "optimizer", "devi
 FRACTIONS = ("test_acc", "val_acc", "train_acc")
 LOSSES = ("test_loss", "train_loss")
 POSITIVE = ("lr", "seconds_per_iter", "images_per_sec")
+# Null where no step was timed (`timed_steps` 0: each process took only its compile step).
+TIMES = ("seconds_per_iter", "images_per_sec")
+# Optional: results written before they existed lack them, and stay whole. `timed_steps`:
+# the steps `seconds_per_iter` averages over (all but each process's compile step);
+# `compile_seconds`: those compile steps' time, null for a model not compiled.
+TIMED_STEPS, COMPILE_SECONDS = "timed_steps", "compile_seconds"
 
 
 def check_result(directory, expected_hash: str | None = None) -> list[str]:
@@ -95,12 +101,25 @@ def _check_metrics(m: dict, problems: list) -> None:
     for key in LOSSES:
         if m.get(key) is not None and not (_finite(m[key]) and m[key] >= 0.0):
             bad(key, "is not null or a finite number >= 0")
+    untimed = m.get(TIMED_STEPS) == 0
     for key in POSITIVE:
-        if not (_finite(m.get(key)) and m[key] > 0.0):
+        if untimed and key in TIMES:
+            if m.get(key, "missing") is not None:
+                bad(key, f"is not null, but {TIMED_STEPS} is 0")
+        elif not (_finite(m.get(key)) and m[key] > 0.0):
             bad(key, "is not a finite number > 0")
     for key in ("seed", "iterations", "steps_done"):
         if not _integer(m.get(key)) or m[key] < (0 if key == "seed" else 1):
             bad(key, "is not an integer >= " + ("0" if key == "seed" else "1"))
+    if TIMED_STEPS in m and not (
+        _integer(m[TIMED_STEPS])
+        and 0 <= m[TIMED_STEPS] <= (m["steps_done"] if _integer(m.get("steps_done")) else 0)
+    ):
+        bad(TIMED_STEPS, "is not an integer in [0, steps_done]")
+    if m.get(COMPILE_SECONDS) is not None and not (
+        _finite(m[COMPILE_SECONDS]) and m[COMPILE_SECONDS] >= 0.0
+    ):
+        bad(COMPILE_SECONDS, "is not null or a finite number >= 0")
     if m.get("mlflow_run_id") is not None and not isinstance(m["mlflow_run_id"], str):
         bad("mlflow_run_id", "is not null or a string")
     diverged = m.get("diverged", "missing")

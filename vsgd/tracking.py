@@ -19,6 +19,9 @@
 * A SQLite store is created (schema migrations) and its experiment found or created under a
   file lock next to the database (`ensure_tracking_store`): parallel runs, or two stages
   started at once, would otherwise run the migrations together and fail.
+* System metrics (GPU, CPU, memory: `vsgd.system_metrics`), where the spec's
+  `tracking.system_metrics` asks (auto: runs on CUDA), are sampled from the moment the run is
+  open until `finish`, and queued and sent with the other metrics.
 """
 
 import collections
@@ -34,6 +37,7 @@ import time
 from .lineage import dataset_input, entry_point, git_commit
 from .lineage import without_userinfo as _redact
 from .spec import STAGE_KEY
+from .system_metrics import SystemMetrics
 from .tracking_store import DEFAULT_EXPERIMENT, ensure_tracking_store
 
 log = logging.getLogger(__name__)
@@ -100,12 +104,14 @@ class Tracker:
 
     With `uri=None` every method does nothing, so the trainer has one code path.
     `client` replaces the MlflowClient (tests inject failures through it).
-    Thread-safety: `_lock` guards the queue and the last-step table, which the training
-    thread fills; `_io` serialises every call into MLflow (sender thread or caller).
+    Thread-safety: `_lock` guards the queue, the last-step table and the sender's start; the
+    training thread and the system metrics sampler fill the queue; `_io` serialises every
+    call into MLflow (sender thread or caller).
     """
 
     def __init__(self, uri: str | None, experiment: str = DEFAULT_EXPERIMENT, *, client=None):
         self.uri, self.experiment = uri, experiment
+        self.system_metrics = SystemMetrics()  # the spec's setting: `from_spec`
         self.run_id: str | None = None
         self._opened = False  # run_id may come from a checkpoint before the run is reached
         self._client = client
@@ -124,13 +130,16 @@ class Tracker:
         """Tracking as the spec asks: `tracking.uri` (the environment's
         `MLFLOW_TRACKING_URI` over it), off when the spec says `uri: null`. A spec without a
         `tracking` section tracks only where the environment names a server: nothing is
-        written to ./mlflow.db unless asked."""
+        written to ./mlflow.db unless asked. `tracking.system_metrics` (default auto):
+        `vsgd.system_metrics`; any other value is a ConfigError."""
         tracking = spec.get("tracking") or {}
         off = "uri" in tracking and not tracking["uri"]
-        return cls(
+        tracker = cls(
             None if off else tracking_uri(tracking.get("uri")),
             tracking.get("experiment") or DEFAULT_EXPERIMENT,
         )
+        tracker.system_metrics = SystemMetrics(tracking.get("system_metrics", "auto"))
+        return tracker
 
     @property
     def enabled(self) -> bool:
@@ -138,8 +147,9 @@ class Tracker:
 
     # -- public API -------------------------------------------------------------------------
 
-    def start(self, spec: dict, run_id: str | None = None) -> None:
-        """Open (or find again) the run of `spec`; `run_id` comes from a checkpoint."""
+    def start(self, spec: dict, run_id: str | None = None, *, cuda: bool = False) -> None:
+        """Open (or find again) the run of `spec`; `run_id` comes from a checkpoint. `cuda`:
+        the run trains on CUDA (system metrics are sampled for it by default)."""
         if not self.enabled:
             log.info("MLflow tracking is off (no tracking URI in the spec or MLFLOW_TRACKING_URI)")
             return
@@ -153,6 +163,7 @@ class Tracker:
             self.uri = None
             return
         self._spec, self.run_id = spec, run_id
+        self.system_metrics.decide(cuda)
         # MLflow's own HTTP retries (7 with backoff factor 2) would stall training for
         # minutes while a server is down; we retry ourselves, so keep its retries short.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -191,11 +202,12 @@ class Tracker:
         """Have the sender thread `flush`; returns at once."""
         if not self.enabled:
             return
-        if self._sender is None:
-            self._sender = threading.Thread(
-                target=self._send_loop, name="mlflow-sender", daemon=True
-            )
-            self._sender.start()
+        with self._lock:  # the training thread and the sampler both call it
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_loop, name="mlflow-sender", daemon=True
+                )
+                self._sender.start()
         self._wake.set()
 
     def log_artifacts(self, paths) -> None:
@@ -215,9 +227,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop the sender, flush everything (retrying up to FINISH_TIMEOUT) and end the run
-        with `status`."""
+        with `status`. The system metrics sampler stops first."""
         if not self.enabled:
             return
+        self.system_metrics.stop()
         if self._sender is not None:
             self._stop.set()
             self._wake.set()
@@ -338,7 +351,12 @@ class Tracker:
         self._log_dataset(run)
         self._opened = True
         log.info("MLflow run %s at %s", self.run_id, _redact(self.uri))
+        self.system_metrics.start(self.run_id, self.uri, held, self._log_system_metrics)
         return True
+
+    def _log_system_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_metrics(metrics, step)
+        self.flush_in_background()  # the training thread may not reach a log point soon
 
     def _log_params_and_tags(self, run) -> None:
         from mlflow.entities import Param, RunTag, SourceType

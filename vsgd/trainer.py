@@ -20,11 +20,15 @@ it, or from the start, and still ends bit-identical (`restore`, tests/test_damag
 Stopping (`stop`): polled after every training step, after that step's log point where one is
 due. When it asks, the trainer saves a checkpoint at the step reached (with a checkpoint store)
 and raises `Stopped`; the MLflow run is marked KILLED. That checkpoint may fall inside a log
-window, so it also holds the window: the step where it started and its training seconds so far.
-The resumed run's next log point then reports the whole window's train_loss and images/s, and
-`seconds_per_iter` covers every step; the run ends bit-identical to an uninterrupted one
-(tests/test_interrupt.py). A checkpoint without a window (older ones, and every log point's)
-had its window start at its own step. `pipeline.train` turns SIGTERM and SIGINT into this.
+window, so it also holds the window (`vsgd.step_clock`): the step where it started, its
+training seconds and compile steps so far. The resumed run's next log point then reports the
+whole window's train_loss and images/s, and `seconds_per_iter` covers every timed step; the run
+ends bit-identical to an uninterrupted one (tests/test_interrupt.py). `pipeline.train` turns
+SIGTERM and SIGINT into this.
+
+Compilation: with a compiled model, each process's first step compiles it; that step's time is
+recorded apart (`compile_seconds`) and left out of `seconds_per_iter` and images/s
+(`vsgd.step_clock`, tests/test_compile_timing.py).
 
 Divergence: a run whose training loss becomes NaN or inf stops at the next log point and is
 recorded as diverged (`metrics["diverged"]`); it counts as finished. The step records the first
@@ -39,7 +43,6 @@ they help an unstable optimizer (it just loses some steps) and hide how often it
 import logging
 import math
 import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,8 @@ from .data.prepared import load_prepared
 from .optim import VSGD, beta1_summary
 from .outputs import write_outputs
 from .spec import TRAINING_DEFAULTS, ConfigError, check_spec
+from .step_clock import CHECKPOINT_KEYS as CLOCK_KEYS
+from .step_clock import StepClock
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -75,46 +80,50 @@ def train(spec: dict, *, checkpoint_store=None, progress=None, stop=None) -> dic
     `checkpoint_store`: see vsgd.checkpoint; None trains without checkpoints.
     `progress(step, iterations, info)` is called at every log point with the running
     `loss`, `acc`, `lr`, `images_per_sec` and, after an evaluation, its results (what was
-    not measured, such as the test set of a run with `eval_test: false`, is left out).
+    not measured, such as the test set of a run with `eval_test: false` or the images/s of a
+    window whose only step compiled the model, is left out); the first log point after a
+    compile step also has its `compile_seconds`.
     `stop`: a `threading.Event` or a callable returning true to stop, polled after every
     training step but the last (after its log point's work, where one is due): the run then
     saves a checkpoint at the step reached, when it has a checkpoint store, and raises
     `Stopped`. Nothing polls it before the first step, so setup is not interrupted by it.
     Raises `vsgd.spec.ConfigError` for an invalid spec, before any work.
     """
-    run, training = setup(spec)
-    state, window = restore(spec, run, checkpoint_store)
-    stop_requested = _poller(stop)
     tracker = Tracker.from_spec(spec)
-    tracker.start(spec, run_id=state.mlflow_run_id)
+    run, training = setup(spec)
+    state, timing = restore(spec, run, checkpoint_store)
+    stop_requested = _poller(stop)
+    tracker.start(spec, run_id=state.mlflow_run_id, cuda=run.device.type == "cuda")
     status = "FAILED"
     try:
-        clock = _Clock(*window)
+        # `build` compiles the model (compile true, or auto on CUDA) into `forward`, the
+        # wrapper torch.compile returns, which keeps the model as `_orig_mod`.
+        to_compile = getattr(run.forward, "_orig_mod", None) is run.model
+        clock = StepClock(state.step, timing)
         while state.step < run.iterations:
-            lr = engine.train_step(run, state)
+            if to_compile:
+                lr = clock.compile_step(engine.train_step, run, state)
+                to_compile = False
+            else:
+                lr = engine.train_step(run, state)
             due = _Due.at(state.step, run, training, checkpoint_store)
             if due:
                 log_point(run, state, lr, due, clock, tracker, progress)
                 if state.diverged:
                     break  # no evaluation, no checkpoint of the diverged model
                 if due.checkpoint:
-                    save_checkpoint(spec, run, state, tracker, checkpoint_store)
+                    carried = clock.record(state, inside_window=False)
+                    save_checkpoint(spec, run, state, tracker, checkpoint_store, carried)
                 clock.restart(state.step)
             # Not after the last step: finishing takes no longer than a checkpoint would.
             if state.step < run.iterations and stop_requested():
                 saved = checkpoint_store is not None
                 if saved and not due.checkpoint:
                     # After a log point the window is closed (it starts at this step).
-                    save_checkpoint(
-                        spec,
-                        run,
-                        state,
-                        tracker,
-                        checkpoint_store,
-                        window=None if due else clock.window(state),
-                    )
+                    carried = clock.record(state, inside_window=not due)
+                    save_checkpoint(spec, run, state, tracker, checkpoint_store, carried)
                 raise Stopped(state.step, run.iterations, saved)
-        metrics = finish(spec, run, state, tracker)
+        metrics = finish(spec, run, state, tracker, clock)
         status = "FINISHED"
         return metrics
     except (KeyboardInterrupt, SystemExit, Stopped):
@@ -150,7 +159,8 @@ def setup(spec: dict) -> tuple[engine.Run, dict]:
 
 
 # What `restore` reads from a checkpoint (`save_checkpoint` writes them); one without them all
-# is damaged. `window` is not among them: checkpoints of log points, and older ones, have none.
+# is damaged. The clock's (`vsgd.step_clock.CHECKPOINT_KEYS`) are not among them: older
+# checkpoints have none.
 CHECKPOINT_KEYS = (
     "run_hash",
     "step",
@@ -168,10 +178,10 @@ CHECKPOINT_KEYS = (
 )
 
 
-def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int, float]]:
+def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, dict]:
     """A fresh state, or the one of the newest intact checkpoint in the store (modules and
-    RNGs restored too), and the log window it is in: (the step where it started, its
-    training seconds so far).
+    RNGs restored too), and what the checkpoint carries of the step clock ({} for a fresh
+    state: `vsgd.step_clock.StepClock`).
 
     A checkpoint that cannot be read back (truncated, empty, garbage, not the bytes saved)
     is set aside with a warning and the one before it is tried (`ckpt.newest_intact`): an
@@ -181,7 +191,7 @@ def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int
     state = engine.new_state(run)
     found = ckpt.newest_intact(store, CHECKPOINT_KEYS) if store is not None else None
     if found is None:
-        return state, (0, 0.0)
+        return state, {}
     saved, candidate = found
     if saved["run_hash"] != spec["run_hash"]:
         raise RuntimeError(
@@ -205,10 +215,7 @@ def restore(spec: dict, run: engine.Run, store) -> tuple[engine.State, tuple[int
     log.info(
         "resuming %s from its checkpoint at step %d/%d", spec["name"], state.step, run.iterations
     )
-    # Checkpoints of log points, and those written before stops existed, have none: their
-    # window starts at their step.
-    window = saved.get("window") or {"step": state.step, "seconds": 0.0}
-    return state, (window["step"], window["seconds"])
+    return state, {key: saved[key] for key in CLOCK_KEYS if key in saved}
 
 
 @dataclass
@@ -237,30 +244,6 @@ class _Due:
         return self.log or self.eval or self.checkpoint or self.beta1
 
 
-class _Clock:
-    """The current window of training steps, for `state.seconds` and images/s: it starts at
-    the end of the previous log point's work (its evaluation, logging and checkpoint), at
-    step `window_step`. `carried`: the window's seconds before this process resumed it from
-    a checkpoint taken inside it."""
-
-    def __init__(self, window_step: int, carried: float = 0.0):
-        self.restart(window_step)
-        self.carried = carried
-
-    def restart(self, step: int):
-        self.start = time.perf_counter()
-        self.window_step, self.carried = step, 0.0
-
-    def elapsed(self) -> float:
-        return self.carried + time.perf_counter() - self.start
-
-    def window(self, state) -> dict:
-        """The open window for a checkpoint inside it. Its last step is waited for first
-        (the copy of the sums), as a log point does, so that its time is in the seconds."""
-        state.sums.cpu()
-        return {"step": self.window_step, "seconds": self.elapsed()}
-
-
 def log_point(run, state, lr, due, clock, tracker, progress) -> None:
     """Read the running sums and the divergence flag back (the only sync with the device),
     close the window of training time, evaluate if due (never a diverged model), and report
@@ -270,8 +253,7 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
     *sums, nonfinite = torch.cat(
         [state.sums.reshape(-1), state.nonfinite.to(state.sums.dtype).reshape(1)]
     ).tolist()
-    window = clock.elapsed()
-    state.seconds += window
+    images_per_sec = clock.close(state, run.batch_size)
     l_loss, l_correct, e_loss, e_correct = sums
     l_n = (state.step - clock.window_step) * run.batch_size
     e_n = (state.step - (state.curve[-1]["step"] if state.curve else 0)) * run.batch_size
@@ -280,8 +262,11 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
         "train_loss": l_loss / l_n,
         "train_acc": l_correct / l_n,
         "lr": lr,
-        "images_per_sec": l_n / window,
+        "images_per_sec": images_per_sec,
+        # This process's compile step, at the first log point after it.
+        "compile_seconds": clock.last_compile,
     }
+    clock.last_compile = None
     if nonfinite >= 0:
         state.diverged = {"step": int(nonfinite), "stopped_at": state.step}
         log.warning(
@@ -316,17 +301,18 @@ def log_point(run, state, lr, due, clock, tracker, progress) -> None:
         progress(state.step, run.iterations, {k: v for k, v in info.items() if v is not None})
 
 
-def save_checkpoint(spec, run, state, tracker, store, window: dict | None = None) -> None:
-    """The state at `state.step`. `window`: the open log window of a checkpoint taken inside
-    one (`_Clock.window`); None at a log point, where the window was just closed. `seconds`
-    is always that of the closed windows, the open one's are in `window`."""
+def save_checkpoint(spec, run, state, tracker, store, timing: dict) -> None:
+    """The state at `state.step`, with `timing`, what it carries of the step clock
+    (`StepClock.record`: the open log window of a checkpoint taken inside one, None at a log
+    point, where the window was just closed; the compile steps). `seconds` is always that of
+    the closed windows, the open one's are in the window."""
     store.save(
         ckpt.to_bytes(
             {
                 "run_hash": spec["run_hash"],
                 "step": state.step,
                 "seconds": state.seconds,
-                "window": window,
+                **timing,
                 "curve": state.curve,
                 "beta1": state.beta1,
                 "mlflow_run_id": tracker.run_id,
@@ -350,7 +336,7 @@ def save_checkpoint(spec, run, state, tracker, store, window: dict | None = None
     )
 
 
-def finish(spec, run, state, tracker) -> dict:
+def finish(spec, run, state, tracker, clock) -> dict:
     """The final iterate's metrics, written to `output_dir` and logged as MLflow artifacts.
 
     A diverged run reports its last finite evaluation (None where there was none), with
@@ -358,16 +344,20 @@ def finish(spec, run, state, tracker) -> dict:
     `iterations` is always the planned number, `steps_done` the steps actually taken.
 
     `seconds_per_iter` is the time of the training step alone: forward, backward, optimizer
-    step, batch gathering and augmentation, averaged over `steps_done`. It is the sum of the
+    step, batch gathering and augmentation, averaged over `timed_steps`. It is the sum of the
     windows from the end of one log point's work to the next log point's read-back of the
     running sums, the wait for the device included; evaluation, logging, beta1 summaries
-    and checkpoint writes fall outside every window. After a resume the replayed steps are
-    timed again and the lost ones not at all, so it always covers `steps_done` steps. (The
+    and checkpoint writes fall outside every window, and so does the compile step of each
+    process with a compiled model (its seconds are `compile_seconds`, null for a model not
+    compiled). After a resume the replayed steps are timed again and the lost ones not at
+    all, so `timed_steps` is `steps_done` less the compile steps; with none timed (every
+    process took only its compile step) `seconds_per_iter` and `images_per_sec` are null. (The
     authors' `train_time` is per step too, but leaves out the batch, which their DataLoader
     workers load and augment ahead, and holds their step's own syncs: a NaN check and the
     gradient norm read back every step, and the beta1 histogram at its logging steps.)
     """
     last = last_finite_row(state.curve, state.diverged)
+    timed = clock.timed_steps(state.step)
     metrics = {
         "name": spec["name"],
         "run_hash": spec["run_hash"],
@@ -384,12 +374,15 @@ def finish(spec, run, state, tracker) -> dict:
             key: last.get(key)
             for key in ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc")
         },
-        "seconds_per_iter": state.seconds / state.step,
+        "seconds_per_iter": state.seconds / timed if timed else None,
+        "timed_steps": timed,
+        "compile_seconds": clock.compile_seconds if clock.compile_steps else None,
         "device": str(run.device),
         "device_name": device_name(run.device),
         "mlflow_run_id": tracker.run_id,
     }
-    metrics["images_per_sec"] = run.batch_size / metrics["seconds_per_iter"]
+    spi = metrics["seconds_per_iter"]
+    metrics["images_per_sec"] = run.batch_size / spi if spi else None
     out_dir = Path(spec["output_dir"])
     beta1 = state.beta1 if isinstance(run.optimizer, VSGD) else None
     write_outputs(out_dir, spec, metrics, state.curve, beta1)
