@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import crash_at, fake_prepared, run_spec
 
 from pipeline import grid
@@ -206,3 +207,35 @@ def test_a_run_opened_only_after_an_outage_samples_from_then_on(tmp_path):
     tracker.finish()
     assert not samplers()
     assert system_steps(uri, tracker.run_id)[:2] == [0, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_compiles_apart_and_logs_gpu_metrics_by_default(
+    data_root, tmp_path, monkeypatch
+):
+    """The defaults on a GPU: compiled (compile auto), its compile step timed apart, and the
+    GPU's utilisation and memory in the MLflow run (system_metrics auto)."""
+    from mlflow.tracking import MlflowClient
+    from test_compile_timing import tiny_model
+
+    from vsgd import engine
+
+    monkeypatch.setattr(engine, "build_model", tiny_model)  # compiles in seconds
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = run_spec(
+        data_root,
+        tmp_path,
+        tracking_uri=uri,
+        iterations=8,
+        log_every=4,
+        device="cuda",
+        compile="auto",
+    )
+    metrics = train(spec)
+    assert metrics["compile_seconds"] > 0 and metrics["timed_steps"] == 7
+    assert metrics["seconds_per_iter"] < metrics["compile_seconds"]
+    logged = MlflowClient(uri).get_run(metrics["mlflow_run_id"]).data.metrics
+    assert "system/gpu_0_utilization_percentage" in logged, sorted(logged)
+    assert "system/gpu_0_memory_usage_megabytes" in logged and CPU in logged
+    assert not samplers()
