@@ -213,7 +213,9 @@ def _sharing(check: Check) -> dict:
     throughput.release(check.device)  # the runs' processes get the whole GPU
     spec = throughput.configuration_spec(params, *SHARING_CONFIG, s.batch)
     training = throughput.training_keys(spec, params["training"]["precision"], check.device)
-    threads = None if check.device.type == "cuda" else torch.get_num_threads()
+    # At CPU size one thread per run: the figures say nothing about a GPU, and two threads
+    # per run on a busy two-core machine spin for a core another process holds.
+    threads = None if check.device.type == "cuda" else 1
     found = sharing.measure(
         spec,
         training,

@@ -54,9 +54,8 @@ def _together(spec, training, n, warmup, seconds, timeout, threads) -> list[dict
     with tempfile.TemporaryDirectory(prefix="vsgd-sharing-") as tmp:
         go = Path(tmp) / "go"
         env = dict(os.environ)
-        if threads is not None:
-            # As the local executor splits the cores between the runs it starts at once.
-            env["OMP_NUM_THREADS"] = str(max(1, threads // n))
+        if threads is not None:  # CPU threads per run
+            env["OMP_NUM_THREADS"] = str(threads)
         procs = []
         for i in range(n):
             job = {
