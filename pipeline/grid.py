@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from vsgd.imported_optimizers import CLASS_KEY, PACKAGE_KEY, provider
-from vsgd.spec import OPTIMIZERS, STAGE_KEY, ConfigError, code_version, run_hash
+from vsgd.spec import OPTIMIZERS, STAGE_KEY, ConfigError, code_version, run_hash, tunable
 from vsgd.tracking import tracking_uri
 
 from .cells import resolve_run, tuned_cells
@@ -104,9 +104,11 @@ def build_spec(
     images, and never evaluates the test set. Its `stage` is "tune" for a tuning run, else
     "train" (the final grid, a run by hand)."""
     run = resolve_run(params, dataset, arch_key, optimizer)
-    # Floats throughout, so `lr: 1` and `lr: 1.0` in params.yaml are the same run.
+    # Floats throughout, so `lr: 1` and `lr: 1.0` in params.yaml are the same run; a choice
+    # (VSGD's `implementation`) as written.
     if optimizer in OPTIMIZERS:
-        args = {key: _floats(run["optimizer"][key]) for key in OPTIMIZERS[optimizer]}
+        given, numbers = run["optimizer"], tunable(optimizer)
+        args = {k: _floats(given[k]) if k in numbers else given[k] for k in OPTIMIZERS[optimizer]}
         args.update({key: _floats(value) for key, value in (values or {}).items()})
     else:
         args = _imported_args(run["optimizer"], values)

@@ -28,6 +28,7 @@ from vsgd.spec import (
     check_optimizer,
     check_schedule,
     check_training,
+    tunable,
 )
 from vsgd.spec import IMPORTED_CLASS as CLASS_KEY
 from vsgd.system_metrics import SETTINGS as SYSTEM_METRICS
@@ -196,10 +197,10 @@ def _check_optimizer_args(c, name, args, path, partial):
         if isinstance(args, dict) and "grid" in args:
             args["grid"] = {}
         return
-    grid = c.mapping(args["grid"], f"{path}.grid", optional=tuple(OPTIMIZERS[name]))
+    grid = c.mapping(args["grid"], f"{path}.grid", optional=tunable(name))
     for key in grid or ():
         values = grid[key]
-        if key not in OPTIMIZERS[name] or not c.list_of(values, f"{path}.grid.{key}"):
+        if key not in tunable(name) or not c.list_of(values, f"{path}.grid.{key}"):
             continue
         # Each value goes through the argument's own rule, at the argument's key path.
         for i, value in enumerate(values):

@@ -64,6 +64,7 @@ def test_spec_follows_the_contract(params, tmp_path):
         "tau2": 0.9,
         "weight_decay": 0.0,
         "eps": 1e-8,
+        "implementation": "auto",
     }
     assert spec["data"] == {
         "dir": f"{tmp_path}/prepared/cifar100",
@@ -84,6 +85,7 @@ def test_spec_follows_the_contract(params, tmp_path):
         "eval_batch_size",
         "test_limit",
         "beta1_every",
+        "deterministic",
     }
     assert len(spec["run_hash"]) == 16
     assert spec["name"] == f"cifar100-vgg16-vsgd-s0-{spec['run_hash'][:8]}"

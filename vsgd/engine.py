@@ -9,6 +9,7 @@ and normalised there. The epoch permutations are derived from (seed, epoch) rath
 from a stream, so a resumed run needs only its position to continue exactly.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,17 @@ from .spec import IMPORTED_CLASS, ConfigError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "vsgd": VSGD}
+# VSGD's `implementation` (vsgd.spec.VSGD_IMPLEMENTATIONS) as the constructor's flags; `auto`
+# leaves the choice to VSGD (multi-tensor where all parameters share a device type).
+VSGD_IMPLEMENTATION_FLAGS = {"auto": {}, "single": {"foreach": False},
+                             "foreach": {"foreach": True}, "fused": {"fused": True}}
 # The validation split is the same for every run of a dataset (all seeds and lrs), so an lr
 # chosen on it is chosen on one fixed held-out set.
 VALIDATION_SEED = 20240409
+# cuBLAS is deterministic only with a fixed workspace per stream (torch's reproducibility
+# notes): 8 buffers of 4096 KiB, 32 MiB per stream (PyTorch's default size on Hopper, 8 MiB
+# on other GPUs).
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass
@@ -87,6 +96,8 @@ def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
     args = {k: v for k, v in opt.items() if k != "name"}
     if "betas" in args:
         args["betas"] = tuple(args["betas"])
+    if "implementation" in args:  # VSGD's: a spec key, not a constructor argument
+        args.update(VSGD_IMPLEMENTATION_FLAGS[args.pop("implementation")])
     return OPTIMIZERS[opt["name"]](params, **args)
 
 
@@ -106,6 +117,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     only the epoch number, and CPU and GPU runs see the same order."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor `t` on `device`, copied without waiting for the work queued there: a
+    blocking copy would wait for every step before it to finish. On CUDA from pinned memory
+    (from pageable memory the driver may wait anyway), whose allocator keeps the block until
+    the copy has run."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, size: int):
@@ -136,12 +157,38 @@ def set_float32_precision(precision: str) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic CUDA kernels (`True`), or the fastest ones (`False`).
+
+    On: `torch.use_deterministic_algorithms` (which also puts torch.compile's inductor in its
+    deterministic mode: no on-device benchmarking that can change numerics, so a resumed
+    process compiles the same kernels), cuDNN's deterministic algorithms and no cuDNN
+    benchmarking. `warn_only`: an op without a deterministic CUDA kernel warns in the run's
+    log instead of failing the run; the models' ops all have one (docs/performance.md).
+    Off: cuDNN benchmarks and picks the fastest algorithm per shape, which may round
+    differently in another process. CPU kernels give the same bits either way. Process-wide
+    flags: every run sets all of them, so nothing of an earlier run carries over.
+
+    `CUBLAS_WORKSPACE_CONFIG` goes into this process's environment when it is unset (a value
+    given from outside is kept): PyTorch reads it when the process first calls cuBLAS, and a
+    run's first cuBLAS call comes after this (the model's first forward). Set whatever
+    `deterministic` says: once cuBLAS has started it cannot change, and a later run of this
+    process may be deterministic. It only sizes cuBLAS's workspace; child processes inherit it
+    harmlessly.
+    """
+    os.environ.setdefault(*CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def build(spec: dict, training: dict, data) -> Run:
     """The modules and on-device data of `spec`'s run; `data` is its `Prepared` dataset and
     `training` its training keys with defaults filled in."""
     device = resolve_device(training["device"])
     # Before anything is built or compiled: compiled kernels may depend on the flags.
     set_float32_precision(training["precision"])
+    set_determinism(training["deterministic"])
     channels_last = training["channels_last"] is True or (
         training["channels_last"] == "auto" and device.type in ("cpu", "cuda"))  # faster
     # Compiling costs ~50 s on CPU for a few % at best: only where it pays (CUDA).
@@ -199,10 +246,12 @@ def train_step(run: Run, state: State) -> float:
     the running sums, and `nonfinite` if this is the first step with a NaN or inf loss.
     Returns the lr the step used. Never waits for the device."""
     if state.perm is None:  # a new or resumed run
-        state.perm = epoch_permutation(len(run.train_x), run.seed, state.epoch).to(run.device)
+        state.perm = to_device(epoch_permutation(len(run.train_x), run.seed, state.epoch),
+                               run.device)
     if state.batch == run.batches_per_epoch:
         state.epoch, state.batch = state.epoch + 1, 0
-        state.perm = epoch_permutation(len(run.train_x), run.seed, state.epoch).to(run.device)
+        state.perm = to_device(epoch_permutation(len(run.train_x), run.seed, state.epoch),
+                               run.device)
     bs = run.batch_size
     idx = state.perm[state.batch * bs:(state.batch + 1) * bs]
     x, y = run.augmenter.train(run.train_x[idx], run.aug_gen), run.train_y[idx]

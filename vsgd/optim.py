@@ -605,8 +605,12 @@ def _fused_vsgd(params, grads, mus, bgs, bhgs, steps, *, maximize, **hyper) -> N
         groups[(p.device, p.dtype, steps[i])].append(i)
     for (device, _dtype, step), idx in groups.items():
         c = _Consts(step, **hyper)
+        # Made on the CPU and copied without waiting (`torch.tensor(..., device=cuda)` copies
+        # and then waits for the device to finish all queued work): on CUDA from pinned
+        # memory, whose caching allocator keeps the block until the copy has run.
+        cuda = device.type == "cuda"
         scalars = torch.tensor(
             [float(c.first), 1.0 / c.a2, c.b0g, c.b0h, c.sg1, c.sh1, c.rho1, c.rho2, c.lr,
-             c.decay, c.eps], dtype=torch.float64, device=device)
+             c.decay, c.eps], dtype=torch.float64, pin_memory=cuda).to(device, non_blocking=cuda)
         lists = [[seq[i] for i in idx] for seq in (params, grads, mus, bgs, bhgs)]
         _compiled_kernel(*lists, scalars, maximize)

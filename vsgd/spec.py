@@ -9,10 +9,11 @@ the training stack.
 
 Run identity (`run_hash`): a run is identified by everything that can change its result and
 by nothing else. In the identity: dataset, model, the data's checksum and source, the
-optimizer and every hyperparameter, the schedule, batch size, seed, the training keys that
-change what is computed (`validation_size`, `eval_every`, `test_limit` and `eval_test`, which
-decide which points the curve has and what they are measured on, `eval_batch_size`, `precision`,
-`compile`, `channels_last`, `device`) and the code version. Not in it: the run's name and
+optimizer, every hyperparameter and VSGD's implementation, the schedule, batch size, seed,
+the training keys that change what is computed (`validation_size`, `eval_every`,
+`test_limit` and `eval_test`, which decide which points the curve has and what they are
+measured on, `eval_batch_size`, `precision`, `compile`, `channels_last`, `device`,
+`deterministic`) and the code version. Not in it: the run's name and
 locations (`output_dir`, `checkpoint`, `data.dir`, `data.uri`), the tracking settings, the
 stage that asked for it (`stage`: who asked does not change what is computed), and the
 keys in `BOOKKEEPING`, which only change how often things are logged or saved (a resumed run
@@ -62,6 +63,12 @@ NON_NEGATIVE = Range(0.0)
 UNIT = Range(0.0, 1.0, high_open=True)  # [0, 1): momentum, Adam's betas
 TAU = Range(0.5, 1.0, low_open=True)  # VSGD's kappa_1, kappa_2 in (0.5, 1]
 BETAS = "betas"  # a pair of numbers in UNIT
+# Which of VSGD's implementations runs the update (vsgd/optim.py): `auto` lets the optimizer
+# choose (multi-tensor where every parameter is on one device type, today's behaviour),
+# `single` the single-tensor path, `foreach` the multi-tensor path, `fused` the compiled one.
+# single and foreach give the same bits; fused agrees to float rounding. A choice, not a
+# hyperparameter: never tuned (`tunable`).
+VSGD_IMPLEMENTATIONS = ("auto", "single", "foreach", "fused")
 
 # An optimizer named by import path (vsgd.imported_optimizers) carries these in its spec
 # section: the path and the distribution that provides it, both part of the run identity.
@@ -81,8 +88,16 @@ OPTIMIZERS = {
         "tau2": TAU,
         "weight_decay": NON_NEGATIVE,
         "eps": POSITIVE,
+        "implementation": VSGD_IMPLEMENTATIONS,
     },
 }
+
+
+def tunable(name: str) -> tuple:
+    """The arguments of built-in optimizer `name` a grid may list: its numbers (a choice such
+    as VSGD's `implementation` decides how the update is computed, not what is tuned)."""
+    return tuple(key for key, rule in OPTIMIZERS[name].items() if not isinstance(rule, tuple))
+
 
 # Training keys: default and what is allowed ("int>=N", a tuple of choices, or DEVICE_RE).
 TRAINING = {
@@ -99,6 +114,10 @@ TRAINING = {
     "compile": ("auto", AUTO_BOOL),
     "channels_last": ("auto", AUTO_BOOL),
     "device": ("auto", DEVICE_RE),
+    # true: deterministic kernels on CUDA (cuDNN, cuBLAS, torch.compile's), so a resumed run
+    # recomputes the same bits; false: the fastest kernels (cuDNN benchmarking), which may
+    # round differently from one process to the next. CPU kernels are deterministic either way.
+    "deterministic": (True, (True, False)),
 }
 TRAINING_DEFAULTS = {key: default for key, (default, _) in TRAINING.items()}
 # Training keys that only change what is logged or how often state is saved: not identity.
@@ -319,6 +338,8 @@ def check_optimizer(
             betas = args[key] = list(betas)
             for i in range(2):
                 c.number(betas, i, f"{path}.{key}[{i}]", UNIT)
+        elif isinstance(rule, tuple):
+            c.choice(args[key], f"{path}.{key}", rule)
         else:
             c.number(args, key, f"{path}.{key}", rule)
 

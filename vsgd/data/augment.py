@@ -64,9 +64,12 @@ def affine(img: torch.Tensor, angle_deg: torch.Tensor, translate_px: torch.Tenso
 
 
 def color_jitter(img: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                 saturation: torch.Tensor) -> torch.Tensor:
-    """Per-image factors, (N,) each, on float NCHW images in [0, 1]."""
-    gray_w = img.new_tensor(GRAY).view(1, 3, 1, 1)
+                 saturation: torch.Tensor, gray_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image factors, (N,) each, on float NCHW images in [0, 1]. `gray_w`: GRAY as a
+    (1, 3, 1, 1) tensor like `img` (an Augmenter's, built once: building it from the tuple
+    is a host-to-device copy per call); made here when not given."""
+    if gray_w is None:
+        gray_w = img.new_tensor(GRAY).view(1, 3, 1, 1)
     b, c, s = (f.view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
     img = (img * b).clamp_(0, 1)
     mean = (img * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
@@ -92,6 +95,7 @@ class Augmenter:
         mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1)
         self.mean, self.std = mean, std
+        self.gray_w = torch.tensor(GRAY, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # uint8 -> normalised in one multiply-add: (x / 255 - mean) / std.
         self._scale, self._shift = 1 / (255 * std), -mean / std
 
@@ -115,7 +119,7 @@ class Augmenter:
                      translate_px=torch.round((2 * u[:, 4:6] - 1) * max_t),
                      scale=SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 6])
         factors = 1 + JITTER * (2 * u[:, 7:10] - 1)
-        img = color_jitter(img, factors[:, 0], factors[:, 1], factors[:, 2])
+        img = color_jitter(img, factors[:, 0], factors[:, 1], factors[:, 2], self.gray_w)
         return self._output((img - self.mean) / self.std)
 
     def _input(self, x) -> torch.Tensor:
