@@ -267,14 +267,16 @@ def _differences(a, b, prefix="") -> dict:
 
 def nondeterministic_ops(spec, device, steps: int = 3) -> list[str]:
     """What torch says has no deterministic implementation in a few training steps of the
-    spec's configuration on `device` (its warnings with `use_deterministic_algorithms(True,
-    warn_only=True)`)."""
+    spec's configuration on `device`: built with `training.deterministic` on, which makes
+    such an op warn (`torch.use_deterministic_algorithms(True, warn_only=True)`)."""
     data = synthetic_data(spec["dataset"], spec["batch_size"] * (steps + 1))
-    training = training_keys(spec, spec["training"]["precision"], device)
+    training = {
+        **training_keys(spec, spec["training"]["precision"], device),
+        "deterministic": True,
+    }
     previous = torch.are_deterministic_algorithms_enabled()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             run = engine.build(spec, training, data)
             state = engine.new_state(run)
@@ -283,6 +285,6 @@ def nondeterministic_ops(spec, device, steps: int = 3) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         finally:
-            torch.use_deterministic_algorithms(previous)
+            engine.set_determinism(previous)
     said = {str(w.message).split(". ")[0] for w in caught if "deterministic" in str(w.message)}
     return sorted(said)

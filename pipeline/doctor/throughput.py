@@ -65,7 +65,8 @@ def measure(spec: dict, precision: str, device, warmup: int, steps: int, log=pri
     data = synthetic_data(spec["dataset"], batch * (warmup + steps + SYNC_CHECK_STEPS + 1))
     _fresh(cuda)
     start = time.perf_counter()
-    run = engine.build(spec, training_keys(spec, precision, device), data)
+    training = training_keys(spec, precision, device)
+    run = engine.build(spec, training, data)
     state = engine.new_state(run)
     for _ in range(warmup):
         engine.train_step(run, state)
@@ -86,7 +87,7 @@ def measure(spec: dict, precision: str, device, warmup: int, steps: int, log=pri
         for p in run.model.parameters()
     )
     del run, state
-    ceiling = _ceiling(spec, precision, device, warmup, steps, compiled, channels_last)
+    ceiling = _ceiling(spec, training, warmup, steps, compiled, channels_last)
     row = {
         "dataset": spec["dataset"],
         "arch": spec["arch_key"],
@@ -131,10 +132,12 @@ def _host_sync(run, state) -> str | None:
     return None
 
 
-def _ceiling(spec, precision, device, warmup, steps, compiled, channels_last) -> float:
+def _ceiling(spec, training, warmup, steps, compiled, channels_last) -> float:
     """Forward + backward + step on one batch already on the device, in the memory format,
-    compilation and precision of the training step; images/s."""
+    compilation, precision and determinism of the training step; images/s."""
+    precision, device = training["precision"], torch.device(training["device"])
     engine.set_float32_precision(precision)
+    engine.set_determinism(training["deterministic"])
     info = DATASETS[spec["dataset"]]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
