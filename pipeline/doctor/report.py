@@ -144,7 +144,7 @@ def _executor(params, cuda, problems) -> dict:
     try:
         # The executor's own resolution for the grid's runs: the GPUs they get and how many
         # run at once (ConfigError for runs it would refuse before the stage).
-        gpus, _ = executor._plan(specs.tuning + specs.final)
+        gpus, _ = executor.plan_runs(specs.tuning + specs.final)
     except ConfigError as exc:
         problems.extend(exc.problems)
         gpus = []

@@ -112,7 +112,7 @@ class LocalExecutor(Executor):
     def run(self, specs: list[dict]) -> list[RunOutcome]:
         if not specs:
             return []
-        gpus, workers = self._plan(specs)
+        gpus, workers = self.plan_runs(specs)
         self._places = GpuPlaces(gpus, self.runs_per_gpu) if gpus else None
         pool = ThreadPoolExecutor(workers, thread_name_prefix="run")
         previous = self._install_handlers()
@@ -158,9 +158,9 @@ class LocalExecutor(Executor):
         signal_main_thread(signal.SIGTERM)
 
     def before_stage(self, stage: str, unfinished: list[dict]) -> None:
-        self._plan(unfinished)
+        self.plan_runs(unfinished)
 
-    def _plan(self, specs: list[dict]) -> tuple[list[str], int]:
+    def plan_runs(self, specs: list[dict]) -> tuple[list[str], int]:
         """(the GPUs the runs get, how many runs are started at once) for `specs`; sets
         `max_parallel`, the runs that can run at once: runs on GPUs never outnumber the
         GPU places, whatever `executor.max_parallel` allows."""
