@@ -32,18 +32,15 @@ import torch
 
 from vsgd import engine
 from vsgd.data.prepared import load_prepared
-from vsgd.spec import TRAINING_DEFAULTS, ConfigError
+from vsgd.spec import ConfigError
 from vsgd.trainer import device_name
 
+from . import step_timing
 from .config import add_params_arguments, load_params
 from .grid import build_spec
 from .timing_results import write
 
 OUT = Path("results/timing")
-# The training keys that change what a step computes (the rest decide when to evaluate, log
-# or save, and which images are held out or evaluated): the spec's values are timed, the
-# others take their defaults (no validation split, one test image on the device).
-TIMED_TRAINING = ("precision", "compile", "channels_last")
 
 
 def add_arguments(parser):
@@ -133,14 +130,8 @@ def measure(params: dict, log=None) -> dict:
         for c in configs:
             if c.run is None:
                 c.run, c.state = _build(c.spec, device, shared)
-            for _ in range(warmup):
-                engine.train_step(c.run, c.state)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.train_step(c.run, c.state)
-            _sync(device)
-            c.seconds.append((time.perf_counter() - t0) / steps)
+            step_timing.run_steps(c.run, c.state, warmup)
+            c.seconds.append(step_timing.time_steps(c.run, c.state, steps))
             # The gradients are not needed between blocks: memory holds models and optimizer
             # states only.
             c.run.optimizer.zero_grad(set_to_none=True)
@@ -195,21 +186,13 @@ def _build(spec, device, shared):
         data = shared[ds]["data"]
     else:
         data = load_prepared(spec["data"]["dir"])
-    timed = {k: spec["training"][k] for k in TIMED_TRAINING if k in spec["training"]}
-    training = {
-        **TRAINING_DEFAULTS,
-        **timed,
-        "device": str(device),
-        "validation_size": 0,
-        "test_limit": 1,
-    }
-    run = engine.build(spec, training, data)
+    run, state = step_timing.build(spec, device, data)
     if ds in shared:
         # One copy of the images per dataset on the device; this run's own copy is freed.
         run.train_x, run.train_y = shared[ds]["x"], shared[ds]["y"]
     else:
         shared[ds] = {"data": data, "x": run.train_x, "y": run.train_y}
-    return run, engine.new_state(run)
+    return run, state
 
 
 def _static_compiles(n: int) -> None:
@@ -227,13 +210,6 @@ def _static_compiles(n: int) -> None:
         if hasattr(config, key):
             setattr(config, key, max(getattr(config, key), n))
             break
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _summary(rows) -> str:
