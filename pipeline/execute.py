@@ -21,7 +21,7 @@ from vsgd.spec import ConfigError
 from vsgd.tracking import tracking_uri
 from vsgd.tracking_store import ensure_tracking_store
 
-from . import results
+from . import estimate, results
 from .contract import Detached
 from .executors import Executor, get_executor, write_spec
 from .executors.base import RunEvents
@@ -103,6 +103,9 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
             "without finishing them",
             flush=True,
         )
+    if pending:
+        # How long the runs take here, before any starts (measured step times, cached).
+        print(estimate.stage_line(params, pending, stage, executor.max_parallel), flush=True)
     for spec in pending:
         if not held or spec["name"] not in held:
             write_spec(spec)
