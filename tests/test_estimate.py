@@ -380,3 +380,24 @@ def test_a_configuration_gets_its_steps_and_a_tiny_stage_one(tmp_path, monkeypat
     del steps[:]
     assert estimate.measure_step(specs[0], machine, {}, iterations=1) > 0
     assert steps == [4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_runs_gpu_is_measured_and_its_memory_given_back(
+    tmp_path, monkeypatch, place_prepared
+):
+    monkeypatch.chdir(tmp_path)
+    place_prepared(tmp_path / "data", "cifar100")
+    params, specs = params_and_specs("archs=[convmixer]", "optimizers=[sgd]", "seeds=[0]")
+    before = torch.cuda.memory_allocated()
+    machine = estimate.machine_facts(params, 1)
+    assert machine.device == f"cuda:{torch.cuda.current_device()}"
+    assert machine.name == torch.cuda.get_device_name()
+    line = estimate.stage_line(params, specs, "train", 1)
+    assert re.fullmatch(
+        rf"train: 1 run to run, about \d+ s here \(cuda \({re.escape(machine.name)}\), 1 run at "
+        r"a time; step times measured now \(\d+ s\)\)",
+        line,
+    )
+    assert torch.cuda.memory_allocated() == before
