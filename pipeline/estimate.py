@@ -337,7 +337,7 @@ def _measure(configs: list[_Configuration], machine: Machine, say) -> tuple[floa
                 c.seconds = measure_step(c.spec, machine, loaded, c.iterations)
                 c.source = "now"
             except Exception as exc:  # noqa: BLE001 - a configuration not measured is said
-                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                errors.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             spent += time.monotonic() - start
     finally:
         torch.set_num_threads(previous)
