@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.__main__ import COMMANDS
 from pipeline.contract import RUN_MODULE
+from pipeline.step_timing import TIMED_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -59,3 +60,14 @@ def test_a_missing_dep_is_found():
     stage = dict(STAGES["aggregate"])
     stage["deps"] = [d for d in stage["deps"] if d != "vsgd/outputs.py" and d != "vsgd"]
     assert "vsgd/outputs.py" in uncovered(stage)
+
+
+def test_the_timing_stage_reruns_when_a_timed_training_key_changes():
+    """The timing stage's result depends on the training keys a timed step is built with
+    (`pipeline.step_timing.TIMED_TRAINING`); each must be one of its params, or changing it
+    leaves Table 2's timings stale."""
+    params = STAGES["timing"]["params"]
+    missing = [
+        k for k in TIMED_TRAINING if f"training.{k}" not in params and "training" not in params
+    ]
+    assert missing == [], f"dvc.yaml stage timing: add training.{missing} to its params"

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import load_params
+from ..step_timing import timed_training
 from . import cuda_probe, estimate, optim_check, resume_check, sharing, throughput
 from .facts import cuda_works, package_versions, python_facts
 from .markdown import render
@@ -212,7 +213,7 @@ def _sharing(check: Check) -> dict:
     s, params = check.sizes, check.params
     throughput.release(check.device)  # the runs' processes get the whole GPU
     spec = throughput.configuration_spec(params, *SHARING_CONFIG, s.batch)
-    training = throughput.training_keys(spec, params["training"]["precision"], check.device)
+    training = timed_training(spec, check.device, precision=params["training"]["precision"])
     # At CPU size one thread per run: the figures say nothing about a GPU, and two threads
     # per run on a busy two-core machine spin for a core another process holds.
     threads = None if check.device.type == "cuda" else 1

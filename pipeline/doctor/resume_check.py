@@ -33,7 +33,8 @@ from ..contract import (
     TEE_LOG_ENV,
 )
 from ..grid import build_spec
-from .throughput import synthetic_data, training_keys
+from ..step_timing import timed_training
+from .throughput import synthetic_data
 
 ROOT = Path(__file__).resolve().parents[2]  # where `pipeline` is importable from
 # What two runs of one spec must have alike in metrics.json (the rest is wall-clock time).
@@ -270,10 +271,7 @@ def nondeterministic_ops(spec, device, steps: int = 3) -> list[str]:
     spec's configuration on `device`: built with `training.deterministic` on, which makes
     such an op warn (`torch.use_deterministic_algorithms(True, warn_only=True)`)."""
     data = synthetic_data(spec["dataset"], spec["batch_size"] * (steps + 1))
-    training = {
-        **training_keys(spec, spec["training"]["precision"], device),
-        "deterministic": True,
-    }
+    training = timed_training(spec, device, deterministic=True)
     previous = torch.are_deterministic_algorithms_enabled()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from vsgd import engine
 from vsgd.data import DATASETS
 from vsgd.models import build_model
-from vsgd.spec import TRAINING_DEFAULTS
 
 from ..grid import build_spec
+from ..step_timing import timed_training
 from .worker import synthetic_data
 
 SYNC_CHECK_STEPS = 3
@@ -41,20 +41,6 @@ def configuration_spec(params: dict, dataset: str, arch: str, batch: int | None)
     return spec
 
 
-def training_keys(spec: dict, precision: str, device) -> dict:
-    """The timed keys of the spec (what a step computes with) at `precision`; the rest at
-    their defaults, one test image (as the timing stage)."""
-    timed = {k: spec["training"][k] for k in ("compile", "channels_last") if k in spec["training"]}
-    return {
-        **TRAINING_DEFAULTS,
-        **timed,
-        "precision": precision,
-        "device": str(device),
-        "validation_size": 0,
-        "test_limit": 1,
-    }
-
-
 def measure(spec: dict, precision: str, device, warmup: int, steps: int, log=print) -> dict:
     """One configuration at one precision: the training step, the host-sync check (CUDA),
     then the ceiling; images/s, seconds, peak memory."""
@@ -65,7 +51,7 @@ def measure(spec: dict, precision: str, device, warmup: int, steps: int, log=pri
     data = synthetic_data(spec["dataset"], batch * (warmup + steps + SYNC_CHECK_STEPS + 1))
     _fresh(cuda)
     start = time.perf_counter()
-    training = training_keys(spec, precision, device)
+    training = timed_training(spec, device, precision=precision)
     run = engine.build(spec, training, data)
     state = engine.new_state(run)
     for _ in range(warmup):
