@@ -21,9 +21,11 @@ precision, device), images per second:
 
 Every row computes as (c) does: before each row starts, the float32 flags are set to (c)'s
 `training.precision` (strict fp32 by default: TF32 off for cuDNN convolutions and matmuls,
-which PyTorch would otherwise use for convolutions on Ampere and later), and (b) is compiled
+which PyTorch would otherwise use for convolutions on Ampere and later) and the CPU's
+denormal mode to its `training.denormals` (flushed to zero by default), and (b) is compiled
 where (c) compiles (`training.compile`: true, or auto on CUDA). Each row records the flags it
-ran under in the JSON (`flags`, per round) and which rows were compiled (`compiled`).
+ran under in the JSON (`flags`, per round: the denormal mode as read back) and which rows
+were compiled (`compiled`).
 
 All rows train on the same synthetic images in the dataset's format (`vsgd.data` synthetic
 source; for (a) written out as CIFAR-100 python pickles or as Tiny ImageNet-style JPEG
@@ -62,7 +64,7 @@ from vsgd.data import (  # noqa: E402
     augment,  # noqa: E402
     prepare,
 )
-from vsgd.engine import set_float32_precision  # noqa: E402
+from vsgd.engine import denormals_in_effect, set_denormals, set_float32_precision  # noqa: E402
 from vsgd.models import build_model  # noqa: E402
 from vsgd.spec import TRAINING_DEFAULTS  # noqa: E402
 from vsgd.trainer import train  # noqa: E402
@@ -71,7 +73,7 @@ OPTIMIZER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 CPU_TARGETS = ["cifar100:vgg16", "cifar100:convmixer_256_8"]
 # (c)'s training keys that decide how the model computes; (a) and (b) follow them. No row
 # but (c) autocasts, so `bf16` would not compare like with like: keep fp32 or tf32.
-TRAINING = {"precision": "fp32", "compile": "auto", "channels_last": "auto"}
+TRAINING = {"precision": "fp32", "denormals": "flush", "compile": "auto", "channels_last": "auto"}
 
 
 def compiles(compile_setting, device: torch.device) -> bool:
@@ -81,11 +83,13 @@ def compiles(compile_setting, device: torch.device) -> bool:
 
 
 def precision_flags() -> dict:
-    """The process-wide float32 flags a row runs under (set by `set_float32_precision`)."""
+    """The process-wide float32 flags a row runs under (set by `set_float32_precision`) and
+    what the CPU does with denormals (`set_denormals`, read back)."""
     return {
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "denormals": denormals_in_effect(),
     }
 
 
@@ -183,9 +187,10 @@ def build(dataset, arch, device, memory_format=torch.contiguous_format):
 
 
 def baseline(datasets, config, batch, warmup, iters, device, precision) -> tuple[float, dict]:
-    """(a): the authors' pipeline, under `precision`'s float32 flags; (images/s, the flags at
-    the start of its window)."""
+    """(a): the authors' pipeline, under `precision`'s float32 flags and (c)'s denormal mode;
+    (images/s, the flags at the start of its window)."""
     set_float32_precision(precision)
+    set_denormals(TRAINING["denormals"])
     dataset, arch = config.split(":")
     train_set, val_set, test_set = datasets
     loader_args = dict(batch_size=batch, num_workers=1, pin_memory=device.type == "cuda")
@@ -259,6 +264,7 @@ def ceiling(dataset, arch, batch, warmup, iters, device, precision, compiled) ->
     compilation as the trainer (compiled during the warm-up); (images/s, the flags at the
     start of its window)."""
     set_float32_precision(precision)
+    set_denormals(TRAINING["denormals"])
     info = DATASETS[dataset]
     model, opt = build(dataset, arch, device, torch.channels_last)
     forward = torch.compile(model) if compiled else model

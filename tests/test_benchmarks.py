@@ -56,11 +56,13 @@ def test_train_throughput_rows_for_both_datasets(tmp_path):
         ("tinyimagenet", "convmixer_256_8", 2),
     ]
     # Every row times under the float32 flags of (c)'s precision: strict fp32 for all three,
-    # (a) and (b) included although they run before the trainer first sets the flags.
+    # (a) and (b) included although they run before the trainer first sets the flags; and
+    # with denormals flushed on the CPU, as (c)'s default.
     strict_fp32 = {
         "cudnn_allow_tf32": False,
         "matmul_allow_tf32": False,
         "float32_matmul_precision": "highest",
+        "denormals": "flush",
     }
     for row in rows:
         for key, row_id in (("baseline", "a"), ("ceiling", "b"), ("ours", "c")):
@@ -174,3 +176,38 @@ def test_launcher_lock_runs(tmp_path):
     rows = json.loads(out.read_text())
     assert set(rows) == {"lock_ms", "inherited_check_ms", "lease_ms", "renewal_ms"}
     assert all(value > 0 for value in rows.values())
+
+
+def test_denormals_times_the_step_kept_and_flushed_on_planted_weights(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = run_script(
+        "benchmarks/denormals.py",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--fraction",
+        "0.01",
+        "--optimizers",
+        "vsgd",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["optimizer"], r["weights"]) for r in rows] == [
+        ("vsgd", "clean"),
+        ("vsgd", "planted"),
+    ]
+    planted = rows[1]
+    # Every planted element is a denormal (made from its bits: nothing flushed on the way).
+    assert planted["planted"] > 0 and planted["denormals"] == planted["planted"]
+    for row in rows:
+        assert all(
+            len(row["ms"][mode]) == 1 and row["median_ms"][mode] > 0 for mode in ("keep", "flush")
+        )
+        assert row["keep_over_flush"] > 0
+    assert "| vsgd | planted |" in proc.stdout

@@ -86,6 +86,7 @@ def test_spec_follows_the_contract(params, tmp_path):
         "test_limit",
         "beta1_every",
         "deterministic",
+        "denormals",
     }
     assert len(spec["run_hash"]) == 16
     assert spec["name"] == f"cifar100-vgg16-vsgd-s0-{spec['run_hash'][:8]}"

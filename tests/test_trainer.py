@@ -42,6 +42,7 @@ METRICS_KEYS = {
     "images_per_sec",
     "device",
     "device_name",
+    "denormals_in_effect",
     "mlflow_run_id",
 }
 VSGD = {

@@ -9,6 +9,7 @@ and normalised there. The epoch permutations are derived from (seed, epoch) rath
 from a stream, so a resumed run needs only its position to continue exactly.
 """
 
+import ctypes
 import os
 from dataclasses import dataclass, field
 
@@ -34,6 +35,12 @@ VALIDATION_SEED = 20240409
 # notes): 8 buffers of 4096 KiB, 32 MiB per stream (PyTorch's default size on Hopper, 8 MiB
 # on other GPUs).
 CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# The OpenMP runtime whose threads run PyTorch's CPU kernels on Linux (GNU's, shipped with
+# PyTorch's wheels): `set_denormals` sets the mode in each of its threads.
+OPENMP_RUNTIME = "libgomp.so.1"
+# at::internal::GRAIN_SIZE: an elementwise op of N elements runs in min(threads, N / grain)
+# threads, each taking one part.
+GRAIN_SIZE = 32768
 
 
 @dataclass
@@ -57,6 +64,7 @@ class Run:
     seed: int
     iterations: int
     eval_batch_size: int
+    denormals: str | None = None      # what the CPU does with them, read back; None off CPU
 
     @property
     def batches_per_epoch(self) -> int:
@@ -182,6 +190,45 @@ def set_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def set_denormals(denormals: str) -> None:
+    """Float denormals flushed to zero on CPU (`flush`), or computed with (`keep`).
+
+    A CPU step whose activations or optimizer state underflow into denormals runs several
+    times slower (x86's microcode assist per operation); flushed, they are zero. What
+    `torch.set_flush_denormal` sets (x86's FTZ and DAZ, AArch64's FZ) is a register of the
+    calling thread, and OpenMP's threads keep the one they were started with, so each thread
+    of PyTorch's OpenMP team sets it too (GNU's runtime; with another, only this thread does,
+    and `denormals_in_effect` says so). CUDA kernels are untouched: they keep their own
+    behaviour (docs/performance.md). Process-wide: every run sets it, so nothing of an
+    earlier run in the same process carries over.
+    """
+    flush = denormals == "flush"
+    torch.set_flush_denormal(flush)  # False where the CPU has no such mode: the probe tells
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return  # this thread runs every CPU kernel
+    try:
+        # The runtime already loaded (never a second one), GOMP_parallel(fn, data, threads,
+        # flags): a parallel region in which each thread of the team, this one too, sets its
+        # own mode. ctypes releases the GIL for the call; each thread takes it for `fn`.
+        parallel = ctypes.CDLL(OPENMP_RUNTIME, mode=os.RTLD_NOLOAD).GOMP_parallel
+    except (OSError, AttributeError):  # not loaded, or not Linux: this thread's mode only
+        return
+    each = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(flush))
+    parallel(each, None, ctypes.c_uint(threads), ctypes.c_uint(0))
+
+
+def denormals_in_effect() -> str:
+    """What this process's CPU kernels do with a float32 denormal, read back from all of
+    PyTorch's threads: `flush` (each computes it as zero), `keep`, or `mixed` (some do)."""
+    n = 2 * GRAIN_SIZE * torch.get_num_threads()  # every thread multiplies a part
+    # 2**-127 made from its bits (arithmetic could flush it), times one; the product's bits
+    # compared as integers (a float comparison may itself read a denormal as zero).
+    tiny = torch.full((n,), 1 << 22, dtype=torch.int32).view(torch.float32)
+    flushed = int((tiny * 1.0).view(torch.int32).eq(0).sum())
+    return "flush" if flushed == n else "keep" if flushed == 0 else "mixed"
+
+
 def build(spec: dict, training: dict, data) -> Run:
     """The modules and on-device data of `spec`'s run; `data` is its `Prepared` dataset and
     `training` its training keys with defaults filled in."""
@@ -189,6 +236,7 @@ def build(spec: dict, training: dict, data) -> Run:
     # Before anything is built or compiled: compiled kernels may depend on the flags.
     set_float32_precision(training["precision"])
     set_determinism(training["deterministic"])
+    set_denormals(training["denormals"])
     channels_last = training["channels_last"] is True or (
         training["channels_last"] == "auto" and device.type in ("cpu", "cuda"))  # faster
     # Compiling costs ~50 s on CPU for a few % at best: only where it pays (CUDA).
@@ -231,7 +279,8 @@ def build(spec: dict, training: dict, data) -> Run:
         test_x=on_device(test_x), test_y=on_device(test_y),
         val_x=on_device(val_x), val_y=on_device(val_y),
         batch_size=bs, seed=seed, iterations=spec["schedule"]["iterations"],
-        eval_batch_size=training["eval_batch_size"])
+        eval_batch_size=training["eval_batch_size"],
+        denormals=denormals_in_effect() if device.type == "cpu" else None)
 
 
 def new_state(run: Run) -> State:

@@ -39,6 +39,11 @@ TIMES = ("seconds_per_iter", "images_per_sec")
 # the steps `seconds_per_iter` averages over (all but each process's compile step);
 # `compile_seconds`: those compile steps' time, null for a model not compiled.
 TIMED_STEPS, COMPILE_SECONDS = "timed_steps", "compile_seconds"
+# Optional too: what the CPU did with float denormals, read back in the run's process
+# (vsgd.engine.denormals_in_effect; `mixed`: some of its threads flushed them), null for a
+# run off the CPU.
+DENORMALS_IN_EFFECT = "denormals_in_effect"
+DENORMAL_EFFECTS = ("flush", "keep", "mixed")
 
 
 def check_result(directory, expected_hash: str | None = None) -> list[str]:
@@ -120,6 +125,8 @@ def _check_metrics(m: dict, problems: list) -> None:
         _finite(m[COMPILE_SECONDS]) and m[COMPILE_SECONDS] >= 0.0
     ):
         bad(COMPILE_SECONDS, "is not null or a finite number >= 0")
+    if m.get(DENORMALS_IN_EFFECT) not in (None, *DENORMAL_EFFECTS):
+        bad(DENORMALS_IN_EFFECT, f"is not null or one of {', '.join(DENORMAL_EFFECTS)}")
     if m.get("mlflow_run_id") is not None and not isinstance(m["mlflow_run_id"], str):
         bad("mlflow_run_id", "is not null or a string")
     diverged = m.get("diverged", "missing")

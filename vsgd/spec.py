@@ -12,8 +12,8 @@ by nothing else. In the identity: dataset, model, the data's checksum and source
 optimizer, every hyperparameter and VSGD's implementation, the schedule, batch size, seed,
 the training keys that change what is computed (`validation_size`, `eval_every`,
 `test_limit` and `eval_test`, which decide which points the curve has and what they are
-measured on, `eval_batch_size`, `precision`, `compile`, `channels_last`, `device`,
-`deterministic`) and the code version. Not in it: the run's name and
+measured on, `eval_batch_size`, `precision`, `denormals`, `compile`, `channels_last`,
+`device`, `deterministic`) and the code version. Not in it: the run's name and
 locations (`output_dir`, `checkpoint`, `data.dir`, `data.uri`), the tracking settings, the
 stage that asked for it (`stage`: who asked does not change what is computed), and the
 keys in `BOOKKEEPING`, which only change how often things are logged or saved (a resumed run
@@ -44,6 +44,10 @@ SOURCES = ("official", "synthetic")
 # fp32: strict float32, TF32 off (the paper's RTX 2080 Ti has none); tf32: TF32 for float32
 # matmuls and convolutions; bf16: bf16 autocast, TF32 off for what stays float32.
 PRECISIONS = ("fp32", "tf32", "bf16")
+# flush: float denormals are zero on CPU, in every thread of a run (vsgd.engine.set_denormals):
+# a CPU step slows down severalfold once activations or optimizer state underflow into them;
+# keep: IEEE denormals. CUDA kernels keep their own behaviour either way.
+DENORMALS = ("flush", "keep")
 AUTO_BOOL = ("auto", True, False)
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 SCHEDULE_KEYS = ("iterations", "step_size", "gamma")
@@ -111,6 +115,8 @@ TRAINING = {
     # false: the test set is never evaluated (tuning runs); needs validation_size > 0.
     "eval_test": (True, (True, False)),
     "precision": ("fp32", PRECISIONS),
+    # Changes bits (a denormal computed as zero), as precision does: identity.
+    "denormals": ("flush", DENORMALS),
     "compile": ("auto", AUTO_BOOL),
     "channels_last": ("auto", AUTO_BOOL),
     "device": ("auto", DEVICE_RE),

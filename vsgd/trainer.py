@@ -91,6 +91,12 @@ def train(spec: dict, *, checkpoint_store=None, progress=None, stop=None) -> dic
     """
     tracker = Tracker.from_spec(spec)
     run, training = setup(spec)
+    if run.denormals not in (None, training["denormals"]):
+        log.warning(
+            "training.denormals is %s, but this process's CPU threads %s",
+            training["denormals"],
+            {"keep": "keep them", "flush": "flush them", "mixed": "do both"}[run.denormals],
+        )
     state, timing = restore(spec, run, checkpoint_store)
     stop_requested = _poller(stop)
     tracker.start(spec, run_id=state.mlflow_run_id, cuda=run.device.type == "cuda")
@@ -379,6 +385,9 @@ def finish(spec, run, state, tracker, clock) -> dict:
         "compile_seconds": clock.compile_seconds if clock.compile_steps else None,
         "device": str(run.device),
         "device_name": device_name(run.device),
+        # What the CPU did with float denormals, read back in this process (`training.
+        # denormals` asks; a CPU without the mode keeps them); null off CPU.
+        "denormals_in_effect": run.denormals,
         "mlflow_run_id": tracker.run_id,
     }
     spi = metrics["seconds_per_iter"]
