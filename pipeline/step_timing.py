@@ -16,7 +16,7 @@ from vsgd.spec import TRAINING_DEFAULTS
 # The training keys that change what a step computes (the rest decide when to evaluate, log
 # or save, and which images are held out or evaluated): the spec's values are timed, the
 # others take their defaults (no validation split, one test image on the device).
-TIMED_TRAINING = ("precision", "compile", "channels_last", "deterministic")
+TIMED_TRAINING = ("precision", "compile", "channels_last", "deterministic", "denormals")
 
 
 def timed_training(spec: dict, device, **override) -> dict:
