@@ -1,26 +1,31 @@
 """Float denormals on CPU: the training step with them kept and flushed to zero
-(`training.denormals`), on a model whose weights and optimizer state hold some.
+(`training.denormals`), with denormals planted in its gradients or in its weights and
+optimizer state.
 
     python benchmarks/denormals.py [--arch convmixer_256_8] [--batch 32] [--fraction 0.1]
-                                   [--optimizers sgd,adam,vsgd] [--steps 3] [--rounds 3]
-                                   [--threads N] [--json rows.json]
+                                   [--gradient-scale 1e-36] [--optimizers sgd,adam,vsgd]
+                                   [--steps 2] [--rounds 3] [--threads N] [--json rows.json]
 
-A long CPU run slows down when values underflow into denormals (below 2**-126 in float32):
-x86 CPUs compute with them through a microcode assist, tens to hundreds of cycles per
-operation, and a convolution or matmul with denormal inputs runs many times slower. Where
-they come from in a run (GELU's tail for very negative inputs, squared small gradients in
-an optimizer's second moments) takes hundreds of steps to build up, so this benchmark plants
-them: after one step of each optimizer, `--fraction` of the elements of every weight and of
-every optimizer state tensor are set to a denormal of the same sign (2**-130, made from its
-bits); the activations and gradients computed from them underflow with them.
+A CPU run slows down when values underflow into denormals (below 2**-126, about 1.2e-38, in
+float32): x86 CPUs compute with them through a microcode assist, and a convolution or matmul
+with denormal inputs runs many times slower. In a run they take hundreds of steps to appear
+(a VSGD ConvMixer run at lr 0.1 had some 10^5 denormal elements in the gradients leaving its
+GELUs by step 30: a small incoming gradient times GELU's small slope), so this benchmark
+plants them, after one step of each optimizer:
 
-Rows, per optimizer: the whole training step (`vsgd.engine.train_step`: batch gather,
-augmentation, forward, backward, update) on the planted model (`planted`) and on the same
-model before planting (`clean`, where flushing should cost nothing), each timed with
-denormals kept and flushed (`vsgd.engine.set_denormals`). Every timed block starts from the
-same planted (or clean) weights and state, restored before it: a flushed step writes zeros
-where the denormals were. Rows and modes take turns for `--rounds` rounds; the table shows
-the median ms per step and keep / flush.
+- `gradients`: the backward pass starts from the loss's gradient times `--gradient-scale`,
+  so that the activations' and weights' gradients, and what the optimizer makes of them,
+  reach denormal magnitudes;
+- `weights`: `--fraction` of the elements of every weight and optimizer state tensor set to a
+  denormal of the same sign (2**-130, made from its bits), so the activations and gradients
+  computed from them underflow too;
+- `clean`: nothing planted (flushing should cost nothing there).
+
+Rows, per optimizer and plant: the whole training step (`vsgd.engine.train_step`: batch
+gather, augmentation, forward, backward, update), timed with denormals kept and flushed
+(`vsgd.engine.set_denormals`). Every timed block starts from the same weights and state,
+restored before it: a flushed step writes zeros where the denormals were. Rows and modes take
+turns for `--rounds` rounds; the table shows the median ms per step and keep / flush.
 """
 
 import argparse
@@ -49,6 +54,7 @@ OPTIMIZERS = {
     "vsgd": {"name": "vsgd", "lr": 0.1, "ghattg": 30.0, "ps": 1e-8, "tau1": 0.81, "tau2": 0.9},
 }
 MODES = ("keep", "flush")
+PLANTS = ("clean", "gradients", "weights")
 # 2**-130: a float32 denormal (2**(-149 + 19)), written as bits so no arithmetic flushes it.
 DENORMAL_BITS = 1 << 19
 
@@ -89,6 +95,30 @@ def count_denormals(run) -> int:
     )
 
 
+class ScaledBackward(torch.autograd.Function):
+    """The identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class GradientsScaled(torch.nn.Module):
+    """`model` whose backward pass starts from the loss's gradient times `scale`."""
+
+    def __init__(self, model, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x):
+        return ScaledBackward.apply(self.model(x), self.scale)
+
+
 def snapshot(run) -> dict:
     return copy.deepcopy({"model": run.model.state_dict(), "opt": run.optimizer.state_dict()})
 
@@ -117,8 +147,9 @@ def build(name, args, data):
     return run, state
 
 
-def time_block(run, state, saved, mode: str, steps: int) -> float:
+def time_block(run, state, saved, mode: str, steps: int, forward) -> float:
     restore(run, saved)
+    run.forward = forward
     engine.set_denormals(mode)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -138,22 +169,25 @@ def measure(args) -> list[dict]:
             clean = snapshot(run)
             planted = plant(run, args.fraction, gen)
             rows += [
-                {"optimizer": name, "weights": "clean", "planted": 0, "ms": {m: [] for m in MODES}},
-                {
-                    "optimizer": name,
-                    "weights": "planted",
-                    "planted": planted,
-                    "denormals": count_denormals(run),
-                    "ms": {m: [] for m in MODES},
-                },
+                {"optimizer": name, "plant": plant_name, "ms": {m: [] for m in MODES}}
+                for plant_name in PLANTS
             ]
-            runs[name] = (run, state, {"clean": clean, "planted": snapshot(run)})
+            rows[-1].update(planted=planted, denormals=count_denormals(run))
+            scaled = GradientsScaled(run.model, args.gradient_scale)
+            runs[name] = {
+                "run": run,
+                "state": state,
+                "clean": (clean, run.model),
+                "gradients": (clean, scaled),
+                "weights": (snapshot(run), run.model),
+            }
         for _ in range(args.rounds):
             for row in rows:
-                run, state, saved = runs[row["optimizer"]]
+                r = runs[row["optimizer"]]
+                saved, forward = r[row["plant"]]
                 for mode in MODES:
                     row["ms"][mode].append(
-                        time_block(run, state, saved[row["weights"]], mode, args.steps)
+                        time_block(r["run"], r["state"], saved, mode, args.steps, forward)
                     )
     for row in rows:
         row["median_ms"] = {m: statistics.median(row["ms"][m]) for m in MODES}
@@ -165,9 +199,17 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="convmixer_256_8")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--fraction", type=float, default=0.1, help="of each tensor's elements")
+    p.add_argument(
+        "--fraction", type=float, default=0.1, help="`weights`: of each tensor's elements"
+    )
+    p.add_argument(
+        "--gradient-scale",
+        type=float,
+        default=1e-36,
+        help="`gradients`: the loss's gradient times this",
+    )
     p.add_argument("--optimizers", default="sgd,adam,vsgd")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per block")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="0: torch's default")
     p.add_argument("--json", help="also write the rows to this file")
@@ -185,17 +227,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; {args.arch} batch {args.batch}, "
-        f"{args.fraction:.0%} of weights and optimizer state planted denormal; median of "
-        f"{args.rounds} rounds of {args.steps} steps"
+        f"{torch.get_num_threads()} threads; {args.arch} batch {args.batch}; planted: "
+        f"gradients x {args.gradient_scale:g}, {args.fraction:.0%} of weights and optimizer "
+        f"state; median of {args.rounds} rounds of {args.steps} steps"
     )
     rows = measure(args)
-    print("| optimizer | weights | keep ms/step | flush ms/step | keep / flush |")
+    print("| optimizer | planted | keep ms/step | flush ms/step | keep / flush |")
     print("|---|---|---:|---:|---:|")
     for row in rows:
         ms = row["median_ms"]
         print(
-            f"| {row['optimizer']} | {row['weights']} | {ms['keep']:.0f} | {ms['flush']:.0f} | "
+            f"| {row['optimizer']} | {row['plant']} | {ms['keep']:.0f} | {ms['flush']:.0f} | "
             f"{row['keep_over_flush']:.2f} |",
             flush=True,
         )
