@@ -4,6 +4,7 @@ MLflow CSV."""
 import argparse
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,38 @@ def test_sensitivity_figure_from_the_tuning_table(results):
     assert any(c[1] == (44, 160, 44) for c in colors) and any(
         c[1] == (31, 119, 180) for c in colors
     )
+
+
+def svg_text_x(svg: str, text: str) -> list[float]:
+    """Where each drawing of `text` starts in a matplotlib SVG, in points from the left."""
+    pattern = r"<!-- " + re.escape(text) + r' -->\s*<g [^>]*transform="translate\(([-\d.e]+) '
+    return [float(x) for x in re.findall(pattern, svg)]
+
+
+def test_one_panel_figures_keep_every_legend_entry_on_the_figure(results):
+    """A one-cell grid (the demo preset's) draws one panel: its legends wrap onto more rows
+    instead of running off both sides, and the chance level is named on the axes."""
+    tuning = results / "tuning"
+    tuning.mkdir()
+    (tuning / "tuning.csv").write_text(
+        "dataset,arch,optimizer,lr,val_acc,diverged,chosen,iterations,run\n"
+        "cifar100,convmixer,vsgd,0.03,0.15,False,True,75,r\n"
+        "cifar100,convmixer,vsgd,0.1,0.02,False,False,75,r\n"
+    )
+    run_aggregate(results, ["archs=[convmixer]"])
+    figures = results / "figures"
+    for name, entries in (
+        ("test_acc", [f"{label(o)} (n=2)" for o in ("sgd", "adam", "adamw")] + ["chance"]),
+        ("beta1", ["VSGD median", "Adam β1 = 0.9 (fixed)"]),
+    ):
+        svg = (figures / f"{name}.svg").read_text()
+        width = float(re.search(r'<svg [^>]*width="([\d.]+)pt"', svg).group(1))
+        for entry in entries:
+            [x] = svg_text_x(svg, entry)
+            assert 0 <= x < width, (name, entry, x, width)
+    assert len(svg_text_x((figures / "test_acc.svg").read_text(), "chance (1/100)")) == 1
+    sensitivity = (figures / "sensitivity.svg").read_text()
+    assert svg_text_x(sensitivity, "chance (1/100)") and svg_text_x(sensitivity, "chosen")
 
 
 def test_summary_counts_the_claim(results):

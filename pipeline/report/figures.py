@@ -69,7 +69,8 @@ def panel_grid(plt, params):
         len(datasets),
         len(archs),
         squeeze=False,
-        figsize=(4.2 * len(archs), 3.4 * len(datasets) + 0.6),
+        # At least 6.4 in wide: one panel's legend and title need it.
+        figsize=(max(6.4, 4.2 * len(archs)), 3.4 * len(datasets) + 0.6),
     )
 
 
@@ -80,6 +81,16 @@ def legend_handles(axes) -> dict:
         for h, text in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(text, h)
     return handles
+
+
+def bottom_legend(fig, handles: list, labels: list) -> int:
+    """One legend for all panels, below them (it never hides a curve), with as many entries
+    a row as the figure's width holds (about 2.1 in each), wrapping onto more rows rather
+    than running off the figure; how many rows it takes (for `tight_layout`'s margin)."""
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() / 2.1)))
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    return -(-len(handles) // ncol)
 
 
 def save(plt, fig, out: Path, name: str) -> None:
@@ -138,6 +149,7 @@ def write_test_acc(cells, params, refs, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     opts = params["optimizers"]
     fig, axes = panel_grid(plt, params)
+    published = False  # whether any panel shows a published value
     for i, ds in enumerate(params["datasets"]):
         for j, arch in enumerate(params["archs"]):
             ax = axes[i][j]
@@ -164,6 +176,7 @@ def write_test_acc(cells, params, refs, out: Path):
                 ref = refs.get((ds, arch, opt))
                 # The published value only means something at the iteration it was read at.
                 if ref and cell["iterations"] == ref["iterations"]:
+                    published = True
                     ax.errorbar(
                         [ref["iterations"]],
                         [ref["value"]],
@@ -180,7 +193,7 @@ def write_test_acc(cells, params, refs, out: Path):
             ax.grid(alpha=0.3)
             if ax.lines:
                 if ds in NUM_CLASSES:
-                    ax.axhline(1 / NUM_CLASSES[ds], color="gray", ls=":", lw=1)
+                    chance_line(ax, [NUM_CLASSES[ds]])
                 # The whole run on the x axis (one evaluation is a point, not a zoomed axis).
                 ax.set_xlim(0, iterations * 1.03 or None)
                 ax.set_ylim(bottom=0)
@@ -206,27 +219,36 @@ def write_test_acc(cells, params, refs, out: Path):
                 f"{label(opt)} (n={n[0]})" if len(n) == 1 else f"{label(opt)} (n={n[0]}–{n[-1]})"
             )
     chance = plt.Line2D([], [], color="gray", ls=":", lw=1)
-    # At most 6 entries a row, and room below the panels for every row: a long grid of
-    # optimizers wraps instead of running off the figure.
-    ncol = min(len(handles) + 1, 6)
-    legend_rows = -(-(len(handles) + 1) // ncol)
-    if handles:
-        fig.legend(
-            list(handles.values()) + [chance],
-            [labels[k] for k in handles] + ["chance"],
-            loc="lower center",
-            ncol=ncol,
-            fontsize=9,
-            frameon=False,
-        )
+    entries = [labels[k] for k in handles] + ["chance"] if handles else []
+    legend_rows = bottom_legend(fig, list(handles.values()) + [chance], entries)
     fig.suptitle(
-        "Test accuracy vs iteration (line: mean over seeds; band: min–max; "
-        "x: published value)\n" + choice_caption(cells, params),
+        "Test accuracy vs iteration (line: mean over seeds; band: min–max"
+        + ("; x: published value" if published else "")
+        + ")\n"
+        + choice_caption(cells, params),
         fontsize=9,
         wrap=True,
     )
     fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     save(plt, fig, out, "test_acc")
+
+
+def chance_line(ax, classes: list) -> None:
+    """Accuracy by guessing (1 / classes) for each number of classes, dotted, named once at
+    the left end of the highest (before the first evaluation: no curve there yet)."""
+    for n in classes:
+        ax.axhline(1 / n, color="gray", ls=":", lw=1)
+    ax.annotate(
+        f"chance ({', '.join(f'1/{n}' for n in sorted(classes))})",
+        (0, 1 / min(classes)),
+        xycoords=("axes fraction", "data"),
+        xytext=(3, 2),
+        textcoords="offset points",
+        ha="left",
+        va="bottom",
+        fontsize=7,
+        color="gray",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,20 +354,15 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
             ax.set_ylabel("β1")
             ax.grid(alpha=0.3)
     handles = legend_handles(axes)
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        loc="lower center",
-        ncol=len(handles),
-        fontsize=9,
-        frameon=False,
-    )
+    legend_rows = bottom_legend(fig, list(handles.values()), list(handles))
     fig.suptitle(
         "VSGD's adaptive momentum β1 over parameter elements (line: median; bands: "
-        "quantiles; mean over seeds) and Adam's fixed β1",
-        fontsize=10,
+        "quantiles, hidden by the line where they are narrower; mean over seeds) and Adam's "
+        "fixed β1",
+        fontsize=9,
+        wrap=True,
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     save(plt, fig, figures, "beta1")
 
 
@@ -356,7 +373,8 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
 def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
     """Validation accuracy against each tuned hyperparameter's value, one line per cell
     (the best over the grid's other keys at each value), from the tune stage's table;
-    diverged points as crosses at the bottom. PNG and SVG; a note when nothing was tuned."""
+    diverged points as crosses at the bottom, each cell's chosen point ringed, accuracy from
+    0 with the chance level. PNG and SVG; a note when nothing was tuned."""
     plt = pyplot()
     rows = list(csv.DictReader(tuning_csv.open())) if tuning_csv.exists() else []
     keys = [k for k in (rows[0] if rows else {}) if k not in CELL_COLUMNS + POINT_COLUMNS]
@@ -375,7 +393,7 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
         axes[0][0].set_axis_off()
     for ax, key in zip(axes[0], keys):
         lines: dict = defaultdict(dict)
-        crosses = []
+        crosses, chosen = [], []
         for r in rows:
             if r[key] == "":
                 continue
@@ -386,6 +404,8 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
                 continue
             acc = float(r["val_acc"])
             lines[cell][x] = max(acc, lines[cell].get(x, -1.0))
+            if r["chosen"] == "True":
+                chosen.append((x, acc))
         for (ds, arch, opt), points in sorted(lines.items()):
             xs = sorted(points)
             color, ls, marker = style(opt, params["optimizers"])
@@ -401,6 +421,8 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
             ax.scatter(
                 crosses, [0] * len(crosses), marker="x", color="black", label="diverged", zorder=3
             )
+        if chosen:
+            ax.scatter(*zip(*chosen), s=150, facecolors="none", edgecolors="black", label="chosen")
         values = [x for p in lines.values() for x in p] + crosses
         if values and min(values) > 0 and max(values) / min(values) > 10:
             ax.set_xscale("log")
@@ -408,6 +430,10 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
         ax.set_ylabel("validation accuracy (final iterate)")
         ax.set_title(f"sensitivity to {key}")
         ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        classes = {NUM_CLASSES[r["dataset"]] for r in rows if r["dataset"] in NUM_CLASSES}
+        if classes:
+            chance_line(ax, sorted(classes))
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
