@@ -161,7 +161,7 @@ def test_experiment_overrides_apply_to_matching_runs_only():
 
 def test_unknown_preset_and_malformed_override():
     assert any(
-        "preset: unknown preset 'huge'; allowed: null, ci, tiny" in p
+        "preset: unknown preset 'huge'; allowed: null, ci, demo, tiny" in p
         for p in problems_of(["preset=huge"])
     )
     assert problems_of(["no-equals-sign"]) == ["override 'no-equals-sign': expected key.path=value"]
