@@ -89,7 +89,8 @@ def train_in_its_own_process(spec, tmp_path) -> dict:
     return json.loads(Path(spec["output_dir"], "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("denormals", ["flush", "keep"])
+# `keep` in a run process: extended (the in-process test reads both modes back).
+@pytest.mark.parametrize("denormals", ["flush", pytest.param("keep", marks=pytest.mark.extended)])
 def test_a_cpu_run_records_what_its_process_did_with_denormals(data_root, tmp_path, denormals):
     """Read back inside `python -m pipeline.train`, in both of its CPU threads."""
     spec = run_spec(data_root, tmp_path, iterations=2, denormals=denormals)

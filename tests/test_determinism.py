@@ -205,9 +205,11 @@ def test_the_augmenter_builds_its_constant_tensors_once(dataset, size):
     "dataset,optimizer",
     [
         ("cifar100", VSGD),
-        ("tinyimagenet", VSGD),
-        ("cifar100", {**VSGD, "implementation": "single"}),
-        ("cifar100", SGD),
+        # The same audit on the other dataset's augmentation and the other paths: extended
+        # (the default suite keeps one, the fused VSGD path and the augmenter tested apart).
+        pytest.param("tinyimagenet", VSGD, marks=pytest.mark.extended),
+        pytest.param("cifar100", {**VSGD, "implementation": "single"}, marks=pytest.mark.extended),
+        pytest.param("cifar100", SGD, marks=pytest.mark.extended),
     ],
     ids=["cifar100-vsgd", "tinyimagenet-vsgd", "cifar100-vsgd-single", "cifar100-sgd"],
 )

@@ -15,9 +15,10 @@ tuned over their lr grids, SGD's with a value that diverges; Adam, AdamW and RAd
 5. Ctrl-C in the middle of training keeps the finished runs; the next `dvc repro` trains the
    rest only.
 
-The bookkeeping-key, grid-change and Ctrl-C scenarios are `extended` (VSGD_EXTENDED=1): the
-default suite covers their paths with smaller tests (tests/test_grid.py, test_tune.py,
-test_interrupt.py's real `dvc repro` killed mid-training).
+The lr-change, bookkeeping-key, grid-change and Ctrl-C scenarios are `extended`
+(VSGD_EXTENDED=1): the default suite covers their paths with smaller tests (tests/test_grid.py,
+test_results.py's reuse from the store, test_tune.py, test_interrupt.py's real `dvc repro`
+killed mid-training).
 """
 
 import csv
@@ -273,6 +274,7 @@ def test_second_repro_trains_nothing(repo, first):
     assert after == before
 
 
+@pytest.mark.extended
 def test_lr_change_retrains_only_that_optimizer(repo, first):
     set_param(repo, r"^  adam: \{lr: 0\.001", "  adam: {lr: 0.002")
     out = sh(repo, "dvc", "repro").stdout
@@ -288,6 +290,7 @@ def test_lr_change_retrains_only_that_optimizer(repo, first):
     assert len(list((repo / "results" / "store").glob("*/metrics.json"))) == GRID + CELLS + TUNING
 
 
+@pytest.mark.extended
 def test_lr_changed_back_trains_nothing(repo, first):
     """The grid comes back to results it had: they are reused from the store, not retrained,
     and the view shows exactly the grid again."""
