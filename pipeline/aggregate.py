@@ -10,7 +10,7 @@ from .report.cells import build_cells
 from .report.differences import build_differences, build_standing
 from .report.figures import write_beta1, write_curves, write_sensitivity, write_test_acc
 from .report.mlflow_export import export_status
-from .report.runs import load_references, load_runs
+from .report.runs import comparable_references, load_references, load_runs
 from .report.summary import build_summary, write_json
 from .report.table1 import build_table1
 from .report.table2 import build_table2
@@ -50,7 +50,7 @@ def run(args) -> int:
     root = Path(args.results)
     runs = load_runs(root / "runs", params)
     cells = build_cells(runs, params)
-    refs = load_references()
+    refs = comparable_references(load_references(), params)
     for table in (
         build_table1(cells, params, refs),
         build_differences(cells, params),

@@ -16,6 +16,7 @@ from pipeline.config import load_params
 from pipeline.report import mlflow_export, stats
 from pipeline.report.cells import label
 from pipeline.report.figures import STYLES, style
+from pipeline.report.runs import comparable_references, load_references
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -190,6 +191,9 @@ def test_one_panel_figures_keep_every_legend_entry_on_the_figure(results):
     assert len(svg_text_x((figures / "test_acc.svg").read_text(), "chance (1/100)")) == 1
     sensitivity = (figures / "sensitivity.svg").read_text()
     assert svg_text_x(sensitivity, "chance (1/100)") and svg_text_x(sensitivity, "chosen")
+    # lr 0.03 and 0.1: a log axis ticked at the values tried, not a linear one (0.03, 0.04, ...)
+    assert svg_text_x(sensitivity, "0.03") and svg_text_x(sensitivity, "0.1")
+    assert not svg_text_x(sensitivity, "0.04")
 
 
 def test_summary_counts_the_claim(results):
@@ -862,3 +866,22 @@ def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
     assert colour_pixels(figures / "test_acc.png", (214, 39, 40)) > 100
     assert "CIFAR-100 vgg radam" in (figures / "sensitivity.svg").read_text()
     assert colour_pixels(figures / "sensitivity.png", (140, 86, 75)) > 50
+
+
+@pytest.mark.parametrize(
+    "overrides, compared",
+    [
+        ([], True),  # the paper's protocol on the paper's data
+        (["preset=demo"], False),  # synthetic, 100 iterations
+        (["preset=tiny"], False),
+        (["data.source=synthetic"], False),
+        (["protocol.cifar100.schedule.iterations=3000"], False),
+    ],
+)
+def test_published_numbers_are_compared_only_with_runs_of_the_papers_protocol(overrides, compared):
+    """A scaled-down or synthetic grid's distance to a number read at 30k iterations on the
+    real data says nothing: Table 1 gets no paper column for it."""
+    refs = load_references()
+    kept = comparable_references(refs, load_params(str(PARAMS), overrides))
+    cifar = {k for k in refs if k[0] == "cifar100"}
+    assert (set(kept) == cifar) if compared else (kept == {})

@@ -70,6 +70,19 @@ def load_references(path: Path = REFERENCES) -> dict:
     return out
 
 
+def comparable_references(refs: dict, params: dict) -> dict:
+    """The published numbers that compare with this grid's runs: the paper's data (not a
+    synthetic stand-in) at the iterations the numbers were read at. A scaled-down grid (the
+    demo, tiny and ci presets) gets none: its distance to a 30k-iteration number says nothing."""
+    return {
+        key: ref
+        for key, ref in refs.items()
+        if params["data"]["source"] == "official"
+        and key[0] in params["protocol"]
+        and params["protocol"][key[0]]["schedule"]["iterations"] == ref["iterations"]
+    }
+
+
 def parse_number(text):
     """A CSV field as a float; None for an empty field or NaN (nothing measured); any other
     text as it is."""
