@@ -174,8 +174,8 @@ def test_one_panel_figures_keep_every_legend_entry_on_the_figure(results):
     tuning.mkdir()
     (tuning / "tuning.csv").write_text(
         "dataset,arch,optimizer,lr,val_acc,diverged,chosen,iterations,run\n"
-        "cifar100,convmixer,vsgd,0.03,0.15,False,True,75,r\n"
-        "cifar100,convmixer,vsgd,0.1,0.02,False,False,75,r\n"
+        "cifar100,convmixer,vsgd,0.03,0.45,False,True,75,r\n"
+        "cifar100,convmixer,vsgd,0.1,0.3,False,False,75,r\n"
     )
     run_aggregate(results, ["archs=[convmixer]"])
     figures = results / "figures"
