@@ -262,7 +262,9 @@ FAKE_TRAIN = textwrap.dedent("""
     total = spec["schedule"]["iterations"]
     show = Progress(spec["name"], tty=False)
     for step in range(1, total + 1):
-        time.sleep(0.05)
+        # Far enough apart that a loaded machine's reader still receives the lines apart
+        # (the stage times the steps by when their lines arrive).
+        time.sleep(0.3)
         show(step, total, {"loss": 1.0, "acc": 0.5, "lr": 0.1, "images_per_sec": 100.0})
 """)
 
