@@ -160,11 +160,10 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
                 write_result(s["output_dir"], s)
             return []
 
-    execute.get_executor = lambda params: Nothing()
-    try:
+    # Put back afterwards (the stage's own executor factory): later tests patch it too.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(execute, "get_executor", lambda params: Nothing())
         execute.run_stage(params, specs, "train", view=True)
-    finally:
-        del execute.get_executor
     line = next(
         line
         for line in capsys.readouterr().out.splitlines()
