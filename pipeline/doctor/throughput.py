@@ -120,10 +120,11 @@ def _host_sync(run, state) -> str | None:
 
 def _ceiling(spec, training, warmup, steps, compiled, channels_last) -> float:
     """Forward + backward + step on one batch already on the device, in the memory format,
-    compilation, precision and determinism of the training step; images/s."""
+    compilation, precision, determinism and denormal mode of the training step; images/s."""
     precision, device = training["precision"], torch.device(training["device"])
     engine.set_float32_precision(precision)
     engine.set_determinism(training["deterministic"])
+    engine.set_denormals(training["denormals"])
     info = DATASETS[spec["dataset"]]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
