@@ -4,15 +4,14 @@ named where a CPU would take hours."""
 
 import json
 import re
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fake_prepared
+from conftest import fake_prepared, stage_runs_stand_in
 
-from pipeline import estimate, execute, executors, grid
+from pipeline import estimate, execute, grid
 from pipeline.config import load_params
 from pipeline.doctor import command as doctor_command
 from pipeline.doctor import gpu_check
@@ -336,13 +335,7 @@ def test_the_stage_says_how_long_before_its_runs_start(
     specs = grid.expand(params)
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-
-    def local_executor(params):
-        ex = executors.get_executor(params)
-        ex.command = [sys.executable, str(script)]
-        return ex
-
-    monkeypatch.setattr(execute, "get_executor", local_executor)
+    stage_runs_stand_in(monkeypatch, script)
     execute.run_stage(params, specs, "train")
     lines = capsys.readouterr().out.splitlines()
     survey = lines.index("train: 1 runs in the grid, 0 done, 0 reused, 1 to run")

@@ -5,18 +5,17 @@ Kubernetes executor's events against the test API server."""
 
 import io
 import re
-import sys
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import fake_prepared
+from conftest import fake_prepared, stage_runs_stand_in
 from test_k8s_executor import executor as k8s_executor
 from test_k8s_executor import grid as k8s_grid
 from test_k8s_executor import spec_of
 
-from pipeline import execute, executors, grid
+from pipeline import execute, grid
 from pipeline.config import load_params
 from pipeline.contract import parse_step, step_line
 from pipeline.executors.base import RunEvents, RunOutcome
@@ -296,13 +295,7 @@ def test_the_stage_shows_its_progress_through_the_local_executor(workdir, monkey
     specs = grid.expand(params)
     script = workdir / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-
-    def local_executor(params):
-        ex = executors.get_executor(params)
-        ex.command = [sys.executable, str(script)]
-        return ex
-
-    monkeypatch.setattr(execute, "get_executor", local_executor)
+    stage_runs_stand_in(monkeypatch, script)
     report = execute.run_stage(params, specs, "train")
     assert report.failed == [] and report.pending == 2
     out = capsys.readouterr().out
