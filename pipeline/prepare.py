@@ -50,7 +50,7 @@ def run(args) -> int:
             f"prepare {args.dataset}: {exc}\n  without network access: set data.mirror "
             "to a server or file:// directory holding the archive, place the archive "
             f"in {data['root']}/downloads/ yourself, or try the pipeline on synthetic "
-            "data: dvc exp run -S preset=tiny",
+            "data: dvc exp run -S preset=demo (a first look in minutes)",
             file=sys.stderr,
         )
         return 1

@@ -558,6 +558,6 @@ def test_failed_download_says_how_to_proceed_without_the_network(server, tmp_pat
     )
     assert proc.returncode == 1, proc.stderr
     assert "prepare cifar100: GET " in proc.stderr and "HTTP 404" in proc.stderr
-    for way in ("data.mirror", f"{tmp_path}/downloads/", "dvc exp run -S preset=tiny"):
+    for way in ("data.mirror", f"{tmp_path}/downloads/", "dvc exp run -S preset=demo"):
         assert way in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
