@@ -191,6 +191,8 @@ def test_one_panel_figures_keep_every_legend_entry_on_the_figure(results):
     assert len(svg_text_x((figures / "test_acc.svg").read_text(), "chance (1/100)")) == 1
     sensitivity = (figures / "sensitivity.svg").read_text()
     assert svg_text_x(sensitivity, "chance (1/100)") and svg_text_x(sensitivity, "chosen")
+    # the cell named as the other figures name it, not by its grid keys
+    assert svg_text_x(sensitivity, "CIFAR-100 ConvMixer-256/8 VSGD")
     # lr 0.03 and 0.1: a log axis ticked at the values tried, not a linear one (0.03, 0.04, ...)
     assert svg_text_x(sensitivity, "0.03") and svg_text_x(sensitivity, "0.1")
     assert not svg_text_x(sensitivity, "0.04")
@@ -864,7 +866,7 @@ def test_extra_optimizers_appear_in_every_table_and_figure_and_leave_the_claim(
     # the figure has neither colour without them.
     assert colour_pixels(figures / "test_acc.png", (140, 86, 75)) > 100
     assert colour_pixels(figures / "test_acc.png", (214, 39, 40)) > 100
-    assert "CIFAR-100 vgg radam" in (figures / "sensitivity.svg").read_text()
+    assert "CIFAR-100 VGG16-bn radam" in (figures / "sensitivity.svg").read_text()
     assert colour_pixels(figures / "sensitivity.png", (140, 86, 75)) > 50
 
 

@@ -52,6 +52,13 @@ def style(opt: str, opts) -> tuple:
     )
 
 
+def model_label(params, dataset: str, arch: str) -> str:
+    """The display name of the model a grid's architecture key stands for on a dataset (the
+    key itself for one the params no longer list, e.g. in an older tuning table)."""
+    model = params["protocol"].get(dataset, {}).get("models", {}).get(arch)
+    return label(model) if model else arch
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
@@ -186,8 +193,7 @@ def write_test_acc(cells, params, refs, out: Path):
                         ms=7,
                         capsize=3,
                     )
-            model = label(params["protocol"][ds]["models"][arch])
-            ax.set_title(f"{label(ds)}: {model}", fontsize=10)
+            ax.set_title(f"{label(ds)}: {model_label(params, ds, arch)}", fontsize=10)
             ax.set_xlabel("iteration")
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
@@ -296,9 +302,8 @@ def write_beta1(cells, params, curves: Path, figures: Path) -> None:
             if curve:
                 write_csv(curves / f"{ds}_{arch}.csv", curve, fields=["step", *BETA1_STATS, "n"])
             points = [r for r in curve if all(r[k] is not None for k in BETA1_STATS)]
-            model = label(params["protocol"][ds]["models"][arch])
             seeds = f" (n={cell['n']})" if cell and cell["n"] else ""
-            ax.set_title(f"{label(ds)}: {model}{seeds}", fontsize=10)
+            ax.set_title(f"{label(ds)}: {model_label(params, ds, arch)}{seeds}", fontsize=10)
             if points:
                 steps = [r["step"] for r in points]
                 for low, high, alpha, share in (
@@ -415,7 +420,7 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
                 color=color,
                 linestyle=ls,
                 marker=marker,
-                label=f"{label(ds)} {arch} {label(opt)}",
+                label=f"{label(ds)} {model_label(params, ds, arch)} {label(opt)}",
             )
         if crosses:
             ax.scatter(
