@@ -25,6 +25,7 @@ def run_script(script, *args, cwd):
     )
 
 
+@pytest.mark.extended  # the whole script on both datasets; ceiling() is covered in process below
 def test_train_throughput_rows_for_both_datasets(tmp_path):
     out = tmp_path / "rows.json"
     # CIFAR-100 (torchvision pickles) and Tiny ImageNet (ImageFolder of JPEGs) baselines.

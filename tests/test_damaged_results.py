@@ -214,6 +214,7 @@ def test_aggregate_refuses_a_damaged_result_rather_than_printing_it(workdir):
     assert not (workdir / "results" / "tables" / "table1.md").exists()
 
 
+@pytest.mark.extended  # the set-aside and retrain paths are covered in process above
 def test_a_train_stage_retrains_a_damaged_result_and_says_so(tmp_path, place_prepared):
     """End to end: a finished run's metrics.json edited after the fact; the next train stage
     names it, sets it aside, trains the run again, and the tables see the new result."""
