@@ -31,6 +31,13 @@ def label(key: str) -> str:
     return LABELS.get(key, key)
 
 
+def model_label(params, dataset: str, arch: str) -> str:
+    """The display name of the model a grid's architecture key stands for on a dataset (the
+    key itself for one the params no longer list, e.g. in an older tuning table)."""
+    model = params["protocol"].get(dataset, {}).get("models", {}).get(arch)
+    return label(model) if model else arch
+
+
 def mean_or_none(values):
     """The mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]

@@ -15,7 +15,7 @@ from pathlib import Path
 from vsgd.outputs import BETA1_COLUMNS
 
 from ..plan import CELL_COLUMNS, POINT_COLUMNS
-from .cells import choice_caption, label, mean_or_none
+from .cells import choice_caption, label, mean_or_none, model_label
 from .runs import parse_number
 from .table import write_csv
 
@@ -50,13 +50,6 @@ def style(opt: str, opts) -> tuple:
         EXTRA_LINES[i // len(EXTRA_COLORS) % len(EXTRA_LINES)],
         EXTRA_MARKERS[i % len(EXTRA_MARKERS)],
     )
-
-
-def model_label(params, dataset: str, arch: str) -> str:
-    """The display name of the model a grid's architecture key stands for on a dataset (the
-    key itself for one the params no longer list, e.g. in an older tuning table)."""
-    model = params["protocol"].get(dataset, {}).get("models", {}).get(arch)
-    return label(model) if model else arch
 
 
 def pyplot():
