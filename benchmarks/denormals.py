@@ -65,17 +65,21 @@ def denormal_like(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t < 0, -tiny, tiny)
 
 
+def weights_and_state(run) -> list[torch.Tensor]:
+    """The model's weights and the optimizer's float state tensors (not its step counts)."""
+    state = [v for s in run.optimizer.state.values() for v in s.values()]
+    return [p.data for p in run.model.parameters()] + [
+        v for v in state if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
+    ]
+
+
 def plant(run, fraction: float, gen: torch.Generator) -> int:
     """`fraction` of every float weight's and optimizer state tensor's elements set to a
     denormal; how many were set."""
     engine.set_denormals("keep")
-    state = [v for s in run.optimizer.state.values() for v in s.values()]
-    tensors = [p.data for p in run.model.parameters()] + [
-        v for v in state if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
-    ]
     planted = 0
     with torch.no_grad():
-        for t in tensors:
+        for t in weights_and_state(run):
             mask = torch.rand(t.shape, generator=gen) < fraction
             t.copy_(torch.where(mask, denormal_like(t), t))
             planted += int(mask.sum())
@@ -83,11 +87,8 @@ def plant(run, fraction: float, gen: torch.Generator) -> int:
 
 
 def count_denormals(run) -> int:
-    """Denormal elements in the weights and optimizer state, read from their bits."""
-    state = [v for s in run.optimizer.state.values() for v in s.values()]
-    tensors = [p.data for p in run.model.parameters()] + [
-        v for v in state if torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() > 0
-    ]
+    """Denormal elements in the float32 weights and optimizer state, read from their bits."""
+    tensors = [t for t in weights_and_state(run) if t.dtype == torch.float32]
     exponent = 0x7F800000
     return sum(
         int(((t.view(torch.int32) & exponent).eq(0) & (t.view(torch.int32) & 0x7FFFFF).ne(0)).sum())
