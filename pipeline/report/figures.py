@@ -32,6 +32,8 @@ EXTRA_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 EXTRA_LINES = ("-", "--", "-.", ":")
 EXTRA_MARKERS = ("v", "P", "X", "*", "h")
 NUM_CLASSES = {"cifar100": 100, "tinyimagenet": 200}  # chance level in the figure
+# The chance level: its lines in the panels and its entry in the legend.
+CHANCE_STYLE = {"color": "gray", "ls": ":", "lw": 1}
 BETA1_STATS = BETA1_COLUMNS[1:]  # beta1.csv's columns besides `step`
 ADAM_BETA1 = 0.9  # Adam's fixed momentum: PyTorch's default, what the paper compares with
 
@@ -217,7 +219,7 @@ def write_test_acc(cells, params, refs, out: Path):
             labels[label(opt)] = (
                 f"{label(opt)} (n={n[0]})" if len(n) == 1 else f"{label(opt)} (n={n[0]}–{n[-1]})"
             )
-    chance = plt.Line2D([], [], color="gray", ls=":", lw=1)
+    chance = plt.Line2D([], [], **CHANCE_STYLE)
     entries = [labels[k] for k in handles] + ["chance"] if handles else []
     legend_rows = bottom_legend(fig, list(handles.values()) + [chance], entries)
     fig.suptitle(
@@ -236,7 +238,7 @@ def chance_line(ax, classes: list) -> None:
     """Accuracy by guessing (1 / classes) for each number of classes, dotted, named once at
     the left end of the highest (before the first evaluation: no curve there yet)."""
     for n in classes:
-        ax.axhline(1 / n, color="gray", ls=":", lw=1)
+        ax.axhline(1 / n, **CHANCE_STYLE)
     ax.annotate(
         f"chance ({', '.join(f'1/{n}' for n in sorted(classes))})",
         (0, 1 / min(classes)),
