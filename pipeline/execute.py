@@ -139,10 +139,16 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
         )
         raise
     _show(specs, view)
-    # A run killed while exiting, after its result was written, is done (its metrics.json
-    # is what counts, here and at the next `dvc repro`).
+    # What counts is a whole result in the store, here and at the next `dvc repro`: a run
+    # killed while exiting, after its result was written, is done; one that ended well
+    # without a whole result is not (the next survey sets a damaged one aside).
     by_name = {s["name"]: s for s in pending}
-    failed = [o for o in outcomes if not o.ok and not results.is_done(by_name[o.name])]
+    failed = [o for o in outcomes if not results.is_done(by_name[o.name])]
+    for o in failed:
+        if o.ok:
+            out = by_name[o.name]["output_dir"]
+            wrong = "; ".join(results.problems(out, o.run_hash))
+            o.error = f"ended as finished, but {out} holds no whole result: {wrong}"
     for o in failed:
         print(
             f"\nFAILED {o.name}: {o.error}\n--- last lines of its log ---\n{o.log_tail}\n---",

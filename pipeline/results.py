@@ -112,7 +112,8 @@ def survey(specs: list[dict], view: bool, fetch=None) -> Survey:
                 _publish_copy(Path(RESULTS_DIR) / spec["name"], Path(spec["output_dir"]))
                 stored = True
             if not stored and fetch is not None:
-                stored = _fetch_checked(spec, fetch, found)
+                stored, damage = fetch_checked(spec, fetch)
+                found.damaged += [damage] if damage else []
         found.state[spec["name"]] = (
             "done" if stored and (shown or not view) else "reused" if stored else "pending"
         )
@@ -141,23 +142,24 @@ def _check_shown(spec: dict, found: Survey) -> bool:
     return True
 
 
-def _fetch_checked(spec: dict, fetch, found: Survey) -> bool:
-    """Fetch a result from elsewhere into a temporary directory beside the store, and keep it
-    only if it is whole; a damaged one is set aside too (its source is left alone)."""
+def fetch_checked(spec: dict, fetch) -> tuple[bool, tuple | None]:
+    """Fetch a result from elsewhere (`fetch(spec, directory)` copies it there and says from
+    where; None: there is none) into a temporary directory beside the store, and keep it in
+    the store only if it is whole. Returns whether it was kept and, for a damaged one (set
+    aside too; its source is left alone), (what, where it went, what was wrong)."""
     out = Path(spec["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{spec['run_hash']}-", dir=out.parent))
     try:
         source = fetch(spec, tmp)
         if source is None:
-            return False
+            return False, None
         wrong = problems(tmp, spec["run_hash"])
         if wrong:
             aside = set_aside(tmp, wrong, label=f"{spec['run_hash']}-fetched", source=source)
-            found.damaged.append((f"{source} ({spec['name']})", aside, wrong))
-            return False
+            return False, (f"{source} ({spec['name']})", aside, wrong)
         _publish_copy(tmp, out)
-        return True
+        return True, None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -239,20 +239,23 @@ def kube(tmp_path, monkeypatch, request):
 @pytest.fixture
 def store(tmp_path):
     """A local stand-in for `<storage.remote>/results/<run_hash>/`, filled the way a pod
-    uploads its results; `fetch` copies them into the run's output_dir as the storage
-    layer's fetch_result does."""
+    uploads its results (`publish(spec)`; `damage(directory)` spoils what it wrote);
+    `fetch` copies them into a directory as the storage layer's fetch_result does."""
     import shutil
 
     root = tmp_path / "store"
 
-    def publish(spec, test_acc=0.5):
-        write_result(root / "results" / spec["run_hash"], spec, test_acc=test_acc)
+    def publish(spec, test_acc=0.5, damage=None):
+        where = root / "results" / spec["run_hash"]
+        write_result(where, spec, test_acc=test_acc)
+        if damage:
+            damage(where)
 
-    def fetch(params, spec):
+    def fetch(params, spec, directory):
         src = root / "results" / spec["run_hash"]
         if not (src / "metrics.json").exists():
             raise FileNotFoundError(f"no result for {spec['run_hash']} in the store")
-        shutil.copytree(src, spec["output_dir"], dirs_exist_ok=True)
+        shutil.copytree(src, directory, dirs_exist_ok=True)
 
     publish.fetch = fetch
     return publish

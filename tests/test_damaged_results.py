@@ -14,6 +14,7 @@ from conftest import fake_prepared, write_result
 from pipeline import execute, grid, results
 from pipeline.config import load_params
 from pipeline.executors import Executor
+from pipeline.executors.base import RunOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,31 @@ def test_the_stage_counts_add_up_to_the_grid(workdir, capsys, case):
     assert (done, reused, to_run) == expected, line
     assert Nothing.ran == ([target["name"]] if case == "both damaged" else [])
     assert all(results.is_done(s) and results.is_shown(s) for s in specs)
+
+
+def test_a_run_reported_finished_without_a_whole_result_fails_the_stage(workdir, capsys):
+    """An executor's word is not a result: a run it reports as finished whose result in the
+    store is damaged (or missing) fails, naming what is wrong, and is never shown."""
+    params, specs = grid_specs()
+    damaged, missing, whole = specs[:3]
+
+    class Reports(Executor):  # says every run finished; writes what the case needs
+        def run(self, pending):
+            for s in pending:
+                if s is not missing:
+                    write_result(s["output_dir"], s)
+            edit_json(Path(damaged["output_dir"]) / "metrics.json", lambda m: dict(m, test_acc=7.5))
+            return [RunOutcome(s["name"], s["run_hash"], ok=True) for s in pending]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(execute, "get_executor", lambda params: Reports())
+        report = execute.run_stage(params, specs, "train", view=True)
+    assert sorted(report.failed) == sorted([damaged["name"], missing["name"]])
+    err = capsys.readouterr().err
+    assert f"FAILED {damaged['name']}: ended as finished, but" in err
+    assert "test_acc 7.5 is not null or a number in [0, 1]" in err
+    assert f"FAILED {missing['name']}" in err and "metrics.json: missing" in err
+    assert results.is_shown(whole) and not results.is_shown(damaged)
 
 
 def test_aggregate_refuses_a_damaged_result_rather_than_printing_it(workdir):

@@ -62,7 +62,7 @@ def api_delete(name, namespace="vsgd"):
 
 def executor(params, store, out, clock):
     """The executor under test, on the test API server's clock (`kube.clock`)."""
-    return KubernetesExecutor(params, out=out, fetch_result=store.fetch, clock=clock)
+    return KubernetesExecutor(params, out=out, fetch=store.fetch, clock=clock)
 
 
 def test_grid_runs_to_complete_and_each_failure_reason(kube, store):
@@ -276,6 +276,47 @@ def test_a_job_deleted_midway_fails_its_run_with_the_log(kube, store):
     [outcome] = executor(params, store, io.StringIO(), kube.clock).run(specs)
     assert not outcome.ok and "deleted before it finished" in outcome.error
     assert "step 1/3 loss 4.6" in outcome.log_tail
+
+
+def spoil(directory):
+    """Damage a published result the way a bad copy would: a number out of its range."""
+    metrics = directory / "metrics.json"
+    metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()), test_acc=7.5)))
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["then whole", "damaged again"])
+def test_a_damaged_result_is_set_aside_and_its_job_replaced_once(kube, store, twice):
+    params, specs = grid(optimizers="[sgd]")
+    [spec] = specs
+    created = []
+
+    def cluster(job):  # the first pod publishes a damaged result; the second a whole one
+        created.append(job["metadata"]["uid"])
+        kube.start_pod(job["metadata"]["name"])
+        store(spec, damage=spoil if twice or len(created) == 1 else None)
+        kube.complete(job["metadata"]["name"])
+
+    kube.on_create = cluster
+    out = io.StringIO()
+    [outcome] = executor(params, store, out, kube.clock).run(specs)
+
+    name = job_name(spec, params)
+    problem = "test_acc 7.5 is not null or a number in [0, 1]"
+    deletes = [r for r in kube.requests if r[0] == "DELETE"]
+    assert len(created) == 2 and len(set(created)) == 2  # replaced once, never more
+    assert deletes == [("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{name}")]
+    said = out.getvalue()
+    assert f"is damaged (metrics.json: {problem}" in said and f"replacing Job {name}" in said
+    aside = sorted(Path("results/damaged").iterdir())
+    assert len(aside) == (2 if twice else 1)  # every damaged copy kept, none in the store
+    assert all(json.loads((d / "metrics.json").read_text())["test_acc"] == 7.5 for d in aside)
+    metrics = Path(spec["output_dir"]) / "metrics.json"
+    if twice:
+        assert not outcome.ok and "trained again" in outcome.error and problem in outcome.error
+        assert not metrics.exists()
+    else:
+        assert outcome.ok, outcome.error
+        assert json.loads(metrics.read_text())["test_acc"] == 0.5
 
 
 @pytest.mark.real_time  # the watch windows end by the server's timeoutSeconds, in real time

@@ -11,7 +11,8 @@ says so: an API outage longer than `outage_budget` makes the launcher leave (`De
 the Jobs run on. Running again adopts this pipeline's Jobs (also one another launcher created a
 moment ago: its create answers 409) and replaces failed ones; another pipeline's Job is never
 adopted or deleted, even of the same name (that run fails, naming it), and deletions carry the
-uid of the Job meant. Finished results are copied from the store into each run's output_dir.
+uid of the Job meant. A finished run's result is fetched from the store and kept only if it
+is whole; a damaged one replaces the Job once (`pipeline.k8s.outcomes`).
 The stage hears of each run as it goes (`events`): its pod first seen running, the pod's last
 log line every `progress_interval`, its outcome.
 """
@@ -25,10 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from vsgd.spec import ConfigError
 
-from ..contract import (
-    STALE_IMAGE,  # how a pod whose code is not the launcher's says so
-    Detached,
-)
+from ..contract import Detached
 from ..k8s.client import (
     SYSTEM_CLOCK,
     TRANSIENT,
@@ -39,6 +37,7 @@ from ..k8s.client import (
     retry_after,
 )
 from ..k8s.cluster import report_stale
+from ..k8s.outcomes import RunOutcomes
 from ..k8s.pods import Pods
 from ..k8s.preflight import preflight
 from ..k8s.progress import RunProgress
@@ -49,10 +48,9 @@ from ..k8s.render import (
     managed_selector,
     name_taken,
     render_job,
-    results_uri,
 )
 from ..k8s.schema import QUEUE_LABEL, max_parallel, queue_name, settings, template_path
-from ..k8s.status import condition, failure
+from ..k8s.status import condition
 from ..storage import fetch_result
 from .base import Executor, RunOutcome
 
@@ -69,22 +67,25 @@ class _Run:
     trouble: tuple | None = None  # (kind, since, text) of a pod that does not start
     suspended: bool = False  # held by a queue (spec.suspend)
     started: bool = False  # its pod was seen running (told to `events`)
+    retrained: bool = False  # its Job was replaced once because its result was damaged
 
     @property
     def name(self):
         return self.job["metadata"]["name"]
 
 
-class KubernetesExecutor(RunProgress, Executor):
+class KubernetesExecutor(RunProgress, RunOutcomes, Executor):
     """`clock` (monotonic(), sleep()) times the grace periods, the outage budget and every
     wait; the watch windows are the API server's (timeoutSeconds)."""
 
-    def __init__(self, params: dict, *, out=None, fetch_result=None, clock=SYSTEM_CLOCK):
+    def __init__(self, params: dict, *, out=None, fetch=fetch_result, clock=SYSTEM_CLOCK):
+        """`fetch(params, spec, directory)` copies a finished run's result into `directory`
+        (FileNotFoundError: there is none)."""
         self.params = params
         self.cfg = settings(params)
         self.max_parallel = max_parallel(params)  # None: no limit (a queue admits)
         self.out = out or sys.stdout
-        self._fetch = fetch_result or _fetch_from_store
+        self._fetch = fetch
         self.clock = clock
         self.namespace = None
         self.api = None
@@ -255,7 +256,11 @@ class KubernetesExecutor(RunProgress, Executor):
                     if existing is not None and not is_ours(existing, self.params):
                         self._finish(run, False, name_taken(existing, self.params))
                         return False
-                    if existing is not None and not condition(existing, "Failed"):
+                    if (
+                        existing is not None
+                        and not condition(existing, "Failed")
+                        and not existing["metadata"].get("deletionTimestamp")
+                    ):
                         self._adopt(run, existing)
                         return True
                     self.clock.sleep(2**attempt)
@@ -377,45 +382,6 @@ class KubernetesExecutor(RunProgress, Executor):
                 )
             run.counts = counts
 
-    def _failed(self, run, failed):
-        error = failure(run.name, failed)
-        message = self.pods.termination_message(run.uid)
-        if message and STALE_IMAGE in message:
-            error = (
-                f"image is stale: rebuild and push (`make image push`), then run again - {message}"
-            )
-        elif message:
-            error += f": {message}"
-        self._finish(run, False, error, self.pods.log_tail(run.uid))
-
-    def _vanished(self, run):
-        """The Job is gone before we saw it finish (deleted by hand, or by its TTL)."""
-        try:
-            self._fetch(self.params, run.spec)
-        except Exception:  # noqa: BLE001 - any failure to find the result means: not done
-            self._finish(
-                run,
-                False,
-                f"Job {run.name} was deleted before it finished",
-                self.pods.log_tail(run.uid),
-            )
-            return
-        self._finish(run, True)
-
-    def _succeeded(self, run):
-        try:
-            self._fetch(self.params, run.spec)
-        except Exception as exc:  # noqa: BLE001 - reported as this run's failure
-            self._finish(
-                run,
-                False,
-                f"Job {run.name} completed but its results could not be "
-                f"fetched from {results_uri(self.params, run.spec)}: "
-                f"{type(exc).__name__}: {exc}",
-            )
-            return
-        self._finish(run, True)
-
     def _finish(self, run, ok, error=None, log_tail=""):
         run.outcome = RunOutcome(run.spec["name"], run.spec["run_hash"], ok, error, log_tail)
         self.events.run_ended(run.outcome)
@@ -431,8 +397,3 @@ class KubernetesExecutor(RunProgress, Executor):
 
     def _say(self, text):
         print(f"[k8s] {text}" if not text.startswith("[") else text, file=self.out, flush=True)
-
-
-def _fetch_from_store(params, spec):
-    """Copy a finished run's results from the store into its output_dir."""
-    fetch_result(params, spec)
