@@ -149,6 +149,11 @@ def test_sensitivity_figure_from_the_tuning_table(results):
             )
     (tuning / "tuning.csv").write_text("\n".join(rows) + "\n")
     run_aggregate(results)
+    figures = sorted((results / "figures").iterdir())
+    first = {f.name: f.read_bytes() for f in figures}
+    run_aggregate(results)  # the same results give the same bytes, SVG and PNG
+    assert {f.name: f.read_bytes() for f in figures} == first
+    assert {"sensitivity.svg", "sensitivity.png", "test_acc.svg"} <= set(first)
     from PIL import Image
 
     for ext in ("png", "svg"):

@@ -59,6 +59,8 @@ def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # SVG element ids from the content alone, not from a random salt per process.
+    matplotlib.rcParams["svg.hashsalt"] = "vsgd-repro"
     import matplotlib.pyplot as plt
 
     return plt
@@ -95,15 +97,12 @@ def bottom_legend(fig, handles: list, labels: list) -> int:
     return -(-len(handles) // ncol)
 
 
-def save(plt, fig, out: Path, name: str) -> None:
+def save(plt, fig, out: Path, name: str, dpi=150, **options) -> None:
     """`<name>.png` and `<name>.svg`, without the date and software stamps, so that the same
-    results give the same PNG."""
+    results give the same bytes."""
     for ext in ("png", "svg"):
-        fig.savefig(
-            out / f"{name}.{ext}",
-            dpi=150,
-            metadata={"Date": None} if ext == "svg" else {"Software": None},
-        )
+        stamps = {"Date": None} if ext == "svg" else {"Software": None}
+        fig.savefig(out / f"{name}.{ext}", dpi=dpi, metadata=stamps, **options)
     plt.close(fig)
 
 
@@ -442,6 +441,4 @@ def write_sensitivity(params, tuning_csv: Path, out: Path) -> None:
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.suptitle("Tuning: validation accuracy per grid point (results/tuning/tuning.csv)")
     fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(out / f"sensitivity.{ext}", bbox_inches="tight", dpi=120)
-    plt.close(fig)
+    save(plt, fig, out, "sensitivity", dpi=120, bbox_inches="tight")
