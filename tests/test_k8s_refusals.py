@@ -216,6 +216,40 @@ def test_a_quota_that_stays_full_fails_the_run_after_start_grace(kube, store):
     assert "exceeded quota: gpu-jobs" in outcome.error and kube.deletions == []
 
 
+def test_a_pod_beyond_a_pod_quota_is_a_configuration_error_before_any_job(kube, store):
+    """A quota on pods (GPUs here) is charged when the Job controller creates a pod, after the
+    Job's dry run passed: without the preflight's own look, every run would fail only
+    start_grace later, with FailedCreate."""
+    params, specs = grid(optimizers="[vsgd]")
+    kube.add_quota("gpus", {"requests.nvidia.com/gpu": 0, "requests.memory": "64Gi"})
+    with pytest.raises(ConfigError) as err:
+        executor(params, store, io.StringIO(), kube.clock).run(specs)
+    [problem] = [p for p in err.value.problems if "ResourceQuota" in p]
+    assert problem == (
+        "kubernetes: one run's pod alone exceeds ResourceQuota gpus: requests.nvidia.com/gpu "
+        "1 asked, hard limit 0 in namespace vsgd: no run can ever start; lower the pod's "
+        "resources (executor.kubernetes.cpu, memory, gpus, scratch_size) or raise the quota "
+        "(kubectl -n vsgd describe resourcequota gpus)"
+    )
+    assert kube.jobs() == [] and kube.requests.count(("POST", JOBS)) == 1  # the dry run
+
+
+def test_a_pod_quota_in_use_now_is_said_and_passes(kube, store):
+    params, specs = grid(optimizers="[vsgd]")
+    kube.add_quota("gpus", {"requests.nvidia.com/gpu": 1, "requests.memory": "64Gi"})
+    other, _ = grid("storage.remote=s3://other/store", optimizers="[vsgd]")
+    busy = render_job(specs[0], other)
+    kube.create_job(busy)
+    kube.start_pod(busy["metadata"]["name"])  # another pipeline's pod holds the one GPU
+    out = io.StringIO()
+    executor(params, store, out, kube.clock).preflight(specs[0])
+    assert (
+        "a run's pod does not fit the ResourceQuotas of namespace vsgd now (gpus: "
+        "requests.nvidia.com/gpu 1 asked, 1 of 1 in use): the runs wait for room"
+    ) in out.getvalue()
+    assert "preflight ok" in out.getvalue()
+
+
 # -- the launcher leaves after an outage ---------------------------------------------------
 
 

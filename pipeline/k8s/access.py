@@ -25,6 +25,7 @@ ACCESS = (
     ("", "pods", ("list",), "find a Job's pods (by its controller-uid) for progress and state"),
     ("", "pods/log", ("get",), "the last log lines of a failed or running run"),
     ("", "events", ("list",), "why a Job cannot create its pod, or a pod cannot start"),
+    ("", "resourcequotas", ("list",), "preflight: a run's pod fits the ResourceQuotas"),
     ("", "serviceaccounts", ("get",), "preflight: the pods' ServiceAccount exists"),
     ("", "secrets", ("get",), "preflight: the credentials Secret (and pull secrets) exist"),
     ("", "configmaps", ("get",), "preflight: the endpoints ConfigMap exists"),

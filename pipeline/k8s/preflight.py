@@ -7,6 +7,10 @@ is used.
   https://kubernetes.io/docs/reference/using-api/api-concepts/#dry-run). A ResourceQuota that
   refuses it is a configuration error only when one Job alone exceeds it; one that is full
   because of what runs now is said and waited for (each run for up to `start_grace`).
+- One run's pod fits every ResourceQuota of the namespace that counts it (`pod_quota`): the
+  dry run of a Job cannot see them, since a quota on pods is charged only when the Job
+  controller creates a pod. A pod alone beyond a hard limit is a configuration error; a quota
+  without room for it now is said, and waited for as above.
 - The ServiceAccount, Secrets (image pull secrets too) and ConfigMap the Job refers to exist,
   each read by its name (which is also the check of the launcher's right to read it).
 - The launcher's rights: a SelfSubjectAccessReview of each of `pipeline.k8s.access.ACCESS`.
@@ -19,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from vsgd.spec import ConfigError
 
+from . import pod_quota
 from .access import ACCESS, NAMED
 from .client import Api, api_error, quota_refusal, status_message
 from .schema import TRAIN_CONTAINER
@@ -83,6 +88,7 @@ def preflight(api: Api, job: dict, *, start_grace: float, say) -> None:
                     else ""
                 )
             )
+    problems += _pod_quotas(api, job, start_grace=start_grace, say=say)
     problems += _referenced_objects(api, job)
     problems += _missing_rights(api, ns)
     if problems:
@@ -117,6 +123,31 @@ def referenced(job: dict) -> list[tuple[str, str, str]]:
     for pull in pod.get("imagePullSecrets") or []:
         wanted.append(("secrets", pull["name"], "image_pull_secrets"))
     return wanted
+
+
+def _pod_quotas(api: Api, job: dict, *, start_grace: float, say) -> list[str]:
+    """A run's pod against the namespace's ResourceQuotas (`pod_quota.check`)."""
+    ns = job["metadata"]["namespace"]
+    try:
+        listing = api.call(api.core.list_namespaced_resource_quota, ns)
+    except ApiException as exc:
+        # 403: the rights check says which right is missing; 404: the dry run said it.
+        return [] if exc.status in (403, 404) else [api_error(exc, "listing ResourceQuotas")]
+    quotas = [api.to_dict(item) for item in listing.items]
+    beyond, full = pod_quota.check(quotas, job["spec"]["template"]["spec"])
+    if full:
+        say(
+            f"a run's pod does not fit the ResourceQuotas of namespace {ns} now "
+            f"({'; '.join(full)}): the runs wait for room, each for up to {start_grace:.0f} s "
+            "(executor.kubernetes.start_grace)"
+        )
+    return [
+        f"kubernetes: one run's pod alone exceeds ResourceQuota {what} in namespace {ns}: "
+        f"no run can ever start; lower the pod's resources (executor.kubernetes.cpu, memory, "
+        f"gpus, scratch_size) or raise the quota (kubectl -n {ns} describe resourcequota "
+        f"{what.split(':')[0]})"
+        for what in beyond
+    ]
 
 
 def _referenced_objects(api: Api, job: dict) -> list[str]:
