@@ -1,5 +1,6 @@
 """The local executor's GPUs: one GPU per run through CUDA_VISIBLE_DEVICES, never more runs
-on a GPU than `executor.local.runs_per_gpu`, a freed GPU handed to the next waiting run, the
+on a GPU than `executor.local.runs_per_gpu` (whichever launcher on the machine starts them, and
+while a run lives past its launcher), a freed GPU handed to the next waiting run, the
 parent's CUDA_VISIBLE_DEVICES honoured, `gpus: none`, the cores shared, the stage's events,
 and runs that need CUDA refused before any run where they cannot have it.
 
@@ -10,9 +11,11 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from pipeline.contract import LOG_NAME
 from pipeline.executors import get_executor
 from pipeline.executors.base import RunEvents
 from pipeline.executors.local import LocalExecutor, cuda_visible_devices
+from pipeline.gpu_places import PLACES_ENV, GpuPlaces
 from vsgd.spec import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +46,12 @@ FAKE_TRAIN = textwrap.dedent("""
                    "start": start, "end": time.monotonic()}, f)
     sys.exit(spec["fake"].get("exit", 0))
 """)
+
+
+@pytest.fixture(autouse=True)
+def own_gpu_places(tmp_path, monkeypatch):
+    """This test's GPU places: no launcher of the machine, nor another test, shares them."""
+    monkeypatch.setenv(PLACES_ENV, str(tmp_path / "gpu-places"))
 
 
 def make_spec(tmp_path, name, device="auto", **fake):
@@ -189,6 +199,71 @@ def test_a_freed_gpu_goes_to_the_next_waiting_run(tmp_path):
     # The next run took the GPU the short run freed, while the long run still held the other.
     assert following["gpu"] == short["gpu"]
     assert short["end"] <= following["start"] < long["end"]
+
+
+def test_two_launchers_on_one_machine_share_its_gpu_places(tmp_path):
+    """Two stages at once (two `dvc exp run`s, DVC queue workers): one place per GPU between
+    them, whoever started the runs."""
+    batches = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        specs = [make_spec(tmp_path / name, f"{name}{i}", sleep=0.6) for i in range(3)]
+        batches[name] = (local_executor(tmp_path / name, ["0", "1"]), specs)
+    outcomes = {}
+    threads = [
+        threading.Thread(target=lambda n=n: outcomes.update({n: batches[n][0].run(batches[n][1])}))
+        for n in batches
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(o.ok for n in batches for o in outcomes[n])
+    by_gpu = {}
+    for name, (_, specs) in batches.items():
+        for gpu, intervals in per_gpu(tmp_path / name, specs).items():
+            by_gpu.setdefault(gpu, []).extend(intervals)
+    assert sorted(by_gpu) == ["0", "1"] and sum(map(len, by_gpu.values())) == 6
+    for intervals in by_gpu.values():
+        assert most_at_once(intervals) == 1  # never two runs on one GPU, whoever started them
+
+
+def for_seconds(seconds):
+    """A `cancel` for `GpuPlaces.take`: true once `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() > deadline
+
+
+def test_a_place_stays_taken_while_its_run_outlives_a_killed_launcher(tmp_path):
+    """The run's process holds its place (an inherited descriptor): a launcher killed mid-run
+    frees nothing the run still uses, and the place comes back when the run ends."""
+    # A launcher (this module's local executor, on one GPU) killed once its run has started.
+    launcher = textwrap.dedent(f"""
+        import os, sys, threading, time
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        os.environ[{PLACES_ENV!r}] = {str(tmp_path / "places")!r}
+        from test_gpu_assignment import local_executor, make_spec
+        ex = local_executor(Path({str(tmp_path)!r}), ["0"])
+        run = make_spec(Path({str(tmp_path)!r}), "run", sleep=60)
+        threading.Thread(target=ex.run, args=([run],), daemon=True).start()
+        while not ex._procs:
+            time.sleep(0.05)
+        print(next(iter(ex._procs)).pid, flush=True)
+        os._exit(0)  # killed: nothing given back
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", launcher], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    run_pid = int(out.stdout.split()[0])
+    places = GpuPlaces(["0"], 1, tmp_path / "places")
+    try:
+        assert places.take(cancel=for_seconds(1.0)) is None  # the run holds it
+    finally:
+        os.kill(run_pid, signal.SIGKILL)
+    place = places.take(cancel=for_seconds(10.0))  # the run ended: the place is free again
+    assert place is not None and place.gpu == "0"
+    places.give_back(place)
 
 
 def test_the_parents_cuda_visible_devices_is_honoured(tmp_path, monkeypatch):

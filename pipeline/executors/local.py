@@ -25,8 +25,9 @@ launcher stopped before finishing it.
 GPUs: a run that may use one (`training.device` auto or cuda) gets exactly one, through
 `CUDA_VISIBLE_DEVICES` in its environment (inside the run, `cuda` is that GPU), from
 `executor.local.gpus` (default all this machine shows the launcher: `CUDA_VISIBLE_DEVICES`
-honoured, as CUDA reads it), at most `executor.local.runs_per_gpu` runs per GPU, the least
-loaded GPU first; a GPU goes to the next waiting run the moment its run ends. Unset,
+honoured, as CUDA reads it), at most `executor.local.runs_per_gpu` runs per GPU, whichever
+launcher on this machine starts them (`pipeline.gpu_places`), the least loaded GPU first; a
+GPU goes to the next waiting run the moment its run ends. Unset,
 `max_parallel` is one run per GPU place; set, it caps the runs at once, and a run that needs
 a GPU still waits for a free place. Without a GPU (none here, or `gpus: none`) such a run
 sees none (`CUDA_VISIBLE_DEVICES` empty: `auto` trains on the CPU). `before_stage` refuses,
@@ -61,6 +62,7 @@ from ..contract import (
     signal_main_thread,
     watch_launcher,
 )
+from ..gpu_places import GpuPlaces, Place
 from ..runlock import RunLock
 from .base import Executor, RunOutcome, spec_path, write_spec
 
@@ -70,8 +72,6 @@ TAIL_LINES = 30
 # same budget a run has in a pod.
 GRACE_SECONDS = 120
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
-# How often a run waiting for a free GPU looks whether the stage is stopping.
-WAIT_POLL_SECONDS = 0.2
 
 
 class LocalExecutor(Executor):
@@ -245,18 +245,18 @@ class LocalExecutor(Executor):
     def _start(self, spec: dict, lock: RunLock) -> RunOutcome:
         """The run on a free GPU place if it may use a GPU and there are any (waiting for one,
         unless the stage stops first); the place is given back as soon as its process ends."""
-        gpu = None
+        place = None
         if self._places is not None and takes_gpu(spec):
-            gpu = self._places.take(cancel=self._stopping.is_set)
-            if gpu is None:
+            place = self._places.take(cancel=self._stopping.is_set)
+            if place is None:
                 return RunOutcome(spec["name"], spec["run_hash"], ok=False, error="not started")
         try:
-            return self._start_on(spec, lock, gpu)
+            return self._start_on(spec, lock, place)
         finally:
-            if gpu is not None:
-                self._places.give_back(gpu)
+            if place is not None:
+                self._places.give_back(place)
 
-    def _start_on(self, spec: dict, lock: RunLock, gpu: str | None) -> RunOutcome:
+    def _start_on(self, spec: dict, lock: RunLock, place: Place | None) -> RunOutcome:
         name = spec["name"]
         tail = collections.deque(maxlen=TAIL_LINES)
         cmd = self.command + ["--spec", str(spec_path(spec))]
@@ -271,6 +271,7 @@ class LocalExecutor(Executor):
         env.setdefault("OMP_NUM_THREADS", str(self.threads_per_run()))
         # Compile workers sized to the run's share of the cores, as in a pod (contract).
         env.setdefault(COMPILE_THREADS_ENV, str(compile_threads(self.threads_per_run())))
+        gpu = place.gpu if place else None
         if takes_gpu(spec):
             # Its GPU alone (inside the run, `cuda` is that GPU), or none at all: never one
             # that another run was given.
@@ -282,7 +283,8 @@ class LocalExecutor(Executor):
                 if self._stopping.is_set():
                     return RunOutcome(name, spec["run_hash"], ok=False, error="not started")
                 # Its own process group: see the module docstring. The run inherits the
-                # locked descriptor, so the lock outlives us if we die before it.
+                # locked descriptors of its run lock and its GPU place, so they outlive us
+                # if we die before it.
                 proc = subprocess.Popen(
                     cmd,
                     stdin=subprocess.DEVNULL,
@@ -293,7 +295,7 @@ class LocalExecutor(Executor):
                     bufsize=1,
                     env=env,
                     process_group=0,
-                    pass_fds=(lock.fd,),
+                    pass_fds=(lock.fd, *([place.fd] if place else [])),
                 )
                 self._procs.add(proc)
             self._say(f"[{name}] start" + (f" on {where}" if where else ""))
@@ -355,40 +357,6 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-class GpuPlaces:
-    """Places on GPUs, `per_gpu` on each: `take` gives a run the least loaded GPU with a free
-    place (the first listed among equals), waiting for one in the order the runs asked;
-    `give_back` frees it. Thread-safe."""
-
-    def __init__(self, gpus: list[str], per_gpu: int):
-        self._load = dict.fromkeys(gpus, 0)
-        self._per_gpu = per_gpu
-        self._waiting = collections.deque()
-        self._changed = threading.Condition()
-
-    def take(self, cancel=lambda: False) -> str | None:
-        """A GPU, or None if `cancel()` turned true while waiting for one."""
-        turn = object()
-        with self._changed:
-            self._waiting.append(turn)
-            try:
-                while not cancel():
-                    gpu = min(self._load, key=self._load.get)
-                    if self._waiting[0] is turn and self._load[gpu] < self._per_gpu:
-                        self._load[gpu] += 1
-                        return gpu
-                    self._changed.wait(WAIT_POLL_SECONDS)
-                return None
-            finally:
-                self._waiting.remove(turn)
-                self._changed.notify_all()
-
-    def give_back(self, gpu: str) -> None:
-        with self._changed:
-            self._load[gpu] -= 1
-            self._changed.notify_all()
 
 
 def device_of(spec: dict) -> str:
