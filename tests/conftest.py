@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vsgd.outputs import DIGESTS
+
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_SIZES = {"train": 256, "test": 64}
 
@@ -159,11 +161,11 @@ def run_spec(
 
 def untimed(metrics: dict) -> dict:
     """A run's metrics without what differs between two runs of one spec (wall-clock figures,
-    the MLflow run): everything else must be equal."""
+    the MLflow run, and so the digests of the files): everything else must be equal."""
     return {
         k: v
         for k, v in metrics.items()
-        if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id")
+        if k not in ("seconds_per_iter", "images_per_sec", "mlflow_run_id", DIGESTS)
     }
 
 
@@ -289,10 +291,9 @@ def write_result(
     curve.csv at `curve_steps` (default: half way and the end), rising linearly to
     `test_acc`, beta1.csv for VSGD (`beta1` rows, else one at the end), metrics.json last.
     `diverged` ({step, stopped_at}) makes it a diverged run whose last finite evaluation had
-    `test_acc`. Returns the metrics."""
-    import json
-
-    from vsgd.outputs import BETA1_COLUMNS, CURVE_COLUMNS
+    `test_acc`; written by the trainer's own `write_outputs` (with its digests). Returns the
+    metrics."""
+    from vsgd.outputs import BETA1_COLUMNS, write_outputs
     from vsgd.spec import run_hash
 
     if spec is None:
@@ -319,17 +320,10 @@ def write_result(
         }
         for s in steps
     ]
-    lines = [",".join(CURVE_COLUMNS)] + [
-        ",".join("" if r[c] is None else repr(r[c]) for c in CURVE_COLUMNS) for r in curve
-    ]
-    (directory / "curve.csv").write_text("\n".join(lines) + "\n")
+    rows = None
     if spec["optimizer"]["name"] == "vsgd":
         rows = [[steps_done, 0.6, 0.3, 0.5, 0.6, 0.7, 0.8]] if beta1 is None else beta1
-        (directory / "beta1.csv").write_text(
-            "\n".join([",".join(BETA1_COLUMNS)] + [",".join(str(v) for v in r) for r in rows])
-            + "\n"
-        )
-    (directory / "config.json").write_text(json.dumps(spec, indent=2))
+        rows = [dict(zip(BETA1_COLUMNS, r)) for r in rows]
     assert run_hash(spec) == spec["run_hash"]
     last = curve[-1] if curve else {}
     metrics = {
@@ -351,8 +345,23 @@ def write_result(
         "device_name": "Test CPU",
         "mlflow_run_id": None,
     }
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return write_outputs(directory, spec, metrics, curve, rows)
+
+
+def reseal(directory) -> None:
+    """Record a result's files as they are now, as if the trainer had written them so: for
+    tests that plant a file of their own into a whole result."""
+    import json
+
+    from vsgd.files import file_digest
+    from vsgd.outputs import BETA1, CURVE, METRICS, SPEC, sealed
+
+    directory = Path(directory)
+    metrics = json.loads((directory / METRICS).read_text())
+    metrics.pop(DIGESTS, None)
+    files = [n for n in (CURVE, SPEC, BETA1) if (directory / n).is_file()]
+    metrics = sealed(metrics, {n: file_digest(directory / n) for n in files})
+    (directory / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _result_spec(
@@ -389,6 +398,15 @@ def _result_spec(
     }
     spec["run_hash"] = run_hash(spec)
     return spec
+
+
+# The end of a stand-in for `python -m pipeline.train` (a script that has its run's `spec`):
+# the run's whole result, as a run leaves it.
+STAND_IN_RESULT = f"""
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from conftest import write_result
+write_result(spec["output_dir"], spec)
+"""
 
 
 def stage_runs_stand_in(monkeypatch, script: Path) -> None:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_result
+from conftest import reseal, write_result
 
 from pipeline import aggregate
 from pipeline.config import load_params
@@ -534,6 +534,7 @@ def plant_beta1(results, pattern, median):
             m = median(seed, step)
             lines.append(f"{step},{m},{m - 0.3},{m - 0.1},{m},{m + 0.1},{m + 0.2}")
         (d / "beta1.csv").write_text("\n".join(lines) + "\n")
+        reseal(d)
 
 
 def blue_pixels(png):
@@ -618,6 +619,7 @@ def test_the_view_carries_beta1_csv_into_the_figure(results, tmp_path):
     (stored / "beta1.csv").write_text(
         "step,mean,q10,q25,median,q75,q90\n15000,0.6,0.3,0.5,0.6,0.7,0.8\n"
     )
+    reseal(stored)
     view._publish_copy(stored, run)
     run_aggregate(results)
     rows = list(csv.DictReader((results / "beta1" / "cifar100_resnext.csv").open()))

@@ -51,6 +51,15 @@ def other_run(spec):
     return dict(spec, seed=spec["seed"] + 1)
 
 
+def change_first_curve_accuracy(path: Path):
+    """The first evaluation's test accuracy a point higher: still a well-formed curve that
+    agrees with the metrics (which hold the last one)."""
+    header, first, *rest = path.read_text().splitlines()
+    fields = first.split(",")
+    fields[1] = repr(float(fields[1]) + 0.01)
+    path.write_text("\n".join([header, ",".join(fields), *rest]) + "\n")
+
+
 # kind -> (what it does to a whole result, a phrase of the problem reported)
 DAMAGE = {
     "accuracy out of range": (
@@ -85,6 +94,19 @@ DAMAGE = {
         "is not the curve's final",
     ),
     "VSGD result without beta1.csv": (lambda d: (d / "beta1.csv").unlink(), "beta1.csv: missing"),
+    # Well-formed and consistent, only not what was written: the digests tell.
+    "a curve value changed": (
+        lambda d: change_first_curve_accuracy(d / "curve.csv"),
+        "curve.csv: its bytes are not those written",
+    ),
+    "metrics changed within range": (
+        lambda d: edit_json(d / "metrics.json", lambda m: dict(m, seconds_per_iter=0.3)),
+        "metrics.json: its content is not what was written",
+    ),
+    "digests garbled": (
+        lambda d: edit_json(d / "metrics.json", lambda m: dict(m, sha256="none")),
+        "metrics.json: sha256 is not an object of file names and sha256s",
+    ),
 }
 
 

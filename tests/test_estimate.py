@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fake_prepared, stage_runs_stand_in
+from conftest import STAND_IN_RESULT, fake_prepared, stage_runs_stand_in
 
 from pipeline import estimate, execute, grid
 from pipeline.config import load_params
@@ -306,11 +306,14 @@ def test_without_anything_measurable_the_line_says_why(workdir):
 
 # -- through the stage: the real measurement, the local executor ----------------------------------
 
-FAKE_TRAIN = textwrap.dedent("""
+FAKE_TRAIN = (
+    textwrap.dedent("""
     import json, sys
     spec = json.load(open(sys.argv[sys.argv.index("--spec") + 1]))
     print("trained", spec["name"], flush=True)
 """)
+    + STAND_IN_RESULT
+)
 
 
 def test_the_stage_says_how_long_before_its_runs_start(

@@ -306,7 +306,8 @@ def test_a_damaged_result_is_set_aside_and_its_job_replaced_once(kube, store, tw
     assert len(created) == 2 and len(set(created)) == 2  # replaced once, never more
     assert deletes == [("DELETE", f"/apis/batch/v1/namespaces/vsgd/jobs/{name}")]
     said = out.getvalue()
-    assert f"is damaged (metrics.json: {problem}" in said and f"replacing Job {name}" in said
+    assert "is damaged (" in said and f"metrics.json: {problem}" in said
+    assert f"replacing Job {name}" in said
     aside = sorted(Path("results/damaged").iterdir())
     assert len(aside) == (2 if twice else 1)  # every damaged copy kept, none in the store
     assert all(json.loads((d / "metrics.json").read_text())["test_acc"] == 7.5 for d in aside)

@@ -188,18 +188,34 @@ def test_a_full_quota_at_stage_start_waits_instead_of_failing_the_grid(kube, sto
     assert len(created(kube)) >= 2  # refused, then admitted once the room was there
 
 
-def test_a_request_beyond_the_quota_hard_limit_is_a_configuration_error(kube, store):
+# A quota one Job or one run's pod alone exceeds. A quota on pods (GPUs here) is charged when
+# the Job controller creates a pod, after the Job's dry run passed: without the preflight's
+# own look at the quotas, every run would fail only start_grace later, with FailedCreate.
+BEYOND = {
+    "jobs": (
+        {"count/jobs.batch": 0},
+        "kubernetes: one Job alone exceeds ResourceQuota q of namespace vsgd (requested "
+        "count/jobs.batch=1, the quota's hard limit count/jobs.batch=0): no Job can ever be "
+        "admitted; raise the quota (kubectl -n vsgd describe resourcequota q)",
+    ),
+    "pods": (
+        {"requests.nvidia.com/gpu": 0, "requests.memory": "64Gi"},
+        "kubernetes: one run's pod alone exceeds ResourceQuota q: requests.nvidia.com/gpu 1 "
+        "asked, hard limit 0 in namespace vsgd: no run can ever start; lower the pod's "
+        "resources (executor.kubernetes.cpu, memory, gpus, scratch_size) or raise the quota "
+        "(kubectl -n vsgd describe resourcequota q)",
+    ),
+}
+
+
+@pytest.mark.parametrize("on", BEYOND)
+def test_a_request_beyond_a_quota_hard_limit_is_a_configuration_error(kube, store, on):
+    hard, expected = BEYOND[on]
     params, specs = grid(optimizers="[vsgd]")
-    kube.add_quota("no-jobs", {"count/jobs.batch": 0})
+    kube.add_quota("q", hard)
     with pytest.raises(ConfigError) as err:
         executor(params, store, io.StringIO(), kube.clock).run(specs)
-    problem = next(p for p in err.value.problems if "ResourceQuota" in p)
-    assert problem == (
-        "kubernetes: one Job alone exceeds ResourceQuota no-jobs of namespace "
-        "vsgd (requested count/jobs.batch=1, the quota's hard limit "
-        "count/jobs.batch=0): no Job can ever be admitted; raise the quota "
-        "(kubectl -n vsgd describe resourcequota no-jobs)"
-    )
+    assert [p for p in err.value.problems if "ResourceQuota" in p] == [expected]
     assert kube.jobs() == [] and kube.requests.count(("POST", JOBS)) == 1  # the dry run
 
 
@@ -214,24 +230,6 @@ def test_a_quota_that_stays_full_fails_the_run_after_start_grace(kube, store):
     [outcome] = executor(params, store, out, kube.clock).run(specs)
     assert not outcome.ok and "could not start" in outcome.error
     assert "exceeded quota: gpu-jobs" in outcome.error and kube.deletions == []
-
-
-def test_a_pod_beyond_a_pod_quota_is_a_configuration_error_before_any_job(kube, store):
-    """A quota on pods (GPUs here) is charged when the Job controller creates a pod, after the
-    Job's dry run passed: without the preflight's own look, every run would fail only
-    start_grace later, with FailedCreate."""
-    params, specs = grid(optimizers="[vsgd]")
-    kube.add_quota("gpus", {"requests.nvidia.com/gpu": 0, "requests.memory": "64Gi"})
-    with pytest.raises(ConfigError) as err:
-        executor(params, store, io.StringIO(), kube.clock).run(specs)
-    [problem] = [p for p in err.value.problems if "ResourceQuota" in p]
-    assert problem == (
-        "kubernetes: one run's pod alone exceeds ResourceQuota gpus: requests.nvidia.com/gpu "
-        "1 asked, hard limit 0 in namespace vsgd: no run can ever start; lower the pod's "
-        "resources (executor.kubernetes.cpu, memory, gpus, scratch_size) or raise the quota "
-        "(kubectl -n vsgd describe resourcequota gpus)"
-    )
-    assert kube.jobs() == [] and kube.requests.count(("POST", JOBS)) == 1  # the dry run
 
 
 def test_a_pod_quota_in_use_now_is_said_and_passes(kube, store):

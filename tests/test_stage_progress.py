@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import fake_prepared, stage_runs_stand_in
+from conftest import STAND_IN_RESULT, fake_prepared, stage_runs_stand_in
 from test_k8s_executor import executor as k8s_executor
 from test_k8s_executor import grid as k8s_grid
 from test_k8s_executor import spec_of
@@ -254,7 +254,8 @@ def test_the_parser_reads_the_lines_a_run_prints(capsys):
 # -- through the stage, with the local executor --------------------------------------------------
 
 # Stands in for `python -m pipeline.train`: prints its progress as a run does.
-FAKE_TRAIN = textwrap.dedent("""
+FAKE_TRAIN = (
+    textwrap.dedent("""
     import json, sys, time
     from pipeline.run_log import Progress
     spec = json.load(open(sys.argv[sys.argv.index("--spec") + 1]))
@@ -266,6 +267,8 @@ FAKE_TRAIN = textwrap.dedent("""
         time.sleep(0.3)
         show(step, total, {"loss": 1.0, "acc": 0.5, "lr": 0.1, "images_per_sec": 100.0})
 """)
+    + STAND_IN_RESULT
+)
 
 
 @pytest.fixture

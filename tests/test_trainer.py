@@ -20,6 +20,7 @@ from vsgd.spec import ConfigError, check_spec
 from vsgd.trainer import train
 
 METRICS_KEYS = {
+    "sha256",
     "name",
     "run_hash",
     "dataset",

@@ -1,23 +1,26 @@
 """What a finished run writes to its `output_dir`, and the check that a directory holds one.
 
 `vsgd.trainer` writes `curve.csv`, `beta1.csv` (VSGD runs only), `config.json` (the run spec)
-and, last, `metrics.json` (docs/ARCHITECTURE.md, "Trainer outputs"). A result is trusted only
-when `check_result` finds nothing wrong with it: every file there, each well-formed, the
-metrics of the right types in the right ranges and consistent with the curve and the spec,
-and the spec hashing to the run hash the result is filed under. A stored result that was
-edited, truncated or half-copied then reads as damaged instead of being counted, reused and
-printed as if it were right.
+and, last, `metrics.json` (docs/ARCHITECTURE.md, "Trainer outputs"), which records the sha256
+of each file's bytes and of its own content (`DIGESTS`). A result is trusted only when
+`check_result` finds nothing wrong with it: every file there, each with the bytes recorded,
+well-formed, the metrics of the right types in the right ranges and consistent with the curve
+and the spec, and the spec hashing to the run hash the result is filed under. A stored result
+that was edited, truncated, half-copied or changed by a flipped bit then reads as damaged
+instead of being counted, reused and printed as if it were right. (Results written before the
+digests existed lack them, and are checked for everything else.)
 
 No torch here: the pipeline's stages check results without loading the training stack.
 """
 
 import csv
+import hashlib
 import io
 import json
 import math
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, json_sha256
 from .spec import TRAINING_DEFAULTS, run_hash
 
 CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "train_acc", "lr")
@@ -44,6 +47,9 @@ TIMED_STEPS, COMPILE_SECONDS = "timed_steps", "compile_seconds"
 # run off the CPU.
 DENORMALS_IN_EFFECT = "denormals_in_effect"
 DENORMAL_EFFECTS = ("flush", "keep", "mixed")
+# metrics.json: {file name: sha256 of its bytes} for the files written before it, and for
+# metrics.json itself the sha256 of its canonical JSON with this entry left out.
+DIGESTS = "sha256"
 
 
 def check_result(directory, expected_hash: str | None = None) -> list[str]:
@@ -56,6 +62,7 @@ def check_result(directory, expected_hash: str | None = None) -> list[str]:
     spec = _read_object(directory / SPEC, problems)
     if metrics is None:
         return problems
+    _check_digests(directory, metrics, problems)
     _check_metrics(metrics, problems)
     recorded = metrics.get("run_hash")
     if expected_hash is not None and recorded != expected_hash:
@@ -91,6 +98,26 @@ def _read_object(path: Path, problems: list) -> dict | None:
         problems.append(f"{path.name}: expected a JSON object, got {type(value).__name__}")
         return None
     return value
+
+
+def _check_digests(directory: Path, m: dict, problems: list) -> None:
+    """Each file has the bytes metrics.json recorded, and metrics.json its own content."""
+    digests = m.get(DIGESTS)
+    if digests is None:
+        return
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        problems.append(f"{METRICS}: {DIGESTS} is not an object of file names and sha256s")
+        return
+    others = {k: v for k, v in digests.items() if k != METRICS}
+    if digests.get(METRICS) != json_sha256({**m, DIGESTS: others}):
+        problems.append(f"{METRICS}: its content is not what was written (its sha256 differs)")
+    for name, recorded in sorted(others.items()):
+        try:
+            data = (directory / Path(name).name).read_bytes()
+        except OSError:
+            continue  # a missing file is reported with what it should hold
+        if hashlib.sha256(data).hexdigest() != recorded:
+            problems.append(f"{name}: its bytes are not those written (their sha256 differs)")
 
 
 def _check_metrics(m: dict, problems: list) -> None:
@@ -269,15 +296,26 @@ def _first_line(exc: Exception) -> str:
 
 def write_outputs(
     out_dir: Path, spec: dict, metrics: dict, curve: list[dict], beta1: list[dict] | None
-) -> None:
-    """curve.csv, beta1.csv (VSGD runs: `beta1` is not None), config.json, metrics.json."""
+) -> dict:
+    """curve.csv, beta1.csv (VSGD runs: `beta1` is not None), config.json, then metrics.json
+    with the sha256 of each (`DIGESTS`); returns the metrics as written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "curve.csv", csv_text(CURVE_COLUMNS, curve))
+    files = {CURVE: csv_text(CURVE_COLUMNS, curve), SPEC: json.dumps(spec, indent=2) + "\n"}
     if beta1 is not None:
-        atomic_write(out_dir / "beta1.csv", csv_text(BETA1_COLUMNS, beta1))
-    atomic_write(out_dir / "config.json", json.dumps(spec, indent=2) + "\n")
+        files[BETA1] = csv_text(BETA1_COLUMNS, beta1)
+    for name, text in files.items():
+        atomic_write(out_dir / name, text)
+    metrics = sealed(metrics, {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()})
     # metrics.json last: its presence (with the run hash) marks the run as done.
-    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def sealed(metrics: dict, digests: dict) -> dict:
+    """`metrics` recording `digests` ({file name: sha256 of its bytes}) and its own sha256,
+    as `DIGESTS` (what `check_result` verifies)."""
+    metrics = {**metrics, DIGESTS: dict(digests)}
+    return {**metrics, DIGESTS: {**digests, METRICS: json_sha256(metrics)}}
 
 
 def csv_text(columns: tuple, rows: list[dict]) -> str:

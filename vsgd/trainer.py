@@ -394,7 +394,7 @@ def finish(spec, run, state, tracker, clock) -> dict:
     metrics["images_per_sec"] = run.batch_size / spi if spi else None
     out_dir = Path(spec["output_dir"])
     beta1 = state.beta1 if isinstance(run.optimizer, VSGD) else None
-    write_outputs(out_dir, spec, metrics, state.curve, beta1)
+    metrics = write_outputs(out_dir, spec, metrics, state.curve, beta1)
     if state.diverged:
         tracker.set_tags({"diverged": "true"})
     # Every result file, so that a result can be fetched back from MLflow whole.
