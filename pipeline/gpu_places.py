@@ -2,11 +2,13 @@
 
 A GPU takes `executor.local.runs_per_gpu` runs at a time, whichever launcher starts them: two
 stages on one workstation (two `dvc exp run`s, DVC queue workers, a stage beside `python -m
-pipeline tune`) never put more runs on one GPU between them than that. Each place is a lock
-file, `<dir>/<gpu>.<slot>.lock` (dir: `$VSGD_GPU_PLACES`, default `<tmp>/vsgd-gpu-places`,
-shared by every user: created sticky and world-writable like /tmp), taken with the `filelock`
-library's native lock (`flock(2)`), as the run lock is (`pipeline.runlock`): the kernel frees a
-place when its holders die, so a killed launcher leaves no place taken.
+pipeline tune`) never put more runs on one GPU between them than that (a launcher adds a run
+to a GPU only while fewer than its own `runs_per_gpu` are on it, counting every launcher's).
+Each place is a lock file, `<dir>/<gpu>.<slot>.lock` (dir: `$VSGD_GPU_PLACES`, default
+`<tmp>/vsgd-gpu-places`, shared by every user: created sticky and world-writable like /tmp),
+taken with the `filelock` library's native lock (`flock(2)`), as the run lock is
+(`pipeline.runlock`): the kernel frees a place when its holders die, so a killed launcher
+leaves no place taken.
 
 The launcher hands the locked descriptor to the run's process (`pass_fds`): the place then
 stays taken while the run lives, even past a launcher killed mid-run, and is given back when
@@ -80,9 +82,12 @@ class GpuPlaces:
             self._changed.notify_all()
 
     def _free_place(self) -> Place | None:
-        """One free place on the least loaded GPU that has one, now taken; None if none."""
+        """A free place on the least loaded GPU with fewer than `per_gpu` runs on it, now
+        taken; None if there is none."""
         load = {gpu: self._taken(gpu) for gpu in self._gpus}
         for gpu in sorted(self._gpus, key=load.get):  # stable: the first listed among equals
+            if load[gpu] >= self._per_gpu:
+                break
             for slot in range(self._per_gpu):
                 place = self._try(gpu, slot)
                 if place:
@@ -90,10 +95,17 @@ class GpuPlaces:
         return None
 
     def _taken(self, gpu: str) -> int:
-        """How many of `gpu`'s places are taken, by any launcher (each free one is locked for
-        an instant to tell)."""
+        """How many runs are on `gpu`, started by any launcher: its places taken, those of a
+        launcher with more places per GPU included (each free one locked for an instant to
+        tell)."""
+        name = _file_name(gpu)
+        slots = {
+            int(m[1])
+            for p in self._dir.glob(f"{name}.*.lock")
+            if (m := re.fullmatch(rf"{re.escape(name)}\.(\d+)\.lock", p.name))
+        }
         taken = 0
-        for slot in range(self._per_gpu):
+        for slot in slots | set(range(self._per_gpu)):
             place = self._try(gpu, slot)
             if place:
                 place.lock.release()
@@ -107,7 +119,7 @@ class GpuPlaces:
         # A lock object per attempt, not per thread: a place belongs to the run it was
         # taken for, whatever thread gives it back.
         lock = FileLock(
-            self._dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gpu)}.{slot}.lock",
+            self._dir / f"{_file_name(gpu)}.{slot}.lock",
             mode=0o666,
             thread_local=False,
             preserve_lock_file=True,
@@ -118,6 +130,11 @@ class GpuPlaces:
         except Timeout:
             return None
         return Place(gpu, fds[-1], lock)
+
+
+def _file_name(gpu: str) -> str:
+    """`gpu` (an index or a UUID) as the start of its places' file names."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", gpu)
 
 
 def _make_shared(directory: Path) -> None:

@@ -266,6 +266,19 @@ def test_a_place_stays_taken_while_its_run_outlives_a_killed_launcher(tmp_path):
     places.give_back(place)
 
 
+def test_a_launcher_counts_every_launchers_runs_against_its_own_runs_per_gpu(tmp_path):
+    """A launcher with 2 runs per GPU holds its second place only; one with 1 run per GPU
+    finds a place free, yet a run on the GPU: it waits until that run ends."""
+    packed, single = GpuPlaces(["0"], 2, tmp_path), GpuPlaces(["0"], 1, tmp_path)
+    first, second = packed.take(), packed.take()
+    packed.give_back(first)
+    assert single.take(cancel=for_seconds(0.6)) is None
+    packed.give_back(second)
+    place = single.take(cancel=for_seconds(5.0))
+    assert place is not None and place.gpu == "0"
+    assert packed.take(cancel=for_seconds(5.0)) is not None  # 1 run of its 2 on the GPU
+
+
 def test_the_parents_cuda_visible_devices_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,3")
     ex = factory_executor(tmp_path, monkeypatch, device_count=2)
