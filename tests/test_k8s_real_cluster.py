@@ -150,6 +150,30 @@ def test_preflight_grid_preemption_and_jobs_list_on_a_real_cluster(workdir):
     assert listing.returncode == 0 and job_name(spec, params) in listing.stdout
 
 
+def test_a_result_damaged_in_the_store_is_trained_again(workdir):
+    """A result damaged in the store after its Job completed (metrics.json edited, its
+    digest no longer matching): the stage sets the fetched copy aside, the completed Job is
+    replaced (or, gone by its TTL, submitted anew), and its pod trains the run again
+    (resuming from its checkpoints) and publishes a whole result over the damage."""
+    from pipeline import results
+    from pipeline.k8s.render import results_uri
+    from pipeline.storage import open_store
+
+    params = cluster_params("seeds=[21]")
+    [spec] = expand(params)
+    assert run_stage(params, [spec]).failed == []
+    store = open_store(results_uri(params, spec).rstrip("/"), params["storage"]["endpoint_url"])
+    metrics = json.loads(store.get_bytes("metrics.json"))
+    store.put_bytes("metrics.json", json.dumps({**metrics, "seconds_per_iter": 1.0}).encode())
+    shutil.rmtree(spec["output_dir"])  # the store's damaged copy is the only one left
+
+    report = run_stage(params, [spec])
+    assert report.failed == [], report
+    assert results.is_done(spec)
+    assert json.loads(store.get_bytes("metrics.json"))["seconds_per_iter"] != 1.0
+    assert any(Path("results/damaged").iterdir())  # the damaged copy, kept
+
+
 def _sets(params):
     """The --set arguments that give a subprocess this test's params."""
     return [
