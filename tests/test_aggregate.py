@@ -12,7 +12,7 @@ import pytest
 from conftest import reseal, write_result
 
 from pipeline import aggregate
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.report import mlflow_export, stats
 from pipeline.report.cells import label
 from pipeline.report.figures import STYLES, style
@@ -522,6 +522,44 @@ def test_table2_without_a_timing_measurement_says_so(results):
     assert all(
         r["ratio_to_sgd"] == "" for r in csv.DictReader((results / "tables" / "table2.csv").open())
     )
+
+
+def edit_timing(results, change):
+    path = results / "timing" / "timing.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (  # a number changed: still well-formed, only not what the stage wrote
+            lambda t: {**t, "rows": [{**t["rows"][0], "seconds_per_step": 0.05}, *t["rows"][1:]]},
+            "its content is not what was written",
+        ),
+        (lambda t: {**t, "rows": "none", "sha256": None}, "rows is not a list of objects"),
+        (
+            lambda t: {**t, "rows": [{**t["rows"][0], "ratio_to_sgd": -1}], "sha256": None},
+            "rows[0].ratio_to_sgd -1 is not null or a finite number > 0",
+        ),
+        (lambda t: [t], "expected a JSON object, got list"),
+    ],
+)
+def test_table2_refuses_a_damaged_timing_result_rather_than_printing_it(results, damage, problem):
+    plant_timing(results)
+    edit_timing(results, damage)
+    with pytest.raises(ConfigError) as err:
+        run_aggregate(results)
+    said, again = err.value.problems
+    assert said.startswith(f"{results / 'timing' / 'timing.json'}: damaged: {problem}"), said
+    assert again == "run the timing stage again (`dvc repro timing` or `python -m pipeline timing`)"
+    assert not (results / "tables" / "table2.md").exists()
+
+
+def test_a_timing_result_from_before_its_digest_is_still_read(results):
+    plant_timing(results)
+    edit_timing(results, lambda t: {k: v for k, v in t.items() if k != "sha256"})
+    run_aggregate(results)
+    assert "Measured by the timing stage" in (results / "tables" / "table2.md").read_text()
 
 
 def plant_beta1(results, pattern, median):

@@ -104,7 +104,7 @@ def test_every_configuration_is_timed_interleaved_in_one_process_on_one_device(
         assert row["seconds_per_step"] == pytest.approx(
             sorted(row["round_seconds"])[0] / 2 + sorted(row["round_seconds"])[1] / 2
         )
-    assert timing_results.load(out) == result
+    assert timing_results.load(out) == {k: v for k, v in result.items() if k != "sha256"}
     assert "timing: 8 configurations" in capsys.readouterr().out
 
 
