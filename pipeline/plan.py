@@ -9,14 +9,23 @@ callers that only list them take the cell's pinned values or leave it out.
 
 The tune stage's outputs read here: `results/tuning/selected.yaml` (dataset -> arch ->
 optimizer -> the chosen values, null where every point diverged) and `tuning.csv` beside it
-(every point, with its run hash).
+(every point, with its run hash). selected.yaml records, in a comment, the sha256 of its
+choices and of tuning.csv (`selection_digest`): a pair edited or damaged since the tune stage
+wrote it is refused (ConfigError: run the tune stage again), never trained. A pair written
+before the digest existed is checked for the rest only.
 """
 
 import csv
+import hashlib
+import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from vsgd.files import canonical_json
+from vsgd.spec import ConfigError
 
 from .cells import resolve_run, tuned_cells
 from .grid import expand, tuning_specs
@@ -27,6 +36,8 @@ POINTS = TUNING_DIR / "tuning.csv"
 # tuning.csv: the cell, then one column per tuned hyperparameter, then the point's outcome.
 CELL_COLUMNS = ("dataset", "arch", "optimizer")
 POINT_COLUMNS = ("val_acc", "diverged", "chosen", "iterations", "run", "run_hash")
+# selected.yaml's line recording `selection_digest`.
+DIGEST_LINE = re.compile(r"^# sha256: ([0-9a-f]{64})\b", re.MULTILINE)
 # What `plan` does with an undecided cell's final runs.
 REFUSE, PINNED, LEAVE_OUT = "refuse", "pinned", "leave out"
 
@@ -65,10 +76,23 @@ def load_selection(params: dict, path: Path = SELECTED) -> dict:
     seed, the data and the code). A cell whose grid or tuning settings changed since is left
     out: it must be tuned again."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        tuned_on = _tuned_runs(Path(path).with_name(POINTS.name))
+        text = Path(path).read_text()
+        # Decoded from bytes: read as text, csv's "\r\n" line ends would not be what the
+        # digest covers.
+        points = Path(path).with_name(POINTS.name).read_bytes().decode(errors="replace")
     except FileNotFoundError:
         return {}
+    data = yaml.safe_load(text) or {}
+    recorded = DIGEST_LINE.search(text)
+    if recorded and recorded[1] != selection_digest(data, points):
+        raise ConfigError(
+            [
+                f"{path}: edited or damaged: its choices and {POINTS.name} beside it are not "
+                "what the tune stage wrote (their sha256 differs)",
+                "run the tune stage again (`dvc repro tune` or `python -m pipeline tune`)",
+            ]
+        )
+    tuned_on = _tuned_runs(points)
     current: dict = {}
     for spec in tuning_specs(params):
         cell = (spec["dataset"], spec["arch_key"], spec["optimizer"]["name"])
@@ -95,11 +119,16 @@ def load_selection(params: dict, path: Path = SELECTED) -> dict:
     return out
 
 
-def _tuned_runs(points_csv: Path) -> dict:
-    """cell -> the run hashes of the points the tune stage chose among (tuning.csv); a file
-    written before it recorded them gives none, so its choices count as not current."""
-    with points_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+def selection_digest(choices, points_csv: str) -> str:
+    """sha256 of the tune stage's choices (selected.yaml's content, as loaded) and of the
+    text of tuning.csv."""
+    return hashlib.sha256((canonical_json(choices) + "\n" + points_csv).encode()).hexdigest()
+
+
+def _tuned_runs(points_csv: str) -> dict:
+    """cell -> the run hashes of the points the tune stage chose among (tuning.csv's text); a
+    file written before it recorded them gives none, so its choices count as not current."""
+    rows = list(csv.DictReader(io.StringIO(points_csv, newline="")))
     out: dict = {}
     for row in rows:
         if row.get("run_hash"):

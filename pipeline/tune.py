@@ -27,7 +27,16 @@ from vsgd.files import atomic_write
 from .cells import resolve_run
 from .config import add_params_arguments, load_params
 from .execute import check_prepared, run_stage
-from .plan import CELL_COLUMNS, LEAVE_OUT, POINT_COLUMNS, POINTS, SELECTED, TUNING_DIR, plan
+from .plan import (
+    CELL_COLUMNS,
+    LEAVE_OUT,
+    POINT_COLUMNS,
+    POINTS,
+    SELECTED,
+    TUNING_DIR,
+    plan,
+    selection_digest,
+)
 from .results import read_metrics
 
 
@@ -140,6 +149,8 @@ def write_outputs(params: dict, rows: list[dict], selection: dict) -> None:
     # stopped between the two writes leaves a choice that reads as stale, never one that
     # reads as made on points it was not made on.
     atomic_write(POINTS, points.getvalue())
+    digest = selection_digest(tree, points.getvalue())
+    header += f"# sha256: {digest} (of these choices and tuning.csv: checked when read)\n"
     atomic_write(SELECTED, header + yaml.safe_dump(tree, sort_keys=True))
     md = [
         "# Tuning: validation accuracy of every grid point",

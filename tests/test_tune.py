@@ -216,6 +216,51 @@ def test_a_selection_without_its_tuning_runs_recorded_is_not_used(params, tmp_pa
     assert plan.load_selection(params, path) == {}
 
 
+def stage_outputs(params, monkeypatch, tmp_path):
+    """What the tune stage writes after training the tuning runs of `params`: every point at
+    validation accuracy 0.5 but SGD's at lr 0.1 (0.6), which it chooses."""
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {
+            "cell": (s["dataset"], s["arch_key"], s["optimizer"]["name"]),
+            "values": {"lr": s["optimizer"]["lr"]},
+            "val_acc": 0.6
+            if (s["optimizer"]["name"], s["optimizer"]["lr"]) == ("sgd", 0.1)
+            else 0.5,
+            "diverged": False,
+            "iterations": s["schedule"]["iterations"],
+            "run": s["name"],
+            "run_hash": s["run_hash"],
+        }
+        for s in grid.tuning_specs(params)
+    ]
+    tune.write_outputs(params, rows, tune.select(rows))
+    return plan.SELECTED
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda sel, pts: sel.write_text(sel.read_text().replace("lr: 0.1", "lr: 0.01", 1)),
+        lambda sel, pts: pts.write_text(pts.read_text().replace(",0.6,", ",0.4,")),
+    ],
+    ids=["a choice edited", "a point edited"],
+)
+def test_a_choice_edited_or_damaged_since_the_tune_stage_is_refused(
+    params, monkeypatch, tmp_path, edit
+):
+    selected = stage_outputs(params, monkeypatch, tmp_path)
+    assert plan.load_selection(params)[("cifar100", "vgg", "sgd")] == {"lr": 0.1}
+    edit(selected, selected.with_name("tuning.csv"))
+    with pytest.raises(ConfigError) as info:
+        plan.load_selection(params)
+    assert info.value.problems == [
+        f"{selected}: edited or damaged: its choices and tuning.csv beside it are not what "
+        "the tune stage wrote (their sha256 differs)",
+        "run the tune stage again (`dvc repro tune` or `python -m pipeline tune`)",
+    ]
+
+
 def test_the_train_stage_refuses_a_stale_choice_with_78(tmp_path):
     """`python -m pipeline train` on its own after a grid change: no training with the
     choice made on the old grid; exit 78, run the tune stage."""
