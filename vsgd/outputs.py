@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from .files import atomic_write, json_sha256
+from .files import atomic_write, file_digest, json_sha256
 from .spec import TRAINING_DEFAULTS, run_hash
 
 CURVE_COLUMNS = ("step", "test_acc", "test_loss", "val_acc", "train_loss", "train_acc", "lr")
@@ -113,10 +113,10 @@ def _check_digests(directory: Path, m: dict, problems: list) -> None:
         problems.append(f"{METRICS}: its content is not what was written (its sha256 differs)")
     for name, recorded in sorted(others.items()):
         try:
-            data = (directory / Path(name).name).read_bytes()
+            actual = file_digest(directory / Path(name).name)
         except OSError:
             continue  # a missing file is reported with what it should hold
-        if hashlib.sha256(data).hexdigest() != recorded:
+        if actual != recorded:
             problems.append(f"{name}: its bytes are not those written (their sha256 differs)")
 
 
