@@ -149,7 +149,6 @@ def run_stage(params: dict, specs: list[dict], stage: str, view: bool = False) -
             out = by_name[o.name]["output_dir"]
             wrong = "; ".join(results.problems(out, o.run_hash))
             o.error = f"ended as finished, but {out} holds no whole result: {wrong}"
-    for o in failed:
         print(
             f"\nFAILED {o.name}: {o.error}\n--- last lines of its log ---\n{o.log_tail}\n---",
             file=sys.stderr,
