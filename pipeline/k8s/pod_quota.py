@@ -70,19 +70,18 @@ def _scope_matches(scope: str, operator: str, values: list, pod: dict) -> bool:
             "Exists": bool(name),
             "DoesNotExist": not name,
         }.get(operator, False)
-    requests, limits = _pod_total(pod, 0), _pod_total(pod, 1)
-    matched = {
-        "Terminating": pod.get("activeDeadlineSeconds") is not None,
-        "NotTerminating": pod.get("activeDeadlineSeconds") is None,
+    if scope in ("BestEffort", "NotBestEffort"):
         # The BestEffort QoS class: no cpu or memory request or limit in any container.
-        "BestEffort": not any(k in ("cpu", "memory") for k in {**requests, **limits}),
-        "CrossNamespacePodAffinity": _cross_namespace_affinity(pod),
-    }
-    if scope == "NotBestEffort":
-        return not _scope_matches("BestEffort", operator, values, pod)
-    if scope not in matched:
+        amounts = {**_pod_total(pod, 0), **_pod_total(pod, 1)}
+        best_effort = not any(k in ("cpu", "memory") for k in amounts)
+        matched = best_effort == (scope == "BestEffort")
+    elif scope in ("Terminating", "NotTerminating"):
+        matched = (pod.get("activeDeadlineSeconds") is not None) == (scope == "Terminating")
+    elif scope == "CrossNamespacePodAffinity":
+        matched = _cross_namespace_affinity(pod)
+    else:
         return False  # a scope of other objects (persistent volume claims)
-    return matched[scope] if operator != "DoesNotExist" else not matched[scope]
+    return matched if operator != "DoesNotExist" else not matched
 
 
 def _cross_namespace_affinity(pod: dict) -> bool:
